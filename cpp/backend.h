@@ -1,0 +1,92 @@
+// The backend interface: where activations live and the ops the model runs on them. The model
+// code only calls these, so a CUDA or HIP backend is one more implementation of this class.
+// Activation pointers (float*) are backend memory; token ids and positions are host memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "dtype.h"
+
+namespace tmill {
+
+// A weight matrix [rows, cols] (y = W x), rows stored contiguously in its own type.
+struct Weight {
+    DType type = DType::f32;
+    int64_t rows = 0;
+    int64_t cols = 0;
+    const uint8_t* data = nullptr;
+    size_t row_stride = 0;           // bytes between rows
+    const float* bias = nullptr;     // [rows] or null
+
+    explicit operator bool() const { return data != nullptr; }
+};
+
+enum class RopeStyle {
+    none,
+    adjacent,   // rotate pairs (2i, 2i+1): GGUF "llama" layout (Q/K rows permuted by the converter)
+    halves,     // rotate pairs (i, i + d/2): HF layout, GGUF qwen2 ("neox")
+};
+
+// One sequence's slice of a batched forward: its rows in the activations and its cache layer.
+struct AttentionSegment {
+    int64_t row0;        // first activation row of this sequence
+    int64_t n_rows;      // new tokens of this sequence
+    int64_t n_past;      // tokens already in its cache (the new ones go at n_past..)
+    float* k_cache;      // [n_kv_heads, capacity, head_dim]
+    float* v_cache;      // [n_kv_heads, capacity, head_dim]
+    int64_t capacity;
+};
+
+struct AttentionShape {
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;
+    int64_t window;      // attend to at most this many latest positions; <= 0: unlimited
+    float scale;
+};
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual std::string name() const = 0;
+    virtual int n_threads() const = 0;
+
+    // --- memory
+    virtual float* alloc(size_t n_floats) = 0;
+    virtual void free(float* p) = 0;
+    virtual void upload(float* dst, const float* host, size_t n) = 0;
+    virtual void download(float* host, const float* src, size_t n) = 0;
+
+    // --- ops (shapes in comments; T = rows of the batch)
+    // out[T, cols] = table[ids[t], :]
+    virtual void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) = 0;
+    // out[T, rows] = x[T, cols] @ W^T + bias
+    virtual void matmul(float* out, const float* x, const Weight& w, int64_t T) = 0;
+    // out[T, n] = x / rms(x) * weight
+    virtual void rms_norm(float* out, const float* x, const float* weight, int64_t T, int64_t n, float eps) = 0;
+    // out[T, n] = (x - mean) / std * weight + bias
+    virtual void layer_norm(float* out, const float* x, const float* weight, const float* bias, int64_t T,
+                            int64_t n, float eps) = 0;
+    // rotates x[T, n_heads * head_dim] in place at positions pos[T] (host)
+    virtual void rope(float* x, int64_t T, int n_heads, int head_dim, const int32_t* pos, float theta,
+                      RopeStyle style) = 0;
+    // x[n] += y[n]
+    virtual void add(float* x, const float* y, int64_t n) = 0;
+    // gate[n] = silu(gate) * up
+    virtual void swiglu(float* gate, const float* up, int64_t n) = 0;
+    // x[n] = gelu(x), tanh approximation (GPT-2)
+    virtual void gelu(float* x, int64_t n) = 0;
+    // writes k, v [T, n_kv_heads * head_dim] of every segment into its cache at n_past..
+    virtual void kv_store(const float* k, const float* v, const AttentionSegment* segs, int n_segs,
+                          const AttentionShape& shape) = 0;
+    // out[T, n_heads * head_dim] = causal softmax(q k^T * scale) v over each segment's cache
+    virtual void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
+                           const AttentionShape& shape) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(int n_threads);
+
+}  // namespace tmill

@@ -1,0 +1,192 @@
+// The CPU backend: activations in host memory, ops split over a persistent thread pool.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../backend.h"
+#include "../quants.h"
+#include "../threadpool.h"
+#include "kernels.h"
+
+namespace tmill {
+
+namespace {
+
+class CpuBackend final : public Backend {
+public:
+    explicit CpuBackend(int n_threads) : pool_(n_threads), scratch_(static_cast<size_t>(pool_.size())) {}
+
+    std::string name() const override { return "cpu"; }
+    int n_threads() const override { return pool_.size(); }
+
+    float* alloc(size_t n_floats) override { return new float[n_floats](); }
+    void free(float* p) override { delete[] p; }
+    void upload(float* dst, const float* host, size_t n) override { std::memcpy(dst, host, n * sizeof(float)); }
+    void download(float* host, const float* src, size_t n) override { std::memcpy(host, src, n * sizeof(float)); }
+
+    void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) override {
+        for (int64_t t = 0; t < T; ++t)
+            dequantize_row(table.type, table.data + static_cast<size_t>(ids[t]) * table.row_stride,
+                           out + t * table.cols, table.cols);
+    }
+
+    void matmul(float* out, const float* x, const Weight& w, int64_t T) override {
+        const int64_t rows = w.rows, cols = w.cols;
+        pool_.parallel_for(rows, [&](int64_t r0, int64_t r1, int thread) {
+            float* row = scratch(thread, cols);
+            for (int64_t r = r0; r < r1; ++r) {
+                // dequantize the weight row once, then reuse it for every token of the batch
+                dequantize_row(w.type, w.data + static_cast<size_t>(r) * w.row_stride, row, cols);
+                float b = w.bias ? w.bias[r] : 0.0f;
+                for (int64_t t = 0; t < T; ++t) out[t * rows + r] = cpu::dot_f32(row, x + t * cols, cols) + b;
+            }
+        });
+    }
+
+    void rms_norm(float* out, const float* x, const float* weight, int64_t T, int64_t n, float eps) override {
+        for (int64_t t = 0; t < T; ++t) {
+            const float* xt = x + t * n;
+            float* ot = out + t * n;
+            double ss = 0.0;
+            for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xt[i]) * xt[i];
+            float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
+            for (int64_t i = 0; i < n; ++i) ot[i] = xt[i] * inv * weight[i];
+        }
+    }
+
+    void layer_norm(float* out, const float* x, const float* weight, const float* bias, int64_t T, int64_t n,
+                    float eps) override {
+        for (int64_t t = 0; t < T; ++t) {
+            const float* xt = x + t * n;
+            float* ot = out + t * n;
+            double mean = 0.0, var = 0.0;
+            for (int64_t i = 0; i < n; ++i) mean += xt[i];
+            mean /= static_cast<double>(n);
+            for (int64_t i = 0; i < n; ++i) var += (xt[i] - mean) * (xt[i] - mean);
+            var /= static_cast<double>(n);
+            float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
+            for (int64_t i = 0; i < n; ++i)
+                ot[i] = static_cast<float>(xt[i] - mean) * inv * weight[i] + (bias ? bias[i] : 0.0f);
+        }
+    }
+
+    void rope(float* x, int64_t T, int n_heads, int head_dim, const int32_t* pos, float theta,
+              RopeStyle style) override {
+        if (style == RopeStyle::none) return;
+        const int half = head_dim / 2;
+        std::vector<float> cs(static_cast<size_t>(head_dim));
+        for (int64_t t = 0; t < T; ++t) {
+            // angle_i = pos * theta^(-2i/d), computed in float like the reference implementations
+            for (int i = 0; i < half; ++i) {
+                float inv_freq = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+                float angle = static_cast<float>(pos[t]) * inv_freq;
+                cs[2 * i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+                cs[2 * i + 1] = static_cast<float>(std::sin(static_cast<double>(angle)));
+            }
+            for (int h = 0; h < n_heads; ++h) {
+                float* v = x + (t * n_heads + h) * head_dim;
+                for (int i = 0; i < half; ++i) {
+                    int a = style == RopeStyle::adjacent ? 2 * i : i;
+                    int b = style == RopeStyle::adjacent ? 2 * i + 1 : i + half;
+                    float c = cs[2 * i], s = cs[2 * i + 1];
+                    float va = v[a], vb = v[b];
+                    v[a] = va * c - vb * s;
+                    v[b] = va * s + vb * c;
+                }
+            }
+        }
+    }
+
+    void add(float* x, const float* y, int64_t n) override {
+        for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+    }
+
+    void swiglu(float* gate, const float* up, int64_t n) override {
+        for (int64_t i = 0; i < n; ++i) {
+            float g = gate[i];
+            gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+        }
+    }
+
+    void gelu(float* x, int64_t n) override {
+        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+        for (int64_t i = 0; i < n; ++i) {
+            float v = x[i];
+            x[i] = 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
+        }
+    }
+
+    void kv_store(const float* k, const float* v, const AttentionSegment* segs, int n_segs,
+                  const AttentionShape& shape) override {
+        const int hd = shape.head_dim, kv_width = shape.n_kv_heads * hd;
+        for (int s = 0; s < n_segs; ++s) {
+            const AttentionSegment& seg = segs[s];
+            for (int64_t t = 0; t < seg.n_rows; ++t) {
+                int64_t row = seg.row0 + t, p = seg.n_past + t;
+                for (int h = 0; h < shape.n_kv_heads; ++h) {
+                    size_t dst = (static_cast<size_t>(h) * seg.capacity + p) * hd;
+                    std::memcpy(seg.k_cache + dst, k + row * kv_width + h * hd, hd * sizeof(float));
+                    std::memcpy(seg.v_cache + dst, v + row * kv_width + h * hd, hd * sizeof(float));
+                }
+            }
+        }
+    }
+
+    void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
+                   const AttentionShape& shape) override {
+        // One task per (segment, query row, head); prefix sums map a task index back.
+        std::vector<int64_t> first_task(static_cast<size_t>(n_segs) + 1, 0);
+        for (int s = 0; s < n_segs; ++s) first_task[s + 1] = first_task[s] + segs[s].n_rows * shape.n_heads;
+        const int hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
+        pool_.parallel_for(first_task[n_segs], [&](int64_t task0, int64_t task1, int thread) {
+            for (int64_t task = task0; task < task1; ++task) {
+                int s = static_cast<int>(std::upper_bound(first_task.begin(), first_task.end(), task) -
+                                         first_task.begin()) - 1;
+                const AttentionSegment& seg = segs[s];
+                int64_t local = task - first_task[s];
+                int64_t t = local / shape.n_heads;
+                int h = static_cast<int>(local % shape.n_heads), kvh = h / group;
+                int64_t pos = seg.n_past + t;
+                int64_t start = shape.window > 0 ? std::max<int64_t>(0, pos - shape.window + 1) : 0;
+                int64_t n = pos - start + 1;
+                const float* qh = q + (seg.row0 + t) * shape.n_heads * hd + h * hd;
+                const float* kh = seg.k_cache + (static_cast<size_t>(kvh) * seg.capacity + start) * hd;
+                const float* vh = seg.v_cache + (static_cast<size_t>(kvh) * seg.capacity + start) * hd;
+                float* scores = scratch(thread, n);
+                // scores_j = q . k_j * scale, softmax over j, out = sum_j p_j v_j
+                float mx = -INFINITY;
+                for (int64_t j = 0; j < n; ++j) {
+                    scores[j] = cpu::dot_f32(qh, kh + j * hd, hd) * shape.scale;
+                    mx = std::max(mx, scores[j]);
+                }
+                float sum = 0.0f;
+                for (int64_t j = 0; j < n; ++j) {
+                    scores[j] = std::exp(scores[j] - mx);
+                    sum += scores[j];
+                }
+                float* oh = out + (seg.row0 + t) * shape.n_heads * hd + h * hd;
+                std::fill(oh, oh + hd, 0.0f);
+                for (int64_t j = 0; j < n; ++j) cpu::axpy_f32(oh, vh + j * hd, scores[j] / sum, hd);
+            }
+        });
+    }
+
+private:
+    float* scratch(int thread, int64_t n) {
+        std::vector<float>& buf = scratch_[static_cast<size_t>(thread)];
+        if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+        return buf.data();
+    }
+
+    ThreadPool pool_;
+    std::vector<std::vector<float>> scratch_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int n_threads) {
+    return std::make_unique<CpuBackend>(n_threads > 0 ? n_threads : default_thread_count());
+}
+
+}  // namespace tmill

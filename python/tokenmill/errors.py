@@ -1,0 +1,29 @@
+"""Exceptions raised by tokenmill. Every error the native core reports arrives as one of these."""
+
+
+class TokenmillError(Exception):
+    """Base class of all tokenmill errors."""
+
+
+class ModelFormatError(TokenmillError, ValueError):
+    """A model file is corrupt, truncated or malformed."""
+
+
+class UnsupportedModelError(TokenmillError, ValueError):
+    """A well-formed model that tokenmill cannot run (architecture, tensor type, version)."""
+
+
+class InvalidArgumentError(TokenmillError, ValueError):
+    """An argument is out of range."""
+
+
+class ContextOverflowError(TokenmillError, ValueError):
+    """A prompt or generation does not fit the context window."""
+
+
+class ModelFileError(TokenmillError, OSError):
+    """A model file cannot be opened or mapped."""
+
+
+class ModelNotFoundError(TokenmillError, FileNotFoundError):
+    """The requested (or default) model is not available locally and cannot be fetched."""
