@@ -205,7 +205,7 @@ PYBIND11_MODULE(_core, mod) {
             std::vector<SequenceInput> batch{{&cache, nullptr, embeds.data(), static_cast<int64_t>(embeds.shape(0))}};
             return run_forward(m, batch, {batch[0].n}, logits, hidden);
         }, py::arg("cache"), py::arg("embeds"), py::arg("logits") = "last", py::arg("hidden") = false)
-        .def("eval_batch", [](Model& m, std::vector<KVCache*> caches, std::vector<IdArray> tokens, const std::string& logits) {
+        .def("eval_batch", [](Model& m, std::vector<KVCache*> caches, std::vector<IdArray> tokens, const std::string& logits) -> py::object {
             if (caches.size() != tokens.size()) fail(ErrorKind::invalid_arg, "one token array per cache is needed");
             std::vector<SequenceInput> batch;
             std::vector<int64_t> lengths;
@@ -214,7 +214,8 @@ PYBIND11_MODULE(_core, mod) {
                 batch.push_back({caches[i], tokens[i].data(), nullptr, static_cast<int64_t>(tokens[i].size())});
                 lengths.push_back(batch.back().n);
             }
-            return run_forward(m, batch, lengths, logits, false)[0];
+            py::tuple out = run_forward(m, batch, lengths, logits, false);
+            return py::object(out[0]);
         }, py::arg("caches"), py::arg("tokens"), py::arg("logits") = "last");
 
     py::class_<KVCache, std::shared_ptr<KVCache>>(mod, "KVCache")
