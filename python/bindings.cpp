@@ -101,7 +101,11 @@ PYBIND11_MODULE(_core, mod) {
                 case ErrorKind::io: cls = "ModelFileError"; break;
             }
             py::object type = py::module_::import("tokenmill.errors").attr(cls);
-            PyErr_SetString(type.ptr(), e.what());
+            // Messages quote names read from files, which need not be valid UTF-8.
+            std::string_view what = e.what();
+            py::object msg = py::reinterpret_steal<py::object>(
+                PyUnicode_DecodeUTF8(what.data(), static_cast<Py_ssize_t>(what.size()), "replace"));
+            PyErr_SetObject(type.ptr(), msg.ptr());
         }
     });
 

@@ -51,7 +51,10 @@ def load(
         if magic != b"GGUF":
             raise ModelFormatError(f"'{p}' is neither a GGUF file nor a Hugging Face model directory")
         native = _core.Model.from_gguf(str(p), threads)
-        tok = None if tokenizer is not None else tokenizer_from_gguf_metadata(_core.GGUFFile(str(p)).metadata())
+        tok = None
+        if tokenizer is None:
+            meta = _core.GGUFFile(str(p)).metadata()
+            tok = tokenizer_from_gguf_metadata(meta) if "tokenizer.ggml.model" in meta else None
     else:
         raise FileNotFoundError(f"no model at '{p}'")
     if tokenizer is not None:
