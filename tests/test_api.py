@@ -1,0 +1,126 @@
+"""The Python API and CLI on the default model: arguments, stop rules, seeds, streaming, errors."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tokenmill
+from tokenmill import default_model
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"stop": 5}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": -3}, "seed"),
+        ({"temperature": "hot"}, "temperature"),
+    ],
+)
+def test_out_of_range_parameters_name_themselves(smollm, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        smollm.generate("Hi", **kwargs)
+    with pytest.raises(ValueError, match=name):   # eagerly, not on first iteration
+        smollm.generate("Hi", stream=True, **kwargs)
+
+
+def test_unknown_keyword_is_a_type_error(smollm):
+    with pytest.raises(TypeError):
+        smollm.generate("Hi", temprature=0.5)
+
+
+def test_prompt_longer_than_context(default_gguf):
+    model = tokenmill.load(default_gguf, n_ctx=16)
+    long_prompt = "word " * 40
+    with pytest.raises(tokenmill.ContextOverflowError, match=r"(\d+) tokens.*holds 16"):
+        model.generate(long_prompt)
+    with pytest.raises(ValueError):
+        model.generate("")
+    # a prompt that fits stops at the end of the context
+    out = model._tokens(model.tokenize("Hello there"), 100, tokenmill.model.sampler_params(temperature=0), eos=set())
+    assert len(list(out)) == 16 - len(model.tokenize("Hello there"))
+
+
+def test_same_seed_same_text_and_different_seed_differs(smollm):
+    kwargs = dict(max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    a = smollm.generate("Tell me a story:", seed=123, **kwargs)
+    b = smollm.generate("Tell me a story:", seed=123, **kwargs)
+    c = smollm.generate("Tell me a story:", seed=124, **kwargs)
+    assert a == b and a != c
+
+
+def test_greedy_is_argmax_of_logits(smollm):
+    ids = smollm.tokenize("The capital of Germany is")
+    first = next(smollm._tokens(ids, 1, tokenmill.model.sampler_params(temperature=0), eos=set()))
+    assert first == int(np.argmax(smollm.logits(ids)[-1]))
+
+
+def test_stop_strings_cut_the_text_and_are_not_emitted(smollm):
+    full = smollm.generate("Count: 1, 2, 3,", max_new_tokens=20, temperature=0, eos_ids=[])
+    assert ", 6" in full   # the greedy text continues the count
+    cut = smollm.generate("Count: 1, 2, 3,", max_new_tokens=20, temperature=0, eos_ids=[], stop=[", 6"])
+    assert cut == full[: full.index(", 6")]
+    streamed = "".join(smollm.generate("Count: 1, 2, 3,", max_new_tokens=20, temperature=0, eos_ids=[],
+                                       stop=", 6", stream=True))
+    assert streamed == cut
+
+
+def test_eos_ends_generation(smollm):
+    answer = smollm.chat([{"role": "user", "content": "Say hi."}], max_new_tokens=200, temperature=0)
+    assert "<|im_end|>" not in answer and len(answer) > 0
+    ids = smollm.chat_prompt([{"role": "user", "content": "Say hi."}])
+    n = len(list(smollm._tokens(ids, 200, tokenmill.model.sampler_params(temperature=0), eos={2})))
+    assert n < 200
+
+
+def test_chat_rejects_malformed_messages(smollm):
+    with pytest.raises(ValueError, match="messages"):
+        smollm.chat("hello")
+    with pytest.raises(ValueError, match="role"):
+        smollm.chat([{"content": "hi"}])
+
+
+def test_cli_generate_streams_the_answer(default_gguf):
+    cmd = [sys.executable, "-m", "tokenmill.cli", "generate", "--model", str(default_gguf), "--chat",
+           "--prompt", "What is the capital of France?", "--temp", "0", "--num-tokens", "16", "--eos-id", "-1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(8))
+    out = subprocess.run([sys.executable, "-m", "tokenmill.cli", "generate", "--model", str(bad), "--prompt", "x"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "tokenmill: error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_install_from_checks_the_checksum(tmp_path, monkeypatch, default_gguf):
+    monkeypatch.setenv("TOKENMILL_HOME", str(tmp_path / "home"))
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(tokenmill.ModelNotFoundError, match="checksum mismatch"):
+        default_model.install_from(bogus, progress=lambda m: None)
+    assert not default_model.default_model_path().exists()
+    installed = default_model.install_from(default_gguf, progress=lambda m: None)
+    assert installed == default_model.default_model_path() and installed.stat().st_size == 98_362_432
+
+
+def test_missing_network_gives_instructions(tmp_path):
+    env = dict(os.environ, TOKENMILL_HOME=str(tmp_path / "empty"), PIP_INDEX_URL="http://127.0.0.1:9/simple",
+               PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_NO_INDEX="", PIP_FIND_LINKS="")
+    code = "import tokenmill; tokenmill.load()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    assert "ModelNotFoundError" in out.stderr and "tokenmill pull --from" in out.stderr
