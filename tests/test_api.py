@@ -42,13 +42,14 @@ def test_unknown_keyword_is_a_type_error(smollm):
 def test_prompt_longer_than_context(default_gguf):
     model = tokenmill.load(default_gguf, n_ctx=16)
     long_prompt = "word " * 40
-    with pytest.raises(tokenmill.ContextOverflowError, match=r"(\d+) tokens.*holds 16"):
+    with pytest.raises(tokenmill.ContextOverflowError, match=r"needs \d+ tokens .* max_seq_len is 16"):
         model.generate(long_prompt)
     with pytest.raises(ValueError):
         model.generate("")
     # a prompt that fits stops at the end of the context
-    out = model._tokens(model.tokenize("Hello there"), 100, tokenmill.model.sampler_params(temperature=0), eos=set())
-    assert len(list(out)) == 16 - len(model.tokenize("Hello there"))
+    result = model.generate("Hello there", 100, temperature=0, ignore_eos=True, details=True)
+    assert result.finish_reason == "context"
+    assert result.completion_tokens == 16 - len(model.tokenize("Hello there"))
 
 
 def test_same_seed_same_text_and_different_seed_differs(smollm):
@@ -61,16 +62,16 @@ def test_same_seed_same_text_and_different_seed_differs(smollm):
 
 def test_greedy_is_argmax_of_logits(smollm):
     ids = smollm.tokenize("The capital of Germany is")
-    first = next(smollm._tokens(ids, 1, tokenmill.model.sampler_params(temperature=0), eos=set()))
-    assert first == int(np.argmax(smollm.logits(ids)[-1]))
+    first = tokenmill.generate(smollm, ids, max_new_tokens=1, temperature=0)
+    assert first == [int(np.argmax(smollm.logits(ids)[-1]))]
 
 
 def test_stop_strings_cut_the_text_and_are_not_emitted(smollm):
-    full = smollm.generate("Count: 1, 2, 3,", max_new_tokens=20, temperature=0, eos_ids=[])
+    full = smollm.generate("Count: 1, 2, 3,", max_new_tokens=20, temperature=0, ignore_eos=True)
     assert ", 6" in full   # the greedy text continues the count
-    cut = smollm.generate("Count: 1, 2, 3,", max_new_tokens=20, temperature=0, eos_ids=[], stop=[", 6"])
+    cut = smollm.generate("Count: 1, 2, 3,", max_new_tokens=20, temperature=0, ignore_eos=True, stop=[", 6"])
     assert cut == full[: full.index(", 6")]
-    streamed = "".join(smollm.generate("Count: 1, 2, 3,", max_new_tokens=20, temperature=0, eos_ids=[],
+    streamed = "".join(smollm.generate("Count: 1, 2, 3,", max_new_tokens=20, temperature=0, ignore_eos=True,
                                        stop=", 6", stream=True))
     assert streamed == cut
 
@@ -78,9 +79,8 @@ def test_stop_strings_cut_the_text_and_are_not_emitted(smollm):
 def test_eos_ends_generation(smollm):
     answer = smollm.chat([{"role": "user", "content": "Say hi."}], max_new_tokens=200, temperature=0)
     assert "<|im_end|>" not in answer and len(answer) > 0
-    ids = smollm.chat_prompt([{"role": "user", "content": "Say hi."}])
-    n = len(list(smollm._tokens(ids, 200, tokenmill.model.sampler_params(temperature=0), eos={2})))
-    assert n < 200
+    result = smollm.chat([{"role": "user", "content": "Say hi."}], max_new_tokens=200, temperature=0, details=True)
+    assert result.finish_reason == "eos" and result.completion_tokens < 200
 
 
 def test_chat_rejects_malformed_messages(smollm):

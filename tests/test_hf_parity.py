@@ -34,7 +34,7 @@ def test_greedy_with_kv_cache_matches_transformers(tiny_models, arch):
             torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0
         )[0, len(ids):].tolist()
     model = tokenmill.load(directory)
-    ours = list(model._tokens(ids, 32, tokenmill.model.sampler_params(temperature=0.0), eos=set()))
+    ours = tokenmill.generate(model, ids, max_new_tokens=32, temperature=0, ignore_eos=True)
     assert ours == ref
 
 

@@ -57,8 +57,8 @@ def test_greedy_continuations_match_transformers(smollm, hf_smollm):
                 torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
             )[0, len(ids):].tolist()
-        ours = smollm._tokens(ids, 24, tokenmill.model.sampler_params(temperature=0.0), eos=set())
-        assert list(ours) == ref
+        greedy = tokenmill.GenerateConfig(max_new_tokens=24, temperature=0, ignore_eos=True)
+        assert tokenmill.Generator(smollm, greedy).generate(ids) == ref
 
 
 def test_chat_answer_mentions_paris(smollm):

@@ -20,7 +20,8 @@ public:
     std::string name() const override { return "cpu"; }
     int n_threads() const override { return pool_.size(); }
 
-    float* alloc(size_t n_floats) override { return new float[n_floats](); }
+    // uninitialised: a KV cache sized for the whole context only costs the pages it touches
+    float* alloc(size_t n_floats) override { return new float[n_floats]; }
     void free(float* p) override { delete[] p; }
     void upload(float* dst, const float* host, size_t n) override { std::memcpy(dst, host, n * sizeof(float)); }
     void download(float* host, const float* src, size_t n) override { std::memcpy(host, src, n * sizeof(float)); }

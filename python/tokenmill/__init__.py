@@ -16,6 +16,7 @@ from .errors import (
     TokenmillError,
     UnsupportedModelError,
 )
+from .generation import GenerateConfig, GenerationResult, Generator, TokenLogprob, generate
 from .model import Model, load, load_tokenizer
 from .tokenizer import Tokenizer
 
@@ -23,6 +24,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ContextOverflowError",
+    "GenerateConfig",
+    "GenerationResult",
+    "Generator",
     "InvalidArgumentError",
     "Model",
     "ModelFileError",
@@ -31,7 +35,9 @@ __all__ = [
     "Tokenizer",
     "TokenmillError",
     "UnsupportedModelError",
+    "TokenLogprob",
     "errors",
+    "generate",
     "load",
     "load_tokenizer",
     "pull",

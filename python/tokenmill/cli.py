@@ -21,12 +21,11 @@ def _generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.rep_penalty,
         seed=args.seed,
     )
-    eos_ids = None if args.eos_id is None else ([] if args.eos_id < 0 else [args.eos_id])
     if args.chat:
         prompt = model.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
         prompt = args.prompt
-    for piece in model.generate(prompt, args.num_tokens, eos_ids=eos_ids, stream=True, **sampling):
+    for piece in model.generate(prompt, args.num_tokens, eos_token_id=args.eos_id, stream=True, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -6,7 +6,6 @@ Generation is one internal token generator; `stream=True` exposes it as text pie
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -16,7 +15,12 @@ from . import _core, hf
 from .chat import render_chat
 from .default_model import resolve_default
 from .errors import ContextOverflowError, InvalidArgumentError, ModelFormatError, TokenmillError
-from .tokenizer import StreamDecoder, Tokenizer, tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
+from .generation import GenerateConfig, Generator, generate_batch
+from .tokenizer import Tokenizer, tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
+
+# Model.generate / chat / generate_batch follow llama.cpp's sampling defaults; GenerateConfig itself
+# follows the seed's (temperature 1, no filters).
+MODEL_SAMPLING_DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
 
 Prompt = Union[str, Sequence[int]]
 
@@ -82,53 +86,6 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
     return tok
 
 
-def sampler_params(
-    *,
-    temperature: float = 0.8,
-    top_k: int = 40,
-    top_p: float = 0.95,
-    min_p: float = 0.05,
-    typical_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    repeat_last_n: int = 64,
-    logit_bias: Optional[Mapping[int, float]] = None,
-    seed: Optional[int] = None,
-) -> "_core.SamplerParams":
-    """Checks and packs sampling settings (ValueError naming the parameter when out of range)."""
-
-    def number(name, value, lo=None, hi=None, lo_open=False):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
-        if lo is not None and (value < lo or (lo_open and value == lo)):
-            raise InvalidArgumentError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise InvalidArgumentError(f"{name} must be <= {hi}, got {value}")
-        return value
-
-    def integer(name, value, lo):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-            raise InvalidArgumentError(f"{name} must be an integer >= {lo}, got {value!r}")
-        return int(value)
-
-    p = _core.SamplerParams()
-    p.temperature = number("temperature", temperature, 0.0)
-    p.top_k = integer("top_k", top_k, 0)
-    p.top_p = number("top_p", top_p, 0.0, 1.0, lo_open=True)
-    p.min_p = number("min_p", min_p, 0.0, 1.0)
-    p.typical_p = number("typical_p", typical_p, 0.0, 1.0, lo_open=True)
-    p.repetition_penalty = number("repetition_penalty", repetition_penalty, 0.0, lo_open=True)
-    p.presence_penalty = number("presence_penalty", presence_penalty)
-    p.frequency_penalty = number("frequency_penalty", frequency_penalty)
-    p.repeat_last_n = integer("repeat_last_n", repeat_last_n, -1)
-    p.logit_bias = [(int(k), float(v)) for k, v in (logit_bias or {}).items()]
-    if seed is None:
-        seed = secrets.randbits(64)
-    p.seed = integer("seed", seed, 0) & (2**64 - 1)
-    return p
-
-
 class Model:
     """A loaded model with its tokenizer. Thread-safe: forward passes are serialised natively."""
 
@@ -172,16 +129,6 @@ class Model:
     def detokenize(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._require_tokenizer().decode(ids, skip_special_tokens)
 
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise InvalidArgumentError("the prompt is empty")
-        if len(ids) >= self.n_ctx:
-            raise ContextOverflowError(
-                f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx} (including at least one new token)"
-            )
-        return ids
-
     # ---- evaluation
     def new_cache(self, capacity: Optional[int] = None) -> "_core.KVCache":
         return _core.KVCache(self.native, capacity or self.n_ctx)
@@ -203,18 +150,27 @@ class Model:
         prompt: Prompt,
         max_new_tokens: int = 256,
         *,
-        stop: Union[str, Sequence[str], None] = None,
-        eos_ids: Optional[Sequence[int]] = None,
         stream: bool = False,
-        **sampling: Any,
-    ) -> Union[str, Iterator[str]]:
-        """Continues `prompt` (text or token ids). Sampling keywords: temperature (0 = greedy),
-        top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty,
-        repeat_last_n, logit_bias, seed. `stop` strings end the text and are not included;
-        `eos_ids` overrides the model's end-of-sequence ids. With stream=True, returns an iterator
-        of text pieces (never splitting a UTF-8 character)."""
-        pieces = self._text_pieces(prompt, max_new_tokens, stop, eos_ids, sampling)
-        return pieces if stream else "".join(pieces)
+        details: bool = False,
+        **kwargs: Any,
+    ):
+        """Continues `prompt` (text or token ids) and returns the new text.
+
+        Keywords are GenerateConfig fields (temperature, top_k, top_p, min_p, typical_p,
+        repetition_penalty, presence_penalty, frequency_penalty, repeat_last_n, logit_bias, seed,
+        stop, eos_token_id, ignore_eos, max_seq_len, context_overflow, logprobs); the sampling
+        defaults here are llama.cpp's (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05).
+        stream=True returns an iterator of text pieces that never split a UTF-8 character;
+        details=True returns a GenerationResult (text, token ids, finish reason, timings, logprobs)."""
+        self._require_tokenizer()
+        config = GenerateConfig(**{**MODEL_SAMPLING_DEFAULTS, "max_new_tokens": max_new_tokens, **kwargs})
+        gen = Generator(self, config)
+        run = gen.start(prompt)
+        if stream:
+            return (piece for _, piece in gen._drive(run) if piece)
+        for _ in gen._drive(run):
+            pass
+        return gen.last if details else gen.last.text
 
     def chat(self, messages: Sequence[Mapping[str, Any]], max_new_tokens: int = 256, **kwargs: Any):
         """Answers a conversation [{'role': 'user', 'content': ...}, ...] with the model's template."""
@@ -231,79 +187,41 @@ class Model:
         )
         return tok.encode(text, add_special_tokens=False)
 
-    def _check_new_tokens(self, max_new_tokens) -> int:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise InvalidArgumentError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        return int(max_new_tokens)
-
-    def _tokens(self, prompt_ids: list[int], max_new_tokens: int, params, eos: set) -> Iterator[int]:
-        """The one generation loop: prefill, then sample / decode until EOS, the token limit or
-        the end of the context."""
-        budget = min(max_new_tokens, self.n_ctx - len(prompt_ids))
-        if budget <= 0:
-            return
-        cache = self.new_cache(len(prompt_ids) + budget)
-        sampler = _core.Sampler(params, self.n_vocab)
-        history = np.asarray(prompt_ids, dtype=np.int32)
-        logits, _ = self.native.eval(cache, history, "last", False)
-        for _ in range(budget):
-            token = sampler.sample(logits[0], history)
-            if token in eos:
-                return
-            yield token
-            history = np.append(history, np.int32(token))
-            if cache.n_past == cache.capacity:
-                return
-            logits, _ = self.native.eval(cache, history[-1:], "last", False)
-
-    def _text_pieces(self, prompt, max_new_tokens, stop, eos_ids, sampling) -> Iterator[str]:
-        max_new_tokens = self._check_new_tokens(max_new_tokens)
-        stops = _check_stop(stop)
-        params = sampler_params(**sampling)
-        prompt_ids = self._prompt_ids(prompt)
-        eos = set(self.eos_ids if eos_ids is None else [int(e) for e in eos_ids if int(e) >= 0])
-        return _stop_at_strings(self._decoded(self._tokens(prompt_ids, max_new_tokens, params, eos)), stops)
-
-    def _decoded(self, tokens: Iterator[int]) -> Iterator[str]:
-        decoder = StreamDecoder(self._require_tokenizer())
-        for token in tokens:
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        max_new_tokens: int = 256,
+        *,
+        details: bool = False,
+        configs: Optional[Sequence[GenerateConfig]] = None,
+        **kwargs: Any,
+    ) -> list:
+        """Generates for several prompts together (one forward pass per step). Each keyword may be
+        a single value or a list with one value per prompt (e.g. seed=[1, 2, 3]); `configs` gives
+        a full GenerateConfig per prompt instead. Returns the texts (or GenerationResults)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InvalidArgumentError("prompts must be a list of prompts")
+        n = len(prompts)
+        if configs is None:
+            for k, v in kwargs.items():
+                if _per_prompt(k, v) and len(v) != n:
+                    raise InvalidArgumentError(f"{k} has {len(v)} values for {n} prompts")
+            base = {**MODEL_SAMPLING_DEFAULTS, "max_new_tokens": max_new_tokens}
+            configs = [
+                GenerateConfig(**{**base, **{k: (v[i] if _per_prompt(k, v) else v) for k, v in kwargs.items()}})
+                for i in range(n)
+            ]
+        results = generate_batch(self, list(prompts), list(configs))
+        return results if details else [r.text for r in results]
 
 
-def _check_stop(stop) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
-        raise InvalidArgumentError(f"stop must be a string or a list of strings, got {stop!r}")
-    if any(s == "" for s in stops):
-        raise InvalidArgumentError("stop strings must not be empty")
-    return list(stops)
+_LIST_VALUED = {"stop", "eos_token_id"}   # fields whose single value may itself be a list
 
 
-def _stop_at_strings(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:
-    """Passes text through until a stop string appears (matched across piece boundaries); the stop
-    string and everything after it are dropped. Text that could begin a stop string is held back
-    until it is known not to."""
-    if not stops:
-        yield from pieces
-        return
-    pending = ""
-    for piece in pieces:
-        pending += piece
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            if min(hits) > 0:
-                yield pending[: min(hits)]
-            return
-        hold = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        if len(pending) > hold:
-            yield pending[: len(pending) - hold]
-            pending = pending[len(pending) - hold :]
-    if pending:
-        yield pending
+def _per_prompt(key: str, value) -> bool:
+    """Whether a generate_batch keyword gives one value per prompt."""
+    if not isinstance(value, list):
+        return False
+    if key in _LIST_VALUED:
+        return bool(value) and all(isinstance(v, (list, tuple)) or v is None for v in value)
+    return True
