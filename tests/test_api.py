@@ -124,3 +124,44 @@ def test_missing_network_gives_instructions(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0
     assert "ModelNotFoundError" in out.stderr and "tokenmill pull --from" in out.stderr
+
+
+def _write_run(root, default_gguf):
+    import json
+
+    run = root / "checkpoints" / "smol"
+    run.mkdir(parents=True)
+    (run / "model.gguf").symlink_to(default_gguf)
+    for step in (100, 200):
+        cfg = {"model": {"max_seq_len": 64 + step}, "tokenizer": {"path": "model.gguf"},
+               "checkpoint": {"latest": "model.gguf", "step": step}}
+        (run / f"smol_step{step}_config.json").write_text(json.dumps(cfg))
+    (run / "latest_config.json").symlink_to("smol_step200_config.json")
+    return run
+
+
+def test_cli_run_directory(tmp_path, default_gguf):
+    from tokenmill.runs import resolve_run
+
+    _write_run(tmp_path, default_gguf)
+    latest = resolve_run("smol", runs_dir=tmp_path / "checkpoints")
+    assert latest.step == 200 and latest.max_seq_len == 264 and latest.model_path.name == "model.gguf"
+    assert resolve_run("smol", 100, tmp_path / "checkpoints").max_seq_len == 164
+    with pytest.raises(tokenmill.ModelNotFoundError, match="no step 300; available steps: 100, 200"):
+        resolve_run("smol", 300, tmp_path / "checkpoints")
+
+    base = [sys.executable, "-m", "tokenmill.cli", "generate", "--run-name", "smol", "--prompt", "The capital of France is",
+            "--temp", "0", "--num_tokens", "6", "--eos_id", "-1", "--top_k", "-0", "--rep-penalty", "1.0"]
+    out = subprocess.run(base + ["--step", "100"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    out = subprocess.run(base + ["--step", "7"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 2 and "available steps: 100, 200" in out.stderr
+
+
+def test_cli_negative_numbers_parse_as_values():
+    from tokenmill.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "-5 degrees", "--eos_id", "-1", "--seed", "-0",
+                                      "--temp", "-0.5"])
+    assert args.eos_id == -1 and args.prompt == "-5 degrees" and args.temp == -0.5

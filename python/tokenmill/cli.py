@@ -12,7 +12,18 @@ from .errors import TokenmillError
 def _generate(args: argparse.Namespace) -> int:
     from .model import load
 
-    model = load(args.model, n_threads=args.threads, n_ctx=args.max_seq_len)
+    model_path, tokenizer, max_seq_len = args.model, None, args.max_seq_len
+    if args.run_name:
+        from .runs import resolve_run
+
+        if args.model:
+            raise ValueError("give --model or --run-name, not both")
+        run = resolve_run(args.run_name, args.step, args.runs_dir)
+        model_path, tokenizer = run.model_path, run.tokenizer_path
+        max_seq_len = max_seq_len or run.max_seq_len
+    elif args.step is not None:
+        raise ValueError("--step needs --run-name")
+    model = load(model_path, n_threads=args.threads, n_ctx=max_seq_len, tokenizer=tokenizer)
     sampling = dict(
         temperature=args.temp,
         top_k=args.top_k,
@@ -47,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
     g.add_argument("--prompt", required=True, help="the prompt text")
     g.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--run-name", "--run_name", dest="run_name", help="load a training run from RUNS_DIR/NAME/")
+    g.add_argument("--step", type=int, default=None, help="the run's step to load (default: latest)")
+    g.add_argument("--runs-dir", "--runs_dir", dest="runs_dir", default="checkpoints")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--num-tokens", "--num_tokens", dest="num_tokens", type=int, default=128)
     g.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=int, default=None)
