@@ -121,16 +121,18 @@ int32_t Sampler::sample(const float* logits, const int32_t* history, int64_t n_h
         }
         n = std::max<size_t>(keep, 1);
     }
-    if (sorted < n) {
+    // typical-p breaks ties by likelihood order, so it needs the survivors sorted; nothing else does
+    if (p.typical_p < 1.0f && sorted < n) {
         std::sort(c.begin() + static_cast<std::ptrdiff_t>(sorted), c.begin() + static_cast<std::ptrdiff_t>(n), by_logit);
         sorted = n;
     }
-    // min-p: drop tokens less likely than min_p times the most likely one
+    // min-p: drop tokens less likely than min_p times the most likely one (c[0])
     if (p.min_p > 0.0f) {
         double floor_p = p.min_p * prob(0);
-        size_t keep = 1;
-        while (keep < n && prob(keep) >= floor_p) ++keep;
-        n = keep;
+        size_t kept = 1;
+        for (size_t i = 1; i < n; ++i)
+            if (prob(i) >= floor_p) c[kept++] = c[i];
+        n = kept;
     }
     c.resize(n);
     std::vector<double> probs(n);
@@ -165,12 +167,20 @@ int32_t Sampler::sample(const float* logits, const int32_t* history, int64_t n_h
     }
 
     for (size_t i = 0; i < n; ++i) c[i].second = static_cast<float>(probs[i]);
-    double u = rng_.uniform(), cum = 0.0;
+    // Draw by walking token ids in ascending order: the token depends only on the distribution and
+    // the uniform draw, not on how the candidates happen to be ordered.
+    dense_.assign(static_cast<size_t>(n_vocab_), 0.0);
+    int32_t last = c[0].first;
     for (size_t i = 0; i < n; ++i) {
-        cum += probs[i];
-        if (u < cum) return c[i].first;
+        dense_[static_cast<size_t>(c[i].first)] = probs[i];
+        last = std::max(last, c[i].first);
     }
-    return c[n - 1].first;   // rounding left u above the last cumulative sum
+    double u = rng_.uniform(), cum = 0.0;
+    for (int32_t id = 0; id <= last; ++id) {
+        cum += dense_[static_cast<size_t>(id)];
+        if (u < cum) return id;
+    }
+    return last;   // rounding left u above the final cumulative sum
 }
 
 }  // namespace tmill

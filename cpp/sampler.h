@@ -51,8 +51,8 @@ public:
     // Picks the next token from logits [n_vocab] given the tokens so far (for penalties).
     int32_t sample(const float* logits, const int32_t* history, int64_t n_history);
 
-    // The distribution the last sample() drew from: (token, probability) of the survivors, most
-    // likely first. Empty after a greedy pick.
+    // The distribution the last sample() drew from: (token, probability) of the survivors, the
+    // most likely first, the rest in no particular order. Empty after a greedy pick.
     const std::vector<std::pair<int32_t, float>>& last_candidates() const { return candidates_; }
 
     // Applies steps 1-2 in place (shared with callers that need the penalised logits).
@@ -63,6 +63,7 @@ private:
     int64_t n_vocab_;
     Rng rng_;
     std::vector<float> work_;
+    std::vector<double> dense_;
     std::vector<std::pair<int32_t, float>> candidates_;
 };
 

