@@ -1,5 +1,7 @@
 """tokenmill vs HF transformers on tiny random models saved as HF safetensors directories."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,18 @@ def test_prefill_from_embeddings_equals_prefill_from_ids(tiny_models):
     from_ids = model.logits(ids)
     from_embeds, _ = model.native.eval_embeds(model.new_cache(12), embeds.astype(np.float32), "all", False)
     assert rel_err(from_embeds, from_ids) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sharded_half_precision_safetensors(tiny_models, tmp_path, dtype):
+    """F16 / BF16 weights in several shards (model.safetensors.index.json), used in place; the
+    reference is transformers computing in float32 from the same rounded weights."""
+    _, hf_model = tiny_models["qwen2"]
+    copy.deepcopy(hf_model).to(dtype).save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    reference = type(hf_model).from_pretrained(tmp_path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    ids = _prompt(n=32, seed=9)
+    with torch.no_grad():
+        ref = reference(torch.tensor([ids])).logits[0].numpy()
+    assert rel_err(tokenmill.load(tmp_path).logits(ids), ref) < 1e-4
