@@ -12,6 +12,7 @@
 #include "../cpp/quants.h"
 #include "../cpp/sampler.h"
 #include "../cpp/threadpool.h"
+#include "../cpp/cpu/kernels.h"
 
 namespace py = pybind11;
 using namespace tmill;
@@ -110,6 +111,13 @@ PYBIND11_MODULE(_core, mod) {
     });
 
     mod.def("default_thread_count", &default_thread_count);
+    mod.def("cpu_level", [] { return std::string(cpu::kernels().name); }, "The active CPU kernel level.");
+    mod.def("cpu_levels", [] {
+        std::vector<std::string> names;
+        for (cpu::Level l : cpu::supported_levels()) names.push_back(cpu::level_name(l));
+        return names;
+    }, "Kernel levels this CPU can run, best last.");
+    mod.def("set_cpu_level", &cpu::set_level, py::arg("name"), "Forces a kernel level (tests, benchmarks).");
 
     // ---- formats
     py::class_<GGUFFile, std::shared_ptr<GGUFFile>>(mod, "GGUFFile")
@@ -159,6 +167,15 @@ PYBIND11_MODULE(_core, mod) {
         dequantize_row(t, view.data(), out.mutable_data(), n);
         return out;
     }, py::arg("type"), py::arg("data"), py::arg("n"));
+
+    mod.def("dot_row", [](const std::string& type, py::bytes data, FloatArray x) {
+        DType t = dtype_from_name(type);
+        std::string_view view = data;
+        int64_t n = static_cast<int64_t>(x.size());
+        if (n % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, n))
+            fail(ErrorKind::invalid_arg, "row bytes do not match " + std::to_string(n) + " elements of " + type);
+        return cpu::kernels().dot_row(t, view.data(), x.data(), n);
+    }, py::arg("type"), py::arg("row"), py::arg("x"), "Dot product of one stored weight row with x (active level).");
 
     // ---- model
     py::enum_<RopeStyle>(mod, "RopeStyle")

@@ -17,7 +17,7 @@ class CpuBackend final : public Backend {
 public:
     explicit CpuBackend(int n_threads) : pool_(n_threads), scratch_(static_cast<size_t>(pool_.size())) {}
 
-    std::string name() const override { return "cpu"; }
+    std::string name() const override { return "cpu-" + std::string(cpu::kernels().name); }
     int n_threads() const override { return pool_.size(); }
 
     // uninitialised: a KV cache sized for the whole context only costs the pages it touches
@@ -27,20 +27,27 @@ public:
     void download(float* host, const float* src, size_t n) override { std::memcpy(host, src, n * sizeof(float)); }
 
     void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) override {
+        const cpu::Kernels& kern = cpu::kernels();
         for (int64_t t = 0; t < T; ++t)
-            dequantize_row(table.type, table.data + static_cast<size_t>(ids[t]) * table.row_stride,
+            kern.dequantize_row(table.type, table.data + static_cast<size_t>(ids[t]) * table.row_stride,
                            out + t * table.cols, table.cols);
     }
 
     void matmul(float* out, const float* x, const Weight& w, int64_t T) override {
         const int64_t rows = w.rows, cols = w.cols;
+        const cpu::Kernels& kern = cpu::kernels();
         pool_.parallel_for(rows, [&](int64_t r0, int64_t r1, int thread) {
-            float* row = scratch(thread, cols);
+            float* row = T > 1 ? scratch(thread, cols) : nullptr;
             for (int64_t r = r0; r < r1; ++r) {
-                // dequantize the weight row once, then reuse it for every token of the batch
-                dequantize_row(w.type, w.data + static_cast<size_t>(r) * w.row_stride, row, cols);
+                const uint8_t* wr = w.data + static_cast<size_t>(r) * w.row_stride;
                 float b = w.bias ? w.bias[r] : 0.0f;
-                for (int64_t t = 0; t < T; ++t) out[t * rows + r] = cpu::dot_f32(row, x + t * cols, cols) + b;
+                if (T == 1) {
+                    out[r] = kern.dot_row(w.type, wr, x, cols) + b;   // decode: straight from the stored type
+                    continue;
+                }
+                // prefill: dequantize the row once, reuse it for every token of the batch
+                kern.dequantize_row(w.type, wr, row, cols);
+                for (int64_t t = 0; t < T; ++t) out[t * rows + r] = kern.dot_f32(row, x + t * cols, cols) + b;
             }
         });
     }
@@ -140,6 +147,7 @@ public:
         std::vector<int64_t> first_task(static_cast<size_t>(n_segs) + 1, 0);
         for (int s = 0; s < n_segs; ++s) first_task[s + 1] = first_task[s] + segs[s].n_rows * shape.n_heads;
         const int hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
+        const cpu::Kernels& kern = cpu::kernels();
         pool_.parallel_for(first_task[n_segs], [&](int64_t task0, int64_t task1, int thread) {
             for (int64_t task = task0; task < task1; ++task) {
                 int s = static_cast<int>(std::upper_bound(first_task.begin(), first_task.end(), task) -
@@ -158,7 +166,7 @@ public:
                 // scores_j = q . k_j * scale, softmax over j, out = sum_j p_j v_j
                 float mx = -INFINITY;
                 for (int64_t j = 0; j < n; ++j) {
-                    scores[j] = cpu::dot_f32(qh, kh + j * hd, hd) * shape.scale;
+                    scores[j] = kern.dot_f32(qh, kh + j * hd, hd) * shape.scale;
                     mx = std::max(mx, scores[j]);
                 }
                 float sum = 0.0f;
@@ -168,7 +176,7 @@ public:
                 }
                 float* oh = out + (seg.row0 + t) * shape.n_heads * hd + h * hd;
                 std::fill(oh, oh + hd, 0.0f);
-                for (int64_t j = 0; j < n; ++j) cpu::axpy_f32(oh, vh + j * hd, scores[j] / sum, hd);
+                for (int64_t j = 0; j < n; ++j) kern.axpy_f32(oh, vh + j * hd, scores[j] / sum, hd);
             }
         });
     }

@@ -1,8 +1,18 @@
 #include "kernels.h"
 
+#include <atomic>
+#include <cstdlib>
+
+#include "../error.h"
+#include "../quants.h"
+
 namespace tmill::cpu {
 
-float dot_f32(const float* a, const float* b, int64_t n) {
+namespace {
+
+// ---- scalar reference kernels
+
+float dot_f32_scalar(const float* a, const float* b, int64_t n) {
     // Eight independent partial sums let the compiler keep a vector register busy per lane.
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t i = 0;
@@ -13,8 +23,105 @@ float dot_f32(const float* a, const float* b, int64_t n) {
     return sum;
 }
 
-void axpy_f32(float* y, const float* x, float alpha, int64_t n) {
+void axpy_f32_scalar(float* y, const float* x, float alpha, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
+    if (t == DType::f32) return dot_f32_scalar(static_cast<const float*>(row), x, n);
+    // dequantize a block at a time, then dot: exact weights, float accumulation
+    float buf[256];
+    const int64_t chunk = 256;   // a multiple of every block size we run
+    size_t bytes_per_chunk = row_bytes(t, chunk);
+    const uint8_t* p = static_cast<const uint8_t*>(row);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i += chunk) {
+        int64_t m = n - i < chunk ? n - i : chunk;
+        dequantize_row(t, p, buf, m);
+        sum += dot_f32_scalar(buf, x + i, m);
+        p += bytes_per_chunk;
+    }
+    return sum;
+}
+
+const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, axpy_f32_scalar, dot_row_scalar, dequantize_row};
+
+bool cpu_has(Level level) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    switch (level) {
+        case Level::scalar: return true;
+        case Level::avx2:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        case Level::avx512: return false;   // AVX-512 kernels are not written yet; avx2 serves such CPUs
+    }
+    return false;
+#else
+    return level == Level::scalar;
+#endif
+}
+
+const Kernels* table(Level level) {
+    switch (level) {
+        case Level::scalar: return &kScalar;
+        case Level::avx2: return &kernels_avx2();
+        case Level::avx512: return nullptr;
+    }
+    return nullptr;
+}
+
+Level parse_level(const std::string& name) {
+    if (name == "scalar") return Level::scalar;
+    if (name == "avx2") return Level::avx2;
+    if (name == "avx512") return Level::avx512;
+    fail(ErrorKind::invalid_arg, "unknown CPU level '" + name + "' (scalar, avx2, avx512)");
+}
+
+const Kernels* choose() {
+    if (const char* env = std::getenv("TOKENMILL_CPU"); env && *env) {
+        Level wanted = parse_level(env);
+        if (!cpu_has(wanted))
+            fail(ErrorKind::invalid_arg, std::string("TOKENMILL_CPU=") + env + " but this CPU (or build) lacks it");
+        return table(wanted);
+    }
+    return table(supported_levels().back());
+}
+
+std::atomic<const Kernels*> g_active{nullptr};
+
+}  // namespace
+
+const Kernels& kernels_scalar() { return kScalar; }
+
+const Kernels& kernels() {
+    const Kernels* k = g_active.load(std::memory_order_acquire);
+    if (!k) {
+        k = choose();
+        g_active.store(k, std::memory_order_release);
+    }
+    return *k;
+}
+
+std::vector<Level> supported_levels() {
+    std::vector<Level> out;
+    for (Level l : {Level::scalar, Level::avx2, Level::avx512})
+        if (cpu_has(l)) out.push_back(l);
+    return out;
+}
+
+void set_level(const std::string& name) {
+    Level l = parse_level(name);
+    if (!cpu_has(l)) fail(ErrorKind::invalid_arg, "CPU level '" + name + "' is not available on this CPU");
+    g_active.store(table(l), std::memory_order_release);
+}
+
+std::string level_name(Level level) {
+    switch (level) {
+        case Level::scalar: return "scalar";
+        case Level::avx2: return "avx2";
+        case Level::avx512: return "avx512";
+    }
+    return "?";
 }
 
 }  // namespace tmill::cpu

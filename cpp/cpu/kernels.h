@@ -1,14 +1,40 @@
-// Portable CPU kernels on contiguous float rows. Later SIMD levels replace these behind the same
-// signatures; the scalar versions stay as the reference every level is tested against.
+// CPU kernels behind one table per instruction-set level. The level is picked once from cpuid (or
+// forced with TOKENMILL_CPU=scalar|avx2|avx512), so one build runs on any x86-64 and uses the best
+// the CPU has. The scalar table is the reference every other level is tested against.
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../dtype.h"
 
 namespace tmill::cpu {
 
-// sum_i a[i] * b[i]
-float dot_f32(const float* a, const float* b, int64_t n);
-// y[i] += alpha * x[i]
-void axpy_f32(float* y, const float* x, float alpha, int64_t n);
+enum class Level { scalar = 0, avx2 = 1, avx512 = 2 };
+
+struct Kernels {
+    Level level;
+    const char* name;
+    // sum_i a[i] * b[i]
+    float (*dot_f32)(const float* a, const float* b, int64_t n);
+    // y[i] += alpha * x[i]
+    void (*axpy_f32)(float* y, const float* x, float alpha, int64_t n);
+    // sum_i row[i] * x[i] for a weight row of type t (n a multiple of the block size)
+    float (*dot_row)(DType t, const void* row, const float* x, int64_t n);
+    // out[i] = row[i] as float
+    void (*dequantize_row)(DType t, const void* row, float* out, int64_t n);
+};
+
+const Kernels& kernels_scalar();
+const Kernels& kernels_avx2();     // only valid when the CPU has AVX2, FMA and F16C
+
+// The active table (chosen on first use; set_level overrides it).
+const Kernels& kernels();
+// Levels this CPU can run, best last.
+std::vector<Level> supported_levels();
+// Forces a level by name ("scalar", "avx2", "avx512"); throws tmill::Error if unsupported here.
+void set_level(const std::string& name);
+std::string level_name(Level level);
 
 }  // namespace tmill::cpu

@@ -1,0 +1,211 @@
+// AVX2 + FMA + F16C kernels. This file alone is compiled with those instructions enabled; it is only
+// called after cpuid says the CPU has them. Everything here stays in an anonymous namespace so no
+// inline function compiled with AVX2 can be picked by the linker for the portable code.
+#include <immintrin.h>
+
+#include "../quants.h"
+#include "kernels.h"
+
+namespace tmill::cpu {
+
+namespace {
+
+inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+// 8 signed bytes -> 8 floats
+inline __m256 i8x8_to_ps(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)); }
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+           acc3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+    for (; i < n; ++i) sum += a[i] * b[i];
+    return sum;
+}
+
+void axpy_f32(float* y, const float* x, float alpha, int64_t n) {
+    __m256 va = _mm256_set1_ps(alpha);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+float dot_f16(const uint16_t* w, const float* x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8)));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    float sum = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < n; ++i) sum += half(w[i]) * x[i];
+    return sum;
+}
+
+inline __m256 bf16x8_to_ps(const uint16_t* p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+float dot_bf16(const uint16_t* w, const float* x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(bf16x8_to_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(bf16x8_to_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    float sum = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < n; ++i) sum += bf16_to_fp32(w[i]) * x[i];
+    return sum;
+}
+
+// Sum over one block of 32 int8 quants q (as 4 groups of 8) times x: returns the float vector of
+// partial sums; the caller scales it by the block's d.
+inline __m256 block_dot_i8(__m128i q_lo, __m128i q_hi, const float* x) {
+    // q_lo: quants 0..15, q_hi: quants 16..31
+    __m256 s = _mm256_mul_ps(i8x8_to_ps(q_lo), _mm256_loadu_ps(x));
+    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_unpackhi_epi64(q_lo, q_lo)), _mm256_loadu_ps(x + 8), s);
+    s = _mm256_fmadd_ps(i8x8_to_ps(q_hi), _mm256_loadu_ps(x + 16), s);
+    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_unpackhi_epi64(q_hi, q_hi)), _mm256_loadu_ps(x + 24), s);
+    return s;
+}
+
+float dot_q8_0(const BlockQ8_0* b, const float* x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i].qs));
+        __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i].qs + 16));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d)), block_dot_i8(lo, hi, x), acc);
+    }
+    return hsum(acc);
+}
+
+// 16 packed bytes -> (low nibbles, high nibbles) as unsigned bytes 0..15
+inline void unpack_nibbles(const uint8_t* qs, __m128i* lo, __m128i* hi) {
+    __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    __m128i mask = _mm_set1_epi8(0x0F);
+    *lo = _mm_and_si128(packed, mask);
+    *hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+}
+
+float dot_q4_0(const BlockQ4_0* b, const float* x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m128i eight = _mm_set1_epi8(8);
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        __m128i lo, hi;
+        unpack_nibbles(b[i].qs, &lo, &hi);   // element j: low nibble of byte j, element j+16: high nibble
+        lo = _mm_sub_epi8(lo, eight);
+        hi = _mm_sub_epi8(hi, eight);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d)), block_dot_i8(lo, hi, x), acc);
+    }
+    return hsum(acc);
+}
+
+float dot_q4_1(const BlockQ4_1* b, const float* x, int64_t n) {
+    // sum_j (d q_j + m) x_j = d * sum_j q_j x_j + m * sum_j x_j
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        __m128i lo, hi;
+        unpack_nibbles(b[i].qs, &lo, &hi);
+        __m256 xs = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
+                                  _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d)), block_dot_i8(lo, hi, x), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].m)), xs, acc);
+    }
+    return hsum(acc);
+}
+
+float dot_row(DType t, const void* row, const float* x, int64_t n) {
+    switch (t) {
+        case DType::f32: return dot_f32(static_cast<const float*>(row), x, n);
+        case DType::f16: return dot_f16(static_cast<const uint16_t*>(row), x, n);
+        case DType::bf16: return dot_bf16(static_cast<const uint16_t*>(row), x, n);
+        case DType::q8_0: return dot_q8_0(static_cast<const BlockQ8_0*>(row), x, n);
+        case DType::q4_0: return dot_q4_0(static_cast<const BlockQ4_0*>(row), x, n);
+        case DType::q4_1: return dot_q4_1(static_cast<const BlockQ4_1*>(row), x, n);
+        default: return kernels_scalar().dot_row(t, row, x, n);
+    }
+}
+
+void dequantize(DType t, const void* row, float* out, int64_t n) {
+    switch (t) {
+        case DType::f16: {
+            const uint16_t* h = static_cast<const uint16_t*>(row);
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8)
+                _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+            for (; i < n; ++i) out[i] = half(h[i]);
+            return;
+        }
+        case DType::bf16: {
+            const uint16_t* h = static_cast<const uint16_t*>(row);
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, bf16x8_to_ps(h + i));
+            for (; i < n; ++i) out[i] = bf16_to_fp32(h[i]);
+            return;
+        }
+        case DType::q8_0: {
+            const BlockQ8_0* b = static_cast<const BlockQ8_0*>(row);
+            for (int64_t i = 0; i < n / 32; ++i, out += 32) {
+                __m256 d = _mm256_set1_ps(half(b[i].d));
+                for (int g = 0; g < 4; ++g)
+                    _mm256_storeu_ps(out + 8 * g, _mm256_mul_ps(d, i8x8_to_ps(_mm_loadl_epi64(
+                                                                    reinterpret_cast<const __m128i*>(b[i].qs + 8 * g)))));
+            }
+            return;
+        }
+        case DType::q4_0:
+        case DType::q4_1: {
+            const bool has_min = t == DType::q4_1;
+            const uint8_t* p = static_cast<const uint8_t*>(row);
+            const size_t block_bytes = has_min ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
+            for (int64_t i = 0; i < n / 32; ++i, out += 32, p += block_bytes) {
+                uint16_t dh, mh = 0;
+                __builtin_memcpy(&dh, p, 2);
+                if (has_min) __builtin_memcpy(&mh, p + 2, 2);
+                __m128i lo, hi;
+                unpack_nibbles(p + (has_min ? 4 : 2), &lo, &hi);
+                if (!has_min) {
+                    lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+                    hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+                }
+                // d * q + m rounded twice, exactly as the reference dequantization
+                __m256 d = _mm256_set1_ps(half(dh)), m = _mm256_set1_ps(has_min ? half(mh) : 0.0f);
+                auto put = [&](float* dst, __m128i q) { _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_mul_ps(d, i8x8_to_ps(q)), m)); };
+                put(out, lo);
+                put(out + 8, _mm_unpackhi_epi64(lo, lo));
+                put(out + 16, hi);
+                put(out + 24, _mm_unpackhi_epi64(hi, hi));
+            }
+            return;
+        }
+        default: dequantize_row(t, row, out, n);
+    }
+}
+
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_row, dequantize};
+
+}  // namespace
+
+const Kernels& kernels_avx2() { return kAvx2; }
+
+}  // namespace tmill::cpu

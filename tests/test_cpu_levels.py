@@ -1,0 +1,69 @@
+"""Every CPU kernel level (scalar, AVX2, ...) against the scalar reference and against exact
+float64 arithmetic, and whole models run at every level."""
+
+import numpy as np
+import pytest
+import torch
+
+import tokenmill
+from tokenmill import _core
+from conftest import rel_err
+from gguf_util import QTYPES, write_tiny_gguf
+
+LEVELS = _core.cpu_levels()
+
+
+@pytest.fixture
+def level(request):
+    before = _core.cpu_level()
+    _core.set_cpu_level(request.param)
+    yield request.param
+    _core.set_cpu_level(before)
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("wtype", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("n", [32, 96, 576, 1536])
+def test_dot_row_matches_float64(level, wtype, n):
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal(n).astype(np.float32)
+    row = _core.quantize(wtype, w)
+    exact = float(np.dot(_core.dequantize(wtype, row, n).astype(np.float64), x.astype(np.float64)))
+    got = _core.dot_row(wtype, row, x)
+    assert abs(got - exact) <= 1e-5 * (np.abs(_core.dequantize(wtype, row, n)) @ np.abs(x)) + 1e-6
+
+
+def test_unknown_or_missing_level_is_an_error():
+    with pytest.raises(tokenmill.InvalidArgumentError, match="unknown CPU level"):
+        _core.set_cpu_level("sse9")
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("wtype", list(QTYPES))
+def test_model_logits_agree_across_levels(tiny_models, tmp_path, level, wtype):
+    _, hf_model = tiny_models["llama"]
+    path = tmp_path / f"{wtype}.gguf"
+    reference = write_tiny_gguf(hf_model, "llama", path, wtype)
+    ids = np.random.default_rng(3).integers(0, 320, size=24).tolist()
+    model = tokenmill.load(path)
+    with torch.no_grad():
+        ref = reference(torch.tensor([ids])).logits[0].numpy()
+    assert rel_err(model.logits(ids), ref) < 1e-4   # prefill path
+    steps = [model.logits(ids[: i + 1])[-1] for i in range(20, 24)]   # decode-sized calls
+    assert rel_err(np.stack(steps), ref[20:24]) < 1e-4
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+def test_default_model_parity_at_every_level(level, smollm, hf_smollm):
+    hf_model, _ = hf_smollm
+    ids = smollm.tokenize("The three primary colors are")
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([ids])).logits[0].numpy()
+    assert rel_err(smollm.logits(ids), ref) < 1e-4
+    greedy = tokenmill.GenerateConfig(max_new_tokens=16, temperature=0, ignore_eos=True)
+    out = tokenmill.Generator(smollm, greedy).generate(ids)
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out == expected[0, len(ids):].tolist()
