@@ -174,8 +174,14 @@ PYBIND11_MODULE(_core, mod) {
         int64_t n = static_cast<int64_t>(x.size());
         if (n % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, n))
             fail(ErrorKind::invalid_arg, "row bytes do not match " + std::to_string(n) + " elements of " + type);
-        return cpu::kernels().dot_row(t, view.data(), x.data(), n);
-    }, py::arg("type"), py::arg("row"), py::arg("x"), "Dot product of one stored weight row with x (active level).");
+        const cpu::Kernels& k = cpu::kernels();
+        if (!cpu::uses_prepared_x(k, t)) return k.dot_row(t, view.data(), x.data(), n);
+        std::vector<int16_t> q(static_cast<size_t>(n));
+        std::vector<float> d(static_cast<size_t>(n / 32)), sum(static_cast<size_t>(n / 32));
+        k.prepare_x(x.data(), n, q.data(), d.data(), sum.data());
+        return k.dot_row_prepared(t, view.data(), q.data(), d.data(), sum.data(), n);
+    }, py::arg("type"), py::arg("row"), py::arg("x"),
+       "Dot product of one stored weight row with x, as the active level computes a decode step.");
 
     // ---- model
     py::enum_<RopeStyle>(mod, "RopeStyle")

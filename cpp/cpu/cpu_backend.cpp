@@ -36,6 +36,20 @@ public:
     void matmul(float* out, const float* x, const Weight& w, int64_t T) override {
         const int64_t rows = w.rows, cols = w.cols;
         const cpu::Kernels& kern = cpu::kernels();
+        if (T == 1 && cpu::uses_prepared_x(kern, w.type)) {
+            // decode on block-quantized weights: integer dots against x prepared once
+            xq_.resize(static_cast<size_t>(cols));
+            xd_.resize(static_cast<size_t>(cols / 32));
+            xsum_.resize(static_cast<size_t>(cols / 32));
+            kern.prepare_x(x, cols, xq_.data(), xd_.data(), xsum_.data());
+            pool_.parallel_for(rows, [&](int64_t r0, int64_t r1, int) {
+                for (int64_t r = r0; r < r1; ++r)
+                    out[r] = kern.dot_row_prepared(w.type, w.data + static_cast<size_t>(r) * w.row_stride, xq_.data(),
+                                                   xd_.data(), xsum_.data(), cols) +
+                             (w.bias ? w.bias[r] : 0.0f);
+            });
+            return;
+        }
         pool_.parallel_for(rows, [&](int64_t r0, int64_t r1, int thread) {
             float* row = T > 1 ? scratch(thread, cols) : nullptr;
             for (int64_t r = r0; r < r1; ++r) {
@@ -190,6 +204,8 @@ private:
 
     ThreadPool pool_;
     std::vector<std::vector<float>> scratch_;
+    std::vector<int16_t> xq_;   // decode activations prepared for the integer kernels
+    std::vector<float> xd_, xsum_;
 };
 
 }  // namespace

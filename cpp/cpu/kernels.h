@@ -24,7 +24,18 @@ struct Kernels {
     float (*dot_row)(DType t, const void* row, const float* x, int64_t n);
     // out[i] = row[i] as float
     void (*dequantize_row)(DType t, const void* row, float* out, int64_t n);
+    // Integer path for block-quantized rows: x is prepared once per vector as int16 with a float
+    // scale per 32-block (x ~ q * d; the relative error, 2^-16 of the block maximum, stays far below
+    // float32 parity tolerances) plus the block sums of x; null where a level has no such path.
+    void (*prepare_x)(const float* x, int64_t n, int16_t* q, float* d, float* sum);
+    float (*dot_row_prepared)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
+                              int64_t n);
 };
+
+// Whether dot_row_prepared handles weights of type t at this level.
+inline bool uses_prepared_x(const Kernels& k, DType t) {
+    return k.prepare_x != nullptr && (t == DType::q8_0 || t == DType::q4_0 || t == DType::q4_1);
+}
 
 const Kernels& kernels_scalar();
 const Kernels& kernels_avx2();     // only valid when the CPU has AVX2, FMA and F16C

@@ -202,7 +202,81 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
     }
 }
 
-const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_row, dequantize};
+// ---- integer path: int16 activations, weights widened from int8 / nibbles, madd into int32
+
+void prepare_x(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
+    const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 32) {
+        __m256 v[4] = {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), _mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)};
+        __m256 amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+        for (const __m256& vi : v) {
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, vi));
+            s = _mm256_add_ps(s, vi);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float mx = _mm_cvtss_f32(m4);
+        d[b] = mx / 32767.0f;
+        sum[b] = hsum(s);
+        __m256 inv = _mm256_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv));
+        // packs works per 128-bit lane; the permute restores element order
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
+    }
+}
+
+// sum over a block of w[j] * q[j], w as 32 signed bytes in two halves (elements 0..15, 16..31)
+inline __m256 block_madd(__m128i w_lo, __m128i w_hi, const int16_t* q) {
+    __m256i a = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w_lo), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    __m256i b = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w_hi), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16)));
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
+}
+
+float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    float min_part = 0.0f;
+    const int64_t blocks = n / 32;
+    switch (t) {
+        case DType::q8_0: {
+            const BlockQ8_0* b = static_cast<const BlockQ8_0*>(row);
+            for (int64_t i = 0; i < blocks; ++i, q += 32) {
+                __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i].qs));
+                __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i].qs + 16));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d) * d[i]), block_madd(lo, hi, q), acc);
+            }
+            break;
+        }
+        case DType::q4_0: {
+            const BlockQ4_0* b = static_cast<const BlockQ4_0*>(row);
+            const __m128i eight = _mm_set1_epi8(8);
+            for (int64_t i = 0; i < blocks; ++i, q += 32) {
+                __m128i lo, hi;
+                unpack_nibbles(b[i].qs, &lo, &hi);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d) * d[i]),
+                                      block_madd(_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight), q), acc);
+            }
+            break;
+        }
+        case DType::q4_1: {
+            // sum_j (dw q_j + m) x_j = dw * dx * sum_j q_j xq_j + m * sum_j x_j
+            const BlockQ4_1* b = static_cast<const BlockQ4_1*>(row);
+            for (int64_t i = 0; i < blocks; ++i, q += 32) {
+                __m128i lo, hi;
+                unpack_nibbles(b[i].qs, &lo, &hi);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d) * d[i]), block_madd(lo, hi, q), acc);
+                min_part += half(b[i].m) * sum[i];
+            }
+            break;
+        }
+        default: return 0.0f;   // callers check uses_prepared_x first
+    }
+    return hsum(acc) + min_part;
+}
+
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_row, dequantize, prepare_x, dot_row_prepared};
 
 }  // namespace
 
