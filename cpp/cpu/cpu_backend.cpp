@@ -36,17 +36,30 @@ public:
     void matmul(float* out, const float* x, const Weight& w, int64_t T) override {
         const int64_t rows = w.rows, cols = w.cols;
         const cpu::Kernels& kern = cpu::kernels();
-        if (T == 1 && cpu::uses_prepared_x(kern, w.type)) {
-            // decode on block-quantized weights: integer dots against x prepared once
-            xq_.resize(static_cast<size_t>(cols));
-            xd_.resize(static_cast<size_t>(cols / 32));
-            xsum_.resize(static_cast<size_t>(cols / 32));
-            kern.prepare_x(x, cols, xq_.data(), xd_.data(), xsum_.data());
+        if (cpu::uses_prepared_x(kern, w.type)) {
+            // block-quantized weights: integer dots against activations prepared once per token
+            const int64_t nb = cols / 32;
+            xq_.resize(static_cast<size_t>(T * cols));
+            xd_.resize(static_cast<size_t>(T * nb));
+            xsum_.resize(static_cast<size_t>(T * nb));
+            for (int64_t t = 0; t < T; ++t)
+                kern.prepare_x(x + t * cols, cols, xq_.data() + t * cols, xd_.data() + t * nb, xsum_.data() + t * nb);
             pool_.parallel_for(rows, [&](int64_t r0, int64_t r1, int) {
-                for (int64_t r = r0; r < r1; ++r)
-                    out[r] = kern.dot_row_prepared(w.type, w.data + static_cast<size_t>(r) * w.row_stride, xq_.data(),
-                                                   xd_.data(), xsum_.data(), cols) +
-                             (w.bias ? w.bias[r] : 0.0f);
+                for (int64_t r = r0; r < r1; ++r) {
+                    const uint8_t* wr = w.data + static_cast<size_t>(r) * w.row_stride;
+                    float b = w.bias ? w.bias[r] : 0.0f;
+                    // the row stays in L1 while every token passes, four tokens per widening
+                    int64_t t = 0;
+                    for (; t + 4 <= T; t += 4) {
+                        float o[4];
+                        kern.dot_row_prepared_x4(w.type, wr, xq_.data() + t * cols, xd_.data() + t * nb,
+                                                 xsum_.data() + t * nb, cols, o);
+                        for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + b;
+                    }
+                    for (; t < T; ++t)
+                        out[t * rows + r] = kern.dot_row_prepared(w.type, wr, xq_.data() + t * cols, xd_.data() + t * nb,
+                                                                  xsum_.data() + t * nb, cols) + b;
+                }
             });
             return;
         }
@@ -204,7 +217,7 @@ private:
 
     ThreadPool pool_;
     std::vector<std::vector<float>> scratch_;
-    std::vector<int16_t> xq_;   // decode activations prepared for the integer kernels
+    std::vector<int16_t> xq_;   // activations prepared for the integer kernels [T, cols]
     std::vector<float> xd_, xsum_;
 };
 

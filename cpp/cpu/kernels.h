@@ -30,6 +30,9 @@ struct Kernels {
     void (*prepare_x)(const float* x, int64_t n, int16_t* q, float* d, float* sum);
     float (*dot_row_prepared)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
                               int64_t n);
+    // The same for four consecutive prepared vectors (q, d, sum laid out [4, n]) -> out[4]
+    void (*dot_row_prepared_x4)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
+                                int64_t n, float* out);
 };
 
 // Whether dot_row_prepared handles weights of type t at this level.

@@ -228,55 +228,80 @@ void prepare_x(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
     }
 }
 
-// sum over a block of w[j] * q[j], w as 32 signed bytes in two halves (elements 0..15, 16..31)
-inline __m256 block_madd(__m128i w_lo, __m128i w_hi, const int16_t* q) {
-    __m256i a = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w_lo), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-    __m256i b = _mm256_madd_epi16(_mm256_cvtepi8_epi16(w_hi), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16)));
+// Block j of a quantized row widened to int16: elements 0..15 and 16..31, plus the block's scale
+// and (q4_1) minimum.
+struct WideBlock {
+    __m256i lo, hi;
+    float d, m;
+};
+
+inline WideBlock widen(DType t, const uint8_t* row, int64_t i) {
+    WideBlock w;
+    __m128i lo, hi;
+    w.m = 0.0f;
+    if (t == DType::q8_0) {
+        const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+        lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs));
+        hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16));
+        w.d = half(b.d);
+    } else if (t == DType::q4_0) {
+        const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
+        unpack_nibbles(b.qs, &lo, &hi);
+        lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+        hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+        w.d = half(b.d);
+    } else {
+        const BlockQ4_1& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
+        unpack_nibbles(b.qs, &lo, &hi);
+        w.d = half(b.d);
+        w.m = half(b.m);
+    }
+    w.lo = _mm256_cvtepi8_epi16(lo);
+    w.hi = _mm256_cvtepi8_epi16(hi);
+    return w;
+}
+
+// sum_j w_j xq_j over one block, as 8 float partial sums
+inline __m256 block_madd(const WideBlock& w, const int16_t* q) {
+    __m256i a = _mm256_madd_epi16(w.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+    __m256i b = _mm256_madd_epi16(w.hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16)));
     return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
 }
 
-float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    float min_part = 0.0f;
-    const int64_t blocks = n / 32;
-    switch (t) {
-        case DType::q8_0: {
-            const BlockQ8_0* b = static_cast<const BlockQ8_0*>(row);
-            for (int64_t i = 0; i < blocks; ++i, q += 32) {
-                __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i].qs));
-                __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i].qs + 16));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d) * d[i]), block_madd(lo, hi, q), acc);
-            }
-            break;
+// NT tokens against one row: each block is widened once and used for every token.
+//   sum_j (dw q_j + m) x_j = dw * dx * sum_j q_j xq_j + m * sum_j x_j   (m = 0 for q8_0 / q4_0)
+template <int NT>
+void dot_rows_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
+                       int64_t q_stride, float* out) {
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    const int64_t blocks = n / 32, nb_stride = q_stride / 32;
+    __m256 acc[NT];
+    float min_part[NT];
+    for (int k = 0; k < NT; ++k) { acc[k] = _mm256_setzero_ps(); min_part[k] = 0.0f; }
+    for (int64_t i = 0; i < blocks; ++i) {
+        WideBlock w = widen(t, r, i);
+        for (int k = 0; k < NT; ++k) {
+            const int64_t bi = k * nb_stride + i;
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(w.d * d[bi]), block_madd(w, q + k * q_stride + i * 32), acc[k]);
+            min_part[k] += w.m * sum[bi];
         }
-        case DType::q4_0: {
-            const BlockQ4_0* b = static_cast<const BlockQ4_0*>(row);
-            const __m128i eight = _mm_set1_epi8(8);
-            for (int64_t i = 0; i < blocks; ++i, q += 32) {
-                __m128i lo, hi;
-                unpack_nibbles(b[i].qs, &lo, &hi);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d) * d[i]),
-                                      block_madd(_mm_sub_epi8(lo, eight), _mm_sub_epi8(hi, eight), q), acc);
-            }
-            break;
-        }
-        case DType::q4_1: {
-            // sum_j (dw q_j + m) x_j = dw * dx * sum_j q_j xq_j + m * sum_j x_j
-            const BlockQ4_1* b = static_cast<const BlockQ4_1*>(row);
-            for (int64_t i = 0; i < blocks; ++i, q += 32) {
-                __m128i lo, hi;
-                unpack_nibbles(b[i].qs, &lo, &hi);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d) * d[i]), block_madd(lo, hi, q), acc);
-                min_part += half(b[i].m) * sum[i];
-            }
-            break;
-        }
-        default: return 0.0f;   // callers check uses_prepared_x first
     }
-    return hsum(acc) + min_part;
+    for (int k = 0; k < NT; ++k) out[k] = hsum(acc[k]) + min_part[k];
 }
 
-const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_row, dequantize, prepare_x, dot_row_prepared};
+float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
+    float out;
+    dot_rows_prepared<1>(t, row, q, d, sum, n, n, &out);
+    return out;
+}
+
+void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
+                         float* out) {
+    dot_rows_prepared<4>(t, row, q, d, sum, n, n, out);
+}
+
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_row, dequantize, prepare_x, dot_row_prepared,
+                    dot_row_prepared_x4};
 
 }  // namespace
 
