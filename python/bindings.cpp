@@ -176,7 +176,7 @@ PYBIND11_MODULE(_core, mod) {
             fail(ErrorKind::invalid_arg, "row bytes do not match " + std::to_string(n) + " elements of " + type);
         const cpu::Kernels& k = cpu::kernels();
         if (!cpu::uses_prepared_x(k, t)) return k.dot_row(t, view.data(), x.data(), n);
-        std::vector<int16_t> q(static_cast<size_t>(n));
+        std::vector<int16_t> q(static_cast<size_t>(2 * n));
         std::vector<float> d(static_cast<size_t>(n / 32)), sum(static_cast<size_t>(n / 32));
         k.prepare_x(x.data(), n, q.data(), d.data(), sum.data());
         return k.dot_row_prepared(t, view.data(), q.data(), d.data(), sum.data(), n);

@@ -137,8 +137,7 @@ def test_logprobs_and_details(smollm):
         row = logits[len(ids) - 1 + i].astype(np.float64)
         logp = row - row.max() - np.log(np.exp(row - row.max()).sum())
         assert lp.token == result.token_ids[i]
-        # the decode steps and this prefill take different kernels (logits agree to ~1e-5 relative)
-        assert abs(lp.logprob - logp[lp.token]) < 1e-3
+        assert abs(lp.logprob - logp[lp.token]) < 1e-4
         assert [t for t, _ in lp.top] == list(np.argsort(-logp)[:3])
         assert lp.top[0][0] == lp.token   # greedy picks the most likely
     assert result.prefill_seconds > 0 and result.decode_seconds > 0 and result.decode_tokens_per_second > 0

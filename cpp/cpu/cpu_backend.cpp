@@ -39,11 +39,11 @@ public:
         if (cpu::uses_prepared_x(kern, w.type)) {
             // block-quantized weights: integer dots against activations prepared once per token
             const int64_t nb = cols / 32;
-            xq_.resize(static_cast<size_t>(T * cols));
+            xq_.resize(static_cast<size_t>(2 * T * cols));
             xd_.resize(static_cast<size_t>(T * nb));
             xsum_.resize(static_cast<size_t>(T * nb));
             for (int64_t t = 0; t < T; ++t)
-                kern.prepare_x(x + t * cols, cols, xq_.data() + t * cols, xd_.data() + t * nb, xsum_.data() + t * nb);
+                kern.prepare_x(x + t * cols, cols, xq_.data() + 2 * t * cols, xd_.data() + t * nb, xsum_.data() + t * nb);
             pool_.parallel_for(rows, [&](int64_t r0, int64_t r1, int) {
                 for (int64_t r = r0; r < r1; ++r) {
                     const uint8_t* wr = w.data + static_cast<size_t>(r) * w.row_stride;
@@ -52,12 +52,12 @@ public:
                     int64_t t = 0;
                     for (; t + 4 <= T; t += 4) {
                         float o[4];
-                        kern.dot_row_prepared_x4(w.type, wr, xq_.data() + t * cols, xd_.data() + t * nb,
+                        kern.dot_row_prepared_x4(w.type, wr, xq_.data() + 2 * t * cols, xd_.data() + t * nb,
                                                  xsum_.data() + t * nb, cols, o);
                         for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + b;
                     }
                     for (; t < T; ++t)
-                        out[t * rows + r] = kern.dot_row_prepared(w.type, wr, xq_.data() + t * cols, xd_.data() + t * nb,
+                        out[t * rows + r] = kern.dot_row_prepared(w.type, wr, xq_.data() + 2 * t * cols, xd_.data() + t * nb,
                                                                   xsum_.data() + t * nb, cols) + b;
                 }
             });
@@ -217,7 +217,7 @@ private:
 
     ThreadPool pool_;
     std::vector<std::vector<float>> scratch_;
-    std::vector<int16_t> xq_;   // activations prepared for the integer kernels [T, cols]
+    std::vector<int16_t> xq_;   // activations prepared for the integer kernels [T, 2 * cols]
     std::vector<float> xd_, xsum_;
 };
 

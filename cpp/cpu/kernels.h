@@ -24,13 +24,14 @@ struct Kernels {
     float (*dot_row)(DType t, const void* row, const float* x, int64_t n);
     // out[i] = row[i] as float
     void (*dequantize_row)(DType t, const void* row, float* out, int64_t n);
-    // Integer path for block-quantized rows: x is prepared once per vector as int16 with a float
-    // scale per 32-block (x ~ q * d; the relative error, 2^-16 of the block maximum, stays far below
-    // float32 parity tolerances) plus the block sums of x; null where a level has no such path.
+    // Integer path for block-quantized rows: x is prepared once per vector as two int16 parts per
+    // element with a float scale per 32-block (x = d * (hi + lo / 2^15), error below 2^-31 of the
+    // block maximum, so results match the float path to float rounding) plus the block sums of x.
+    // q holds 2n values; null where a level has no such path.
     void (*prepare_x)(const float* x, int64_t n, int16_t* q, float* d, float* sum);
     float (*dot_row_prepared)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
                               int64_t n);
-    // The same for four consecutive prepared vectors (q, d, sum laid out [4, n]) -> out[4]
+    // The same for four consecutive prepared vectors (q [4, 2n], d and sum [4, n/32]) -> out[4]
     void (*dot_row_prepared_x4)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
                                 int64_t n, float* out);
 };

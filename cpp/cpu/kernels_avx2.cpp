@@ -204,9 +204,11 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
 
 // ---- integer path: int16 activations, weights widened from int8 / nibbles, madd into int32
 
+// x / d = hi + lo / 2^15 with hi, lo int16: per 32-block, hi[32] then lo[32] (so q holds 2n values)
 void prepare_x(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
     const __m256 sign_mask = _mm256_set1_ps(-0.0f);
-    for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 32) {
+    const __m256 lo_scale = _mm256_set1_ps(32768.0f);
+    for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 64) {
         __m256 v[4] = {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), _mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)};
         __m256 amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
         for (const __m256& vi : v) {
@@ -220,11 +222,20 @@ void prepare_x(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
         d[b] = mx / 32767.0f;
         sum[b] = hsum(s);
         __m256 inv = _mm256_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], inv)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], inv));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], inv)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], inv));
+        __m256i hi[4], lo[4];
+        for (int g = 0; g < 4; ++g) {
+            __m256 scaled = _mm256_mul_ps(v[g], inv);
+            hi[g] = _mm256_cvtps_epi32(scaled);
+            lo[g] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(scaled, _mm256_cvtepi32_ps(hi[g])), lo_scale));
+        }
         // packs works per 128-bit lane; the permute restores element order
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xD8));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xD8));
+        auto store = [](int16_t* dst, __m256i a, __m256i b) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+        };
+        store(q, hi[0], hi[1]);
+        store(q + 16, hi[2], hi[3]);
+        store(q + 32, lo[0], lo[1]);
+        store(q + 48, lo[2], lo[3]);
     }
 }
 
@@ -261,11 +272,14 @@ inline WideBlock widen(DType t, const uint8_t* row, int64_t i) {
     return w;
 }
 
-// sum_j w_j xq_j over one block, as 8 float partial sums
+// sum_j w_j (hi_j + lo_j / 2^15) over one block, as 8 float partial sums
 inline __m256 block_madd(const WideBlock& w, const int16_t* q) {
-    __m256i a = _mm256_madd_epi16(w.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
-    __m256i b = _mm256_madd_epi16(w.hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16)));
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
+    auto madd = [&](const int16_t* p) {
+        __m256i a = _mm256_madd_epi16(w.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        __m256i b = _mm256_madd_epi16(w.hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+        return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
+    };
+    return _mm256_fmadd_ps(madd(q + 32), _mm256_set1_ps(1.0f / 32768.0f), madd(q));
 }
 
 // NT tokens against one row: each block is widened once and used for every token.
@@ -274,7 +288,7 @@ template <int NT>
 void dot_rows_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
                        int64_t q_stride, float* out) {
     const uint8_t* r = static_cast<const uint8_t*>(row);
-    const int64_t blocks = n / 32, nb_stride = q_stride / 32;
+    const int64_t blocks = n / 32, nb_stride = q_stride / 64;
     __m256 acc[NT];
     float min_part[NT];
     for (int k = 0; k < NT; ++k) { acc[k] = _mm256_setzero_ps(); min_part[k] = 0.0f; }
@@ -282,7 +296,7 @@ void dot_rows_prepared(DType t, const void* row, const int16_t* q, const float* 
         WideBlock w = widen(t, r, i);
         for (int k = 0; k < NT; ++k) {
             const int64_t bi = k * nb_stride + i;
-            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(w.d * d[bi]), block_madd(w, q + k * q_stride + i * 32), acc[k]);
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(w.d * d[bi]), block_madd(w, q + k * q_stride + i * 64), acc[k]);
             min_part[k] += w.m * sum[bi];
         }
     }
@@ -291,13 +305,13 @@ void dot_rows_prepared(DType t, const void* row, const int16_t* q, const float* 
 
 float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
     float out;
-    dot_rows_prepared<1>(t, row, q, d, sum, n, n, &out);
+    dot_rows_prepared<1>(t, row, q, d, sum, n, 2 * n, &out);
     return out;
 }
 
 void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
                          float* out) {
-    dot_rows_prepared<4>(t, row, q, d, sum, n, n, out);
+    dot_rows_prepared<4>(t, row, q, d, sum, n, 2 * n, out);
 }
 
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_row, dequantize, prepare_x, dot_row_prepared,
