@@ -123,3 +123,33 @@ def test_model_without_tokenizer_says_so(tiny_models, tmp_path):
     model = tokenmill.load(tmp_path / "m.gguf")
     with pytest.raises(tokenmill.TokenmillError, match="no tokenizer"):
         model.generate("hello")
+
+
+@pytest.mark.parametrize("wtype", ["f16", "q8_0", "q4_0", "q4_1"])
+def test_convert_requantizes_like_the_reference(tiny_models, tmp_path, wtype):
+    """`tokenmill convert` of an f32 GGUF equals the file the reference writer makes in that type."""
+    from tokenmill.convert import convert_gguf
+
+    _, hf_model = tiny_models["llama"]
+    write_tiny_gguf(hf_model, "llama", tmp_path / "f32.gguf", "f32")
+    write_tiny_gguf(hf_model, "llama", tmp_path / "ref.gguf", wtype)
+    convert_gguf(tmp_path / "f32.gguf", tmp_path / "out.gguf", wtype)
+    ours, ref = _core.GGUFFile(str(tmp_path / "out.gguf")), _core.GGUFFile(str(tmp_path / "ref.gguf"))
+    assert [(n, t, s) for n, t, s, _, _ in ours.tensors()] == [(n, t, s) for n, t, s, _, _ in ref.tensors()]
+    for name, *_ in ref.tensors():
+        np.testing.assert_array_equal(ours.dequantize(name), ref.dequantize(name))
+    assert ours.metadata() == ref.metadata()
+    ids = list(range(3, 40))
+    np.testing.assert_array_equal(tokenmill.load(tmp_path / "out.gguf").logits(ids),
+                                  tokenmill.load(tmp_path / "ref.gguf").logits(ids))
+
+
+def test_convert_keeps_the_default_model_working(default_gguf, tmp_path):
+    from tokenmill.convert import convert_gguf
+
+    out = convert_gguf(default_gguf, tmp_path / "smol.q8_0.gguf", "q8_0")
+    model = tokenmill.load(out)
+    assert {t for _, t, s, _, _ in _core.GGUFFile(str(out)).tensors() if len(s) == 2} == {"q8_0"}
+    assert model.tokenize("Hello world") == tokenmill.load(default_gguf).tokenize("Hello world")
+    answer = model.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+    assert "Paris" in answer

