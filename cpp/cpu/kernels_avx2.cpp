@@ -246,16 +246,17 @@ struct WideBlock {
     float d, m;
 };
 
-inline WideBlock widen(DType t, const uint8_t* row, int64_t i) {
+template <DType T>
+inline WideBlock widen(const uint8_t* row, int64_t i) {
     WideBlock w;
     __m128i lo, hi;
     w.m = 0.0f;
-    if (t == DType::q8_0) {
+    if constexpr (T == DType::q8_0) {
         const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
         lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs));
         hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16));
         w.d = half(b.d);
-    } else if (t == DType::q4_0) {
+    } else if constexpr (T == DType::q4_0) {
         const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
         unpack_nibbles(b.qs, &lo, &hi);
         lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
@@ -284,34 +285,44 @@ inline __m256 block_madd(const WideBlock& w, const int16_t* q) {
 
 // NT tokens against one row: each block is widened once and used for every token.
 //   sum_j (dw q_j + m) x_j = dw * dx * sum_j q_j xq_j + m * sum_j x_j   (m = 0 for q8_0 / q4_0)
-template <int NT>
-void dot_rows_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
-                       int64_t q_stride, float* out) {
+template <DType T, int NT>
+void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const float* sum, int64_t n, float* out) {
     const uint8_t* r = static_cast<const uint8_t*>(row);
-    const int64_t blocks = n / 32, nb_stride = q_stride / 64;
+    const int64_t blocks = n / 32;
     __m256 acc[NT];
     float min_part[NT];
     for (int k = 0; k < NT; ++k) { acc[k] = _mm256_setzero_ps(); min_part[k] = 0.0f; }
     for (int64_t i = 0; i < blocks; ++i) {
-        WideBlock w = widen(t, r, i);
-        for (int k = 0; k < NT; ++k) {
-            const int64_t bi = k * nb_stride + i;
-            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(w.d * d[bi]), block_madd(w, q + k * q_stride + i * 64), acc[k]);
-            min_part[k] += w.m * sum[bi];
+        WideBlock w = widen<T>(r, i);
+        for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d and sum [n / 32]
+            const int64_t bi = k * blocks + i;
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(w.d * d[bi]), block_madd(w, q + k * 2 * n + i * 64), acc[k]);
+            if constexpr (T == DType::q4_1) min_part[k] += w.m * sum[bi];
         }
     }
     for (int k = 0; k < NT; ++k) out[k] = hsum(acc[k]) + min_part[k];
 }
 
+template <int NT>
+void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
+                       float* out) {
+    switch (t) {
+        case DType::q8_0: return dot_rows_prepared<DType::q8_0, NT>(row, q, d, sum, n, out);
+        case DType::q4_0: return dot_rows_prepared<DType::q4_0, NT>(row, q, d, sum, n, out);
+        case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
+        default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
+    }
+}
+
 float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
     float out;
-    dot_rows_prepared<1>(t, row, q, d, sum, n, 2 * n, &out);
+    dispatch_prepared<1>(t, row, q, d, sum, n, &out);
     return out;
 }
 
 void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
                          float* out) {
-    dot_rows_prepared<4>(t, row, q, d, sum, n, 2 * n, out);
+    dispatch_prepared<4>(t, row, q, d, sum, n, out);
 }
 
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_row, dequantize, prepare_x, dot_row_prepared,
