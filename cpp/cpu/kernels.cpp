@@ -27,6 +27,13 @@ void axpy_f32_scalar(float* y, const float* x, float alpha, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+void dot_f32_4x2_scalar(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out) {
+    for (int r = 0; r < 4; ++r) {
+        out[r] = dot_f32_scalar(w + r * w_stride, x0, n);
+        out[4 + r] = dot_f32_scalar(w + r * w_stride, x1, n);
+    }
+}
+
 float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
     if (t == DType::f32) return dot_f32_scalar(static_cast<const float*>(row), x, n);
     // dequantize a block at a time, then dot: exact weights, float accumulation
@@ -44,7 +51,7 @@ float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
     return sum;
 }
 
-const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, axpy_f32_scalar, dot_row_scalar, dequantize_row, nullptr,
+const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, axpy_f32_scalar, dot_f32_4x2_scalar, dot_row_scalar, dequantize_row, nullptr,
                       nullptr, nullptr};
 
 bool cpu_has(Level level) {

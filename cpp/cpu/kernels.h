@@ -20,6 +20,9 @@ struct Kernels {
     float (*dot_f32)(const float* a, const float* b, int64_t n);
     // y[i] += alpha * x[i]
     void (*axpy_f32)(float* y, const float* x, float alpha, int64_t n);
+    // Four float rows (w + r * w_stride) against two vectors: out[t * 4 + r] = w_r . x_t. The prefill
+    // tile: each loaded element of w or x feeds several FMAs.
+    void (*dot_f32_4x2)(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out);
     // sum_i row[i] * x[i] for a weight row of type t (n a multiple of the block size)
     float (*dot_row)(DType t, const void* row, const float* x, int64_t n);
     // out[i] = row[i] as float

@@ -39,6 +39,27 @@ float dot_f32(const float* a, const float* b, int64_t n) {
     return sum;
 }
 
+void dot_f32_4x2(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out) {
+    __m256 a[8];
+    for (__m256& v : a) v = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
+        for (int r = 0; r < 4; ++r) {
+            __m256 wr = _mm256_loadu_ps(w + r * w_stride + i);
+            a[r] = _mm256_fmadd_ps(wr, v0, a[r]);
+            a[4 + r] = _mm256_fmadd_ps(wr, v1, a[4 + r]);
+        }
+    }
+    for (int k = 0; k < 8; ++k) {
+        float s = hsum(a[k]);
+        const float* wr = w + (k % 4) * w_stride;
+        const float* x = k < 4 ? x0 : x1;
+        for (int64_t j = i; j < n; ++j) s += wr[j] * x[j];
+        out[k] = s;
+    }
+}
+
 void axpy_f32(float* y, const float* x, float alpha, int64_t n) {
     __m256 va = _mm256_set1_ps(alpha);
     int64_t i = 0;
@@ -325,7 +346,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
     dispatch_prepared<4>(t, row, q, d, sum, n, out);
 }
 
-const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_row, dequantize, prepare_x, dot_row_prepared,
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_f32_4x2, dot_row, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4};
 
 }  // namespace
