@@ -91,7 +91,7 @@ def hf_smollm(default_gguf):
     """transformers' own loading of the same GGUF (dequantized to float32): the peer reference."""
     pytest.importorskip("gguf")
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        default_gguf.parent, gguf_file=default_gguf.name, torch_dtype=torch.float32
+        default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32
     ).eval()
     tok = transformers.AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
     return model, tok

@@ -91,7 +91,7 @@ def test_sharded_half_precision_safetensors(tiny_models, tmp_path, dtype):
     copy.deepcopy(hf_model).to(dtype).save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
-    reference = type(hf_model).from_pretrained(tmp_path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    reference = type(hf_model).from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
     ids = _prompt(n=32, seed=9)
     with torch.no_grad():
         ref = reference(torch.tensor([ids])).logits[0].numpy()

@@ -77,7 +77,7 @@ class _Transformers:
         path = Path(path)
         self.torch = torch
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, torch_dtype=torch.float32).eval()
+            path.parent, gguf_file=path.name, dtype=torch.float32).eval()
         self.n_vocab = self.model.config.vocab_size
 
     def run(self, prompt, gen, depth):
