@@ -142,6 +142,14 @@ def test_missing_tensor_and_wrong_shape(tmp_path, tiny_models):
 
 # ---- safetensors
 
+def _dir_with_config(tmp_path, src):
+    """A model directory holding src's config.json and nothing else yet."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text((src / "config.json").read_text())
+    return d
+
+
 def _safetensors(header: dict, data: bytes = b"", header_len=None) -> bytes:
     raw = json.dumps(header).encode()
     return struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data
@@ -164,10 +172,7 @@ def _safetensors(header: dict, data: bytes = b"", header_len=None) -> bytes:
     ],
 )
 def test_hostile_safetensors(tmp_path, tiny_models, blob, match):
-    src = tiny_models["llama"][0]
-    d = tmp_path / "m"
-    d.mkdir()
-    (d / "config.json").write_text((src / "config.json").read_text())
+    d = _dir_with_config(tmp_path, tiny_models["llama"][0])
     (d / "model.safetensors").write_bytes(blob)
     with pytest.raises(tokenmill.ModelFormatError, match=match):
         tokenmill.load(d)
@@ -175,9 +180,7 @@ def test_hostile_safetensors(tmp_path, tiny_models, blob, match):
 
 def test_truncated_safetensors(tmp_path, tiny_models):
     src = tiny_models["qwen2"][0]
-    d = tmp_path / "m"
-    d.mkdir()
-    (d / "config.json").write_text((src / "config.json").read_text())
+    d = _dir_with_config(tmp_path, src)
     data = (src / "model.safetensors").read_bytes()
     for cut in (4, 100, len(data) // 2, len(data) - 1):
         (d / "model.safetensors").write_bytes(data[:cut])
@@ -186,9 +189,7 @@ def test_truncated_safetensors(tmp_path, tiny_models):
 
 
 def test_pickle_weights_are_refused(tmp_path, tiny_models):
-    d = tmp_path / "m"
-    d.mkdir()
-    (d / "config.json").write_text((tiny_models["llama"][0] / "config.json").read_text())
+    d = _dir_with_config(tmp_path, tiny_models["llama"][0])
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(tokenmill.UnsupportedModelError, match="never loads"):
         tokenmill.load(d)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import _core
 from .errors import ModelFormatError, UnsupportedModelError
+from .jsonfile import read_json_object
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")
 
@@ -16,13 +17,7 @@ def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.exists():
         raise ModelFormatError(f"{directory} has no config.json; is it a Hugging Face model directory?")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFormatError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelFormatError(f"{path} is not a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def _get(config: dict, key: str, kind=int, default=None):

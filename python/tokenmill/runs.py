@@ -10,13 +10,13 @@ Each config holds `checkpoint.latest` (the model file: GGUF or HF directory), op
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .errors import ModelFormatError, ModelNotFoundError
+from .jsonfile import read_json_object
 
 
 @dataclass
@@ -49,12 +49,7 @@ def resolve_run(name: str, step: Optional[int] = None, runs_dir: str | Path = "c
         config_path = run_dir / f"{name}_step{step}_config.json"
         if not config_path.exists():
             raise ModelNotFoundError(f"run '{name}' has no step {step}; available steps: {listing}")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFormatError(f"cannot read run config {config_path}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelFormatError(f"run config {config_path} is not a JSON object")
+    config = read_json_object(config_path)
 
     def section(key) -> dict:
         value = config.get(key) or {}

@@ -3,7 +3,6 @@ equivalent `tokenizers.Tokenizer`, plus an incremental decoder for streaming."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -13,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors
 
 from .errors import ModelFormatError, UnsupportedModelError
+from .jsonfile import read_json_object
 
 # Pre-tokenizer split rules named by `tokenizer.ggml.pre` (the regexes are the published ones of
 # each model family's tokenizer).
@@ -157,13 +157,7 @@ def tokenizer_from_hf_dir(directory: Path) -> Optional["Tokenizer"]:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFormatError(f"cannot read {path}: {exc}") from exc
-    return data if isinstance(data, dict) else {}
+    return read_json_object(path) if path.exists() else {}
 
 
 class Tokenizer:
