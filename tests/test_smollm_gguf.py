@@ -2,8 +2,6 @@
 file. transformers dequantizes every tensor to float32 exactly as the GGUF block layouts define, so
 both sides compute with identical weights and differ only in float32 summation order."""
 
-import numpy as np
-import pytest
 import torch
 
 import tokenmill
