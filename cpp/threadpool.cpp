@@ -1,5 +1,6 @@
 #include "threadpool.h"
 
+#include <algorithm>
 #include <fstream>
 #include <set>
 #include <string>
@@ -70,15 +71,18 @@ void ThreadPool::run(const std::function<void(int)>& fn) {
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
     if (n <= 0) return;
-    int used = n < n_threads_ ? static_cast<int>(n) : n_threads_;
-    if (used == 1) {
+    if (n_threads_ == 1 || n == 1) {
         fn(0, n, 0);
         return;
     }
+    // Chunks handed out on demand: a thread that started late or runs slower takes fewer, so
+    // nobody waits long at the end of a region.
+    const int64_t n_chunks = std::min<int64_t>(n, static_cast<int64_t>(n_threads_) * 8);
+    std::atomic<int64_t> next{0};
     run([&](int t) {
-        if (t >= used) return;
-        int64_t begin = n * t / used, end = n * (t + 1) / used;
-        fn(begin, end, t);
+        for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n_chunks;
+             c = next.fetch_add(1, std::memory_order_relaxed))
+            fn(n * c / n_chunks, n * (c + 1) / n_chunks, t);
     });
 }
 

@@ -25,7 +25,8 @@ public:
     // Not reentrant: one region at a time per pool (the model serialises its forward passes).
     void run(const std::function<void(int)>& fn);
 
-    // Splits [0, n) into contiguous chunks, one per thread: fn(begin, end, thread_index).
+    // Splits [0, n) into contiguous chunks taken by the threads as they free up:
+    // fn(begin, end, thread_index), possibly several calls per thread.
     void parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
 
 private:
