@@ -48,6 +48,12 @@ struct AttentionShape {
     float scale;
 };
 
+// One product of a group that shares its input: out[T, w.rows] = x @ w^T + bias.
+struct MatmulItem {
+    float* out;
+    const Weight* w;
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -65,6 +71,8 @@ public:
     virtual void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) = 0;
     // out[T, rows] = x[T, cols] @ W^T + bias
     virtual void matmul(float* out, const float* x, const Weight& w, int64_t T) = 0;
+    // the same for several weights with the same input (Q/K/V, gate/up), as one unit of work
+    virtual void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) = 0;
     // out[T, n] = x / rms(x) * weight
     virtual void rms_norm(float* out, const float* x, const float* weight, int64_t T, int64_t n, float eps) = 0;
     // out[T, n] = (x - mean) / std * weight + bias

@@ -431,9 +431,8 @@ void Model::forward(const std::vector<SequenceInput>& batch, const std::vector<i
         const Layer& L = layers_[l];
         // attention block: x += Wo · attn(rope(Wq·h), rope(Wk·h), Wv·h),  h = norm(x)
         norm(h_, x_, L.attn_norm, T);
-        be.matmul(q_, h_, L.wq, T);   // [T, n_head * head_dim]
-        be.matmul(k_, h_, L.wk, T);   // [T, n_head_kv * head_dim]
-        be.matmul(v_, h_, L.wv, T);   // [T, n_head_kv * head_dim]
+        const MatmulItem qkv[] = {{q_, &L.wq}, {k_, &L.wk}, {v_, &L.wv}};
+        be.matmul_group(qkv, 3, h_, T);   // q [T, n_head * head_dim], k and v [T, n_head_kv * head_dim]
         be.rope(q_, T, shape.n_heads, shape.head_dim, pos.data(), hp_.rope_theta, hp_.rope_style);
         be.rope(k_, T, shape.n_kv_heads, shape.head_dim, pos.data(), hp_.rope_theta, hp_.rope_style);
         for (size_t s = 0; s < batch.size(); ++s) {
@@ -448,8 +447,8 @@ void Model::forward(const std::vector<SequenceInput>& batch, const std::vector<i
         // feed-forward block: x += W_down · act(h),  h = norm(x)
         norm(h_, x_, L.ffn_norm, T);
         if (L.w_gate) {
-            be.matmul(ff_a_, h_, L.w_gate, T);   // [T, n_ff]
-            be.matmul(ff_b_, h_, L.w_up, T);     // [T, n_ff]
+            const MatmulItem gate_up[] = {{ff_a_, &L.w_gate}, {ff_b_, &L.w_up}};
+            be.matmul_group(gate_up, 2, h_, T);   // gate and up [T, n_ff]
             be.swiglu(ff_a_, ff_b_, T * hp_.n_ff);
         } else {
             be.matmul(ff_a_, h_, L.w_up, T);

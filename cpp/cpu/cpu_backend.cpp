@@ -38,61 +38,71 @@ public:
     }
 
     void matmul(float* out, const float* x, const Weight& w, int64_t T) override {
-        const int64_t rows = w.rows, cols = w.cols;
+        MatmulItem item{out, &w};
+        matmul_group(&item, 1, x, T);
+    }
+
+    // Several products of the same input share one parallel region (and, for the integer kernels,
+    // one preparation of x). Work is cut into units of four rows across all the weights.
+    void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) override {
+        const int64_t cols = items[0].w->cols;
         const cpu::Kernels& kern = cpu::kernels();
-        if (cpu::uses_prepared_x(kern, w.type) && T < kPreparedMaxTokens) {
-            // block-quantized weights: integer dots against activations prepared once per token
-            const int64_t nb = cols / 32;
+        const bool small_batch = T < kPreparedMaxTokens;
+        bool any_prepared = false;
+        std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
+        for (int i = 0; i < n_items; ++i) {
+            any_prepared |= small_batch && cpu::uses_prepared_x(kern, items[i].w->type);
+            first_unit[i + 1] = first_unit[i] + (items[i].w->rows + 3) / 4;
+        }
+        const int64_t nb = cols / 32;
+        if (any_prepared) {
             xq_.resize(static_cast<size_t>(2 * T * cols));
             xd_.resize(static_cast<size_t>(T * nb));
             xsum_.resize(static_cast<size_t>(T * nb));
             for (int64_t t = 0; t < T; ++t)
                 kern.prepare_x(x + t * cols, cols, xq_.data() + 2 * t * cols, xd_.data() + t * nb, xsum_.data() + t * nb);
-            pool_.parallel_for(rows, [&](int64_t r0, int64_t r1, int) {
-                for (int64_t r = r0; r < r1; ++r) {
-                    const uint8_t* wr = w.data + static_cast<size_t>(r) * w.row_stride;
-                    float b = w.bias ? w.bias[r] : 0.0f;
-                    // the row stays in L1 while every token passes, four tokens per widening
-                    int64_t t = 0;
-                    for (; t + 4 <= T; t += 4) {
-                        float o[4];
-                        kern.dot_row_prepared_x4(w.type, wr, xq_.data() + 2 * t * cols, xd_.data() + t * nb,
-                                                 xsum_.data() + t * nb, cols, o);
-                        for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + b;
+        }
+        pool_.parallel_for(first_unit[n_items], [&](int64_t u0, int64_t u1, int thread) {
+            for (int64_t u = u0; u < u1; ++u) {
+                int i = static_cast<int>(std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin()) - 1;
+                const Weight& w = *items[i].w;
+                float* out = items[i].out;
+                const int64_t rows = w.rows, r0 = 4 * (u - first_unit[i]), nr = std::min<int64_t>(4, rows - r0);
+                auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
+                auto bias = [&](int64_t r) { return w.bias ? w.bias[r] : 0.0f; };
+                if (small_batch && cpu::uses_prepared_x(kern, w.type)) {
+                    // integer dots; each row stays in L1 while the tokens pass, four per widening
+                    for (int64_t r = r0; r < r0 + nr; ++r) {
+                        int64_t t = 0;
+                        for (; t + 4 <= T; t += 4) {
+                            float o[4];
+                            kern.dot_row_prepared_x4(w.type, row_ptr(r), xq_.data() + 2 * t * cols, xd_.data() + t * nb,
+                                                     xsum_.data() + t * nb, cols, o);
+                            for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + bias(r);
+                        }
+                        for (; t < T; ++t)
+                            out[t * rows + r] = kern.dot_row_prepared(w.type, row_ptr(r), xq_.data() + 2 * t * cols,
+                                                                      xd_.data() + t * nb, xsum_.data() + t * nb, cols) +
+                                                bias(r);
                     }
-                    for (; t < T; ++t)
-                        out[t * rows + r] = kern.dot_row_prepared(w.type, wr, xq_.data() + 2 * t * cols, xd_.data() + t * nb,
-                                                                  xsum_.data() + t * nb, cols) + b;
-                }
-            });
-            return;
-        }
-        if (T == 1) {
-            pool_.parallel_for(rows, [&](int64_t r0, int64_t r1, int) {
-                for (int64_t r = r0; r < r1; ++r)   // decode: straight from the stored type
-                    out[r] = kern.dot_row(w.type, w.data + static_cast<size_t>(r) * w.row_stride, x, cols) +
-                             (w.bias ? w.bias[r] : 0.0f);
-            });
-            return;
-        }
-        // prefill: dequantize four rows at a time, then run every token past them two by two
-        const int64_t groups = (rows + 3) / 4;
-        pool_.parallel_for(groups, [&](int64_t g0, int64_t g1, int thread) {
-            float* buf = scratch(thread, 4 * cols);
-            for (int64_t g = g0; g < g1; ++g) {
-                const int64_t r0 = 4 * g, nr = std::min<int64_t>(4, rows - r0);
-                for (int64_t k = 0; k < 4; ++k) {
-                    if (k < nr) kern.dequantize_row(w.type, w.data + static_cast<size_t>(r0 + k) * w.row_stride, buf + k * cols, cols);
-                    else std::fill(buf + k * cols, buf + (k + 1) * cols, 0.0f);   // padding rows of the last group
-                }
-                float o[8];
-                for (int64_t t = 0; t < T; t += 2) {
-                    const float* x1 = x + std::min(t + 1, T - 1) * cols;   // an odd last token pairs with itself
-                    kern.dot_f32_4x2(buf, cols, x + t * cols, x1, cols, o);
-                    for (int64_t k = 0; k < nr; ++k) {
-                        float b = w.bias ? w.bias[r0 + k] : 0.0f;
-                        out[t * rows + r0 + k] = o[k] + b;
-                        if (t + 1 < T) out[(t + 1) * rows + r0 + k] = o[4 + k] + b;
+                } else if (T == 1) {
+                    for (int64_t r = r0; r < r0 + nr; ++r)   // decode: straight from the stored type
+                        out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
+                } else {
+                    // prefill: dequantize the four rows, then run the tokens past them two by two
+                    float* buf = scratch(thread, 4 * cols);
+                    for (int64_t k = 0; k < 4; ++k) {
+                        if (k < nr) kern.dequantize_row(w.type, row_ptr(r0 + k), buf + k * cols, cols);
+                        else std::fill(buf + k * cols, buf + (k + 1) * cols, 0.0f);   // padding rows
+                    }
+                    float o[8];
+                    for (int64_t t = 0; t < T; t += 2) {
+                        const float* x1 = x + std::min(t + 1, T - 1) * cols;   // an odd last token pairs with itself
+                        kern.dot_f32_4x2(buf, cols, x + t * cols, x1, cols, o);
+                        for (int64_t k = 0; k < nr; ++k) {
+                            out[t * rows + r0 + k] = o[k] + bias(r0 + k);
+                            if (t + 1 < T) out[(t + 1) * rows + r0 + k] = o[4 + k] + bias(r0 + k);
+                        }
                     }
                 }
             }
