@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # test extras: the peer every value is checked against, never optional
+import transformers
 
 TINY = dict(vocab_size=320, max_position_embeddings=256)
 
@@ -89,7 +89,6 @@ def smollm(default_gguf):
 @pytest.fixture(scope="session")
 def hf_smollm(default_gguf):
     """transformers' own loading of the same GGUF (dequantized to float32): the peer reference."""
-    pytest.importorskip("gguf")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32
     ).eval()
