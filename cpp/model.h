@@ -130,7 +130,7 @@ private:
     int64_t workspace_rows_ = 0;
     std::vector<float*> workspace_;
     float *x_ = nullptr, *h_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *att_ = nullptr;
-    float *ff_a_ = nullptr, *ff_b_ = nullptr, *qkv_ = nullptr;
+    float *ff_a_ = nullptr, *ff_b_ = nullptr;
 };
 
 // Reads the hyper-parameters of a GGUF model (general.architecture and its keys).
