@@ -158,7 +158,8 @@ class TokenLogprob:
 @dataclass
 class GenerationResult:
     """What one generation produced and how. finish_reason: "eos", "stop" (a stop string),
-    "length" (max_new_tokens) or "context" (the context is full)."""
+    "length" (max_new_tokens), "context" (the context is full) or "cancelled" (the caller stopped
+    iterating)."""
 
     token_ids: list[int]
     text: Optional[str]
@@ -183,11 +184,11 @@ class GenerationResult:
 class _Sequence:
     """One sequence: its cache and token history, its sampler, and the rules that end it."""
 
-    def __init__(self, model: "Model", config: GenerateConfig, cache=None):
+    def __init__(self, model: "Model", config: GenerateConfig):
         self.model = model
         self.config = config
         self.capacity = min(config.max_seq_len or model.n_ctx, model.n_ctx)
-        self.cache = cache if cache is not None else model.new_cache(self.capacity)
+        self.cache = model.new_cache(self.capacity)
         self.history: list[int] = []       # every token in the context, evaluated or not
         self.logits: Optional[np.ndarray] = None   # next-token logits after history (when evaluated)
         self.sampler = _core.Sampler(config.sampler_params(), model.n_vocab)
@@ -244,6 +245,11 @@ class _Sequence:
         del self.history[len(self.history) - n :]
         # keep at least the last token pending so its logits are recomputed on the next step
         self.cache.truncate(min(self.cache.n_past, max(len(self.history) - 1, 0)))
+        self.logits = None
+
+    def append(self, token: int) -> None:
+        """Adds a sampled token to the context (evaluated on the next step)."""
+        self.history.append(token)
         self.logits = None
 
     # ---- sampling
@@ -317,8 +323,7 @@ class _Run:
             return self._finish("eos")
         if self.logprobs is not None:
             self.logprobs.append(seq.logprob(token, self.config.logprobs))
-        seq.history.append(token)
-        seq.logits = None
+        seq.append(token)
         piece = self.decoder.push(token) if self.decoder else ""
         if not self.stops:
             self._release(token, piece)
@@ -415,7 +420,7 @@ class Generator:
 
     def __init__(self, model: "Model", config: Optional[GenerateConfig] = None, **overrides: Any):
         self.model = model
-        self.config = (config or GenerateConfig()).replace(**overrides) if overrides else (config or GenerateConfig())
+        self.config = (config or GenerateConfig()).replace(**overrides)
         self._seq = _Sequence(model, self.config)
         self.last: Optional[GenerationResult] = None
 
@@ -451,8 +456,7 @@ class Generator:
             raise ContextOverflowError(f"the context is full ({seq.capacity} tokens)")
         _evaluate(self.model, [seq])
         token = seq.sample()
-        seq.history.append(token)
-        seq.logits = None
+        seq.append(token)
         return token
 
     # ---- generation
@@ -470,7 +474,7 @@ class Generator:
 
     def start(self, input_ids=None, **overrides: Any) -> "_Run":
         """Checks the call and appends its input (errors surface here, before any iteration)."""
-        config = self.config.replace(**overrides) if overrides else self.config
+        config = self.config.replace(**overrides)
         seq = self._seq
         ids = _as_ids(self.model, input_ids, first=not seq.history) if input_ids is not None else []
         if not ids and not seq.history:
@@ -506,7 +510,7 @@ _SAMPLER_FIELDS = {
 def generate(model: "Model", input_ids, config: Optional[GenerateConfig] = None, **overrides: Any):
     """Stateless generation: new token ids for one prompt (a list of ids), or one list per prompt
     for a batch (a list of lists), decoded together."""
-    config = (config or GenerateConfig()).replace(**overrides) if overrides else (config or GenerateConfig())
+    config = (config or GenerateConfig()).replace(**overrides)
     if isinstance(input_ids, np.ndarray) and input_ids.ndim == 2:
         input_ids = input_ids.tolist()
     if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], (list, tuple, np.ndarray)):

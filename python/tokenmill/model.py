@@ -163,8 +163,7 @@ class Model:
         stream=True returns an iterator of text pieces that never split a UTF-8 character;
         details=True returns a GenerationResult (text, token ids, finish reason, timings, logprobs)."""
         self._require_tokenizer()
-        config = GenerateConfig(**{**MODEL_SAMPLING_DEFAULTS, "max_new_tokens": max_new_tokens, **kwargs})
-        gen = Generator(self, config)
+        gen = Generator(self, _model_config(max_new_tokens, kwargs))
         run = gen.start(prompt)
         if stream:
             return (piece for _, piece in gen._drive(run) if piece)
@@ -206,13 +205,17 @@ class Model:
             for k, v in kwargs.items():
                 if _per_prompt(k, v) and len(v) != n:
                     raise InvalidArgumentError(f"{k} has {len(v)} values for {n} prompts")
-            base = {**MODEL_SAMPLING_DEFAULTS, "max_new_tokens": max_new_tokens}
             configs = [
-                GenerateConfig(**{**base, **{k: (v[i] if _per_prompt(k, v) else v) for k, v in kwargs.items()}})
+                _model_config(max_new_tokens, {k: (v[i] if _per_prompt(k, v) else v) for k, v in kwargs.items()})
                 for i in range(n)
             ]
         results = generate_batch(self, list(prompts), list(configs))
         return results if details else [r.text for r in results]
+
+
+def _model_config(max_new_tokens: int, kwargs: dict) -> GenerateConfig:
+    """A GenerateConfig with the Model-level sampling defaults under the caller's keywords."""
+    return GenerateConfig(**{**MODEL_SAMPLING_DEFAULTS, "max_new_tokens": max_new_tokens, **kwargs})
 
 
 _LIST_VALUED = {"stop", "eos_token_id"}   # fields whose single value may itself be a list
