@@ -361,6 +361,8 @@ void Model::ensure_workspace(int64_t T) {
     att_ = make(T * QD);
     ff_a_ = make(T * hp_.n_ff);
     ff_b_ = make(T * hp_.n_ff);
+    out_ = make(T * E);
+    logits_ = make(std::min(T, kLogitRows) * hp_.n_vocab);
     workspace_rows_ = T;
 }
 
@@ -470,18 +472,15 @@ void Model::forward(const std::vector<SequenceInput>& batch, const std::vector<i
     x_rows.row_stride = static_cast<size_t>(E) * sizeof(float);
     std::vector<int32_t> rows32(output_rows.begin(), output_rows.end());
     be.get_rows(h_, x_rows, rows32.data(), R);   // h[R, E]
-    norm(att_, h_, output_norm_, R);             // att reused as [R, E] (R <= T, QD >= E is not assumed)
-    if (hidden_out) be.download(hidden_out, att_, static_cast<size_t>(R * E));
+    norm(out_, h_, output_norm_, R);             // out[R, E]
+    if (hidden_out) be.download(hidden_out, out_, static_cast<size_t>(R * E));
     if (logits_out) {
         // logits in chunks of rows so the buffer stays small for long prompts
-        const int64_t chunk = 16;
-        float* buf = be.alloc(static_cast<size_t>(std::min(R, chunk) * V));
-        for (int64_t r0 = 0; r0 < R; r0 += chunk) {
-            int64_t n = std::min(chunk, R - r0);
-            be.matmul(buf, att_ + r0 * E, output_, n);
-            be.download(logits_out + r0 * V, buf, static_cast<size_t>(n * V));
+        for (int64_t r0 = 0; r0 < R; r0 += kLogitRows) {
+            int64_t n = std::min(kLogitRows, R - r0);
+            be.matmul(logits_, out_ + r0 * E, output_, n);
+            be.download(logits_out + r0 * V, logits_, static_cast<size_t>(n * V));
         }
-        be.free(buf);
     }
 }
 

@@ -131,6 +131,9 @@ private:
     std::vector<float*> workspace_;
     float *x_ = nullptr, *h_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *att_ = nullptr;
     float *ff_a_ = nullptr, *ff_b_ = nullptr;
+    float* out_ = nullptr;      // [T, n_embd] final-normed rows that are output
+    float* logits_ = nullptr;   // [min(T, kLogitRows), n_vocab]
+    static constexpr int64_t kLogitRows = 16;
 };
 
 // Reads the hyper-parameters of a GGUF model (general.architecture and its keys).

@@ -5,9 +5,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import tokenmill
-from conftest import rel_err
+from conftest import TINY, rel_err
 
 ARCHS = ["gpt2", "llama", "qwen2", "mistral"]
 
@@ -96,3 +97,20 @@ def test_sharded_half_precision_safetensors(tiny_models, tmp_path, dtype):
     with torch.no_grad():
         ref = reference(torch.tensor([ids])).logits[0].numpy()
     assert rel_err(tokenmill.load(tmp_path).logits(ids), ref) < 1e-4
+
+
+def test_heads_narrower_than_the_embedding(tmp_path):
+    """n_head * head_dim < hidden_size (an explicit head_dim): every buffer sized by the right one."""
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                                 initializer_range=0.08, **TINY)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ids = _prompt(n=40, seed=11)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    model = tokenmill.load(tmp_path)
+    assert rel_err(model.logits(ids), ref) < 1e-4
+    assert tokenmill.generate(model, ids, max_new_tokens=8, temperature=0, ignore_eos=True) == \
+        hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 40:].tolist()
