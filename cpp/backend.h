@@ -30,21 +30,51 @@ enum class RopeStyle {
     halves,     // rotate pairs (i, i + d/2): HF layout, GGUF qwen2 ("neox")
 };
 
+// One layer's K or V store: rows of head_dim values in `type`, [n_kv_heads, capacity] rows.
+struct KVStore {
+    DType type = DType::f32;     // f32, f16, bf16, q8_0, q4_0 or nf4
+    uint8_t* data = nullptr;
+    size_t row_bytes = 0;
+    int64_t capacity = 0;        // rows per KV head
+
+    const uint8_t* row(int64_t kv_head, int64_t slot) const {
+        return data + (static_cast<size_t>(kv_head) * static_cast<size_t>(capacity) + static_cast<size_t>(slot)) * row_bytes;
+    }
+    uint8_t* row(int64_t kv_head, int64_t slot) {
+        return data + (static_cast<size_t>(kv_head) * static_cast<size_t>(capacity) + static_cast<size_t>(slot)) * row_bytes;
+    }
+};
+
+// One layer of one sequence's cache as the attention kernels see it. Position p lives in the main
+// stores at slot p, except the newest ones while a recent-token ring exists: positions from
+// `ring_from` on are kept in fp16 in the ring at slot p % ring capacity.
+struct KVLayerView {
+    KVStore k, v;                // main stores (capacity = the context)
+    KVStore k_ring, v_ring;      // f16, capacity = the residual length; data null if no ring
+    int64_t ring_from = 0;       // first position held in the ring (before this forward call)
+
+    bool has_ring() const { return k_ring.data != nullptr; }
+    // where the ring starts once the cache holds n_end positions: it keeps the newest ones
+    int64_t ring_from_after(int64_t n_end) const {
+        if (!has_ring()) return n_end;
+        int64_t from = n_end - k_ring.capacity;
+        return from > ring_from ? from : ring_from;
+    }
+};
+
 // One sequence's slice of a batched forward: its rows in the activations and its cache layer.
 struct AttentionSegment {
     int64_t row0;        // first activation row of this sequence
     int64_t n_rows;      // new tokens of this sequence
     int64_t n_past;      // tokens already in its cache (the new ones go at n_past..)
-    float* k_cache;      // [n_kv_heads, capacity, head_dim]
-    float* v_cache;      // [n_kv_heads, capacity, head_dim]
-    int64_t capacity;
+    int64_t window;      // attend to at most this many latest positions; <= 0: unlimited
+    KVLayerView kv;
 };
 
 struct AttentionShape {
     int n_heads;
     int n_kv_heads;
     int head_dim;
-    int64_t window;      // attend to at most this many latest positions; <= 0: unlimited
     float scale;
 };
 
@@ -65,6 +95,9 @@ public:
     virtual void free(float* p) = 0;
     virtual void upload(float* dst, const float* host, size_t n) = 0;
     virtual void download(float* host, const float* src, size_t n) = 0;
+    // untyped memory (KV cache stores)
+    virtual uint8_t* alloc_bytes(size_t n) = 0;
+    virtual void free_bytes(uint8_t* p) = 0;
 
     // --- ops (shapes in comments; T = rows of the batch)
     // out[T, cols] = table[ids[t], :]
@@ -87,10 +120,12 @@ public:
     virtual void swiglu(float* gate, const float* up, int64_t n) = 0;
     // x[n] = gelu(x), tanh approximation (GPT-2)
     virtual void gelu(float* x, int64_t n) = 0;
-    // writes k, v [T, n_kv_heads * head_dim] of every segment into its cache at n_past..
+    // writes k, v [T, n_kv_heads * head_dim] of every segment into its cache at n_past.. (quantized
+    // to the stores' types), moving positions that leave the fp16 ring into the main stores
     virtual void kv_store(const float* k, const float* v, const AttentionSegment* segs, int n_segs,
                           const AttentionShape& shape) = 0;
-    // out[T, n_heads * head_dim] = causal softmax(q k^T * scale) v over each segment's cache
+    // out[T, n_heads * head_dim] = causal softmax(q k^T * scale) v over each segment's cache, read
+    // in its stored types (after kv_store of the same call)
     virtual void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
                            const AttentionShape& shape) = 0;
 };

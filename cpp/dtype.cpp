@@ -2,6 +2,13 @@
 
 namespace tmill {
 
+const float kNF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+    0.7229568362236023f, 1.0f,
+};
+
 DTypeInfo dtype_info(DType t) {
     switch (t) {
         case DType::f32: return {"f32", 1, 4, true};
@@ -24,6 +31,7 @@ DTypeInfo dtype_info(DType t) {
         case DType::i32: return {"i32", 1, 4, false};
         case DType::i64: return {"i64", 1, 8, false};
         case DType::f64: return {"f64", 1, 8, false};
+        case DType::nf4: return {"nf4", 32, 18, true};
     }
     return {"unknown", 1, 0, false};
 }

@@ -29,7 +29,12 @@ enum class DType : uint32_t {
     i64 = 27,
     f64 = 28,
     bf16 = 30,
+    // tokenmill's own (KV cache only, never a GGUF tensor type): ids above every ggml id
+    nf4 = 1u << 16,
 };
+
+// Ids below this are ggml's; a GGUF file may only use those.
+constexpr uint32_t kFirstNonGgmlType = 1u << 16;
 
 struct DTypeInfo {
     const char* name;
@@ -53,8 +58,14 @@ inline size_t row_bytes(DType t, int64_t n) {
 struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };                    // x = d * q
 struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };                   // x = d * (nibble - 8)
 struct BlockQ4_1 { uint16_t d; uint16_t m; uint8_t qs[16]; };       // x = d * nibble + m
+struct BlockNF4 { uint16_t d; uint8_t qs[16]; };                    // x = d * kNF4[nibble], d = absmax
 static_assert(sizeof(BlockQ8_0) == 34, "q8_0 block");
 static_assert(sizeof(BlockQ4_0) == 18, "q4_0 block");
 static_assert(sizeof(BlockQ4_1) == 20, "q4_1 block");
+static_assert(sizeof(BlockNF4) == 18, "nf4 block");
+
+// The NormalFloat-4 codebook (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1],
+// with an exact zero. Nibble k stands for kNF4[k] times the block's absolute maximum.
+extern const float kNF4[16];
 
 }  // namespace tmill

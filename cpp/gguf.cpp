@@ -184,7 +184,7 @@ GGUFFile::GGUFFile(const std::string& path) : file_(std::make_shared<MappedFile>
         }
         uint32_t type_id = c.read<uint32_t>("tensor type");
         DTypeInfo info = dtype_info(type_id);
-        if (info.block_bytes == 0)
+        if (info.block_bytes == 0 || type_id >= kFirstNonGgmlType)
             fail(ErrorKind::unsupported, "GGUF file '" + path + "': tensor '" + t.name + "' has unknown type id " +
                                              std::to_string(type_id));
         t.type = static_cast<DType>(type_id);

@@ -1,5 +1,6 @@
 #include "model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -311,38 +312,15 @@ int64_t Model::n_params() const {
 }
 
 // ---------------------------------------------------------------------------------------------
-// KV cache
-
-KVCache::KVCache(std::shared_ptr<const Model> model, int64_t capacity) : model_(std::move(model)), capacity_(capacity) {
-    const HParams& hp = model_->hparams();
-    if (capacity <= 0 || capacity > (int64_t(1) << 24))
-        fail(ErrorKind::invalid_arg, "KV cache capacity must be in [1, 16777216], got " + std::to_string(capacity));
-    size_t n = static_cast<size_t>(hp.n_head_kv * capacity * hp.head_dim);
-    for (int64_t l = 0; l < hp.n_layer; ++l) {
-        k_.push_back(model_->backend().alloc(n));
-        v_.push_back(model_->backend().alloc(n));
-    }
-}
-
-KVCache::~KVCache() {
-    for (float* p : k_) model_->backend().free(p);
-    for (float* p : v_) model_->backend().free(p);
-}
-
-void KVCache::truncate(int64_t n) {
-    if (n < 0 || n > n_past_)
-        fail(ErrorKind::invalid_arg, "cannot truncate a cache of " + std::to_string(n_past_) + " tokens to " +
-                                         std::to_string(n));
-    n_past_ = n;
-}
-
-size_t KVCache::bytes() const {
-    const HParams& hp = model_->hparams();
-    return static_cast<size_t>(2 * hp.n_layer * hp.n_head_kv * capacity_ * hp.head_dim) * sizeof(float);
-}
-
-// ---------------------------------------------------------------------------------------------
 // Forward pass
+
+// The model's sliding window (Mistral) and the cache's local window: the narrower one applies.
+int64_t Model::attention_window(const KVCache& cache) const {
+    int64_t a = hp_.sliding_window, b = cache.config().local_window;
+    if (a <= 0) return b;
+    if (b <= 0) return a;
+    return std::min(a, b);
+}
 
 void Model::ensure_workspace(int64_t T) {
     if (T <= workspace_rows_) return;
@@ -405,7 +383,7 @@ void Model::forward(const std::vector<SequenceInput>& batch, const std::vector<i
     int64_t row = 0;
     for (const SequenceInput& in : batch) {
         for (int64_t i = 0; i < in.n; ++i) pos[static_cast<size_t>(row + i)] = static_cast<int32_t>(in.cache->n_past_ + i);
-        segs.push_back({row, in.n, in.cache->n_past_, nullptr, nullptr, in.cache->capacity_});
+        segs.push_back({row, in.n, in.cache->n_past_, attention_window(*in.cache), {}});
         row += in.n;
     }
 
@@ -422,8 +400,7 @@ void Model::forward(const std::vector<SequenceInput>& batch, const std::vector<i
     }
 
     const AttentionShape shape{static_cast<int>(hp_.n_head), static_cast<int>(hp_.n_head_kv),
-                               static_cast<int>(hp_.head_dim), hp_.sliding_window,
-                               1.0f / std::sqrt(static_cast<float>(hp_.head_dim))};
+                               static_cast<int>(hp_.head_dim), 1.0f / std::sqrt(static_cast<float>(hp_.head_dim))};
     auto norm = [&](float* out, const float* in, const Norm& n, int64_t rows) {
         if (gpt2) be.layer_norm(out, in, n.weight, n.bias, rows, E, hp_.norm_eps);
         else be.rms_norm(out, in, n.weight, rows, E, hp_.norm_eps);
@@ -437,10 +414,7 @@ void Model::forward(const std::vector<SequenceInput>& batch, const std::vector<i
         be.matmul_group(qkv, 3, h_, T);   // q [T, n_head * head_dim], k and v [T, n_head_kv * head_dim]
         be.rope(q_, T, shape.n_heads, shape.head_dim, pos.data(), hp_.rope_theta, hp_.rope_style);
         be.rope(k_, T, shape.n_kv_heads, shape.head_dim, pos.data(), hp_.rope_theta, hp_.rope_style);
-        for (size_t s = 0; s < batch.size(); ++s) {
-            segs[s].k_cache = batch[s].cache->k_[l];
-            segs[s].v_cache = batch[s].cache->v_[l];
-        }
+        for (size_t s = 0; s < batch.size(); ++s) segs[s].kv = batch[s].cache->layer_view(l);
         be.kv_store(k_, v_, segs.data(), static_cast<int>(segs.size()), shape);
         be.attention(att_, q_, segs.data(), static_cast<int>(segs.size()), shape);   // [T, n_head * head_dim]
         be.matmul(h_, att_, L.wo, T);
@@ -459,7 +433,7 @@ void Model::forward(const std::vector<SequenceInput>& batch, const std::vector<i
         be.matmul(h_, ff_a_, L.w_down, T);
         be.add(x_, h_, T * E);
     }
-    for (const SequenceInput& in : batch) in.cache->n_past_ += in.n;
+    for (const SequenceInput& in : batch) in.cache->advance(in.n);
 
     // outputs: final norm and the vocabulary projection for the requested rows only
     const int64_t R = static_cast<int64_t>(output_rows.size());

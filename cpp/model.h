@@ -1,5 +1,5 @@
-// Decoder-only transformer: hyper-parameters, weights (used in place from memory maps), the KV cache
-// and the forward pass. Two families share one forward pass:
+// Decoder-only transformer: hyper-parameters, weights (used in place from memory maps) and the
+// forward pass. Two families share one forward pass:
 //   llama  (Llama, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU, optional QKV bias
 //   gpt2                                  : LayerNorm, learned positions, fused QKV, GELU, biases
 #pragma once
@@ -13,6 +13,7 @@
 
 #include "backend.h"
 #include "gguf.h"
+#include "kv_cache.h"
 #include "mapped_file.h"
 
 namespace tmill {
@@ -55,30 +56,6 @@ struct WeightStore {
     void add_owned(const std::string& name, DType type, std::vector<int64_t> shape, std::vector<uint8_t> bytes);
 };
 
-class Model;
-
-// One sequence's keys and values for every layer: K and V [n_layer][n_kv_heads, capacity, head_dim].
-class KVCache {
-public:
-    KVCache(std::shared_ptr<const Model> model, int64_t capacity);
-    ~KVCache();
-    KVCache(const KVCache&) = delete;
-    KVCache& operator=(const KVCache&) = delete;
-
-    int64_t capacity() const { return capacity_; }
-    int64_t n_past() const { return n_past_; }
-    // Forget everything after the first n tokens (rollback); n must not exceed n_past.
-    void truncate(int64_t n);
-    size_t bytes() const;
-
-private:
-    friend class Model;
-    std::shared_ptr<const Model> model_;
-    int64_t capacity_;
-    int64_t n_past_ = 0;
-    std::vector<float*> k_, v_;
-};
-
 // One sequence's part of a batched forward call: new tokens (or embeddings) appended to its cache.
 struct SequenceInput {
     KVCache* cache;
@@ -118,6 +95,7 @@ private:
     Weight weight(const std::string& name, int64_t rows, int64_t cols, bool required = true);
     const float* vector_f32(const std::string& name, int64_t n, bool required = true);
     void ensure_workspace(int64_t T);
+    int64_t attention_window(const KVCache& cache) const;
 
     HParams hp_;
     WeightStore weights_;

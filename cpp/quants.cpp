@@ -96,6 +96,17 @@ void dequantize_row(DType t, const void* row, float* out, int64_t n) {
             }
             return;
         }
+        case DType::nf4: {
+            const BlockNF4* b = static_cast<const BlockNF4*>(row);
+            for (int64_t i = 0; i < n / 32; ++i) {
+                float d = fp16_to_fp32(b[i].d);
+                for (int j = 0; j < 16; ++j) {
+                    out[i * 32 + j] = d * kNF4[b[i].qs[j] & 0x0F];
+                    out[i * 32 + j + 16] = d * kNF4[b[i].qs[j] >> 4];
+                }
+            }
+            return;
+        }
         default:
             fail(ErrorKind::unsupported, "cannot compute with tensor type " + dtype_name(t));
     }
@@ -165,6 +176,26 @@ void quantize_row(DType t, const float* x, void* out, int64_t n) {
                     int hi = static_cast<int>(std::fmin(15.0f, (xb[j + 16] - lo_v) * inv + 0.5f));
                     b[i].qs[j] = static_cast<uint8_t>(lo | (hi << 4));
                 }
+            }
+            return;
+        }
+        case DType::nf4: {
+            // scale = absmax (as fp16); each value goes to the nearest codebook entry of x / scale
+            BlockNF4* b = static_cast<BlockNF4*>(out);
+            for (int64_t i = 0; i < n / 32; ++i) {
+                const float* xb = x + i * 32;
+                float amax = 0.0f;
+                for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
+                b[i].d = fp32_to_fp16(amax);
+                float inv = amax != 0.0f ? 1.0f / amax : 0.0f;
+                auto nearest = [&](float v) {
+                    int best = 0;
+                    for (int k = 1; k < 16; ++k)
+                        if (std::fabs(v - kNF4[k]) < std::fabs(v - kNF4[best])) best = k;
+                    return best;
+                };
+                for (int j = 0; j < 16; ++j)
+                    b[i].qs[j] = static_cast<uint8_t>(nearest(xb[j] * inv) | (nearest(xb[j + 16] * inv) << 4));
             }
             return;
         }

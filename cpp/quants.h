@@ -22,7 +22,7 @@ inline float bf16_to_fp32(uint16_t h) {
 // out[n] = row (n elements of type t, n a multiple of the block size); t must be runnable.
 void dequantize_row(DType t, const void* row, float* out, int64_t n);
 
-// Quantizes n floats (a multiple of 32) into blocks of t (q8_0, q4_0, q4_1, f16, bf16, f32).
+// Quantizes n floats (a multiple of 32) into blocks of t (q8_0, q4_0, q4_1, nf4, f16, bf16, f32).
 void quantize_row(DType t, const float* x, void* out, int64_t n);
 
 }  // namespace tmill

@@ -48,6 +48,7 @@ DType dtype_from_name(const std::string& name) {
         DTypeInfo info = dtype_info(id);
         if (info.block_bytes != 0 && name == info.name) return static_cast<DType>(id);
     }
+    if (name == "nf4") return DType::nf4;
     fail(ErrorKind::invalid_arg, "unknown tensor type '" + name + "'");
 }
 

@@ -16,6 +16,10 @@ namespace {
 // Below this many tokens, block-quantized weights use the integer kernels; from it on, the float
 // 4x2 tile on dequantized rows is faster (each row's widening is amortised over more tokens).
 constexpr int64_t kPreparedMaxTokens = 8;
+// Attention reads K and V in tiles of this many positions (converted into a per-thread buffer) ...
+constexpr int64_t kAttentionTile = 64;
+// ... and splits the positions of a query into parts of at least this many when it splits them.
+constexpr int64_t kMinAttentionPart = 128;
 
 class CpuBackend final : public Backend {
 public:
@@ -29,6 +33,8 @@ public:
     void free(float* p) override { delete[] p; }
     void upload(float* dst, const float* host, size_t n) override { std::memcpy(dst, host, n * sizeof(float)); }
     void download(float* host, const float* src, size_t n) override { std::memcpy(host, src, n * sizeof(float)); }
+    uint8_t* alloc_bytes(size_t n) override { return new uint8_t[n]; }
+    void free_bytes(uint8_t* p) override { delete[] p; }
 
     void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) override {
         const cpu::Kernels& kern = cpu::kernels();
@@ -184,61 +190,171 @@ public:
 
     void kv_store(const float* k, const float* v, const AttentionSegment* segs, int n_segs,
                   const AttentionShape& shape) override {
-        const int hd = shape.head_dim, kv_width = shape.n_kv_heads * hd;
+        const int64_t hd = shape.head_dim, kv_width = shape.n_kv_heads * hd;
+        std::vector<int64_t> first_row(static_cast<size_t>(n_segs) + 1, 0);
+        for (int s = 0; s < n_segs; ++s) {
+            const AttentionSegment& seg = segs[s];
+            first_row[s + 1] = first_row[s] + seg.n_rows;
+            KVLayerView kv = seg.kv;
+            if (!kv.has_ring()) continue;
+            // positions that leave the fp16 ring move into the main stores first (their ring slots
+            // may be reused by the new tokens)
+            const int64_t leave_end = std::min(kv.ring_from_after(seg.n_past + seg.n_rows), seg.n_past);
+            std::vector<float> tmp(static_cast<size_t>(hd));
+            for (int64_t p = kv.ring_from; p < leave_end; ++p)
+                for (int h = 0; h < shape.n_kv_heads; ++h) {
+                    const int64_t slot = p % kv.k_ring.capacity;
+                    dequantize_row(DType::f16, kv.k_ring.row(h, slot), tmp.data(), hd);
+                    quantize_row(kv.k.type, tmp.data(), kv.k.row(h, p), hd);
+                    dequantize_row(DType::f16, kv.v_ring.row(h, slot), tmp.data(), hd);
+                    quantize_row(kv.v.type, tmp.data(), kv.v.row(h, p), hd);
+                }
+        }
+        // the new tokens: newest ones into the ring, the others quantized into the main stores
+        pool_.parallel_for(first_row[n_segs], [&](int64_t r0, int64_t r1, int) {
+            for (int64_t row = r0; row < r1; ++row) {
+                int s = static_cast<int>(std::upper_bound(first_row.begin(), first_row.end(), row) - first_row.begin()) - 1;
+                const AttentionSegment& seg = segs[s];
+                KVLayerView kv = seg.kv;
+                const int64_t p = seg.n_past + (row - first_row[s]);
+                const bool in_ring = kv.has_ring() && p >= kv.ring_from_after(seg.n_past + seg.n_rows);
+                KVStore& ks = in_ring ? kv.k_ring : kv.k;
+                KVStore& vs = in_ring ? kv.v_ring : kv.v;
+                const int64_t slot = in_ring ? p % kv.k_ring.capacity : p;
+                const int64_t src = (seg.row0 + row - first_row[s]) * kv_width;
+                for (int h = 0; h < shape.n_kv_heads; ++h) {
+                    quantize_row(ks.type, k + src + h * hd, ks.row(h, slot), hd);
+                    quantize_row(vs.type, v + src + h * hd, vs.row(h, slot), hd);
+                }
+            }
+        });
+    }
+
+    // Work unit: one (sequence row, KV head) and a range of cached positions; its query heads (the
+    // GQA group) share every K and V row read. Few such pairs (decode) split the positions into
+    // parts whose partial softmax sums are merged afterwards, so every thread has work.
+    void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
+                   const AttentionShape& shape) override {
+        struct Part { int seg; int64_t t; int kvh; int64_t j0, j1; };   // positions [j0, j1)
+        const int64_t hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
+        int64_t pairs = 0;
+        for (int s = 0; s < n_segs; ++s) pairs += segs[s].n_rows * shape.n_kv_heads;
+        const int64_t parts_wanted = pairs >= 4 * pool_.size() ? 1 : (8 * pool_.size() + pairs - 1) / pairs;
+        std::vector<Part> parts;
+        std::vector<int64_t> first_part;   // per (row, kv head) pair, into parts
         for (int s = 0; s < n_segs; ++s) {
             const AttentionSegment& seg = segs[s];
             for (int64_t t = 0; t < seg.n_rows; ++t) {
-                int64_t row = seg.row0 + t, p = seg.n_past + t;
+                const int64_t pos = seg.n_past + t;
+                const int64_t start = seg.window > 0 ? std::max<int64_t>(0, pos - seg.window + 1) : 0;
+                const int64_t n = pos + 1 - start;
+                const int64_t len = std::max<int64_t>(kMinAttentionPart, (n + parts_wanted - 1) / parts_wanted);
                 for (int h = 0; h < shape.n_kv_heads; ++h) {
-                    size_t dst = (static_cast<size_t>(h) * seg.capacity + p) * hd;
-                    std::memcpy(seg.k_cache + dst, k + row * kv_width + h * hd, hd * sizeof(float));
-                    std::memcpy(seg.v_cache + dst, v + row * kv_width + h * hd, hd * sizeof(float));
+                    first_part.push_back(static_cast<int64_t>(parts.size()));
+                    for (int64_t j = start; j <= pos; j += len) parts.push_back({s, t, h, j, std::min(j + len, pos + 1)});
                 }
             }
         }
-    }
-
-    void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
-                   const AttentionShape& shape) override {
-        // One task per (segment, query row, head); prefix sums map a task index back.
-        std::vector<int64_t> first_task(static_cast<size_t>(n_segs) + 1, 0);
-        for (int s = 0; s < n_segs; ++s) first_task[s + 1] = first_task[s] + segs[s].n_rows * shape.n_heads;
-        const int hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
+        first_part.push_back(static_cast<int64_t>(parts.size()));
+        const bool split = parts.size() > static_cast<size_t>(pairs);
+        // per part and query head of the group: running max m, sum l, and unnormalised output acc[hd]
+        const int64_t stride = group * (hd + 2);
+        if (split) partials_.resize(parts.size() * static_cast<size_t>(stride));
         const cpu::Kernels& kern = cpu::kernels();
-        pool_.parallel_for(first_task[n_segs], [&](int64_t task0, int64_t task1, int thread) {
-            for (int64_t task = task0; task < task1; ++task) {
-                int s = static_cast<int>(std::upper_bound(first_task.begin(), first_task.end(), task) -
-                                         first_task.begin()) - 1;
-                const AttentionSegment& seg = segs[s];
-                int64_t local = task - first_task[s];
-                int64_t t = local / shape.n_heads;
-                int h = static_cast<int>(local % shape.n_heads), kvh = h / group;
-                int64_t pos = seg.n_past + t;
-                int64_t start = shape.window > 0 ? std::max<int64_t>(0, pos - shape.window + 1) : 0;
-                int64_t n = pos - start + 1;
-                const float* qh = q + (seg.row0 + t) * shape.n_heads * hd + h * hd;
-                const float* kh = seg.k_cache + (static_cast<size_t>(kvh) * seg.capacity + start) * hd;
-                const float* vh = seg.v_cache + (static_cast<size_t>(kvh) * seg.capacity + start) * hd;
-                float* scores = scratch(thread, n);
-                // scores_j = q . k_j * scale, softmax over j, out = sum_j p_j v_j
-                float mx = -INFINITY;
-                for (int64_t j = 0; j < n; ++j) {
-                    scores[j] = kern.dot_f32(qh, kh + j * hd, hd) * shape.scale;
-                    mx = std::max(mx, scores[j]);
+
+        pool_.parallel_for(static_cast<int64_t>(parts.size()), [&](int64_t i0, int64_t i1, int thread) {
+            for (int64_t i = i0; i < i1; ++i) {
+                const Part& part = parts[static_cast<size_t>(i)];
+                const AttentionSegment& seg = segs[part.seg];
+                const KVLayerView& kv = seg.kv;
+                const int64_t ring_from = kv.ring_from_after(seg.n_past + seg.n_rows);
+                const int64_t n = part.j1 - part.j0, row = seg.row0 + part.t;
+                // scratch: scaled queries [group, hd] | acc [group, hd] | max, sum [group] | scores [group, n]
+                //          | rows [tile, hd]
+                float* qs = scratch(thread, group * (2 * hd + 2 + n) + kAttentionTile * hd);
+                float* acc = qs + group * hd;
+                float* mx = acc + group * hd;
+                float* sum = mx + group;
+                float* scores = sum + group;
+                float* tile_buf = scores + group * n;
+                for (int64_t g = 0; g < group; ++g) {
+                    const float* qh = q + (row * shape.n_heads + part.kvh * group + g) * hd;
+                    for (int64_t d = 0; d < hd; ++d) qs[g * hd + d] = qh[d] * shape.scale;
                 }
-                float sum = 0.0f;
-                for (int64_t j = 0; j < n; ++j) {
-                    scores[j] = std::exp(scores[j] - mx);
-                    sum += scores[j];
+                // scores[g, j] = (q_g * scale) . k_j
+                for (int64_t j = part.j0; j < part.j1; j += kAttentionTile) {
+                    const int64_t m = std::min(kAttentionTile, part.j1 - j);
+                    const float* rows = load_rows(kern, kv.k, kv.k_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
+                    for (int64_t g = 0; g < group; ++g)
+                        kern.rows_dot_f32(rows, m, hd, qs + g * hd, scores + g * n + (j - part.j0));
                 }
-                float* oh = out + (seg.row0 + t) * shape.n_heads * hd + h * hd;
-                std::fill(oh, oh + hd, 0.0f);
-                for (int64_t j = 0; j < n; ++j) kern.axpy_f32(oh, vh + j * hd, scores[j] / sum, hd);
+                // p[g, j] = exp(scores - max): softmax numerators and their sums
+                for (int64_t g = 0; g < group; ++g) {
+                    const float* sg = scores + g * n;
+                    mx[g] = *std::max_element(sg, sg + n);
+                    sum[g] = kern.exp_sum(scores + g * n, n, mx[g]);
+                }
+                // acc[g] = sum_j p[g, j] v_j
+                std::fill(acc, acc + group * hd, 0.0f);
+                for (int64_t j = part.j0; j < part.j1; j += kAttentionTile) {
+                    const int64_t m = std::min(kAttentionTile, part.j1 - j);
+                    const float* rows = load_rows(kern, kv.v, kv.v_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
+                    for (int64_t g = 0; g < group; ++g)
+                        kern.rows_axpy_f32(acc + g * hd, rows, m, hd, scores + g * n + (j - part.j0));
+                }
+                for (int64_t g = 0; g < group; ++g) {
+                    if (split) {
+                        float* dst = partials_.data() + i * stride + g * (hd + 2);
+                        dst[0] = mx[g];
+                        dst[1] = sum[g];
+                        std::copy(acc + g * hd, acc + (g + 1) * hd, dst + 2);
+                    } else {
+                        float* oh = out + (row * shape.n_heads + part.kvh * group + g) * hd;
+                        for (int64_t d = 0; d < hd; ++d) oh[d] = acc[g * hd + d] / sum[g];
+                    }
+                }
+            }
+        });
+        if (!split) return;
+        // out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M), M = max_c m_c
+        pool_.parallel_for(pairs, [&](int64_t p0, int64_t p1, int) {
+            for (int64_t pair = p0; pair < p1; ++pair) {
+                const Part& first = parts[static_cast<size_t>(first_part[pair])];
+                const int64_t row = segs[first.seg].row0 + first.t;
+                for (int64_t g = 0; g < group; ++g) {
+                    float* oh = out + (row * shape.n_heads + first.kvh * group + g) * hd;
+                    float big = -INFINITY, total = 0.0f;
+                    for (int64_t c = first_part[pair]; c < first_part[pair + 1]; ++c)
+                        big = std::max(big, partials_[c * stride + g * (hd + 2)]);
+                    std::fill(oh, oh + hd, 0.0f);
+                    for (int64_t c = first_part[pair]; c < first_part[pair + 1]; ++c) {
+                        const float* src = partials_.data() + c * stride + g * (hd + 2);
+                        const float w = std::exp(src[0] - big);
+                        total += src[1] * w;
+                        for (int64_t d = 0; d < hd; ++d) oh[d] += src[2 + d] * w;
+                    }
+                    for (int64_t d = 0; d < hd; ++d) oh[d] /= total;
+                }
             }
         });
     }
 
 private:
+    // Rows [p0, p1) of one KV head as floats [p1 - p0, hd]: fp32 main rows in place, anything else
+    // converted into buf; positions from ring_from on come from the fp16 ring.
+    static const float* load_rows(const cpu::Kernels& kern, const KVStore& main, const KVStore& ring, int kvh,
+                                  int64_t p0, int64_t p1, int64_t ring_from, int64_t hd, float* buf) {
+        const int64_t main_end = ring.data ? std::min(p1, ring_from) : p1;
+        if (main_end == p1 && main.type == DType::f32) return reinterpret_cast<const float*>(main.row(kvh, p0));
+        if (p0 < main_end) kern.dequantize_row(main.type, main.row(kvh, p0), buf, (main_end - p0) * hd);
+        for (int64_t p = std::max(p0, main_end); p < p1;) {   // ring slots wrap around
+            const int64_t slot = p % ring.capacity, run = std::min(p1 - p, ring.capacity - slot);
+            kern.dequantize_row(DType::f16, ring.row(kvh, slot), buf + (p - p0) * hd, run * hd);
+            p += run;
+        }
+        return buf;
+    }
+
     float* scratch(int thread, int64_t n) {
         std::vector<float>& buf = scratch_[static_cast<size_t>(thread)];
         if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
@@ -249,6 +365,7 @@ private:
     std::vector<std::vector<float>> scratch_;
     std::vector<int16_t> xq_;   // activations prepared for the integer kernels [T, 2 * cols]
     std::vector<float> xd_, xsum_;
+    std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
 };
 
 }  // namespace

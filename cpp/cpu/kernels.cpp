@@ -1,6 +1,7 @@
 #include "kernels.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 
 #include "../error.h"
@@ -23,8 +24,22 @@ float dot_f32_scalar(const float* a, const float* b, int64_t n) {
     return sum;
 }
 
-void axpy_f32_scalar(float* y, const float* x, float alpha, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+void rows_dot_f32_scalar(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    for (int64_t j = 0; j < n_rows; ++j) out[j] = dot_f32_scalar(rows + j * d, x, d);
+}
+
+void rows_axpy_f32_scalar(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w) {
+    for (int64_t j = 0; j < n_rows; ++j)
+        for (int64_t i = 0; i < d; ++i) y[i] += w[j] * rows[j * d + i];
+}
+
+float exp_sum_scalar(float* x, int64_t n, float shift) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+        x[i] = std::exp(x[i] - shift);
+        sum += x[i];
+    }
+    return sum;
 }
 
 void dot_f32_4x2_scalar(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out) {
@@ -51,7 +66,8 @@ float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
     return sum;
 }
 
-const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, axpy_f32_scalar, dot_f32_4x2_scalar, dot_row_scalar, dequantize_row, nullptr,
+const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
+                      exp_sum_scalar, dot_f32_4x2_scalar, dot_row_scalar, dequantize_row, nullptr,
                       nullptr, nullptr};
 
 bool cpu_has(Level level) {

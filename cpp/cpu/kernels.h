@@ -18,8 +18,12 @@ struct Kernels {
     const char* name;
     // sum_i a[i] * b[i]
     float (*dot_f32)(const float* a, const float* b, int64_t n);
-    // y[i] += alpha * x[i]
-    void (*axpy_f32)(float* y, const float* x, float alpha, int64_t n);
+    // Attention: out[j] = rows[j, :] . x for rows [n_rows, d] (scores of one query) ...
+    void (*rows_dot_f32)(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out);
+    // ... y[d] += sum_j w[j] * rows[j, :] (the weighted sum of values) ...
+    void (*rows_axpy_f32)(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w);
+    // ... and x[i] = exp(x[i] - shift), returning sum_i x[i] (softmax numerators)
+    float (*exp_sum)(float* x, int64_t n, float shift);
     // Four float rows (w + r * w_stride) against two vectors: out[t * 4 + r] = w_r . x_t. The prefill
     // tile: each loaded element of w or x feeds several FMAs.
     void (*dot_f32_4x2)(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out);

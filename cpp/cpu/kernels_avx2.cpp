@@ -60,12 +60,68 @@ void dot_f32_4x2(const float* w, int64_t w_stride, const float* x0, const float*
     }
 }
 
-void axpy_f32(float* y, const float* x, float alpha, int64_t n) {
-    __m256 va = _mm256_set1_ps(alpha);
+void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    for (int64_t j = 0; j < n_rows; ++j) out[j] = dot_f32(rows + j * d, x, d);
+}
+
+// y += sum_j w[j] rows[j]: 64 columns at a time stay in eight accumulators while the rows stream by
+void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w) {
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) {
+        __m256 acc[8];
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_loadu_ps(y + c + 8 * k);
+        for (int64_t j = 0; j < n_rows; ++j) {
+            __m256 wj = _mm256_set1_ps(w[j]);
+            const float* r = rows + j * d + c;
+            for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r + 8 * k), acc[k]);
+        }
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + c + 8 * k, acc[k]);
+    }
+    for (; c + 8 <= d; c += 8) {
+        __m256 acc = _mm256_loadu_ps(y + c);
+        for (int64_t j = 0; j < n_rows; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(rows + j * d + c), acc);
+        _mm256_storeu_ps(y + c, acc);
+    }
+    for (; c < d; ++c)
+        for (int64_t j = 0; j < n_rows; ++j) y[c] += w[j] * rows[j * d + c];
+}
+
+// exp(x) = 2^k * exp(r), k = round(x / ln 2), r = x - k ln 2 in [-ln2/2, ln2/2] (ln 2 split in two
+// parts so r is exact), exp(r) by its degree-6 Taylor polynomial: relative error below 2e-7.
+inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i pow2k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2k));
+}
+
+float exp_sum(float* x, int64_t n, float shift) {
+    const __m256 vs = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; ++i) y[i] += alpha * x[i];
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum(acc);
+    for (; i < n; ++i) {
+        float tail[8] = {x[i] - shift};   // the last few through the same formula, one lane at a time
+        float e = _mm256_cvtss_f32(exp_ps(_mm256_loadu_ps(tail)));
+        x[i] = e;
+        sum += e;
+    }
+    return sum;
 }
 
 float dot_f16(const uint16_t* w, const float* x, int64_t n) {
@@ -219,6 +275,28 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
             }
             return;
         }
+        case DType::nf4: {
+            // codebook lookup: the low 3 bits pick within each half of the table, bit 3 picks the half
+            const __m256 book_lo = _mm256_loadu_ps(kNF4), book_hi = _mm256_loadu_ps(kNF4 + 8);
+            const BlockNF4* b = static_cast<const BlockNF4*>(row);
+            for (int64_t i = 0; i < n / 32; ++i, out += 32) {
+                __m256 d = _mm256_set1_ps(half(b[i].d));
+                __m128i lo, hi;
+                unpack_nibbles(b[i].qs, &lo, &hi);
+                auto put = [&](float* dst, __m128i q) {
+                    __m256i idx = _mm256_cvtepu8_epi32(q);
+                    __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+                    __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(book_lo, idx),
+                                                _mm256_permutevar8x32_ps(book_hi, idx), upper);
+                    _mm256_storeu_ps(dst, _mm256_mul_ps(d, v));
+                };
+                put(out, lo);
+                put(out + 8, _mm_unpackhi_epi64(lo, lo));
+                put(out + 16, hi);
+                put(out + 24, _mm_unpackhi_epi64(hi, hi));
+            }
+            return;
+        }
         default: dequantize_row(t, row, out, n);
     }
 }
@@ -346,7 +424,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
     dispatch_prepared<4>(t, row, q, d, sum, n, out);
 }
 
-const Kernels kAvx2{Level::avx2, "avx2", dot_f32, axpy_f32, dot_f32_4x2, dot_row, dequantize, prepare_x, dot_row_prepared,
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, dot_f32_4x2, dot_row, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4};
 
 }  // namespace

@@ -1,0 +1,67 @@
+// A sequence's keys and values for every layer, stored in a chosen type per K and V: fp32, fp16,
+// bf16, q8 (q8_0 blocks), q4 (q4_0 blocks) or nf4. Values are quantized as they are written and the
+// attention kernels read the stored blocks. Options: an fp16 ring for the newest tokens (they move
+// into the quantized store as it slides) and fp16 for the first layers.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend.h"
+
+namespace tmill {
+
+class Model;
+
+struct KVCacheConfig {
+    DType k_type = DType::f32;
+    DType v_type = DType::f32;
+    int64_t residual_len = 0;         // newest tokens kept in fp16 (a ring per layer); 0 = none
+    int64_t fp16_prefix_layers = 0;   // the first layers store K and V as fp16 whatever the types
+    int64_t local_window = 0;         // attend to at most the last W positions; 0 = all
+
+    // checks the types and sizes for a model whose heads have head_dim values
+    void validate(int64_t head_dim, int64_t n_layer) const;
+};
+
+// Cache type names: "fp32", "fp16", "bf16", "q8", "q4", "nf4".
+DType kv_type_from_name(const std::string& name);
+std::string kv_type_name(DType t);
+
+class KVCache {
+public:
+    KVCache(std::shared_ptr<const Model> model, int64_t capacity, const KVCacheConfig& config = {});
+    ~KVCache();
+    KVCache(const KVCache&) = delete;
+    KVCache& operator=(const KVCache&) = delete;
+
+    int64_t capacity() const { return capacity_; }
+    int64_t n_past() const { return n_past_; }
+    const KVCacheConfig& config() const { return config_; }
+    // Forget everything after the first n tokens (rollback); n must not exceed n_past. Positions
+    // still in the fp16 ring stay there; the others are read from the main stores.
+    void truncate(int64_t n);
+    // the memory this cache holds
+    size_t bytes() const;
+    // bytes per cached token of the main stores (the ring is a fixed extra)
+    static size_t bytes_per_token(const Model& model, const KVCacheConfig& config);
+
+private:
+    friend class Model;
+    KVLayerView layer_view(size_t layer) const;
+    // after a forward call appended tokens: the ring keeps the newest positions
+    void advance(int64_t n_new);
+
+    std::shared_ptr<const Model> model_;
+    int64_t capacity_;
+    KVCacheConfig config_;
+    int64_t n_past_ = 0;
+    int64_t ring_from_ = 0;
+    std::vector<KVStore> k_, v_, k_ring_, v_ring_;   // per layer
+    std::vector<uint8_t*> blocks_;                   // every allocation, freed with the cache
+    size_t bytes_ = 0;
+};
+
+}  // namespace tmill
