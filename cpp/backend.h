@@ -45,20 +45,20 @@ struct KVStore {
     }
 };
 
-// One layer of one sequence's cache as the attention kernels see it. Position p lives in the main
-// stores at slot p, except the newest ones while a recent-token ring exists: positions from
-// `ring_from` on are kept in fp16 in the ring at slot p % ring capacity.
+// One layer of one sequence's cache as the attention kernels see it. Every position is stored in
+// the main stores; with a ring, the newest positions also have an fp16 copy at slot p % ring
+// capacity, and the newest `residual` of them are read from there.
 struct KVLayerView {
-    KVStore k, v;                // main stores (capacity = the context)
-    KVStore k_ring, v_ring;      // f16, capacity = the residual length; data null if no ring
-    int64_t ring_from = 0;       // first position held in the ring (before this forward call)
+    KVStore k, v;                  // main stores (capacity = the context)
+    KVStore k_ring, v_ring;        // f16 copies; data null if no ring
+    int64_t residual = 0;          // newest positions read from the ring
+    int64_t ring_valid_from = 0;   // positions from here on have an intact ring slot (before this call)
 
     bool has_ring() const { return k_ring.data != nullptr; }
-    // where the ring starts once the cache holds n_end positions: it keeps the newest ones
+    // first position read from the ring once the cache holds n_end positions
     int64_t ring_from_after(int64_t n_end) const {
         if (!has_ring()) return n_end;
-        int64_t from = n_end - k_ring.capacity;
-        return from > ring_from ? from : ring_from;
+        return n_end - residual > ring_valid_from ? n_end - residual : ring_valid_from;
     }
 };
 
@@ -121,7 +121,7 @@ public:
     // x[n] = gelu(x), tanh approximation (GPT-2)
     virtual void gelu(float* x, int64_t n) = 0;
     // writes k, v [T, n_kv_heads * head_dim] of every segment into its cache at n_past.. (quantized
-    // to the stores' types), moving positions that leave the fp16 ring into the main stores
+    // to the stores' types, and in fp16 into the ring where there is one)
     virtual void kv_store(const float* k, const float* v, const AttentionSegment* segs, int n_segs,
                           const AttentionShape& shape) = 0;
     // out[T, n_heads * head_dim] = causal softmax(q k^T * scale) v over each segment's cache, read

@@ -48,14 +48,27 @@ void KVCacheConfig::validate(int64_t head_dim, int64_t n_layer) const {
     if (local_window < 0) fail(ErrorKind::invalid_arg, "local window must be >= 0, got " + std::to_string(local_window));
 }
 
+std::vector<KVCache::LayerLayout> KVCache::layout(const Model& model, int64_t capacity, const KVCacheConfig& config) {
+    const HParams& hp = model.hparams();
+    if (capacity <= 0 || capacity > (int64_t(1) << 24))
+        fail(ErrorKind::invalid_arg, "KV cache capacity must be in [1, 16777216], got " + std::to_string(capacity));
+    config.validate(hp.head_dim, hp.n_layer);
+    std::vector<LayerLayout> layers;
+    for (int64_t l = 0; l < hp.n_layer; ++l) {
+        bool prefix = l < config.fp16_prefix_layers;
+        DType kt = prefix ? DType::f16 : config.k_type, vt = prefix ? DType::f16 : config.v_type;
+        bool ring = needs_ring(kt) || needs_ring(vt);
+        layers.push_back({kt, vt, ring && config.residual_len > 0 ? std::min(config.residual_len + kRingSlack, capacity) : 0});
+    }
+    return layers;
+}
+
 KVCache::KVCache(std::shared_ptr<const Model> model, int64_t capacity, const KVCacheConfig& config)
     : model_(std::move(model)), capacity_(capacity), config_(config) {
     const HParams& hp = model_->hparams();
-    if (capacity <= 0 || capacity > (int64_t(1) << 24))
-        fail(ErrorKind::invalid_arg, "KV cache capacity must be in [1, 16777216], got " + std::to_string(capacity));
-    config_.validate(hp.head_dim, hp.n_layer);
     Backend& be = model_->backend();
     auto make = [&](DType type, int64_t rows) {
+        if (rows == 0) return KVStore{};
         KVStore s;
         s.type = type;
         s.capacity = rows;
@@ -66,15 +79,11 @@ KVCache::KVCache(std::shared_ptr<const Model> model, int64_t capacity, const KVC
         bytes_ += n;
         return s;
     };
-    const int64_t ring = std::min(config_.residual_len, capacity);
-    for (int64_t l = 0; l < hp.n_layer; ++l) {
-        bool prefix = l < config_.fp16_prefix_layers;
-        DType kt = prefix ? DType::f16 : config_.k_type, vt = prefix ? DType::f16 : config_.v_type;
-        k_.push_back(make(kt, capacity));
-        v_.push_back(make(vt, capacity));
-        bool with_ring = ring > 0 && (needs_ring(kt) || needs_ring(vt));
-        k_ring_.push_back(with_ring ? make(DType::f16, ring) : KVStore{});
-        v_ring_.push_back(with_ring ? make(DType::f16, ring) : KVStore{});
+    for (const LayerLayout& l : layout(*model_, capacity, config)) {
+        k_.push_back(make(l.k, capacity));
+        v_.push_back(make(l.v, capacity));
+        k_ring_.push_back(make(DType::f16, l.ring));
+        v_ring_.push_back(make(DType::f16, l.ring));
     }
 }
 
@@ -87,36 +96,38 @@ void KVCache::truncate(int64_t n) {
         fail(ErrorKind::invalid_arg, "cannot truncate a cache of " + std::to_string(n_past_) + " tokens to " +
                                          std::to_string(n));
     n_past_ = n;
-    ring_from_ = std::min(ring_from_, n);   // ring slots of positions < n are intact
+    ring_valid_from_ = std::min(ring_valid_from_, n);   // slots of the kept positions are untouched
 }
 
 size_t KVCache::bytes() const { return bytes_; }
 
 size_t KVCache::bytes_per_token(const Model& model, const KVCacheConfig& config) {
     const HParams& hp = model.hparams();
-    config.validate(hp.head_dim, hp.n_layer);
     size_t total = 0;
-    for (int64_t l = 0; l < hp.n_layer; ++l) {
-        bool prefix = l < config.fp16_prefix_layers;
-        total += row_bytes(prefix ? DType::f16 : config.k_type, hp.head_dim) +
-                 row_bytes(prefix ? DType::f16 : config.v_type, hp.head_dim);
-    }
+    for (const LayerLayout& l : layout(model, 1, config)) total += row_bytes(l.k, hp.head_dim) + row_bytes(l.v, hp.head_dim);
     return total * static_cast<size_t>(hp.n_head_kv);
 }
 
+size_t KVCache::bytes_for(const Model& model, int64_t capacity, const KVCacheConfig& config) {
+    const HParams& hp = model.hparams();
+    size_t ring = 0;
+    for (const LayerLayout& l : layout(model, capacity, config))
+        ring += 2 * row_bytes(DType::f16, hp.head_dim) * static_cast<size_t>(l.ring * hp.n_head_kv);
+    return bytes_per_token(model, config) * static_cast<size_t>(capacity) + ring;
+}
+
 KVLayerView KVCache::layer_view(size_t layer) const {
-    return KVLayerView{k_[layer], v_[layer], k_ring_[layer], v_ring_[layer], ring_from_};
+    return KVLayerView{k_[layer], v_[layer], k_ring_[layer], v_ring_[layer], config_.residual_len, ring_valid_from_};
 }
 
 void KVCache::advance(int64_t n_new) {
     n_past_ += n_new;
-    // every ringed layer has the same ring length, so any one tells where the ring now starts
-    for (size_t l = 0; l < k_.size(); ++l)
-        if (k_ring_[l].data) {
-            ring_from_ = layer_view(l).ring_from_after(n_past_);
+    // every ringed layer has the same ring capacity; positions that far back had their slot reused
+    for (const KVStore& ring : k_ring_)
+        if (ring.data) {
+            ring_valid_from_ = std::max(ring_valid_from_, n_past_ - ring.capacity);
             return;
         }
-    ring_from_ = n_past_;
 }
 
 }  // namespace tmill

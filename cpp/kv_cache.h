@@ -1,7 +1,7 @@
 // A sequence's keys and values for every layer, stored in a chosen type per K and V: fp32, fp16,
 // bf16, q8 (q8_0 blocks), q4 (q4_0 blocks) or nf4. Values are quantized as they are written and the
-// attention kernels read the stored blocks. Options: an fp16 ring for the newest tokens (they move
-// into the quantized store as it slides) and fp16 for the first layers.
+// attention kernels read the stored blocks. Options: the newest tokens read from fp16 copies (a ring
+// per layer; older ones from the quantized store) and fp16 for the first layers.
 #pragma once
 
 #include <cstdint>
@@ -40,25 +40,31 @@ public:
     int64_t capacity() const { return capacity_; }
     int64_t n_past() const { return n_past_; }
     const KVCacheConfig& config() const { return config_; }
-    // Forget everything after the first n tokens (rollback); n must not exceed n_past. Positions
-    // still in the fp16 ring stay there; the others are read from the main stores.
+    // Forget everything after the first n tokens (rollback); n must not exceed n_past. The ring
+    // holds kRingSlack more positions than the residual, so a rollback of up to that many tokens
+    // reads exactly what it read before; deeper ones read some fp16 positions quantized.
     void truncate(int64_t n);
+    static constexpr int64_t kRingSlack = 16;
     // the memory this cache holds
     size_t bytes() const;
-    // bytes per cached token of the main stores (the ring is a fixed extra)
+    // bytes per cached token of the main stores (the ring is a fixed extra) ...
     static size_t bytes_per_token(const Model& model, const KVCacheConfig& config);
+    // ... and everything a cache of this capacity allocates
+    static size_t bytes_for(const Model& model, int64_t capacity, const KVCacheConfig& config);
 
 private:
     friend class Model;
+    struct LayerLayout { DType k, v; int64_t ring; };   // ring: fp16 slots, 0 = none
+    static std::vector<LayerLayout> layout(const Model& model, int64_t capacity, const KVCacheConfig& config);
     KVLayerView layer_view(size_t layer) const;
-    // after a forward call appended tokens: the ring keeps the newest positions
+    // after a forward call appended tokens: older ring slots were reused
     void advance(int64_t n_new);
 
     std::shared_ptr<const Model> model_;
     int64_t capacity_;
     KVCacheConfig config_;
     int64_t n_past_ = 0;
-    int64_t ring_from_ = 0;
+    int64_t ring_valid_from_ = 0;   // positions from here on have an intact ring slot
     std::vector<KVStore> k_, v_, k_ring_, v_ring_;   // per layer
     std::vector<uint8_t*> blocks_;                   // every allocation, freed with the cache
     size_t bytes_ = 0;

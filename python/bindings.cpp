@@ -1,6 +1,8 @@
 // tokenmill._core: thin pybind11 bindings over the C++ core. Ownership and policy live in the
 // Python package; this file only converts arguments, releases the GIL around native work and maps
 // tmill::Error kinds onto tokenmill.errors classes.
+#include <cmath>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -184,6 +186,55 @@ PYBIND11_MODULE(_core, mod) {
     }, py::arg("type"), py::arg("row"), py::arg("x"),
        "Dot product of one stored weight row with x, as the active level computes a decode step.");
 
+    mod.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
+                            const std::string& k_kind, const std::string& v_kind, int64_t window, int64_t ring,
+                            int n_threads) {
+        const int64_t T = q.ndim() == 2 ? q.shape(0) : 0, N = k.ndim() == 2 ? k.shape(0) : 0;
+        if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || T <= 0 || T > N ||
+            q.shape(1) % n_heads != 0 || v.ndim() != 2 || v.shape(0) != N)
+            fail(ErrorKind::invalid_arg, "attention: q [T, heads*hd], k and v [N >= T, kv_heads*hd] expected");
+        const int64_t hd = q.shape(1) / n_heads;
+        if (k.shape(1) != n_kv_heads * hd || v.shape(1) != n_kv_heads * hd)
+            fail(ErrorKind::invalid_arg, "attention: k and v must have kv_heads * head_dim columns");
+        KVCacheConfig cfg;
+        cfg.k_type = kv_type_from_name(k_kind);
+        cfg.v_type = kv_type_from_name(v_kind);
+        cfg.validate(hd, 1);
+        if (ring < 0 || ring > N) fail(ErrorKind::invalid_arg, "attention: ring must be in [0, N]");
+        std::vector<std::vector<uint8_t>> memory;
+        auto store = [&](DType type, int64_t rows) {
+            KVStore st;
+            if (rows == 0) return st;
+            st.type = type;
+            st.capacity = rows;
+            st.row_bytes = row_bytes(type, hd);
+            memory.emplace_back(st.row_bytes * static_cast<size_t>(rows * n_kv_heads));
+            st.data = memory.back().data();
+            return st;
+        };
+        KVLayerView kv{store(cfg.k_type, N), store(cfg.v_type, N), store(DType::f16, ring), store(DType::f16, ring), ring, 0};
+        FloatArray out({T, static_cast<int64_t>(q.shape(1))});
+        {
+            py::gil_scoped_release release;
+            auto be = make_cpu_backend(n_threads);
+            const AttentionShape shape{n_heads, n_kv_heads, static_cast<int>(hd), 1.0f / std::sqrt(static_cast<float>(hd))};
+            // the first N - T rows as an earlier call, then the last T with their queries
+            if (N > T) {
+                AttentionSegment past{0, N - T, 0, window, kv};
+                be->kv_store(k.data(), v.data(), &past, 1, shape);
+                kv.ring_valid_from = std::max<int64_t>(0, N - T - ring);
+            }
+            AttentionSegment seg{0, T, N - T, window, kv};
+            const size_t skip = static_cast<size_t>((N - T) * n_kv_heads * hd);
+            be->kv_store(k.data() + skip, v.data() + skip, &seg, 1, shape);
+            be->attention(out.mutable_data(), q.data(), &seg, 1, shape);
+        }
+        return out;
+    }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("k_kind") = "fp32",
+       py::arg("v_kind") = "fp32", py::arg("window") = 0, py::arg("ring") = 0, py::arg("n_threads") = 1,
+       "The CPU backend's causal attention of the last T of N positions, K and V stored in the given kinds "
+       "(the newest `ring` positions in fp16), as the kernels run it inside a model.");
+
     // ---- model
     py::enum_<RopeStyle>(mod, "RopeStyle")
         .value("none", RopeStyle::none)
@@ -221,6 +272,11 @@ PYBIND11_MODULE(_core, mod) {
         .def_property_readonly("weight_bytes", &Model::weight_bytes)
         .def_property_readonly("n_threads", [](const Model& m) { return m.backend().n_threads(); })
         .def_property_readonly("backend", [](const Model& m) { return m.backend().name(); })
+        .def("kv_bytes_per_token", [](const Model& m, const KVCacheConfig& c) { return KVCache::bytes_per_token(m, c); },
+             py::arg("config"), "Bytes a cache with this configuration stores per token (all layers, K and V).")
+        .def("kv_cache_bytes", [](const Model& m, int64_t capacity, const KVCacheConfig& c) {
+            return KVCache::bytes_for(m, capacity, c);
+        }, py::arg("capacity"), py::arg("config"), "Bytes a cache of this capacity and configuration allocates.")
         .def("eval", [](Model& m, KVCache& cache, IdArray tokens, const std::string& logits, bool hidden) {
             if (tokens.ndim() != 1) fail(ErrorKind::invalid_arg, "tokens must be a 1-D sequence of ids");
             std::vector<SequenceInput> batch{{&cache, tokens.data(), nullptr, static_cast<int64_t>(tokens.size())}};
@@ -246,12 +302,32 @@ PYBIND11_MODULE(_core, mod) {
             return py::object(out[0]);
         }, py::arg("caches"), py::arg("tokens"), py::arg("logits") = "last");
 
+    py::class_<KVCacheConfig>(mod, "KVCacheConfig")
+        .def(py::init([](const std::string& k_kind, const std::string& v_kind, int64_t residual_len,
+                         int64_t fp16_prefix_layers, int64_t local_window) {
+            KVCacheConfig c;
+            c.k_type = kv_type_from_name(k_kind);
+            c.v_type = kv_type_from_name(v_kind);
+            c.residual_len = residual_len;
+            c.fp16_prefix_layers = fp16_prefix_layers;
+            c.local_window = local_window;
+            return c;
+        }), py::arg("k_kind") = "fp32", py::arg("v_kind") = "fp32", py::arg("residual_len") = 0,
+            py::arg("fp16_prefix_layers") = 0, py::arg("local_window") = 0)
+        .def_property_readonly("k_kind", [](const KVCacheConfig& c) { return kv_type_name(c.k_type); })
+        .def_property_readonly("v_kind", [](const KVCacheConfig& c) { return kv_type_name(c.v_type); })
+        .def_readonly("residual_len", &KVCacheConfig::residual_len)
+        .def_readonly("fp16_prefix_layers", &KVCacheConfig::fp16_prefix_layers)
+        .def_readonly("local_window", &KVCacheConfig::local_window);
+
     py::class_<KVCache, std::shared_ptr<KVCache>>(mod, "KVCache")
-        .def(py::init([](std::shared_ptr<Model> m, int64_t capacity) { return std::make_shared<KVCache>(m, capacity); }),
-             py::arg("model"), py::arg("capacity"))
+        .def(py::init([](std::shared_ptr<Model> m, int64_t capacity, const KVCacheConfig& config) {
+            return std::make_shared<KVCache>(m, capacity, config);
+        }), py::arg("model"), py::arg("capacity"), py::arg("config") = KVCacheConfig{})
         .def_property_readonly("capacity", &KVCache::capacity)
         .def_property_readonly("n_past", &KVCache::n_past)
         .def_property_readonly("bytes", &KVCache::bytes)
+        .def_property_readonly("config", &KVCache::config)
         .def("truncate", &KVCache::truncate, py::arg("n"));
 
     // ---- sampling

@@ -84,9 +84,10 @@ def test_hostile_headers(tmp_path, blob, match):
         _core.GGUFFile(str(_write(tmp_path, blob)))
 
 
-def test_unknown_tensor_type(tmp_path):
-    blob = _header(1, 0) + _gstr(b"t") + struct.pack("<IQIQ", 1, 32, 77, 0) + bytes(64)
-    with pytest.raises(tokenmill.UnsupportedModelError, match="unknown type id 77"):
+@pytest.mark.parametrize("type_id", [77, 1 << 16])   # 1 << 16: tokenmill's own nf4 (KV cache only)
+def test_unknown_tensor_type(tmp_path, type_id):
+    blob = _header(1, 0) + _gstr(b"t") + struct.pack("<IQIQ", 1, 32, type_id, 0) + bytes(64)
+    with pytest.raises(tokenmill.UnsupportedModelError, match=f"unknown type id {type_id}"):
         _core.GGUFFile(str(_write(tmp_path, blob)))
 
 

@@ -192,39 +192,24 @@ public:
                   const AttentionShape& shape) override {
         const int64_t hd = shape.head_dim, kv_width = shape.n_kv_heads * hd;
         std::vector<int64_t> first_row(static_cast<size_t>(n_segs) + 1, 0);
-        for (int s = 0; s < n_segs; ++s) {
-            const AttentionSegment& seg = segs[s];
-            first_row[s + 1] = first_row[s] + seg.n_rows;
-            KVLayerView kv = seg.kv;
-            if (!kv.has_ring()) continue;
-            // positions that leave the fp16 ring move into the main stores first (their ring slots
-            // may be reused by the new tokens)
-            const int64_t leave_end = std::min(kv.ring_from_after(seg.n_past + seg.n_rows), seg.n_past);
-            std::vector<float> tmp(static_cast<size_t>(hd));
-            for (int64_t p = kv.ring_from; p < leave_end; ++p)
-                for (int h = 0; h < shape.n_kv_heads; ++h) {
-                    const int64_t slot = p % kv.k_ring.capacity;
-                    dequantize_row(DType::f16, kv.k_ring.row(h, slot), tmp.data(), hd);
-                    quantize_row(kv.k.type, tmp.data(), kv.k.row(h, p), hd);
-                    dequantize_row(DType::f16, kv.v_ring.row(h, slot), tmp.data(), hd);
-                    quantize_row(kv.v.type, tmp.data(), kv.v.row(h, p), hd);
-                }
-        }
-        // the new tokens: newest ones into the ring, the others quantized into the main stores
+        for (int s = 0; s < n_segs; ++s) first_row[s + 1] = first_row[s] + segs[s].n_rows;
         pool_.parallel_for(first_row[n_segs], [&](int64_t r0, int64_t r1, int) {
             for (int64_t row = r0; row < r1; ++row) {
                 int s = static_cast<int>(std::upper_bound(first_row.begin(), first_row.end(), row) - first_row.begin()) - 1;
                 const AttentionSegment& seg = segs[s];
                 KVLayerView kv = seg.kv;
                 const int64_t p = seg.n_past + (row - first_row[s]);
-                const bool in_ring = kv.has_ring() && p >= kv.ring_from_after(seg.n_past + seg.n_rows);
-                KVStore& ks = in_ring ? kv.k_ring : kv.k;
-                KVStore& vs = in_ring ? kv.v_ring : kv.v;
-                const int64_t slot = in_ring ? p % kv.k_ring.capacity : p;
-                const int64_t src = (seg.row0 + row - first_row[s]) * kv_width;
+                const float* kr = k + (seg.row0 + row - first_row[s]) * kv_width;
+                const float* vr = v + (seg.row0 + row - first_row[s]) * kv_width;
+                // the ring only needs the positions that will still have their slot after this call
+                const bool to_ring = kv.has_ring() && p >= seg.n_past + seg.n_rows - kv.k_ring.capacity;
                 for (int h = 0; h < shape.n_kv_heads; ++h) {
-                    quantize_row(ks.type, k + src + h * hd, ks.row(h, slot), hd);
-                    quantize_row(vs.type, v + src + h * hd, vs.row(h, slot), hd);
+                    quantize_row(kv.k.type, kr + h * hd, kv.k.row(h, p), hd);
+                    quantize_row(kv.v.type, vr + h * hd, kv.v.row(h, p), hd);
+                    if (to_ring) {
+                        quantize_row(DType::f16, kr + h * hd, kv.k_ring.row(h, p % kv.k_ring.capacity), hd);
+                        quantize_row(DType::f16, vr + h * hd, kv.v_ring.row(h, p % kv.v_ring.capacity), hd);
+                    }
                 }
             }
         });

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -18,12 +19,14 @@ import numpy as np
 
 from . import _core
 from .errors import ContextOverflowError, InvalidArgumentError, TokenmillError
+from .kvcache import CACHE_KINDS, CachePlan, CacheSpec, select_cache_plan
 from .tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from .model import Model
 
 OVERFLOW_MODES = ("error", "truncate", "slide")
+DECODE_PLANS = ("auto", "fixed", "none")
 
 
 @dataclass
@@ -41,7 +44,22 @@ class GenerateConfig:
     max_seq_len - 1 tokens and recompute their cache, so generation never stops for lack of room,
     as the seed's sliding window does; each slide costs a prefill of the window).
     logprobs: None, or the number n of top alternatives to report with each chosen token's
-    log-probability (0 = only the chosen token)."""
+    log-probability (0 = only the chosen token).
+
+    KV cache: cache_kind "fp32" | "fp16" | "bf16" | "q8" | "q4" | "nf4" | "auto" (cache_kind_k /
+    cache_kind_v override it per tensor), cache_residual_len newest tokens kept in fp16,
+    cache_fp16_prefix_layers first layers in fp16. "auto" picks a kind under cache_budget_mb (MB
+    for max_seq_len tokens) that passes the quality gates (cache_quality_*) on a calibration text
+    (cache_quality_text, default: shipped Shakespeare), the fastest by a micro-benchmark when
+    cache_auto_benchmark; the plan persists in cache_plan_path and is re-measured after
+    cache_plan_probe_interval_sec if cache_plan_probe (see tokenmill.kvcache).
+
+    decode_plan: "none" evaluates a prompt in one pass with full attention; "fixed" evaluates
+    prompts in chunks of decode_q_chunk tokens and restricts attention to the last
+    decode_local_window positions (0 = no limit); "auto" picks by context length (max_seq_len):
+    up to decode_bucket_short as "none", up to decode_bucket_mid chunked, beyond that chunked and
+    windowed. A local window changes results once the context outgrows it (tokens further back
+    are no longer seen, as in Mistral's sliding window); chunking does not."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -61,6 +79,32 @@ class GenerateConfig:
     max_seq_len: Optional[int] = None
     context_overflow: str = "error"
     logprobs: Optional[int] = None
+    # KV cache
+    cache_kind: str = "fp32"
+    cache_kind_k: Optional[str] = None
+    cache_kind_v: Optional[str] = None
+    cache_budget_mb: Optional[float] = None
+    cache_residual_len: int = 0
+    cache_fp16_prefix_layers: int = 0
+    cache_quality_max_delta_nll: float = 0.05
+    cache_quality_max_ppl_ratio: float = 1.05
+    cache_quality_max_mean_kl: float = 0.05
+    cache_quality_min_top1: float = 0.9
+    cache_quality_prompt_len: int = 256
+    cache_quality_decode_steps: int = 32
+    cache_quality_text: Optional[str] = None
+    cache_auto_benchmark: bool = True
+    cache_auto_bench_steps: int = 8
+    cache_auto_bench_prompt_len: int = 64
+    cache_plan_path: Optional[str] = None
+    cache_plan_probe: bool = True
+    cache_plan_probe_interval_sec: float = 3600.0
+    # attention plan
+    decode_plan: str = "auto"
+    decode_bucket_short: int = 512
+    decode_bucket_mid: int = 2048
+    decode_q_chunk: int = 256
+    decode_local_window: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -94,6 +138,33 @@ class GenerateConfig:
             )
         self.stop_strings()
         self.eos_ids(None)
+        kinds = CACHE_KINDS + ("auto",)
+        for name in ("cache_kind", "cache_kind_k", "cache_kind_v"):
+            value = getattr(self, name)
+            if (value is not None or name == "cache_kind") and value not in kinds:
+                raise InvalidArgumentError(f"{name} must be one of {', '.join(kinds)}, got {value!r}")
+        if "auto" in (self.cache_kind_k, self.cache_kind_v):
+            raise InvalidArgumentError("'auto' applies to cache_kind as a whole, not to cache_kind_k / cache_kind_v")
+        if self.cache_budget_mb is not None:
+            _number("cache_budget_mb", self.cache_budget_mb, lo=0.0, lo_open=True)
+        for name in ("cache_residual_len", "cache_fp16_prefix_layers", "decode_local_window"):
+            _integer(name, getattr(self, name), 0)
+        for name in ("cache_quality_prompt_len", "cache_quality_decode_steps", "cache_auto_bench_steps",
+                     "cache_auto_bench_prompt_len", "decode_bucket_short", "decode_bucket_mid", "decode_q_chunk"):
+            _integer(name, getattr(self, name), 1)
+        _number("cache_quality_max_delta_nll", self.cache_quality_max_delta_nll)
+        _number("cache_quality_max_ppl_ratio", self.cache_quality_max_ppl_ratio, lo=1.0)
+        _number("cache_quality_max_mean_kl", self.cache_quality_max_mean_kl, lo=0.0)
+        _number("cache_quality_min_top1", self.cache_quality_min_top1, lo=0.0, hi=1.0)
+        _number("cache_plan_probe_interval_sec", self.cache_plan_probe_interval_sec, lo=0.0)
+        if self.cache_quality_text is not None and not isinstance(self.cache_quality_text, str):
+            raise InvalidArgumentError("cache_quality_text must be a string (the calibration text itself)")
+        if self.cache_plan_path is not None and not isinstance(self.cache_plan_path, (str, os.PathLike)):
+            raise InvalidArgumentError("cache_plan_path must be a path")
+        if self.decode_plan not in DECODE_PLANS:
+            raise InvalidArgumentError(f"decode_plan must be one of {', '.join(DECODE_PLANS)}, got {self.decode_plan!r}")
+        if self.decode_bucket_mid < self.decode_bucket_short:
+            raise InvalidArgumentError("decode_bucket_mid must be >= decode_bucket_short")
         if self.logit_bias is not None and not isinstance(self.logit_bias, Mapping):
             raise InvalidArgumentError("logit_bias must be a mapping {token_id: bias}")
 
@@ -188,7 +259,11 @@ class _Sequence:
         self.model = model
         self.config = config
         self.capacity = min(config.max_seq_len or model.n_ctx, model.n_ctx)
-        self.cache = model.new_cache(self.capacity)
+        self.cache_plan = _cache_plan(model, config, self.capacity)
+        self.q_chunk, local_window = _attention_plan(config, self.capacity)
+        spec = CacheSpec(self.cache_plan.k_kind, self.cache_plan.v_kind, config.cache_residual_len,
+                         config.cache_fp16_prefix_layers, local_window)
+        self.cache = model.new_cache(self.capacity, spec)
         self.history: list[int] = []       # every token in the context, evaluated or not
         self.logits: Optional[np.ndarray] = None   # next-token logits after history (when evaluated)
         self.sampler = _core.Sampler(config.sampler_params(), model.n_vocab)
@@ -269,14 +344,37 @@ class _Sequence:
         return TokenLogprob(token, float(logp[token]), top)
 
 
+def _cache_plan(model: "Model", config: GenerateConfig, capacity: int) -> CachePlan:
+    if config.cache_kind == "auto":
+        return select_cache_plan(model, config, capacity)
+    return CachePlan(config.cache_kind_k or config.cache_kind, config.cache_kind_v or config.cache_kind, "fixed")
+
+
+def _attention_plan(config: GenerateConfig, context: int) -> tuple[Optional[int], int]:
+    """(prompt chunk length or None for one pass, local attention window or 0) for decode_plan."""
+    plan = config.decode_plan
+    if plan == "none" or (plan == "auto" and context <= config.decode_bucket_short):
+        return None, 0
+    if plan == "auto" and context <= config.decode_bucket_mid:
+        return config.decode_q_chunk, 0
+    return config.decode_q_chunk, config.decode_local_window
+
+
 def _evaluate(model: "Model", seqs: Sequence[_Sequence]) -> None:
-    """One forward pass over every sequence's pending tokens; stores each one's next logits."""
+    """Forward passes over every sequence's pending tokens (long ones first go through in chunks
+    of their q_chunk, without logits); stores each one's next logits."""
     todo = [s for s in seqs if s.logits is None and s.history]
     if not todo:
         return
     for s in todo:
         if not s.pending:   # all cached but the logits were dropped: re-run the last token
             s.cache.truncate(len(s.history) - 1)
+    while True:
+        long = [s for s in todo if s.q_chunk and len(s.pending) > s.q_chunk]
+        if not long:
+            break
+        model.native.eval_batch([s.cache for s in long], [np.asarray(s.pending[: s.q_chunk], dtype=np.int32) for s in long],
+                                "none")
     tokens = [np.asarray(s.pending, dtype=np.int32) for s in todo]
     logits = model.native.eval_batch([s.cache for s in todo], tokens, "last")
     for s, row in zip(todo, logits):
@@ -434,6 +532,15 @@ class Generator:
     def n_cached(self) -> int:
         return self._seq.cache.n_past
 
+    @property
+    def cache_plan(self) -> CachePlan:
+        """The KV cache kinds in use and, for cache_kind="auto", every candidate's measurements."""
+        return self._seq.cache_plan
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._seq.cache.bytes
+
     def reset(self) -> None:
         self._seq._replace_history([])
 
@@ -474,6 +581,12 @@ class Generator:
 
     def start(self, input_ids=None, **overrides: Any) -> "_Run":
         """Checks the call and appends its input (errors surface here, before any iteration)."""
+        fixed = {k for k in overrides if k.startswith(("cache_", "decode_")) or k == "max_seq_len"}
+        if fixed:
+            raise InvalidArgumentError(
+                f"{', '.join(sorted(fixed))} shape the KV cache, which exists once the Generator is created; "
+                "pass them to the Generator"
+            )
         config = self.config.replace(**overrides)
         seq = self._seq
         ids = _as_ids(self.model, input_ids, first=not seq.history) if input_ids is not None else []

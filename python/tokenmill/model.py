@@ -16,6 +16,7 @@ from .chat import render_chat
 from .default_model import resolve_default
 from .errors import ContextOverflowError, InvalidArgumentError, ModelFormatError, TokenmillError
 from .generation import GenerateConfig, Generator, generate_batch
+from .kvcache import CacheSpec
 from .tokenizer import Tokenizer, tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
 
 # Model.generate / chat / generate_batch follow llama.cpp's sampling defaults; GenerateConfig itself
@@ -130,19 +131,50 @@ class Model:
         return self._require_tokenizer().decode(ids, skip_special_tokens)
 
     # ---- evaluation
-    def new_cache(self, capacity: Optional[int] = None) -> "_core.KVCache":
-        return _core.KVCache(self.native, capacity or self.n_ctx)
+    def new_cache(self, capacity: Optional[int] = None, spec: Optional[CacheSpec] = None) -> "_core.KVCache":
+        """An empty KV cache for `capacity` tokens (default: the context), stored as `spec` says."""
+        return _core.KVCache(self.native, capacity or self.n_ctx, (spec or CacheSpec()).native())
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits for every position: float32 [len(ids), n_vocab]."""
+    def kv_bytes_per_token(self, kind: str = "fp32", v_kind: Optional[str] = None, fp16_prefix_layers: int = 0) -> int:
+        """Bytes of K and V a cache of this kind stores per token, over all layers."""
+        return self.native.kv_bytes_per_token(CacheSpec(kind, v_kind or kind, fp16_prefix_layers=fp16_prefix_layers).native())
+
+    def supports_cache_kind(self, kind: str, v_kind: Optional[str] = None) -> bool:
+        """Whether this model's head size suits the kind (block kinds need multiples of 32)."""
+        try:
+            self.kv_bytes_per_token(kind, v_kind)
+        except InvalidArgumentError:
+            return False
+        return True
+
+    def logits(
+        self,
+        ids: Sequence[int],
+        cache_kind: str = "fp32",
+        chunk: Optional[int] = None,
+        *,
+        cache_kind_v: Optional[str] = None,
+        residual_len: int = 0,
+        fp16_prefix_layers: int = 0,
+    ) -> np.ndarray:
+        """Logits for every position: float32 [len(ids), n_vocab], teacher-forced.
+
+        The tokens go `chunk` at a time (default: all at once) through a KV cache of `cache_kind`
+        (`cache_kind_v` for V if different): with chunk=1 every position reads quantized K and V,
+        as decoding does, which is what cache-quality evaluations need."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0:
             raise InvalidArgumentError("ids must be a non-empty 1-D sequence of token ids")
         if ids.size > self.n_ctx:
             raise ContextOverflowError(f"{ids.size} tokens exceed the context of {self.n_ctx}")
-        cache = self.new_cache(int(ids.size))
-        out, _ = self.native.eval(cache, ids.astype(np.int32), "all", False)
-        return out
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise InvalidArgumentError(f"chunk must be a positive integer, got {chunk!r}")
+        spec = CacheSpec(cache_kind, cache_kind_v or cache_kind, residual_len, fp16_prefix_layers)
+        cache = self.new_cache(int(ids.size), spec)
+        ids32 = ids.astype(np.int32)
+        step = chunk or ids.size
+        parts = [self.native.eval(cache, ids32[i : i + step], "all", False)[0] for i in range(0, ids.size, step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # ---- generation
     def generate(
