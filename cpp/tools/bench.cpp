@@ -1,7 +1,12 @@
 // tokenmill-bench: prompt-processing (-p) and generation (-n) throughput of a GGUF model, in the
 // spirit of llama-bench. Every test runs -r times on a fresh cache; the table shows mean ± sd.
 //
-//   tokenmill-bench -m model.gguf [-p 128,512] [-n 64] [-t 1,2] [-r 5] [-d 0,2048] [-o md|json]
+//   tokenmill-bench -m model.gguf [-p 128,512] [-n 64] [-t 1,2] [-r 5] [-d 0,2048]
+//                   [-ctk fp32,q8] [-ctv fp32,q8] [-o md|json]
+//
+// -ctk / -ctv list KV cache kinds (fp32 fp16 bf16 q8 q4 nf4); each K kind runs with the V kind at the
+// same list position (the last one repeats), so "-ctk fp16,q8 -ctv fp16,q8" measures two caches.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -13,6 +18,7 @@
 
 #include "../cpu/kernels.h"
 #include "../error.h"
+#include "../kv_cache.h"
 #include "../model.h"
 #include "../threadpool.h"
 
@@ -26,6 +32,8 @@ struct Options {
     std::vector<int> gen = {64};
     std::vector<int> threads = {default_thread_count()};
     std::vector<int> depth = {0};
+    std::vector<std::string> cache_k = {"fp32"};
+    std::vector<std::string> cache_v;   // empty: same as cache_k
     int reps = 5;
     bool json = false;
 };
@@ -38,10 +46,18 @@ std::vector<int> parse_list(const char* s) {
     return out;
 }
 
+std::vector<std::string> parse_names(const char* s) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, ',')) out.push_back(item);
+    return out;
+}
+
 [[noreturn]] void usage() {
     std::fprintf(stderr,
                  "usage: tokenmill-bench -m MODEL.gguf [-p N,..] [-n N,..] [-t THREADS,..] [-d DEPTH,..] [-r REPS] "
-                 "[-o md|json]\n");
+                 "[-ctk KIND,..] [-ctv KIND,..] [-o md|json]\n");
     std::exit(2);
 }
 
@@ -57,10 +73,12 @@ Options parse(int argc, char** argv) {
         else if (a == "-t") o.threads = parse_list(v);
         else if (a == "-d") o.depth = parse_list(v);
         else if (a == "-r") o.reps = std::atoi(v);
+        else if (a == "-ctk") o.cache_k = parse_names(v);
+        else if (a == "-ctv") o.cache_v = parse_names(v);
         else if (a == "-o") o.json = std::string(v) == "json";
         else usage();
     }
-    if (o.model.empty() || o.reps < 1) usage();
+    if (o.model.empty() || o.reps < 1 || o.cache_k.empty()) usage();
     return o;
 }
 
@@ -69,9 +87,9 @@ double now() {
 }
 
 // Seconds to run `n` tokens after `depth` tokens of context: as one prompt, or one token at a time.
-double run_once(Model& m, int depth, int n, bool prompt) {
+double run_once(Model& m, const KVCacheConfig& kv, int depth, int n, bool prompt) {
     const HParams& hp = m.hparams();
-    KVCache cache(m.shared_from_this(), depth + n + 1);
+    KVCache cache(m.shared_from_this(), depth + n + 1, kv);
     std::vector<int32_t> ids(static_cast<size_t>(depth + n));
     for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 2654435761u) % hp.n_vocab);
     std::vector<float> logits(static_cast<size_t>(hp.n_vocab));
@@ -92,21 +110,32 @@ int main(int argc, char** argv) {
     try {
         bool first = true;
         if (o.json) std::printf("[\n");
-        else std::printf("| model | size | params | backend | threads | test | t/s |\n|---|---:|---:|---|---:|---|---:|\n");
+        else std::printf("| model | size | params | backend | threads | kv | test | t/s |\n|---|---:|---:|---|---:|---|---|---:|\n");
+        std::vector<KVCacheConfig> caches;
+        for (size_t i = 0; i < o.cache_k.size(); ++i) {
+            const std::vector<std::string>& vs = o.cache_v.empty() ? o.cache_k : o.cache_v;
+            KVCacheConfig c;
+            c.k_type = kv_type_from_name(o.cache_k[i]);
+            c.v_type = kv_type_from_name(vs[std::min(i, vs.size() - 1)]);
+            caches.push_back(c);
+        }
         for (int threads : o.threads) {
             auto model = Model::from_gguf(o.model, threads);
             std::string name = o.model.substr(o.model.find_last_of('/') + 1);
             double size_mib = static_cast<double>(model->weight_bytes()) / (1 << 20);
             double params_m = static_cast<double>(model->n_params()) / 1e6;
+            for (const KVCacheConfig& kv : caches)
             for (int depth : o.depth) {
+                kv.validate(model->hparams().head_dim, model->hparams().n_layer);
+                std::string kv_name = kv_type_name(kv.k_type) + "/" + kv_type_name(kv.v_type);
                 std::vector<std::pair<std::string, std::pair<int, bool>>> tests;
                 for (int p : o.prompt) if (p > 0) tests.push_back({"pp" + std::to_string(p), {p, true}});
                 for (int n : o.gen) if (n > 0) tests.push_back({"tg" + std::to_string(n), {n, false}});
                 for (auto& [label, spec] : tests) {
                     auto [n, prompt] = spec;
-                    run_once(*model, depth, prompt ? n : 4, prompt);   // warm-up
+                    run_once(*model, kv, depth, prompt ? n : 4, prompt);   // warm-up
                     std::vector<double> tps;
-                    for (int r = 0; r < o.reps; ++r) tps.push_back(n / run_once(*model, depth, n, prompt));
+                    for (int r = 0; r < o.reps; ++r) tps.push_back(n / run_once(*model, kv, depth, n, prompt));
                     double mean = 0, sd = 0;
                     for (double v : tps) mean += v;
                     mean /= tps.size();
@@ -116,15 +145,16 @@ int main(int argc, char** argv) {
                     std::string backend = "cpu-" + std::string(cpu::kernels().name);
                     if (o.json) {
                         std::printf("%s  {\"model\": \"%s\", \"size_mib\": %.2f, \"params_m\": %.2f, \"backend\": \"%s\", "
-                                    "\"threads\": %d, \"test\": \"%s\", \"n\": %d, \"depth\": %d, \"tps_mean\": %.3f, "
+                                    "\"threads\": %d, \"kv\": \"%s\", \"test\": \"%s\", \"n\": %d, \"depth\": %d, \"tps_mean\": %.3f, "
                                     "\"tps_sd\": %.3f, \"samples\": [",
                                     first ? "" : ",\n", name.c_str(), size_mib, params_m, backend.c_str(), threads,
-                                    label.c_str(), n, depth, mean, sd);
+                                    kv_name.c_str(), label.c_str(), n, depth, mean, sd);
                         for (size_t i = 0; i < tps.size(); ++i) std::printf("%s%.3f", i ? ", " : "", tps[i]);
                         std::printf("]}");
                     } else {
-                        std::printf("| %s | %.2f MiB | %.2f M | %s | %d | %s | %.2f ± %.2f |\n", name.c_str(), size_mib,
-                                    params_m, backend.c_str(), threads, test.c_str(), mean, sd);
+                        std::printf("| %s | %.2f MiB | %.2f M | %s | %d | %s | %s | %.2f ± %.2f |\n", name.c_str(),
+                                    size_mib, params_m, backend.c_str(), threads, kv_name.c_str(), test.c_str(),
+                                    mean, sd);
                     }
                     std::fflush(stdout);
                     first = false;
