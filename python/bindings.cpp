@@ -161,30 +161,53 @@ PYBIND11_MODULE(_core, mod) {
         quantize_row(t, x.data(), out.data(), n);
         return py::bytes(out);
     }, py::arg("type"), py::arg("x"));
-    mod.def("dequantize", [](const std::string& type, py::bytes data, int64_t n) {
+    mod.def("dequantize", [](const std::string& type, py::bytes data, int64_t n, bool active_level) {
         DType t = dtype_from_name(type);
         std::string_view view = data;
         if (n < 0 || n % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, n))
             fail(ErrorKind::invalid_arg, "byte length does not match " + std::to_string(n) + " elements of " + type);
         FloatArray out(n);
-        dequantize_row(t, view.data(), out.mutable_data(), n);
+        if (active_level) cpu::kernels().dequantize_row(t, view.data(), out.mutable_data(), n);
+        else dequantize_row(t, view.data(), out.mutable_data(), n);
         return out;
-    }, py::arg("type"), py::arg("data"), py::arg("n"));
+    }, py::arg("type"), py::arg("data"), py::arg("n"), py::arg("active_level") = false,
+       "The reference dequantization, or with active_level the active CPU level's kernel.");
 
-    mod.def("dot_row", [](const std::string& type, py::bytes data, FloatArray x) {
+    // Test ops: one weight row against vectors, through the kernels a decode or prefill step uses.
+    auto check_row = [](const std::string& type, std::string_view row, int64_t n) {
         DType t = dtype_from_name(type);
+        if (n % dtype_info(t).block_size != 0 || row.size() != row_bytes(t, n))
+            fail(ErrorKind::invalid_arg, "row bytes do not match " + std::to_string(n) + " elements of " + type);
+        return t;
+    };
+    mod.def("dot_row", [check_row](const std::string& type, py::bytes data, FloatArray x, bool prepared) {
         std::string_view view = data;
         int64_t n = static_cast<int64_t>(x.size());
-        if (n % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, n))
-            fail(ErrorKind::invalid_arg, "row bytes do not match " + std::to_string(n) + " elements of " + type);
+        DType t = check_row(type, view, n);
         const cpu::Kernels& k = cpu::kernels();
-        if (!cpu::uses_prepared_x(k, t)) return k.dot_row(t, view.data(), x.data(), n);
+        if (!prepared || !cpu::uses_prepared_x(k, t)) return k.dot_row(t, view.data(), x.data(), n);
         std::vector<int16_t> q(static_cast<size_t>(2 * n));
         std::vector<float> d(static_cast<size_t>(n / 32)), sum(static_cast<size_t>(n / 32));
         k.prepare_x(x.data(), n, q.data(), d.data(), sum.data());
         return k.dot_row_prepared(t, view.data(), q.data(), d.data(), sum.data(), n);
-    }, py::arg("type"), py::arg("row"), py::arg("x"),
-       "Dot product of one stored weight row with x, as the active level computes a decode step.");
+    }, py::arg("type"), py::arg("row"), py::arg("x"), py::arg("prepared") = true,
+       "Dot product of one stored weight row with x: the integer path where the level has one for the "
+       "type (prepared), else the float kernel.");
+    mod.def("dot_row_x4", [check_row](const std::string& type, py::bytes data, FloatArray xs) {
+        std::string_view view = data;
+        if (xs.ndim() != 2 || xs.shape(0) != 4) fail(ErrorKind::invalid_arg, "xs must have shape [4, n]");
+        const int64_t n = xs.shape(1);
+        DType t = check_row(type, view, n);
+        const cpu::Kernels& k = cpu::kernels();
+        if (!cpu::uses_prepared_x(k, t)) fail(ErrorKind::invalid_arg, "no integer path for " + type + " at this level");
+        std::vector<int16_t> q(static_cast<size_t>(8 * n));
+        std::vector<float> d(static_cast<size_t>(n / 8)), sum(static_cast<size_t>(n / 8));
+        for (int64_t r = 0; r < 4; ++r)
+            k.prepare_x(xs.data() + r * n, n, q.data() + 2 * r * n, d.data() + r * (n / 32), sum.data() + r * (n / 32));
+        FloatArray out(4);
+        k.dot_row_prepared_x4(t, view.data(), q.data(), d.data(), sum.data(), n, out.mutable_data());
+        return out;
+    }, py::arg("type"), py::arg("row"), py::arg("xs"), "One weight row against four vectors (small batches).");
 
     mod.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
                             const std::string& k_kind, const std::string& v_kind, int64_t window, int64_t ring,

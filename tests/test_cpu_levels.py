@@ -22,17 +22,42 @@ def level(request):
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
-@pytest.mark.parametrize("wtype", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("wtype", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "nf4"])
 @pytest.mark.parametrize("n", [32, 96, 576, 1536])
-def test_dot_row_matches_float64(level, wtype, n):
+@pytest.mark.parametrize("prepared", [True, False], ids=["decode-path", "float-path"])
+def test_dot_row_matches_float64(level, wtype, n, prepared):
     rng = np.random.default_rng(n)
     w = rng.standard_normal(n).astype(np.float32)
     x = rng.standard_normal(n).astype(np.float32)
     row = _core.quantize(wtype, w)
     wd = _core.dequantize(wtype, row, n).astype(np.float64)
     exact = float(np.dot(wd, x.astype(np.float64)))
-    got = _core.dot_row(wtype, row, x)
+    got = _core.dot_row(wtype, row, x, prepared=prepared)
     assert abs(got - exact) <= 1e-5 * (np.abs(wd) @ np.abs(x)) + 1e-6
+
+
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "scalar"], indirect=True)
+@pytest.mark.parametrize("wtype", ["q8_0", "q4_0", "q4_1"])
+def test_small_batch_dot_matches_float64(level, wtype):
+    rng = np.random.default_rng(7)
+    n = 576
+    w = rng.standard_normal(n).astype(np.float32)
+    xs = (rng.standard_normal((4, n)) * np.array([[1.0], [1e-3], [50.0], [0.0]])).astype(np.float32)
+    row = _core.quantize(wtype, w)
+    wd = _core.dequantize(wtype, row, n).astype(np.float64)
+    exact = xs.astype(np.float64) @ wd
+    got = _core.dot_row_x4(wtype, row, xs)
+    assert np.all(np.abs(got - exact) <= 1e-5 * (np.abs(xs) @ np.abs(wd)) + 1e-6)
+    assert got[3] == 0.0   # a zero vector has scale 0 and must not divide by it
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+@pytest.mark.parametrize("wtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "nf4"])
+def test_level_dequantize_is_exact(level, wtype):
+    x = np.random.default_rng(5).standard_normal(32 * 19).astype(np.float32) * 3
+    row = _core.quantize(wtype, x)
+    np.testing.assert_array_equal(_core.dequantize(wtype, row, x.size, active_level=True),
+                                  _core.dequantize(wtype, row, x.size))
 
 
 def test_unknown_or_missing_level_is_an_error():

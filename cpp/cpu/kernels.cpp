@@ -77,7 +77,10 @@ bool cpu_has(Level level) {
         case Level::scalar: return true;
         case Level::avx2:
             return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-        case Level::avx512: return false;   // AVX-512 kernels are not written yet; avx2 serves such CPUs
+        case Level::avx512:   // CPUs with AVX-512 but no VNNI (Skylake-X) run the AVX2 kernels
+            return cpu_has(Level::avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("avx512vnni");
     }
     return false;
 #else
@@ -89,7 +92,7 @@ const Kernels* table(Level level) {
     switch (level) {
         case Level::scalar: return &kScalar;
         case Level::avx2: return &kernels_avx2();
-        case Level::avx512: return nullptr;
+        case Level::avx512: return &kernels_avx512();
     }
     return nullptr;
 }

@@ -50,6 +50,7 @@ inline bool uses_prepared_x(const Kernels& k, DType t) {
 
 const Kernels& kernels_scalar();
 const Kernels& kernels_avx2();     // only valid when the CPU has AVX2, FMA and F16C
+const Kernels& kernels_avx512();   // only valid when it also has AVX-512 F, BW, VL, DQ and VNNI
 
 // The active table (chosen on first use; set_level overrides it).
 const Kernels& kernels();

@@ -1,0 +1,354 @@
+// AVX-512 kernels (F, BW, VL, DQ and VNNI; FMA and F16C). This file alone is compiled with those
+// instructions enabled and is only called after cpuid says the CPU has all of them; like the AVX2
+// file, everything stays in an anonymous namespace. Compared with AVX2: 16 floats or one whole
+// 32-value block per register, masked loads instead of scalar tails, a 16-entry nf4 codebook in one
+// register, and VPDPWSSD (int16 pairs multiplied and summed into int32 in one instruction) on the
+// integer path.
+#include <immintrin.h>
+
+#include "../quants.h"
+#include "kernels.h"
+
+namespace tmill::cpu {
+
+namespace {
+
+inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+// the first n (< 16) lanes
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
+        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
+    }
+    for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    if (i < n) {
+        __mmask16 m = tail_mask(n - i);
+        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+}
+
+void dot_f32_4x2(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out) {
+    __m512 a[8];
+    for (__m512& v : a) v = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+        __m512 v0 = _mm512_maskz_loadu_ps(m, x0 + i), v1 = _mm512_maskz_loadu_ps(m, x1 + i);
+        for (int r = 0; r < 4; ++r) {
+            __m512 wr = _mm512_maskz_loadu_ps(m, w + r * w_stride + i);
+            a[r] = _mm512_fmadd_ps(wr, v0, a[r]);
+            a[4 + r] = _mm512_fmadd_ps(wr, v1, a[4 + r]);
+        }
+    }
+    for (int k = 0; k < 8; ++k) out[k] = _mm512_reduce_add_ps(a[k]);
+}
+
+void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    for (int64_t j = 0; j < n_rows; ++j) out[j] = dot_f32(rows + j * d, x, d);
+}
+
+// y += sum_j w[j] rows[j]: 64 columns at a time stay in four accumulators while the rows stream by
+void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w) {
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) {
+        __m512 acc[4];
+        for (int k = 0; k < 4; ++k) acc[k] = _mm512_loadu_ps(y + c + 16 * k);
+        for (int64_t j = 0; j < n_rows; ++j) {
+            __m512 wj = _mm512_set1_ps(w[j]);
+            const float* r = rows + j * d + c;
+            for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 16 * k), acc[k]);
+        }
+        for (int k = 0; k < 4; ++k) _mm512_storeu_ps(y + c + 16 * k, acc[k]);
+    }
+    for (; c < d; c += 16) {
+        __mmask16 m = d - c >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - c);
+        __m512 acc = _mm512_maskz_loadu_ps(m, y + c);
+        for (int64_t j = 0; j < n_rows; ++j)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_maskz_loadu_ps(m, rows + j * d + c), acc);
+        _mm512_mask_storeu_ps(y + c, m, acc);
+    }
+}
+
+// exp(x) = 2^k * exp(r) with k = round(x / ln 2) and r = x - k ln 2 (ln 2 in two parts so r is
+// exact); exp(r) by its degree-6 Taylor polynomial (relative error below 2e-7); VSCALEFPS applies
+// 2^k without building the exponent bits by hand.
+inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+
+float exp_sum(float* x, int64_t n, float shift) {
+    const __m512 vs = _mm512_set1_ps(shift);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+        __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vs)));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// ---- 16 stored values -> 16 floats
+
+inline __m512 f16x16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+inline __m512 bf16x16(const uint16_t* p) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+inline __m512 i8x16(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
+
+// 16 packed bytes -> (low nibbles = elements 0..15, high nibbles = elements 16..31) as bytes 0..15
+inline void unpack_nibbles(const uint8_t* qs, __m128i* lo, __m128i* hi) {
+    __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    __m128i mask = _mm_set1_epi8(0x0F);
+    *lo = _mm_and_si128(packed, mask);
+    *hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+}
+
+// Block i of a quantized row as two float vectors (elements 0..15, 16..31): d * q (+ m for q4_1),
+// rounded twice exactly as the reference dequantization.
+template <DType T>
+inline void block_floats(const uint8_t* row, int64_t i, __m512* lo, __m512* hi) {
+    __m128i ql, qh;
+    float d, m = 0.0f;
+    if constexpr (T == DType::q8_0) {
+        const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+        ql = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs));
+        qh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16));
+        d = half(b.d);
+    } else if constexpr (T == DType::q4_0) {
+        const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
+        unpack_nibbles(b.qs, &ql, &qh);
+        ql = _mm_sub_epi8(ql, _mm_set1_epi8(8));
+        qh = _mm_sub_epi8(qh, _mm_set1_epi8(8));
+        d = half(b.d);
+    } else if constexpr (T == DType::q4_1) {
+        const BlockQ4_1& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
+        unpack_nibbles(b.qs, &ql, &qh);
+        d = half(b.d);
+        m = half(b.m);
+    } else {   // nf4: the codebook is one register, each nibble indexes it
+        const BlockNF4& b = reinterpret_cast<const BlockNF4*>(row)[i];
+        unpack_nibbles(b.qs, &ql, &qh);
+        const __m512 book = _mm512_loadu_ps(kNF4), vd = _mm512_set1_ps(half(b.d));
+        *lo = _mm512_mul_ps(vd, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(ql), book));
+        *hi = _mm512_mul_ps(vd, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(qh), book));
+        return;
+    }
+    const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+    *lo = _mm512_add_ps(_mm512_mul_ps(vd, i8x16(ql)), vm);
+    *hi = _mm512_add_ps(_mm512_mul_ps(vd, i8x16(qh)), vm);
+}
+
+template <DType T>
+float dot_blocks(const void* row, const float* x, int64_t n) {
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        __m512 lo, hi;
+        block_floats<T>(r, i, &lo, &hi);
+        acc0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc0);
+        acc1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+template <__m512 (*Load)(const uint16_t*)>
+float dot_16bit(const uint16_t* w, const float* x, int64_t n) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(Load(w + i), _mm512_loadu_ps(x + i), acc0);
+        acc1 = _mm512_fmadd_ps(Load(w + i + 16), _mm512_loadu_ps(x + i + 16), acc1);
+    }
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    for (; i < n; ++i) sum += (Load == f16x16 ? half(w[i]) : bf16_to_fp32(w[i])) * x[i];
+    return sum;
+}
+
+float dot_row(DType t, const void* row, const float* x, int64_t n) {
+    switch (t) {
+        case DType::f32: return dot_f32(static_cast<const float*>(row), x, n);
+        case DType::f16: return dot_16bit<f16x16>(static_cast<const uint16_t*>(row), x, n);
+        case DType::bf16: return dot_16bit<bf16x16>(static_cast<const uint16_t*>(row), x, n);
+        case DType::q8_0: return dot_blocks<DType::q8_0>(row, x, n);
+        case DType::q4_0: return dot_blocks<DType::q4_0>(row, x, n);
+        case DType::q4_1: return dot_blocks<DType::q4_1>(row, x, n);
+        case DType::nf4: return dot_blocks<DType::nf4>(row, x, n);
+        default: return kernels_scalar().dot_row(t, row, x, n);
+    }
+}
+
+template <DType T>
+void dequantize_blocks(const void* row, float* out, int64_t n) {
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    for (int64_t i = 0; i < n / 32; ++i, out += 32) {
+        __m512 lo, hi;
+        block_floats<T>(r, i, &lo, &hi);
+        _mm512_storeu_ps(out, lo);
+        _mm512_storeu_ps(out + 16, hi);
+    }
+}
+
+template <__m512 (*Load)(const uint16_t*)>
+void dequantize_16bit(const uint16_t* h, float* out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, Load(h + i));
+    for (; i < n; ++i) out[i] = Load == f16x16 ? half(h[i]) : bf16_to_fp32(h[i]);
+}
+
+void dequantize(DType t, const void* row, float* out, int64_t n) {
+    switch (t) {
+        case DType::f16: return dequantize_16bit<f16x16>(static_cast<const uint16_t*>(row), out, n);
+        case DType::bf16: return dequantize_16bit<bf16x16>(static_cast<const uint16_t*>(row), out, n);
+        case DType::q8_0: return dequantize_blocks<DType::q8_0>(row, out, n);
+        case DType::q4_0: return dequantize_blocks<DType::q4_0>(row, out, n);
+        case DType::q4_1: return dequantize_blocks<DType::q4_1>(row, out, n);
+        case DType::nf4: return dequantize_blocks<DType::nf4>(row, out, n);
+        default: dequantize_row(t, row, out, n);
+    }
+}
+
+// ---- integer path: int16 activations, weights widened to int16, VPDPWSSD into int32
+
+// x / d = hi + lo / 2^15 with hi, lo int16: per 32-block, hi[32] then lo[32] (so q holds 2n values),
+// the same layout and rounding as the AVX2 level.
+void prepare_x(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
+    const __m512 lo_scale = _mm512_set1_ps(32768.0f);
+    for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 64) {
+        __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        d[b] = mx / 32767.0f;
+        sum[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        __m512 inv = _mm512_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
+        __m512 s0 = _mm512_mul_ps(v0, inv), s1 = _mm512_mul_ps(v1, inv);
+        __m512i h0 = _mm512_cvtps_epi32(s0), h1 = _mm512_cvtps_epi32(s1);
+        __m512i l0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s0, _mm512_cvtepi32_ps(h0)), lo_scale));
+        __m512i l1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s1, _mm512_cvtepi32_ps(h1)), lo_scale));
+        auto store = [](int16_t* dst, __m512i v) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtsepi32_epi16(v));
+        };
+        store(q, h0);
+        store(q + 16, h1);
+        store(q + 32, l0);
+        store(q + 48, l1);
+    }
+}
+
+// Block i of a quantized row: its 32 quants as int16 in one register, its scale and (q4_1) minimum.
+struct WideBlock {
+    __m512i q;
+    float d, m;
+};
+
+template <DType T>
+inline WideBlock widen(const uint8_t* row, int64_t i) {
+    WideBlock w;
+    w.m = 0.0f;
+    __m256i bytes;
+    if constexpr (T == DType::q8_0) {
+        const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+        bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
+        w.d = half(b.d);
+    } else {
+        const uint8_t* qs;
+        if constexpr (T == DType::q4_0) {
+            const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
+            qs = b.qs;
+            w.d = half(b.d);
+        } else {
+            const BlockQ4_1& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
+            qs = b.qs;
+            w.d = half(b.d);
+            w.m = half(b.m);
+        }
+        __m128i lo, hi;
+        unpack_nibbles(qs, &lo, &hi);
+        bytes = _mm256_set_m128i(hi, lo);
+        if constexpr (T == DType::q4_0) bytes = _mm256_sub_epi8(bytes, _mm256_set1_epi8(8));
+    }
+    w.q = _mm512_cvtepi8_epi16(bytes);
+    return w;
+}
+
+// sum_j w_j (hi_j + lo_j / 2^15) over one block, as 16 float partial sums
+inline __m512 block_dot(const WideBlock& w, const int16_t* q) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i hi = _mm512_dpwssd_epi32(zero, w.q, _mm512_loadu_si512(q));
+    __m512i lo = _mm512_dpwssd_epi32(zero, w.q, _mm512_loadu_si512(q + 32));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(1.0f / 32768.0f), _mm512_cvtepi32_ps(hi));
+}
+
+// NT tokens against one row: each block is widened once and used for every token.
+//   sum_j (dw q_j + m) x_j = dw * dx * sum_j q_j xq_j + m * sum_j x_j   (m = 0 for q8_0 / q4_0)
+template <DType T, int NT>
+void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const float* sum, int64_t n, float* out) {
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    const int64_t blocks = n / 32;
+    __m512 acc[NT];
+    float min_part[NT];
+    for (int k = 0; k < NT; ++k) { acc[k] = _mm512_setzero_ps(); min_part[k] = 0.0f; }
+    for (int64_t i = 0; i < blocks; ++i) {
+        WideBlock w = widen<T>(r, i);
+        for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d and sum [n / 32]
+            const int64_t bi = k * blocks + i;
+            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(w.d * d[bi]), block_dot(w, q + k * 2 * n + i * 64), acc[k]);
+            if constexpr (T == DType::q4_1) min_part[k] += w.m * sum[bi];
+        }
+    }
+    for (int k = 0; k < NT; ++k) out[k] = _mm512_reduce_add_ps(acc[k]) + min_part[k];
+}
+
+template <int NT>
+void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
+                       float* out) {
+    switch (t) {
+        case DType::q8_0: return dot_rows_prepared<DType::q8_0, NT>(row, q, d, sum, n, out);
+        case DType::q4_0: return dot_rows_prepared<DType::q4_0, NT>(row, q, d, sum, n, out);
+        case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
+        default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
+    }
+}
+
+float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
+    float out;
+    dispatch_prepared<1>(t, row, q, d, sum, n, &out);
+    return out;
+}
+
+void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
+                         float* out) {
+    dispatch_prepared<4>(t, row, q, d, sum, n, out);
+}
+
+const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
+                      exp_sum,       dot_f32_4x2, dot_row, dequantize, prepare_x, dot_row_prepared,
+                      dot_row_prepared_x4};
+
+}  // namespace
+
+const Kernels& kernels_avx512() { return kAvx512; }
+
+}  // namespace tmill::cpu
