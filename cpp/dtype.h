@@ -64,6 +64,13 @@ static_assert(sizeof(BlockQ4_0) == 18, "q4_0 block");
 static_assert(sizeof(BlockQ4_1) == 20, "q4_1 block");
 static_assert(sizeof(BlockNF4) == 18, "nf4 block");
 
+// The block struct of a block-quantized type, for kernels templated on the type.
+template <DType T> struct BlockOf;
+template <> struct BlockOf<DType::q8_0> { using type = BlockQ8_0; };
+template <> struct BlockOf<DType::q4_0> { using type = BlockQ4_0; };
+template <> struct BlockOf<DType::q4_1> { using type = BlockQ4_1; };
+template <> struct BlockOf<DType::nf4> { using type = BlockNF4; };
+
 // The NormalFloat-4 codebook (QLoRA, Dettmers et al. 2023): quantiles of N(0, 1) scaled to [-1, 1],
 // with an exact zero. Nibble k stands for kNF4[k] times the block's absolute maximum.
 extern const float kNF4[16];

@@ -95,20 +95,21 @@ public:
                     for (int64_t r = r0; r < r0 + nr; ++r)   // decode: straight from the stored type
                         out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
                 } else {
-                    // prefill: dequantize the four rows, then run the tokens past them two by two
+                    // prefill: dequantize the four rows, then run the tokens past them a tile at a time
                     float* buf = scratch(thread, 4 * cols);
                     for (int64_t k = 0; k < 4; ++k) {
                         if (k < nr) kern.dequantize_row(w.type, row_ptr(r0 + k), buf + k * cols, cols);
                         else std::fill(buf + k * cols, buf + (k + 1) * cols, 0.0f);   // padding rows
                     }
-                    float o[8];
-                    for (int64_t t = 0; t < T; t += 2) {
-                        const float* x1 = x + std::min(t + 1, T - 1) * cols;   // an odd last token pairs with itself
-                        kern.dot_f32_4x2(buf, cols, x + t * cols, x1, cols, o);
-                        for (int64_t k = 0; k < nr; ++k) {
-                            out[t * rows + r0 + k] = o[k] + bias(r0 + k);
-                            if (t + 1 < T) out[(t + 1) * rows + r0 + k] = o[4 + k] + bias(r0 + k);
-                        }
+                    const int64_t width = kern.tile_tokens;
+                    const float* xs[cpu::kMaxTileTokens];
+                    float o[4 * cpu::kMaxTileTokens];
+                    for (int64_t t = 0; t < T; t += width) {
+                        for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
+                            xs[k] = x + std::min(t + k, T - 1) * cols;
+                        kern.dot_f32_tile(buf, cols, xs, cols, o);
+                        for (int64_t k = 0; k < width && t + k < T; ++k)
+                            for (int64_t r = 0; r < nr; ++r) out[(t + k) * rows + r0 + r] = o[4 * k + r] + bias(r0 + r);
                     }
                 }
             }

@@ -42,11 +42,9 @@ float exp_sum_scalar(float* x, int64_t n, float shift) {
     return sum;
 }
 
-void dot_f32_4x2_scalar(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out) {
-    for (int r = 0; r < 4; ++r) {
-        out[r] = dot_f32_scalar(w + r * w_stride, x0, n);
-        out[4 + r] = dot_f32_scalar(w + r * w_stride, x1, n);
-    }
+void dot_f32_tile_scalar(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out) {
+    for (int t = 0; t < 2; ++t)
+        for (int r = 0; r < 4; ++r) out[t * 4 + r] = dot_f32_scalar(w + r * w_stride, xs[t], n);
 }
 
 float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
@@ -67,7 +65,7 @@ float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
 }
 
 const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
-                      exp_sum_scalar, dot_f32_4x2_scalar, dot_row_scalar, dequantize_row, nullptr,
+                      exp_sum_scalar, 2, dot_f32_tile_scalar, dot_row_scalar, dequantize_row, nullptr,
                       nullptr, nullptr};
 
 bool cpu_has(Level level) {

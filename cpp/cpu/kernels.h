@@ -13,6 +13,9 @@ namespace tmill::cpu {
 
 enum class Level { scalar = 0, avx2 = 1, avx512 = 2 };
 
+// the widest tile any level uses
+constexpr int kMaxTileTokens = 8;
+
 struct Kernels {
     Level level;
     const char* name;
@@ -24,9 +27,11 @@ struct Kernels {
     void (*rows_axpy_f32)(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w);
     // ... and x[i] = exp(x[i] - shift), returning sum_i x[i] (softmax numerators)
     float (*exp_sum)(float* x, int64_t n, float shift);
-    // Four float rows (w + r * w_stride) against two vectors: out[t * 4 + r] = w_r . x_t. The prefill
-    // tile: each loaded element of w or x feeds several FMAs.
-    void (*dot_f32_4x2)(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out);
+    // The prefill tile: four float rows (w + r * w_stride) against tile_tokens vectors xs[t],
+    // out[t * 4 + r] = w_r . xs[t]. Each loaded element of w or x feeds several FMAs; the level picks
+    // the tile width its register file holds.
+    int tile_tokens;
+    void (*dot_f32_tile)(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out);
     // sum_i row[i] * x[i] for a weight row of type t (n a multiple of the block size)
     float (*dot_row)(DType t, const void* row, const float* x, int64_t n);
     // out[i] = row[i] as float
@@ -42,6 +47,11 @@ struct Kernels {
     void (*dot_row_prepared_x4)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
                                 int64_t n, float* out);
 };
+
+// Decode streams every weight once per token; the integer kernels ask for the weight bytes this far
+// ahead, which keeps more loads in flight than the hardware prefetcher does on its own (measured on
+// SmolLM2, 2 threads: +12-18% decode for Q8_0, Q4_0 and Q4_1 at both SIMD levels).
+constexpr size_t kDecodePrefetchBytes = 2048;
 
 // Whether dot_row_prepared handles weights of type t at this level.
 inline bool uses_prepared_x(const Kernels& k, DType t) {

@@ -39,7 +39,9 @@ float dot_f32(const float* a, const float* b, int64_t n) {
     return sum;
 }
 
-void dot_f32_4x2(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out) {
+// 4 rows x 2 tokens: eight accumulators, of the sixteen registers AVX2 has
+void dot_f32_tile(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out) {
+    const float *x0 = xs[0], *x1 = xs[1];
     __m256 a[8];
     for (__m256& v : a) v = _mm256_setzero_ps();
     int64_t i = 0;
@@ -51,6 +53,7 @@ void dot_f32_4x2(const float* w, int64_t w_stride, const float* x0, const float*
             a[4 + r] = _mm256_fmadd_ps(wr, v1, a[4 + r]);
         }
     }
+#pragma GCC unroll 8   // fully unrolled, so the accumulators stay in registers
     for (int k = 0; k < 8; ++k) {
         float s = hsum(a[k]);
         const float* wr = w + (k % 4) * w_stride;
@@ -390,15 +393,21 @@ void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const 
     const int64_t blocks = n / 32;
     __m256 acc[NT];
     float min_part[NT];
+    // every loop over the tokens fully unrolled, so the accumulators stay in registers
+#pragma GCC unroll 4
     for (int k = 0; k < NT; ++k) { acc[k] = _mm256_setzero_ps(); min_part[k] = 0.0f; }
     for (int64_t i = 0; i < blocks; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(r) + i * sizeof(typename BlockOf<T>::type) + kDecodePrefetchBytes,
+                     _MM_HINT_T0);
         WideBlock w = widen<T>(r, i);
+#pragma GCC unroll 4
         for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d and sum [n / 32]
             const int64_t bi = k * blocks + i;
             acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(w.d * d[bi]), block_madd(w, q + k * 2 * n + i * 64), acc[k]);
             if constexpr (T == DType::q4_1) min_part[k] += w.m * sum[bi];
         }
     }
+#pragma GCC unroll 4
     for (int k = 0; k < NT; ++k) out[k] = hsum(acc[k]) + min_part[k];
 }
 
@@ -424,7 +433,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
     dispatch_prepared<4>(t, row, q, d, sum, n, out);
 }
 
-const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, dot_f32_4x2, dot_row, dequantize, prepare_x, dot_row_prepared,
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, 2, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4};
 
 }  // namespace

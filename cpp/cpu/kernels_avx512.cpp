@@ -36,19 +36,36 @@ float dot_f32(const float* a, const float* b, int64_t n) {
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
 }
 
-void dot_f32_4x2(const float* w, int64_t w_stride, const float* x0, const float* x1, int64_t n, float* out) {
-    __m512 a[8];
-    for (__m512& v : a) v = _mm512_setzero_ps();
+// The four sums of a, b, c, d as one vector: pairwise adds of interleaved halves, then of the
+// four 128-bit lanes (a quarter of the work of four separate reductions).
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));   // per lane: a02 b02 a13 b13
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));   // per lane: a b c d
+    __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// 4 rows x 6 tokens: 24 accumulators, four row registers and one token register of the 32
+constexpr int kTileTokens = 6;
+
+void dot_f32_tile(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out) {
+    __m512 acc[kTileTokens][4];
+    for (auto& row : acc)
+        for (__m512& v : row) v = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
-        __m512 v0 = _mm512_maskz_loadu_ps(m, x0 + i), v1 = _mm512_maskz_loadu_ps(m, x1 + i);
-        for (int r = 0; r < 4; ++r) {
-            __m512 wr = _mm512_maskz_loadu_ps(m, w + r * w_stride + i);
-            a[r] = _mm512_fmadd_ps(wr, v0, a[r]);
-            a[4 + r] = _mm512_fmadd_ps(wr, v1, a[4 + r]);
+        const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+        __m512 wr[4];
+        for (int r = 0; r < 4; ++r) wr[r] = _mm512_maskz_loadu_ps(m, w + r * w_stride + i);
+        for (int t = 0; t < kTileTokens; ++t) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, xs[t] + i);
+            for (int r = 0; r < 4; ++r) acc[t][r] = _mm512_fmadd_ps(wr[r], xv, acc[t][r]);
         }
     }
-    for (int k = 0; k < 8; ++k) out[k] = _mm512_reduce_add_ps(a[k]);
+    // (every loop over the accumulators fully unrolled, so they stay in registers)
+#pragma GCC unroll 8
+    for (int t = 0; t < kTileTokens; ++t) _mm_storeu_ps(out + 4 * t, reduce4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]));
 }
 
 void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
@@ -309,15 +326,21 @@ void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const 
     const int64_t blocks = n / 32;
     __m512 acc[NT];
     float min_part[NT];
+    // every loop over the tokens fully unrolled, so the accumulators stay in registers
+#pragma GCC unroll 4
     for (int k = 0; k < NT; ++k) { acc[k] = _mm512_setzero_ps(); min_part[k] = 0.0f; }
     for (int64_t i = 0; i < blocks; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(r) + i * sizeof(typename BlockOf<T>::type) + kDecodePrefetchBytes,
+                     _MM_HINT_T0);
         WideBlock w = widen<T>(r, i);
+#pragma GCC unroll 4
         for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d and sum [n / 32]
             const int64_t bi = k * blocks + i;
             acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(w.d * d[bi]), block_dot(w, q + k * 2 * n + i * 64), acc[k]);
             if constexpr (T == DType::q4_1) min_part[k] += w.m * sum[bi];
         }
     }
+#pragma GCC unroll 4
     for (int k = 0; k < NT; ++k) out[k] = _mm512_reduce_add_ps(acc[k]) + min_part[k];
 }
 
@@ -344,7 +367,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
 }
 
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
-                      exp_sum,       dot_f32_4x2, dot_row, dequantize, prepare_x, dot_row_prepared,
+                      exp_sum,       kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
                       dot_row_prepared_x4};
 
 }  // namespace
