@@ -158,20 +158,20 @@ HParams hparams_from_gguf(const GGUFFile& f) {
     return hp;
 }
 
-std::shared_ptr<Model> Model::from_gguf(const std::string& path, int n_threads) {
+std::shared_ptr<Model> Model::from_gguf(const std::string& path, const LoadOptions& options) {
     auto gguf = std::make_shared<GGUFFile>(path);
     HParams hp = hparams_from_gguf(*gguf);
     WeightStore store;
     store.source = path;
     store.files.push_back(gguf->file());
     for (const GGUFTensorInfo& t : gguf->tensors()) store.tensors[t.name] = TensorRef{t.type, t.shape, t.data, t.nbytes};
-    std::shared_ptr<Model> m(new Model(std::move(hp), std::move(store), n_threads));
+    std::shared_ptr<Model> m(new Model(std::move(hp), std::move(store), options));
     m->build();
     return m;
 }
 
 std::shared_ptr<Model> Model::from_safetensors(const std::vector<std::string>& files, const HParams& hp,
-                                               int n_threads) {
+                                               const LoadOptions& options) {
     if (!is_supported_arch(hp.arch))
         fail(ErrorKind::unsupported, "model architecture '" + hp.arch + "' is not supported (supported: " +
                                          kSupportedArchs + ")");
@@ -198,13 +198,36 @@ std::shared_ptr<Model> Model::from_safetensors(const std::vector<std::string>& f
             }
         }
     }
-    std::shared_ptr<Model> m(new Model(hp, std::move(store), n_threads));
+    std::shared_ptr<Model> m(new Model(hp, std::move(store), options));
     m->build();
     return m;
 }
 
-Model::Model(HParams hp, WeightStore weights, int n_threads)
-    : hp_(std::move(hp)), weights_(std::move(weights)), backend_(make_cpu_backend(n_threads)) {}
+Model::Model(HParams hp, WeightStore weights, const LoadOptions& options)
+    : hp_(std::move(hp)), weights_(std::move(weights)), options_(options), backend_(make_cpu_backend(options.n_threads)) {
+    if (options_.convert) {
+        const DType t = options_.weight_type;
+        if (!(t == DType::f32 || t == DType::f16 || t == DType::bf16 || t == DType::q8_0 || t == DType::q4_0 ||
+              t == DType::q4_1))
+            fail(ErrorKind::invalid_arg, "weights cannot be converted to " + dtype_name(t) +
+                                             " (f32, f16, bf16, q8_0, q4_0, q4_1)");
+    }
+}
+
+const TensorRef* Model::converted(const std::string& name, const TensorRef& t, int64_t rows, int64_t cols) {
+    const DType to = options_.weight_type;
+    if (!options_.convert || t.type == to || cols % dtype_info(to).block_size != 0) return &t;
+    // row by row through float: the same numbers `tokenmill convert` writes
+    std::vector<uint8_t> bytes(row_bytes(to, cols) * static_cast<size_t>(rows));
+    std::vector<float> row(static_cast<size_t>(cols));
+    const size_t src_stride = row_bytes(t.type, cols), dst_stride = row_bytes(to, cols);
+    for (int64_t r = 0; r < rows; ++r) {
+        dequantize_row(t.type, t.data + r * src_stride, row.data(), cols);
+        quantize_row(to, row.data(), bytes.data() + r * dst_stride, cols);
+    }
+    weights_.add_owned(name, to, t.shape, std::move(bytes));   // replaces the mapped tensor
+    return weights_.find(name);
+}
 
 Weight Model::weight(const std::string& name, int64_t rows, int64_t cols, bool required) {
     const TensorRef* t = weights_.find(name);
@@ -221,6 +244,7 @@ Weight Model::weight(const std::string& name, int64_t rows, int64_t cols, bool r
     if (!info.runnable)
         fail(ErrorKind::unsupported, "tensor '" + name + "' has type " + dtype_name(t->type) +
                                          ", which the engine cannot compute with yet");
+    t = converted(name, *t, rows, cols);
     Weight w;
     w.type = t->type;
     w.rows = rows;

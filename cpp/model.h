@@ -64,11 +64,19 @@ struct SequenceInput {
     int64_t n = 0;
 };
 
+// How a model is loaded: threads, and optionally a type every weight matrix is converted to (held in
+// memory instead of used from the map).
+struct LoadOptions {
+    int n_threads = 0;   // 0 = physical cores
+    bool convert = false;
+    DType weight_type = DType::f32;   // with convert: f32, f16, bf16, q8_0, q4_0 or q4_1
+};
+
 class Model : public std::enable_shared_from_this<Model> {
 public:
-    static std::shared_ptr<Model> from_gguf(const std::string& path, int n_threads);
+    static std::shared_ptr<Model> from_gguf(const std::string& path, const LoadOptions& options = {});
     static std::shared_ptr<Model> from_safetensors(const std::vector<std::string>& files, const HParams& hp,
-                                                   int n_threads);
+                                                   const LoadOptions& options = {});
 
     const HParams& hparams() const { return hp_; }
     Backend& backend() const { return *backend_; }
@@ -90,15 +98,18 @@ private:
         Weight w_gate, w_up, w_down;       // w_gate absent for GPT-2's GELU MLP
     };
 
-    Model(HParams hp, WeightStore weights, int n_threads);
+    Model(HParams hp, WeightStore weights, const LoadOptions& options);
     void build();
     Weight weight(const std::string& name, int64_t rows, int64_t cols, bool required = true);
+    // replaces a weight matrix by a copy in options_.weight_type (rows whose length fits its blocks)
+    const TensorRef* converted(const std::string& name, const TensorRef& t, int64_t rows, int64_t cols);
     const float* vector_f32(const std::string& name, int64_t n, bool required = true);
     void ensure_workspace(int64_t T);
     int64_t attention_window(const KVCache& cache) const;
 
     HParams hp_;
     WeightStore weights_;
+    LoadOptions options_;
     std::shared_ptr<Backend> backend_;
     Weight tok_embd_, pos_embd_, output_;
     Norm output_norm_;

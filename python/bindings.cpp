@@ -87,6 +87,14 @@ py::tuple run_forward(Model& m, std::vector<SequenceInput>& batch, const std::ve
     return py::make_tuple(out_logits, out_hidden);
 }
 
+LoadOptions load_options(int n_threads, const std::string& weights) {
+    LoadOptions options;
+    options.n_threads = n_threads;
+    options.convert = !weights.empty();
+    if (options.convert) options.weight_type = dtype_from_name(weights);
+    return options;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, mod) {
@@ -282,14 +290,18 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("tied_embeddings", &HParams::tied_embeddings);
 
     py::class_<Model, std::shared_ptr<Model>>(mod, "Model")
-        .def_static("from_gguf", [](const std::string& path, int n_threads) {
+        .def_static("from_gguf", [](const std::string& path, int n_threads, const std::string& weights) {
+            LoadOptions options = load_options(n_threads, weights);
             py::gil_scoped_release release;
-            return Model::from_gguf(path, n_threads);
-        }, py::arg("path"), py::arg("n_threads") = 0)
-        .def_static("from_safetensors", [](const std::vector<std::string>& files, const HParams& hp, int n_threads) {
+            return Model::from_gguf(path, options);
+        }, py::arg("path"), py::arg("n_threads") = 0, py::arg("weights") = "",
+           "weights: a type every weight matrix is converted to on load (\"\" keeps the file's)")
+        .def_static("from_safetensors", [](const std::vector<std::string>& files, const HParams& hp, int n_threads,
+                                           const std::string& weights) {
+            LoadOptions options = load_options(n_threads, weights);
             py::gil_scoped_release release;
-            return Model::from_safetensors(files, hp, n_threads);
-        }, py::arg("files"), py::arg("hparams"), py::arg("n_threads") = 0)
+            return Model::from_safetensors(files, hp, options);
+        }, py::arg("files"), py::arg("hparams"), py::arg("n_threads") = 0, py::arg("weights") = "")
         .def_property_readonly("hparams", &Model::hparams)
         .def_property_readonly("n_params", &Model::n_params)
         .def_property_readonly("weight_bytes", &Model::weight_bytes)

@@ -153,3 +153,31 @@ def test_convert_keeps_the_default_model_working(default_gguf, tmp_path):
     assert model.tokenize("Hello world") == tokenmill.load(default_gguf).tokenize("Hello world")
     answer = model.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0)
     assert "Paris" in answer
+
+
+def test_weights_converted_on_load_equal_a_converted_file(default_gguf, tmp_path):
+    """load(weights=...) computes with exactly the numbers `tokenmill convert` writes."""
+    from tokenmill.convert import convert_gguf
+
+    ids = tokenmill.load(default_gguf).tokenize("Converted on load or on disk, the same model.")
+    on_disk = tokenmill.load(convert_gguf(default_gguf, tmp_path / "smol.q8_0.gguf", "q8_0"))
+    on_load = tokenmill.load(default_gguf, weights="q8_0")
+    np.testing.assert_array_equal(on_load.logits(ids), on_disk.logits(ids))
+    assert on_load.native.weight_bytes == on_disk.native.weight_bytes
+
+
+@pytest.mark.parametrize("wtype", ["f16", "q8_0", "q4_0"])
+def test_hf_model_converted_on_load_matches_the_reference_quantization(tiny_models, tmp_path, wtype):
+    """An f32 safetensors model converted on load against the GGUF the reference writer quantizes."""
+    d, hf_model = tiny_models["llama"]
+    write_tiny_gguf(hf_model, "llama", tmp_path / "ref.gguf", wtype)
+    ids = list(range(3, 40))
+    ours = tokenmill.load(d, weights=wtype)
+    ref = tokenmill.load(tmp_path / "ref.gguf")
+    np.testing.assert_allclose(ours.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)
+    assert ours.native.weight_bytes < tokenmill.load(d).native.weight_bytes
+
+
+def test_unknown_weight_type_on_load_is_an_error(default_gguf):
+    with pytest.raises(tokenmill.InvalidArgumentError, match="weights must be one of"):
+        tokenmill.load(default_gguf, weights="q5_k")

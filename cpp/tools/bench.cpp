@@ -120,7 +120,9 @@ int main(int argc, char** argv) {
             caches.push_back(c);
         }
         for (int threads : o.threads) {
-            auto model = Model::from_gguf(o.model, threads);
+            LoadOptions load;
+            load.n_threads = threads;
+            auto model = Model::from_gguf(o.model, load);
             std::string name = o.model.substr(o.model.find_last_of('/') + 1);
             double size_mib = static_cast<double>(model->weight_bytes()) / (1 << 20);
             double params_m = static_cast<double>(model->n_params()) / 1e6;

@@ -8,6 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import TokenmillError
+from .model import WEIGHT_TYPES
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -24,7 +25,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_seq_len = max_seq_len or run.max_seq_len
     elif args.step is not None:
         raise ValueError("--step needs --run-name")
-    model = load(model_path, n_threads=args.threads, n_ctx=max_seq_len, tokenizer=tokenizer)
+    model = load(model_path, n_threads=args.threads, n_ctx=max_seq_len, tokenizer=tokenizer, weights=args.weights)
     sampling = dict(
         temperature=args.temp,
         top_k=args.top_k,
@@ -50,7 +51,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.peers:
         return _bench_peers(args)
-    model = load(args.model, n_threads=args.threads)
+    model = load(args.model, n_threads=args.threads, weights=args.weights)
     print(f"model: {model!r}, threads: {model.native.n_threads}")
     sizes = [int(b) for b in args.batch.split(",")]
     print(bench.format_table(bench.bench_batch(model, sizes, args.num_tokens, args.prompt_len, args.repeats)))
@@ -65,8 +66,16 @@ def _bench_peers(args: argparse.Namespace) -> int:
     from . import bench, peers
     from .default_model import resolve_default
 
-    source = Path(args.model) if args.model else resolve_default()
-    paths = [source] + [peers.requantized(source, t) for t in (args.types.split(",") if args.types else [])]
+    types = args.types.split(",") if args.types else []
+    if args.random_shape:
+        if args.model:
+            raise ValueError("give --model or --random-shape, not both")
+        directory = Path(args.random_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = [peers.random_model(args.random_shape, t, directory) for t in (types or ["f16"])]
+    else:
+        source = Path(args.model) if args.model else resolve_default()
+        paths = [source] + [peers.requantized(source, t) for t in types]
     engines = args.engines.split(",")
     for path in paths:
         for depth in [int(d) for d in args.depth.split(",")]:
@@ -112,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--eos-id", "--eos_id", dest="eos_id", type=int, default=None, help="end-of-sequence id; -1 disables")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    g.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="measure batched decode throughput (and multi-turn cache reuse)")
@@ -122,17 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--multiturn", action="store_true", help="also time a second turn with and without cache reuse")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
     b.add_argument("--peers", action="store_true",
                    help="compare with llama.cpp (llama-cpp-python) and transformers on the same GGUF")
     b.add_argument("--engines", default="tokenmill,llama.cpp,transformers")
     b.add_argument("--types", default="", help="also benchmark requantized copies, e.g. q8_0,f16")
     b.add_argument("--depth", default="0", help="context depths for --peers, e.g. 0,2048")
+    b.add_argument("--random-shape", dest="random_shape", default=None,
+                   help="with --peers: random-weight models of this shape (qwen2.5-0.5b), one per --types entry")
+    b.add_argument("--random-dir", dest="random_dir", default="bench-models",
+                   help="where random models are written (reused when present)")
     b.set_defaults(func=_bench)
 
     c = sub.add_parser("convert", help="rewrite a GGUF with its weights in another type")
     c.add_argument("source")
     c.add_argument("target")
-    c.add_argument("--type", required=True, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
+    c.add_argument("--type", required=True, choices=WEIGHT_TYPES)
     c.set_defaults(func=_convert)
 
     p = sub.add_parser("pull", help="fetch the default model into $TOKENMILL_HOME")

@@ -12,7 +12,7 @@ import numpy as np
 from . import _core
 from .errors import InvalidArgumentError
 
-TARGETS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+from .model import WEIGHT_TYPES as TARGETS
 _BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32}
 
 

@@ -30,32 +30,42 @@ def _text(value) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
+# weight types a model can be converted to on load
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+
+
 def load(
     path: Union[str, os.PathLike, None] = None,
     *,
     n_threads: Optional[int] = None,
     n_ctx: Optional[int] = None,
     tokenizer: Union[str, os.PathLike, None] = None,
+    weights: Optional[str] = None,
 ) -> "Model":
     """Loads a GGUF file or a Hugging Face directory (config.json + safetensors + tokenizer.json).
 
     With no path, the default model (SmolLM2-135M-Instruct) is used, fetched on first use.
     `tokenizer` overrides the model's own: a tokenizer.json, an HF directory, or a GGUF file.
-    `n_ctx` caps the context (default: the model's training context)."""
+    `n_ctx` caps the context (default: the model's training context).
+    `weights` converts every weight matrix on load to one of WEIGHT_TYPES (e.g. an f16 HF model to
+    q8_0); the converted copy lives in memory, the file is only read. Matrices whose rows do not
+    fit the type's 32-value blocks keep their type, as `tokenmill convert` does."""
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
         raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
+    if weights is not None and weights not in WEIGHT_TYPES:
+        raise InvalidArgumentError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
     threads = n_threads or 0
     p = Path(path) if path is not None else resolve_default()
     if p.is_dir():
         hparams = hf.hparams_from_config(hf.read_config(p))
-        native = _core.Model.from_safetensors(hf.safetensors_files(p), hparams, threads)
+        native = _core.Model.from_safetensors(hf.safetensors_files(p), hparams, threads, weights or "")
         tok = tokenizer_from_hf_dir(p)
     elif p.is_file():
         with open(p, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
             raise ModelFormatError(f"'{p}' is neither a GGUF file nor a Hugging Face model directory")
-        native = _core.Model.from_gguf(str(p), threads)
+        native = _core.Model.from_gguf(str(p), threads, weights or "")
         tok = None
         if tokenizer is None:
             meta = _core.GGUFFile(str(p)).metadata()

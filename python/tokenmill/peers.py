@@ -4,6 +4,7 @@ to float32). Runs alternate between engines so drift on a shared machine hits al
 medians are reported with ratios to tokenmill.
 
     tokenmill bench --peers --model model.gguf [--prompt-len 128] [--num-tokens 64] [--depth 0]
+    tokenmill bench --peers --random-shape qwen2.5-0.5b --types f16,q8_0,q4_0
 """
 
 from __future__ import annotations
@@ -138,4 +139,84 @@ def requantized(src: Path, wtype: str, directory: Optional[Path] = None) -> Path
     target = (directory or src.parent) / f"{src.stem}.{wtype}.gguf"
     if not target.exists():
         convert_gguf(src, target, wtype)
+    return target
+
+
+# Shapes of random-weight benchmark models (llama.cpp's GGUF names and keys).
+RANDOM_SHAPES = {
+    "qwen2.5-0.5b": dict(arch="qwen2", n_embd=896, n_layer=24, n_head=14, n_head_kv=2, n_ff=4864, n_vocab=151936,
+                         rope_theta=1e6, qkv_bias=True),
+}
+
+
+def random_model(shape: str, wtype: str, directory: Path, seed: int = 0) -> Path:
+    """A GGUF of the named shape with random N(0, 0.02) weights (norms 1, tied embeddings) in wtype,
+    written once into `directory`. Its tokenizer is a placeholder (one token per id, one merge): the
+    benchmarks feed token ids, never text."""
+    import gguf
+
+    from .convert import TARGETS
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown random shape {shape!r} (known: {', '.join(RANDOM_SHAPES)})")
+    if wtype not in TARGETS:
+        raise ValueError(f"type must be one of {', '.join(TARGETS)}, got {wtype!r}")
+    target = Path(directory) / f"random-{shape}.{wtype}.gguf"
+    if target.exists():
+        return target
+    from . import _core
+
+    h = RANDOM_SHAPES[shape]
+    arch, E, F, V = h["arch"], h["n_embd"], h["n_ff"], h["n_vocab"]
+    head_dim = E // h["n_head"]
+    kv = head_dim * h["n_head_kv"]
+    w = gguf.GGUFWriter(str(target.with_suffix(".tmp")), arch)
+    w.add_name(f"random {shape}")
+    w.add_context_length(32768)
+    w.add_embedding_length(E)
+    w.add_block_count(h["n_layer"])
+    w.add_feed_forward_length(F)
+    w.add_head_count(h["n_head"])
+    w.add_head_count_kv(h["n_head_kv"])
+    w.add_rope_freq_base(h["rope_theta"])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab"] + [f"<{i}>" for i in range(3, V)])
+    w.add_token_merges(["a b"])
+    rng = np.random.default_rng(seed)
+    qtype = getattr(gguf.GGMLQuantizationType, wtype.upper())
+
+    def matrix(name, rows, cols):   # rows x cols, stored as ggml [cols, rows]
+        data = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
+        if wtype == "f32":
+            w.add_tensor(name, data)
+        elif wtype == "f16":
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            raw = np.frombuffer(_core.quantize(wtype, data.ravel()), dtype=np.uint8)
+            w.add_tensor(name, raw.reshape(rows, -1), raw_dtype=qtype)
+
+    def vector(name, n, value=None):
+        w.add_tensor(name, np.ones(n, np.float32) if value is None else
+                     (rng.standard_normal(n, dtype=np.float32) * value).astype(np.float32))
+
+    matrix("token_embd.weight", V, E)
+    vector("output_norm.weight", E)
+    for layer in range(h["n_layer"]):
+        p = f"blk.{layer}."
+        vector(p + "attn_norm.weight", E)
+        vector(p + "ffn_norm.weight", E)
+        for name, rows in (("attn_q", E), ("attn_k", kv), ("attn_v", kv)):
+            matrix(p + name + ".weight", rows, E)
+            if h["qkv_bias"]:
+                vector(p + name + ".bias", rows, 0.02)
+        matrix(p + "attn_output.weight", E, E)
+        matrix(p + "ffn_gate.weight", F, E)
+        matrix(p + "ffn_up.weight", F, E)
+        matrix(p + "ffn_down.weight", E, F)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    target.with_suffix(".tmp").rename(target)
     return target
