@@ -20,6 +20,7 @@ struct Weight {
     const uint8_t* data = nullptr;
     size_t row_stride = 0;           // bytes between rows
     const float* bias = nullptr;     // [rows] or null
+    const uint8_t* packed = nullptr; // the same values in a layout of the backend's own, or null
 
     explicit operator bool() const { return data != nullptr; }
 };
@@ -98,6 +99,10 @@ public:
     // untyped memory (KV cache stores)
     virtual uint8_t* alloc_bytes(size_t n) = 0;
     virtual void free_bytes(uint8_t* p) = 0;
+
+    // Called once per weight matrix at load: the backend may set w.packed to a copy in a layout its
+    // kernels read faster (it owns that memory; w.data stays valid for paths that do not use it).
+    virtual void pack_weight(Weight& w) { (void)w; }
 
     // --- ops (shapes in comments; T = rows of the batch)
     // out[T, cols] = table[ids[t], :]

@@ -315,6 +315,13 @@ void Model::build() {
         L.w_up = weight(p + "ffn_up.weight", F, E);
         L.w_down = weight(p + "ffn_down.weight", E, F);
     }
+
+    // the backend's own layouts for the matrices the forward pass multiplies by (GPT-2's Q/K/V views
+    // each, not their fused parent; the embedding table only has rows looked up)
+    for (Layer& L : layers_)
+        for (Weight* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down})
+            if (*w) backend_->pack_weight(*w);
+    backend_->pack_weight(output_);
 }
 
 size_t Model::weight_bytes() const {

@@ -217,6 +217,30 @@ PYBIND11_MODULE(_core, mod) {
         return out;
     }, py::arg("type"), py::arg("row"), py::arg("xs"), "One weight row against four vectors (small batches).");
 
+    mod.def("dot_rows_packed8", [check_row](const std::string& type, py::bytes data, FloatArray x) {
+        std::string_view view = data;
+        const int64_t n = static_cast<int64_t>(x.size());
+        DType t = dtype_from_name(type);
+        const cpu::Kernels& k = cpu::kernels();
+        if (!cpu::packable8(t) || !k.dot_packed8)
+            fail(ErrorKind::invalid_arg, "no eight-row path for " + type + " at this level");
+        if (n % 32 != 0 || view.size() != 8 * row_bytes(t, n)) fail(ErrorKind::invalid_arg, "expected 8 rows of n values");
+        check_row(type, view.substr(0, row_bytes(t, n)), n);
+        std::vector<uint8_t> group(static_cast<size_t>(n / 32) * cpu::packed8_column_bytes(t));
+        cpu::pack_rows8(t, reinterpret_cast<const uint8_t*>(view.data()), row_bytes(t, n), n, group.data());
+        std::string unpacked(view.size(), '\0');   // every row read back from the layout
+        for (int j = 0; j < 8; ++j)
+            cpu::unpack_row8(t, group.data(), n, j, reinterpret_cast<uint8_t*>(unpacked.data()) + j * row_bytes(t, n));
+        std::vector<int8_t> q(static_cast<size_t>(4 * n));
+        std::vector<float> d(static_cast<size_t>(n / 32)), sum(static_cast<size_t>(n / 32));
+        k.prepare_x8(x.data(), n, q.data(), d.data(), sum.data());
+        FloatArray out(8);
+        k.dot_packed8(t, group.data(), q.data(), d.data(), sum.data(), n, out.mutable_data());
+        return py::make_tuple(out, py::bytes(unpacked));
+    }, py::arg("type"), py::arg("rows"), py::arg("x"),
+       "Eight stored 4-bit rows against x through the eight-row layout (decode on AVX-512), and the rows "
+       "read back from that layout.");
+
     mod.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
                             const std::string& k_kind, const std::string& v_kind, int64_t window, int64_t ring,
                             int n_threads) {

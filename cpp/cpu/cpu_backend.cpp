@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../backend.h"
@@ -48,17 +49,40 @@ public:
         matmul_group(&item, 1, x, T);
     }
 
+    // q4_0 / q4_1 matrices get the eight-row layout where the level has a kernel for it; decode then
+    // reads only that copy, prefill dequantizes rows from it, so the mapped original goes cold.
+    void pack_weight(Weight& w) override {
+        const cpu::Kernels& kern = cpu::kernels();
+        if (!kern.dot_packed8 || !cpu::packable8(w.type) || w.rows % 8 != 0 || w.cols % 32 != 0) return;
+        const size_t group_bytes = static_cast<size_t>(w.cols / 32) * cpu::packed8_column_bytes(w.type);
+        auto copy = std::make_unique<uint8_t[]>(group_bytes * static_cast<size_t>(w.rows / 8));
+        uint8_t* dst = copy.get();
+        pool_.parallel_for(w.rows / 8, [&](int64_t g0, int64_t g1, int) {
+            for (int64_t g = g0; g < g1; ++g)
+                cpu::pack_rows8(w.type, w.data + static_cast<size_t>(8 * g) * w.row_stride, w.row_stride, w.cols,
+                                dst + static_cast<size_t>(g) * group_bytes);
+        });
+        w.packed = dst;
+        packed_.push_back(std::move(copy));
+    }
+
     // Several products of the same input share one parallel region (and, for the integer kernels,
-    // one preparation of x). Work is cut into units of four rows across all the weights.
+    // one preparation of x). Work is cut into units of four rows (eight for packed weights) across
+    // all the weights.
     void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) override {
         const int64_t cols = items[0].w->cols;
         const cpu::Kernels& kern = cpu::kernels();
         const bool small_batch = T < kPreparedMaxTokens;
-        bool any_prepared = false;
+        auto packed_path = [&](const Weight& w) { return small_batch && w.packed && kern.dot_packed8; };
+        bool any_prepared = false, any_packed = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
-            any_prepared |= small_batch && cpu::uses_prepared_x(kern, items[i].w->type);
-            first_unit[i + 1] = first_unit[i] + (items[i].w->rows + 3) / 4;
+            const Weight& w = *items[i].w;
+            const bool packed = packed_path(w);
+            any_packed |= packed;
+            any_prepared |= !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
+            const int64_t unit_rows = packed ? 8 : 4;
+            first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
         }
         const int64_t nb = cols / 32;
         if (any_prepared) {
@@ -68,14 +92,34 @@ public:
             for (int64_t t = 0; t < T; ++t)
                 kern.prepare_x(x + t * cols, cols, xq_.data() + 2 * t * cols, xd_.data() + t * nb, xsum_.data() + t * nb);
         }
+        if (any_packed) {
+            xq8_.resize(static_cast<size_t>(4 * T * cols));
+            xd8_.resize(static_cast<size_t>(T * nb));
+            xsum8_.resize(static_cast<size_t>(T * nb));
+            for (int64_t t = 0; t < T; ++t)
+                kern.prepare_x8(x + t * cols, cols, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
+                                xsum8_.data() + t * nb);
+        }
         pool_.parallel_for(first_unit[n_items], [&](int64_t u0, int64_t u1, int thread) {
             for (int64_t u = u0; u < u1; ++u) {
                 int i = static_cast<int>(std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin()) - 1;
                 const Weight& w = *items[i].w;
                 float* out = items[i].out;
+                auto bias = [&](int64_t r) { return w.bias ? w.bias[r] : 0.0f; };
+                if (packed_path(w)) {
+                    // one group of eight rows against each token
+                    const int64_t r0 = 8 * (u - first_unit[i]);
+                    const uint8_t* group = w.packed + static_cast<size_t>(r0 / 8) * nb * cpu::packed8_column_bytes(w.type);
+                    for (int64_t t = 0; t < T; ++t) {
+                        float o[8];
+                        kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
+                                         xsum8_.data() + t * nb, cols, o);
+                        for (int k = 0; k < 8; ++k) out[t * w.rows + r0 + k] = o[k] + bias(r0 + k);
+                    }
+                    continue;
+                }
                 const int64_t rows = w.rows, r0 = 4 * (u - first_unit[i]), nr = std::min<int64_t>(4, rows - r0);
                 auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
-                auto bias = [&](int64_t r) { return w.bias ? w.bias[r] : 0.0f; };
                 if (small_batch && cpu::uses_prepared_x(kern, w.type)) {
                     // integer dots; each row stays in L1 while the tokens pass, four per widening
                     for (int64_t r = r0; r < r0 + nr; ++r) {
@@ -96,10 +140,20 @@ public:
                         out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
                 } else {
                     // prefill: dequantize the four rows, then run the tokens past them a tile at a time
-                    float* buf = scratch(thread, 4 * cols);
+                    float* buf = scratch(thread, 5 * cols);   // 4 rows, then room for one packed row's bytes
                     for (int64_t k = 0; k < 4; ++k) {
-                        if (k < nr) kern.dequantize_row(w.type, row_ptr(r0 + k), buf + k * cols, cols);
-                        else std::fill(buf + k * cols, buf + (k + 1) * cols, 0.0f);   // padding rows
+                        float* dst = buf + k * cols;
+                        if (k >= nr) {
+                            std::fill(dst, dst + cols, 0.0f);   // padding rows
+                        } else if (w.packed) {
+                            uint8_t* row = reinterpret_cast<uint8_t*>(buf + 4 * cols);
+                            const int64_t r = r0 + k;
+                            cpu::unpack_row8(w.type, w.packed + static_cast<size_t>(r / 8) * nb * cpu::packed8_column_bytes(w.type),
+                                             cols, static_cast<int>(r % 8), row);
+                            kern.dequantize_row(w.type, row, dst, cols);
+                        } else {
+                            kern.dequantize_row(w.type, row_ptr(r0 + k), dst, cols);
+                        }
                     }
                     const int64_t width = kern.tile_tokens;
                     const float* xs[cpu::kMaxTileTokens];
@@ -350,6 +404,9 @@ private:
     ThreadPool pool_;
     std::vector<std::vector<float>> scratch_;
     std::vector<int16_t> xq_;   // activations prepared for the integer kernels [T, 2 * cols]
+    std::vector<int8_t> xq8_;   // ... and for the packed 4-bit kernel [T, 4 * cols]
+    std::vector<float> xd8_, xsum8_;
+    std::vector<std::unique_ptr<uint8_t[]>> packed_;   // eight-row copies of weights (pack_weight)
     std::vector<float> xd_, xsum_;
     std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
 };

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 
 #include "../error.h"
 #include "../quants.h"
@@ -66,7 +67,7 @@ float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
 
 const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
                       exp_sum_scalar, 2, dot_f32_tile_scalar, dot_row_scalar, dequantize_row, nullptr,
-                      nullptr, nullptr};
+                      nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(Level level) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -117,6 +118,44 @@ std::atomic<const Kernels*> g_active{nullptr};
 }  // namespace
 
 const Kernels& kernels_scalar() { return kScalar; }
+
+// ---- the eight-row layout (a data format, the same at every level)
+
+bool packable8(DType t) { return t == DType::q4_0 || t == DType::q4_1; }
+
+size_t packed8_column_bytes(DType t) { return 8 * sizeof(uint16_t) * (t == DType::q4_1 ? 2 : 1) + 8 * 16; }
+
+namespace {
+// where a block keeps its scale, minimum (q4_1) and quants
+struct BlockFields { size_t d, m, qs; };
+BlockFields fields(DType t) { return t == DType::q4_1 ? BlockFields{0, 2, 4} : BlockFields{0, 0, 2}; }
+}  // namespace
+
+void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group) {
+    const BlockFields f = fields(t);
+    const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), mins = t == DType::q4_1 ? 16 : 0;
+    for (int64_t i = 0; i < n / 32; ++i) {
+        uint8_t* out = group + i * col;
+        for (int j = 0; j < 8; ++j) {
+            const uint8_t* b = rows + j * row_stride + i * block;
+            std::memcpy(out + 2 * j, b + f.d, 2);
+            if (mins) std::memcpy(out + 16 + 2 * j, b + f.m, 2);
+            std::memcpy(out + 16 + mins + 16 * j, b + f.qs, 16);
+        }
+    }
+}
+
+void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row) {
+    const BlockFields f = fields(t);
+    const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), mins = t == DType::q4_1 ? 16 : 0;
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* in = group + i * col;
+        uint8_t* b = row + i * block;
+        std::memcpy(b + f.d, in + 2 * j, 2);
+        if (mins) std::memcpy(b + f.m, in + 16 + 2 * j, 2);
+        std::memcpy(b + f.qs, in + 16 + mins + 16 * j, 16);
+    }
+}
 
 const Kernels& kernels() {
     const Kernels* k = g_active.load(std::memory_order_acquire);

@@ -46,7 +46,25 @@ struct Kernels {
     // The same for four consecutive prepared vectors (q [4, 2n], d and sum [4, n/32]) -> out[4]
     void (*dot_row_prepared_x4)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
                                 int64_t n, float* out);
+    // 4-bit weights (q4_0, q4_1) in groups of eight rows (pack_rows8) against x prepared as four int8
+    // parts per element, x = d * (a + b / 2^7 + c / 2^14 + e / 2^21) per 32-block (error at most
+    // d / 2^22, below float rounding of the block maximum), q [4n] holding a[32] b[32] c[32] e[32]
+    // per block, plus the block sums -> out[8], the group's rows against x. Null where a level has
+    // no such path.
+    void (*prepare_x8)(const float* x, int64_t n, int8_t* q, float* d, float* sum);
+    void (*dot_packed8)(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
+                        float* out);
 };
+
+// The eight-row layout of q4_0 / q4_1 weights: per block column, the eight rows' scales (fp16; for
+// q4_1 then their minimums), then their 16 bytes of quants each -- one aligned read feeds eight rows
+// and their scales convert in one instruction. Groups follow each other (n / 32 block columns each).
+bool packable8(DType t);
+size_t packed8_column_bytes(DType t);
+// packs rows [8, n] (row_stride bytes apart) into one group
+void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group);
+// row j (0..7) of a group back in the type's own block layout (row_bytes(t, n) bytes)
+void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row);
 
 // Decode streams every weight once per token; the integer kernels ask for the weight bytes this far
 // ahead, which keeps more loads in flight than the hardware prefetcher does on its own (measured on

@@ -366,9 +366,86 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
     dispatch_prepared<4>(t, row, q, d, sum, n, out);
 }
 
+// ---- 4-bit weights in eight-row groups: int8 activation parts, VPDPBUSD (unsigned nibbles x signed
+// bytes, four products per int32 lane)
+
+// x / d = a + b / 2^7 + c / 2^14 + e / 2^21 per 32-block: a = round(x / d) in [-127, 127], then each
+// part rounds 128 times the remainder of the one before (in [-64, 64]).
+void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum) {
+    for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 128) {
+        __m512 v[2] = {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)};
+        float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        d[b] = mx / 127.0f;
+        sum[b] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        const __m512 inv = _mm512_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+        v[0] = _mm512_mul_ps(v[0], inv);
+        v[1] = _mm512_mul_ps(v[1], inv);
+        for (int part = 0; part < 4; ++part)
+            for (int h = 0; h < 2; ++h) {
+                __m512i whole = _mm512_cvtps_epi32(v[h]);
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * part + 16 * h), _mm512_cvtsepi32_epi8(whole));
+                v[h] = _mm512_mul_ps(_mm512_sub_ps(v[h], _mm512_cvtepi32_ps(whole)), _mm512_set1_ps(128.0f));
+            }
+    }
+}
+
+// One group (eight rows) against one prepared x. Per block column, each half of the group is one
+// 64-byte register: four rows of 16 quant bytes, so int32 lane l belongs to row l / 4 and x's 16
+// bytes are broadcast to every 128-bit lane. Parts pair up in int32 as a * 2^7 + b and c * 2^7 + e
+// (at most 2^21 in magnitude, exact), the pairs meet in float.
+//   row r: sum_j w_j x_j = dw_r * d * 2^-7 * (S_ab + S_ce * 2^-14) + (q4_0: -8 dw_r, q4_1: m_r) * sum_j x_j
+template <DType T>
+void dot_packed8_type(const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
+                      float* out) {
+    constexpr size_t mins = T == DType::q4_1 ? 16 : 0;
+    constexpr size_t column = 16 + mins + 128;
+    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                    _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
+    const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m256 block_sums = _mm256_setzero_ps();   // per row: sum_i (-8 dw or m) * sum(x of block i)
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* c = group + i * column;
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+        const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[i] * (1.0f / 128.0f))));
+        const int8_t* xb = q + i * 128;
+        __m512i xs[8];   // each part's x[0..15] and x[16..31], in all four lanes
+        for (int k = 0; k < 8; ++k)
+            xs[k] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16 * k)));
+        for (int h = 0; h < 2; ++h) {
+            const __m512i w = _mm512_loadu_si512(c + 16 + mins + 64 * h);
+            const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            auto pair = [&](int k) {   // parts k and k + 1 as part_k * 2^7 + part_k+1
+                __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xs[2 * k]), hi, xs[2 * k + 1]);
+                s = _mm512_slli_epi32(s, 7);
+                return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo, xs[2 * k + 2]), hi, xs[2 * k + 3]);
+            };
+            const __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair(2)), low_pair, _mm512_cvtepi32_ps(pair(0)));
+            acc[h] = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(row_of_lane[h], scale), acc[h]);
+        }
+        const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        block_sums = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[i]), block_sums);
+    }
+    alignas(64) float lanes[32];
+    alignas(32) float extra[8];
+    _mm512_store_ps(lanes, acc[0]);
+    _mm512_store_ps(lanes + 16, acc[1]);
+    _mm256_store_ps(extra, block_sums);
+    for (int r = 0; r < 8; ++r) out[r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
+}
+
+void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
+                 float* out) {
+    if (t == DType::q4_1) dot_packed8_type<DType::q4_1>(group, q, d, sum, n, out);
+    else dot_packed8_type<DType::q4_0>(group, q, d, sum, n, out);   // callers check packable8 first
+}
+
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
                       exp_sum,       kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
-                      dot_row_prepared_x4};
+                      dot_row_prepared_x4, prepare_x8, dot_packed8};
 
 }  // namespace
 
