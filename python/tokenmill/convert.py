@@ -27,6 +27,20 @@ def _field_value(field, T):
     return field.parts[field.data[0]].tolist()[0]
 
 
+def add_matrix(writer, name: str, data: np.ndarray, wtype: str) -> None:
+    """Adds a float32 matrix [rows, cols] to a gguf.GGUFWriter stored as wtype (one of TARGETS)."""
+    import gguf
+
+    if wtype == "f32":
+        writer.add_tensor(name, data)
+    elif wtype == "f16":
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        raw = np.frombuffer(_core.quantize(wtype, data.ravel()), dtype=np.uint8)
+        writer.add_tensor(name, raw.reshape(data.shape[0], -1),
+                          raw_dtype=getattr(gguf.GGMLQuantizationType, wtype.upper()))
+
+
 def convert_gguf(src: str | Path, dst: str | Path, wtype: str) -> Path:
     """Writes `src` to `dst` with every 2-D weight in `wtype`."""
     if wtype not in TARGETS:
@@ -47,18 +61,11 @@ def convert_gguf(src: str | Path, dst: str | Path, wtype: str) -> Path:
             writer.add_key_value(key, value, T.ARRAY, sub_type=field.types[1])
         else:
             writer.add_key_value(key, value, field.types[0])
-    qtype = getattr(gguf.GGMLQuantizationType, wtype.upper())
     for name, _type, shape, _offset, _nbytes in native.tensors():
         data = native.dequantize(name)
         block = _BLOCK.get(wtype, 1)
         if len(shape) == 2 and shape[0] % block == 0:
-            if wtype == "f32":
-                writer.add_tensor(name, data)
-            elif wtype == "f16":
-                writer.add_tensor(name, data.astype(np.float16))
-            else:
-                raw = np.frombuffer(_core.quantize(wtype, data.ravel()), dtype=np.uint8)
-                writer.add_tensor(name, raw.reshape(data.shape[0], -1), raw_dtype=qtype)
+            add_matrix(writer, name, data, wtype)
         else:
             writer.add_tensor(name, data.astype(np.float32))
     writer.write_header_to_file()

@@ -155,7 +155,7 @@ def random_model(shape: str, wtype: str, directory: Path, seed: int = 0) -> Path
     benchmarks feed token ids, never text."""
     import gguf
 
-    from .convert import TARGETS
+    from .convert import TARGETS, add_matrix
 
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"unknown random shape {shape!r} (known: {', '.join(RANDOM_SHAPES)})")
@@ -164,8 +164,6 @@ def random_model(shape: str, wtype: str, directory: Path, seed: int = 0) -> Path
     target = Path(directory) / f"random-{shape}.{wtype}.gguf"
     if target.exists():
         return target
-    from . import _core
-
     h = RANDOM_SHAPES[shape]
     arch, E, F, V = h["arch"], h["n_embd"], h["n_ff"], h["n_vocab"]
     head_dim = E // h["n_head"]
@@ -184,17 +182,9 @@ def random_model(shape: str, wtype: str, directory: Path, seed: int = 0) -> Path
     w.add_token_list(["a", "b", "ab"] + [f"<{i}>" for i in range(3, V)])
     w.add_token_merges(["a b"])
     rng = np.random.default_rng(seed)
-    qtype = getattr(gguf.GGMLQuantizationType, wtype.upper())
 
     def matrix(name, rows, cols):   # rows x cols, stored as ggml [cols, rows]
-        data = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32)
-        if wtype == "f32":
-            w.add_tensor(name, data)
-        elif wtype == "f16":
-            w.add_tensor(name, data.astype(np.float16))
-        else:
-            raw = np.frombuffer(_core.quantize(wtype, data.ravel()), dtype=np.uint8)
-            w.add_tensor(name, raw.reshape(rows, -1), raw_dtype=qtype)
+        add_matrix(w, name, (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32), wtype)
 
     def vector(name, n, value=None):
         w.add_tensor(name, np.ones(n, np.float32) if value is None else
