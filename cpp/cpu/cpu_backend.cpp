@@ -17,6 +17,10 @@ namespace {
 // Below this many tokens, block-quantized weights use the integer kernels; from it on, the float
 // 4x2 tile on dequantized rows is faster (each row's widening is amortised over more tokens).
 constexpr int64_t kPreparedMaxTokens = 8;
+// Element-wise ops split across threads only from this many elements on, in chunks of kElementChunk
+// (a multiple of every vector width).
+constexpr int64_t kMinParallelElements = 1 << 15;
+constexpr int64_t kElementChunk = 1 << 12;
 // Attention reads K and V in tiles of this many positions (converted into a per-thread buffer) ...
 constexpr int64_t kAttentionTile = 64;
 // ... and splits the positions of a query into parts of at least this many when it splits them.
@@ -229,10 +233,12 @@ public:
     }
 
     void swiglu(float* gate, const float* up, int64_t n) override {
-        for (int64_t i = 0; i < n; ++i) {
-            float g = gate[i];
-            gate[i] = g / (1.0f + std::exp(-g)) * up[i];
-        }
+        const cpu::Kernels& kern = cpu::kernels();
+        if (n < kMinParallelElements) return kern.swiglu(gate, up, n);
+        pool_.parallel_for((n + kElementChunk - 1) / kElementChunk, [&](int64_t c0, int64_t c1, int) {
+            const int64_t i0 = c0 * kElementChunk, i1 = std::min(n, c1 * kElementChunk);
+            kern.swiglu(gate + i0, up + i0, i1 - i0);
+        });
     }
 
     void gelu(float* x, int64_t n) override {

@@ -43,6 +43,10 @@ float exp_sum_scalar(float* x, int64_t n, float shift) {
     return sum;
 }
 
+void swiglu_scalar(float* gate, const float* up, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
 void dot_f32_tile_scalar(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out) {
     for (int t = 0; t < 2; ++t)
         for (int r = 0; r < 4; ++r) out[t * 4 + r] = dot_f32_scalar(w + r * w_stride, xs[t], n);
@@ -66,7 +70,7 @@ float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
 }
 
 const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
-                      exp_sum_scalar, 2, dot_f32_tile_scalar, dot_row_scalar, dequantize_row, nullptr,
+                      exp_sum_scalar, swiglu_scalar, 2, dot_f32_tile_scalar, dot_row_scalar, dequantize_row, nullptr,
                       nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(Level level) {

@@ -27,6 +27,8 @@ struct Kernels {
     void (*rows_axpy_f32)(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w);
     // ... and x[i] = exp(x[i] - shift), returning sum_i x[i] (softmax numerators)
     float (*exp_sum)(float* x, int64_t n, float shift);
+    // gate[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i]
+    void (*swiglu)(float* gate, const float* up, int64_t n);
     // The prefill tile: four float rows (w + r * w_stride) against tile_tokens vectors xs[t],
     // out[t * 4 + r] = w_r . xs[t]. Each loaded element of w or x feeds several FMAs; the level picks
     // the tile width its register file holds.

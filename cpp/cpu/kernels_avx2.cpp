@@ -127,6 +127,17 @@ float exp_sum(float* x, int64_t n, float shift) {
     return sum;
 }
 
+void swiglu(float* gate, const float* up, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(zero, g))));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    if (i < n) kernels_scalar().swiglu(gate + i, up + i, n - i);
+}
+
 float dot_f16(const uint16_t* w, const float* x, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -433,7 +444,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
     dispatch_prepared<4>(t, row, q, d, sum, n, out);
 }
 
-const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, 2, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, 2, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4, nullptr, nullptr};
 
 }  // namespace

@@ -125,6 +125,16 @@ float exp_sum(float* x, int64_t n, float shift) {
     return _mm512_reduce_add_ps(acc);
 }
 
+void swiglu(float* gate, const float* up, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+        __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(zero, g))));
+        _mm512_mask_storeu_ps(gate + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
 // ---- 16 stored values -> 16 floats
 
 inline __m512 f16x16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -444,7 +454,7 @@ void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d,
 }
 
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
-                      exp_sum,       kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
+                      exp_sum,       swiglu,      kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
                       dot_row_prepared_x4, prepare_x8, dot_packed8};
 
 }  // namespace
