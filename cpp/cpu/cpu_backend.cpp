@@ -15,7 +15,7 @@ namespace tmill {
 namespace {
 
 // Below this many tokens, block-quantized weights use the integer kernels; from it on, the float
-// 4x2 tile on dequantized rows is faster (each row's widening is amortised over more tokens).
+// tile on dequantized rows is faster (each row's widening is amortised over more tokens).
 constexpr int64_t kPreparedMaxTokens = 8;
 // Element-wise ops split across threads only from this many elements on, in chunks of kElementChunk
 // (a multiple of every vector width).
@@ -113,7 +113,7 @@ public:
                 if (packed_path(w)) {
                     // one group of eight rows against each token
                     const int64_t r0 = 8 * (u - first_unit[i]);
-                    const uint8_t* group = w.packed + static_cast<size_t>(r0 / 8) * nb * cpu::packed8_column_bytes(w.type);
+                    const uint8_t* group = packed_group(w, r0);
                     for (int64_t t = 0; t < T; ++t) {
                         float o[8];
                         kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
@@ -152,8 +152,7 @@ public:
                         } else if (w.packed) {
                             uint8_t* row = reinterpret_cast<uint8_t*>(buf + 4 * cols);
                             const int64_t r = r0 + k;
-                            cpu::unpack_row8(w.type, w.packed + static_cast<size_t>(r / 8) * nb * cpu::packed8_column_bytes(w.type),
-                                             cols, static_cast<int>(r % 8), row);
+                            cpu::unpack_row8(w.type, packed_group(w, r), cols, static_cast<int>(r % 8), row);
                             kern.dequantize_row(w.type, row, dst, cols);
                         } else {
                             kern.dequantize_row(w.type, row_ptr(r0 + k), dst, cols);
@@ -399,6 +398,11 @@ private:
             p += run;
         }
         return buf;
+    }
+
+    // the eight-row group of a packed weight that holds row r
+    static const uint8_t* packed_group(const Weight& w, int64_t r) {
+        return w.packed + static_cast<size_t>(r / 8 * (w.cols / 32)) * cpu::packed8_column_bytes(w.type);
     }
 
     float* scratch(int thread, int64_t n) {

@@ -80,7 +80,7 @@ def _bench_peers(args: argparse.Namespace) -> int:
     for path in paths:
         for depth in [int(d) for d in args.depth.split(",")]:
             rows = peers.compare(path, threads=args.threads or 2, prompt_len=args.prompt_len, gen=args.num_tokens,
-                                 depth=depth, repeats=args.repeats, engines=engines)
+                                 depth=depth, repeats=args.repeats, engines=engines, cache_kind=args.cache_kind)
             print(bench.format_table(rows), flush=True)
     return 0
 
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--engines", default="tokenmill,llama.cpp,transformers")
     b.add_argument("--types", default="", help="also benchmark requantized copies, e.g. q8_0,f16")
     b.add_argument("--depth", default="0", help="context depths for --peers, e.g. 0,2048")
+    b.add_argument("--cache-kind", dest="cache_kind", default="fp32",
+                   help="with --peers: the KV cache type of tokenmill and llama.cpp (fp32, fp16, bf16, q8, q4)")
     b.add_argument("--random-shape", dest="random_shape", default=None,
                    help="with --peers: random-weight models of this shape (qwen2.5-0.5b), one per --types entry")
     b.add_argument("--random-dir", dest="random_dir", default="bench-models",

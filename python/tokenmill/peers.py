@@ -24,15 +24,17 @@ def _ids(n_vocab: int, n: int) -> list[int]:
 class _Tokenmill:
     name = "tokenmill"
 
-    def __init__(self, path, threads):
+    def __init__(self, path, threads, cache_kind):
+        from .kvcache import CacheSpec
         from .model import load
 
         self.model = load(path, n_threads=threads)
         self.n_vocab = self.model.n_vocab
+        self.spec = CacheSpec(cache_kind, cache_kind)
 
     def run(self, prompt, gen, depth):
         m = self.model.native
-        cache = self.model.new_cache(depth + len(prompt) + gen + 1)
+        cache = self.model.new_cache(depth + len(prompt) + gen + 1, self.spec)
         if depth:
             m.eval(cache, np.asarray(_ids(self.n_vocab, depth), np.int32), "none", False)
         t0 = time.perf_counter()
@@ -45,14 +47,22 @@ class _Tokenmill:
         return t1 - t0, time.perf_counter() - t1
 
 
+# llama.cpp's KV cache type (ggml type id) for each tokenmill cache kind it has
+_LLAMA_KV_TYPES = {"fp32": 0, "fp16": 1, "bf16": 30, "q8": 8, "q4": 2}
+
+
 class _LlamaCpp:
     name = "llama.cpp"
 
-    def __init__(self, path, threads, n_ctx):
+    def __init__(self, path, threads, n_ctx, cache_kind):
         import llama_cpp
 
+        if cache_kind not in _LLAMA_KV_TYPES:
+            raise ValueError(f"llama.cpp has no KV cache type like {cache_kind!r}")
+        kv = _LLAMA_KV_TYPES[cache_kind]
+        # a quantized V cache needs flash attention in llama.cpp
         self.llm = llama_cpp.Llama(str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                                   n_batch=512, verbose=False)
+                                   n_batch=512, type_k=kv, type_v=kv, flash_attn=kv in (2, 8), verbose=False)
         self.n_vocab = self.llm.n_vocab()
 
     def run(self, prompt, gen, depth):
@@ -97,10 +107,13 @@ class _Transformers:
 
 
 def compare(path, threads: int = 2, prompt_len: int = 128, gen: int = 64, depth: int = 0, repeats: int = 5,
-            engines=("tokenmill", "llama.cpp", "transformers"), log: Callable[[str], None] = print) -> list[dict]:
+            engines=("tokenmill", "llama.cpp", "transformers"), cache_kind: str = "fp32",
+            log: Callable[[str], None] = print) -> list[dict]:
+    """Median prompt and decode tok/s of each engine; the KV cache is cache_kind for tokenmill and
+    llama.cpp alike (transformers keeps its float32 cache)."""
     makers = {
-        "tokenmill": lambda: _Tokenmill(path, threads),
-        "llama.cpp": lambda: _LlamaCpp(path, threads, depth + prompt_len + gen + 16),
+        "tokenmill": lambda: _Tokenmill(path, threads, cache_kind),
+        "llama.cpp": lambda: _LlamaCpp(path, threads, depth + prompt_len + gen + 16, cache_kind),
         "transformers": lambda: _Transformers(path, threads),
     }
     runners = []
@@ -125,6 +138,7 @@ def compare(path, threads: int = 2, prompt_len: int = 128, gen: int = 64, depth:
         mpp, mtg = statistics.median(pp), statistics.median(tg)
         rows.append({
             "engine": name, "model": Path(path).name, "threads": threads, "depth": depth,
+            "kv": cache_kind if name != "transformers" else "fp32",
             f"pp{prompt_len} tok/s": mpp, f"tg{gen} tok/s": mtg,
             "tokenmill/engine pp": (base_pp / mpp) if base_pp else float("nan"),
             "tokenmill/engine tg": (base_tg / mtg) if base_tg and mtg else float("nan"),
