@@ -12,7 +12,8 @@ cache_kind="auto" a Generator picks a spec for its model and settings (`select_c
    whose logits are compared with an fp32 cache's: delta NLL, PPL ratio, mean KL(fp32 || kind) and
    top-1 agreement. Candidates over a gate are dropped;
 3. speed: the survivors decode cache_auto_bench_steps tokens after a cache_auto_bench_prompt_len
-   prompt and the fastest wins (with cache_auto_benchmark=False: the smallest survivor);
+   prompt and the fastest wins, the smallest of those within SPEED_TIE of it on a near tie (with
+   cache_auto_benchmark=False: the smallest survivor);
 4. the plan is saved in cache_plan_path (JSON) under a key of model and settings, and reused until
    it is older than cache_plan_probe_interval_sec (when cache_plan_probe is on).
 """
@@ -52,6 +53,10 @@ AUTO_CANDIDATES = (
     ("fp16", "fp16"),
     ("fp32", "fp32"),
 )
+
+# Decode speeds within this fraction of the fastest count as a tie (run-to-run noise of a short
+# micro-benchmark is about that large); ties go to the smaller cache.
+SPEED_TIE = 0.05
 
 _PLAN_VERSION = 1
 _measured: dict[str, "CachePlan"] = {}   # plans measured in this process, by key
@@ -322,7 +327,9 @@ def select_cache_plan(model: "Model", config: "GenerateConfig", capacity: int) -
             rep.decode_tokens_per_second = _decode_speed(
                 model, spec, bench_ids, config.cache_auto_bench_prompt_len, config.cache_auto_bench_steps
             )
-        chosen = max(survivors, key=lambda sr: sr[1].decode_tokens_per_second)
+        fastest = max(rep.decode_tokens_per_second for _, rep in survivors)
+        # survivors are smallest first: the smallest one that is as fast as the fastest within noise
+        chosen = next(sr for sr in survivors if sr[1].decode_tokens_per_second >= (1 - SPEED_TIE) * fastest)
     plan = CachePlan(chosen[0].k_kind, chosen[0].v_kind, "measured", key, time.time(), reports)
     _measured[key] = plan
     if config.cache_plan_path:
