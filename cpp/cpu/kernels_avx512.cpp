@@ -2,8 +2,9 @@
 // instructions enabled and is only called after cpuid says the CPU has all of them; like the AVX2
 // file, everything stays in an anonymous namespace. Compared with AVX2: 16 floats or one whole
 // 32-value block per register, masked loads instead of scalar tails, a 16-entry nf4 codebook in one
-// register, and VPDPWSSD (int16 pairs multiplied and summed into int32 in one instruction) on the
-// integer path.
+// register, VPDPWSSD (int16 pairs multiplied and summed into int32 in one instruction) on the
+// integer path, and VPDPBUSD (four byte products per int32 lane) on 4-bit weights repacked in
+// eight-row groups.
 #include <immintrin.h>
 
 #include "../quants.h"
