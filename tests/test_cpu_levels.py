@@ -4,10 +4,11 @@ float64 arithmetic, and whole models run at every level."""
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import tokenmill
 from tokenmill import _core
-from conftest import rel_err
+from conftest import TINY, rel_err
 from gguf_util import QTYPES, write_tiny_gguf
 
 LEVELS = _core.cpu_levels()
@@ -117,3 +118,21 @@ def test_default_model_parity_at_every_level(level, smollm, hf_smollm):
         expected = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                      max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out == expected[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+def test_sizes_off_the_tile_grid(level, tmp_path):
+    """Matrices whose rows are no multiple of any tile height (36 FFN rows, 317 vocabulary rows) and a
+    prompt no multiple of any tile width: the padding rows and the repeated last token stay out of
+    the results."""
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=36, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, initializer_range=0.08, **dict(TINY, vocab_size=317))
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ids = np.random.default_rng(4).integers(0, 317, size=41).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    model = tokenmill.load(tmp_path)
+    assert rel_err(model.logits(ids), ref) < 1e-4
+    assert rel_err(model.logits(ids, chunk=3), ref) < 1e-4   # every call a tile of its own

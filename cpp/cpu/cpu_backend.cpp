@@ -78,6 +78,7 @@ public:
         const cpu::Kernels& kern = cpu::kernels();
         const bool small_batch = T < kPreparedMaxTokens;
         auto packed_path = [&](const Weight& w) { return small_batch && w.packed && kern.dot_packed8; };
+        auto tile_path = [&](const Weight& w) { return T > 1 && !(small_batch && cpu::uses_prepared_x(kern, w.type)); };
         bool any_prepared = false, any_packed = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
@@ -85,7 +86,7 @@ public:
             const bool packed = packed_path(w);
             any_packed |= packed;
             any_prepared |= !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
-            const int64_t unit_rows = packed ? 8 : 4;
+            const int64_t unit_rows = packed ? 8 : tile_path(w) ? kern.tile_rows : 4;
             first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
         }
         const int64_t nb = cols / 32;
@@ -122,11 +123,17 @@ public:
                     }
                     continue;
                 }
-                const int64_t rows = w.rows, r0 = 4 * (u - first_unit[i]), nr = std::min<int64_t>(4, rows - r0);
+                const int64_t rows = w.rows;
                 auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
-                if (small_batch && cpu::uses_prepared_x(kern, w.type)) {
+                if (!tile_path(w)) {
+                    const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
+                    if (T == 1 && !cpu::uses_prepared_x(kern, w.type)) {
+                        for (int64_t r = r0; r < r1; ++r)   // decode: straight from the stored type
+                            out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
+                        continue;
+                    }
                     // integer dots; each row stays in L1 while the tokens pass, four per widening
-                    for (int64_t r = r0; r < r0 + nr; ++r) {
+                    for (int64_t r = r0; r < r1; ++r) {
                         int64_t t = 0;
                         for (; t + 4 <= T; t += 4) {
                             float o[4];
@@ -139,35 +146,33 @@ public:
                                                                       xd_.data() + t * nb, xsum_.data() + t * nb, cols) +
                                                 bias(r);
                     }
-                } else if (T == 1) {
-                    for (int64_t r = r0; r < r0 + nr; ++r)   // decode: straight from the stored type
-                        out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
-                } else {
-                    // prefill: dequantize the four rows, then run the tokens past them a tile at a time
-                    float* buf = scratch(thread, 5 * cols);   // 4 rows, then room for one packed row's bytes
-                    for (int64_t k = 0; k < 4; ++k) {
-                        float* dst = buf + k * cols;
-                        if (k >= nr) {
-                            std::fill(dst, dst + cols, 0.0f);   // padding rows
-                        } else if (w.packed) {
-                            uint8_t* row = reinterpret_cast<uint8_t*>(buf + 4 * cols);
-                            const int64_t r = r0 + k;
-                            cpu::unpack_row8(w.type, packed_group(w, r), cols, static_cast<int>(r % 8), row);
-                            kern.dequantize_row(w.type, row, dst, cols);
-                        } else {
-                            kern.dequantize_row(w.type, row_ptr(r0 + k), dst, cols);
-                        }
+                    continue;
+                }
+                // prefill: dequantize a tile's rows, then run the tokens past them a tile at a time
+                const int64_t tr = kern.tile_rows, r0 = tr * (u - first_unit[i]), nr = std::min(tr, rows - r0);
+                float* buf = scratch(thread, (tr + 1) * cols);   // the rows, then room for one packed row's bytes
+                for (int64_t k = 0; k < tr; ++k) {
+                    float* dst = buf + k * cols;
+                    if (k >= nr) {
+                        std::fill(dst, dst + cols, 0.0f);   // padding rows
+                    } else if (w.packed) {
+                        uint8_t* row = reinterpret_cast<uint8_t*>(buf + tr * cols);
+                        const int64_t r = r0 + k;
+                        cpu::unpack_row8(w.type, packed_group(w, r), cols, static_cast<int>(r % 8), row);
+                        kern.dequantize_row(w.type, row, dst, cols);
+                    } else {
+                        kern.dequantize_row(w.type, row_ptr(r0 + k), dst, cols);
                     }
-                    const int64_t width = kern.tile_tokens;
-                    const float* xs[cpu::kMaxTileTokens];
-                    float o[4 * cpu::kMaxTileTokens];
-                    for (int64_t t = 0; t < T; t += width) {
-                        for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
-                            xs[k] = x + std::min(t + k, T - 1) * cols;
-                        kern.dot_f32_tile(buf, cols, xs, cols, o);
-                        for (int64_t k = 0; k < width && t + k < T; ++k)
-                            for (int64_t r = 0; r < nr; ++r) out[(t + k) * rows + r0 + r] = o[4 * k + r] + bias(r0 + r);
-                    }
+                }
+                const int64_t width = kern.tile_tokens;
+                const float* xs[cpu::kMaxTileTokens];
+                float o[cpu::kMaxTileRows * cpu::kMaxTileTokens];
+                for (int64_t t = 0; t < T; t += width) {
+                    for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
+                        xs[k] = x + std::min(t + k, T - 1) * cols;
+                    kern.dot_f32_tile(buf, cols, xs, cols, o);
+                    for (int64_t k = 0; k < width && t + k < T; ++k)
+                        for (int64_t r = 0; r < nr; ++r) out[(t + k) * rows + r0 + r] = o[tr * k + r] + bias(r0 + r);
                 }
             }
         });

@@ -13,7 +13,8 @@ namespace tmill::cpu {
 
 enum class Level { scalar = 0, avx2 = 1, avx512 = 2 };
 
-// the widest tile any level uses
+// the largest prefill tile any level uses
+constexpr int kMaxTileRows = 8;
 constexpr int kMaxTileTokens = 8;
 
 struct Kernels {
@@ -29,10 +30,10 @@ struct Kernels {
     float (*exp_sum)(float* x, int64_t n, float shift);
     // gate[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i]
     void (*swiglu)(float* gate, const float* up, int64_t n);
-    // The prefill tile: four float rows (w + r * w_stride) against tile_tokens vectors xs[t],
-    // out[t * 4 + r] = w_r . xs[t]. Each loaded element of w or x feeds several FMAs; the level picks
-    // the tile width its register file holds.
-    int tile_tokens;
+    // The prefill tile: tile_rows float rows (w + r * w_stride) against tile_tokens vectors xs[t],
+    // out[t * tile_rows + r] = w_r . xs[t]. Each loaded element of w or x feeds several FMAs; the level
+    // picks the shape its register file holds.
+    int tile_rows, tile_tokens;
     void (*dot_f32_tile)(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out);
     // sum_i row[i] * x[i] for a weight row of type t (n a multiple of the block size)
     float (*dot_row)(DType t, const void* row, const float* x, int64_t n);
