@@ -150,6 +150,10 @@ inline __m512 bf16x16(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 
+// one stored value of the same type, for tails shorter than a register
+template <__m512 (*Load)(const uint16_t*)>
+inline float scalar_16bit(uint16_t h) { return Load == f16x16 ? half(h) : bf16_to_fp32(h); }
+
 inline __m512 i8x16(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
 
 // 16 packed bytes -> (low nibbles = elements 0..15, high nibbles = elements 16..31) as bytes 0..15
@@ -217,7 +221,7 @@ float dot_16bit(const uint16_t* w, const float* x, int64_t n) {
         acc1 = _mm512_fmadd_ps(Load(w + i + 16), _mm512_loadu_ps(x + i + 16), acc1);
     }
     float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-    for (; i < n; ++i) sum += (Load == f16x16 ? half(w[i]) : bf16_to_fp32(w[i])) * x[i];
+    for (; i < n; ++i) sum += scalar_16bit<Load>(w[i]) * x[i];
     return sum;
 }
 
@@ -249,7 +253,7 @@ template <__m512 (*Load)(const uint16_t*)>
 void dequantize_16bit(const uint16_t* h, float* out, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, Load(h + i));
-    for (; i < n; ++i) out[i] = Load == f16x16 ? half(h[i]) : bf16_to_fp32(h[i]);
+    for (; i < n; ++i) out[i] = scalar_16bit<Load>(h[i]);
 }
 
 void dequantize(DType t, const void* row, float* out, int64_t n) {

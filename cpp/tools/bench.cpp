@@ -38,19 +38,17 @@ struct Options {
     bool json = false;
 };
 
-std::vector<int> parse_list(const char* s) {
-    std::vector<int> out;
-    std::stringstream ss(s);
-    std::string item;
-    while (std::getline(ss, item, ',')) out.push_back(std::atoi(item.c_str()));
-    return out;
-}
-
 std::vector<std::string> parse_names(const char* s) {
     std::vector<std::string> out;
     std::stringstream ss(s);
     std::string item;
     while (std::getline(ss, item, ',')) out.push_back(item);
+    return out;
+}
+
+std::vector<int> parse_list(const char* s) {
+    std::vector<int> out;
+    for (const std::string& item : parse_names(s)) out.push_back(std::atoi(item.c_str()));
     return out;
 }
 
@@ -109,8 +107,6 @@ int main(int argc, char** argv) {
     Options o = parse(argc, argv);
     try {
         bool first = true;
-        if (o.json) std::printf("[\n");
-        else std::printf("| model | size | params | backend | threads | kv | test | t/s |\n|---|---:|---:|---|---:|---|---|---:|\n");
         std::vector<KVCacheConfig> caches;
         for (size_t i = 0; i < o.cache_k.size(); ++i) {
             const std::vector<std::string>& vs = o.cache_v.empty() ? o.cache_k : o.cache_v;
@@ -119,6 +115,8 @@ int main(int argc, char** argv) {
             c.v_type = kv_type_from_name(vs[std::min(i, vs.size() - 1)]);
             caches.push_back(c);
         }
+        if (o.json) std::printf("[\n");
+        else std::printf("| model | size | params | backend | threads | kv | test | t/s |\n|---|---:|---:|---|---:|---|---|---:|\n");
         for (int threads : o.threads) {
             LoadOptions load;
             load.n_threads = threads;
@@ -128,7 +126,6 @@ int main(int argc, char** argv) {
             double params_m = static_cast<double>(model->n_params()) / 1e6;
             for (const KVCacheConfig& kv : caches)
             for (int depth : o.depth) {
-                kv.validate(model->hparams().head_dim, model->hparams().n_layer);
                 std::string kv_name = kv_type_name(kv.k_type) + "/" + kv_type_name(kv.v_type);
                 std::vector<std::pair<std::string, std::pair<int, bool>>> tests;
                 for (int p : o.prompt) if (p > 0) tests.push_back({"pp" + std::to_string(p), {p, true}});

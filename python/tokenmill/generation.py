@@ -51,8 +51,9 @@ class GenerateConfig:
     cache_fp16_prefix_layers first layers in fp16. "auto" picks a kind under cache_budget_mb (MB
     for max_seq_len tokens) that passes the quality gates (cache_quality_*) on a calibration text
     (cache_quality_text, default: shipped Shakespeare), the fastest by a micro-benchmark when
-    cache_auto_benchmark (the smallest of those within 5 % of it); the plan persists in cache_plan_path and is re-measured after
-    cache_plan_probe_interval_sec if cache_plan_probe (see tokenmill.kvcache).
+    cache_auto_benchmark (the smallest of those within 5 % of it); the plan persists in
+    cache_plan_path and is re-measured after cache_plan_probe_interval_sec if cache_plan_probe (see
+    tokenmill.kvcache).
 
     decode_plan: "none" evaluates a prompt in one pass with full attention; "fixed" evaluates
     prompts in chunks of decode_q_chunk tokens and restricts attention to the last
