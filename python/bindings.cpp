@@ -236,10 +236,12 @@ PYBIND11_MODULE(_core, mod) {
         k.prepare_x8(x.data(), n, q.data(), d.data(), sum.data());
         FloatArray out(8);
         k.dot_packed8(t, group.data(), q.data(), d.data(), sum.data(), n, out.mutable_data());
-        return py::make_tuple(out, py::bytes(unpacked));
+        FloatArray floats({int64_t{8}, n});
+        k.dequantize_packed8(t, group.data(), n, floats.mutable_data(), n);
+        return py::make_tuple(out, py::bytes(unpacked), floats);
     }, py::arg("type"), py::arg("rows"), py::arg("x"),
-       "Eight stored 4-bit rows against x through the eight-row layout (decode on AVX-512), and the rows "
-       "read back from that layout.");
+       "Eight stored 4-bit rows against x through the eight-row layout (decode on AVX-512), the rows "
+       "read back from that layout as bytes, and as floats (prefill).");
 
     mod.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
                             const std::string& k_kind, const std::string& v_kind, int64_t window, int64_t ring,

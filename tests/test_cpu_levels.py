@@ -66,8 +66,9 @@ def test_eight_row_4bit_decode_matches_float64(wtype, n, x_scale):
         x[:32] = 0.0   # an all-zero block has scale 0
         rows = b"".join(_core.quantize(wtype, r) for r in w)
         wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-        got, unpacked = _core.dot_rows_packed8(wtype, rows, x)
+        got, unpacked, floats = _core.dot_rows_packed8(wtype, rows, x)
         assert unpacked == rows
+        assert np.array_equal(floats, wd.astype(np.float32))   # prefill's dequantization from the layout
         exact = wd @ x.astype(np.float64)
         # four int8 parts carry x to d / 2^22: as close as float accumulation
         assert np.all(np.abs(got - exact) <= 1e-6 * (np.abs(wd) @ np.abs(x)) + 1e-30)
@@ -136,3 +137,21 @@ def test_sizes_off_the_tile_grid(level, tmp_path):
     model = tokenmill.load(tmp_path)
     assert rel_err(model.logits(ids), ref) < 1e-4
     assert rel_err(model.logits(ids, chunk=3), ref) < 1e-4   # every call a tile of its own
+
+
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+def test_rows_longer_than_a_column_chunk(level, tmp_path):
+    """An FFN wider than prefill's column chunk (1024 values): the down projection's rows run in three
+    chunks (704, 704, 672) whose partial sums add up, in f32 against transformers and in q4_0
+    (dequantized from the eight-row layout on AVX-512) against the token-by-token decode kernels."""
+    torch.manual_seed(6)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=2080, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, initializer_range=0.08, **TINY)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, size=37).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    assert rel_err(tokenmill.load(tmp_path).logits(ids), ref) < 1e-4
+    q4 = tokenmill.load(tmp_path, weights="q4_0")
+    assert rel_err(q4.logits(ids), q4.logits(ids, chunk=1)) < 1e-4

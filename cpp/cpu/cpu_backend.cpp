@@ -17,6 +17,10 @@ namespace {
 // Below this many tokens, block-quantized weights use the integer kernels; from it on, the float
 // tile on dequantized rows is faster (each row's widening is amortised over more tokens).
 constexpr int64_t kPreparedMaxTokens = 8;
+// Prefill reads weights in column chunks of at most this many values: a tile's dequantized rows
+// (8 x 1024 floats, 32 KiB) stay in L1 and the chunk of x (128 tokens: 512 KiB) in L2. Chunks are the
+// outer loop, so every row tile of a chunk finds that part of x already there.
+constexpr int64_t kPrefillColumnChunk = 1024;
 // Element-wise ops split across threads only from this many elements on, in chunks of kElementChunk
 // (a multiple of every vector width).
 constexpr int64_t kMinParallelElements = 1 << 15;
@@ -77,8 +81,8 @@ public:
         const int64_t cols = items[0].w->cols;
         const cpu::Kernels& kern = cpu::kernels();
         const bool small_batch = T < kPreparedMaxTokens;
-        auto packed_path = [&](const Weight& w) { return small_batch && w.packed && kern.dot_packed8; };
-        auto tile_path = [&](const Weight& w) { return T > 1 && !(small_batch && cpu::uses_prepared_x(kern, w.type)); };
+        auto packed_path = [&](const Weight& w) { return uses_packed(kern, w, T); };
+        auto tile_path = [&](const Weight& w) { return uses_tile(kern, w, T); };
         bool any_prepared = false, any_packed = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
@@ -105,77 +109,107 @@ public:
                 kern.prepare_x8(x + t * cols, cols, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
                                 xsum8_.data() + t * nb);
         }
-        pool_.parallel_for(first_unit[n_items], [&](int64_t u0, int64_t u1, int thread) {
-            for (int64_t u = u0; u < u1; ++u) {
-                int i = static_cast<int>(std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin()) - 1;
-                const Weight& w = *items[i].w;
-                float* out = items[i].out;
-                auto bias = [&](int64_t r) { return w.bias ? w.bias[r] : 0.0f; };
-                if (packed_path(w)) {
-                    // one group of eight rows against each token
-                    const int64_t r0 = 8 * (u - first_unit[i]);
-                    const uint8_t* group = packed_group(w, r0);
-                    for (int64_t t = 0; t < T; ++t) {
-                        float o[8];
-                        kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
-                                         xsum8_.data() + t * nb, cols, o);
-                        for (int k = 0; k < 8; ++k) out[t * w.rows + r0 + k] = o[k] + bias(r0 + k);
-                    }
+        // column chunks [k0, k0 + chunk) for the tile path; the other paths run in the first pass
+        bool any_tile = false;
+        for (int i = 0; i < n_items; ++i) any_tile |= tile_path(*items[i].w);
+        const int64_t n_chunks = any_tile ? (cols + kPrefillColumnChunk - 1) / kPrefillColumnChunk : 1;
+        const int64_t chunk = (cols / n_chunks + 31) / 32 * 32;   // block-aligned
+        for (int64_t k0 = 0; k0 < cols; k0 += chunk)
+            pool_.parallel_for(first_unit[n_items], [&](int64_t u0, int64_t u1, int thread) {
+                matmul_units(items, first_unit, x, T, u0, u1, thread, k0, std::min(chunk, cols - k0));
+            });
+    }
+
+    // Units [u0, u1) of a matmul_group; tile-path units cover columns [k0, k0 + kn) and add to out
+    // after the first chunk, the others run whole when k0 = 0.
+    void matmul_units(const MatmulItem* items, const std::vector<int64_t>& first_unit, const float* x, int64_t T,
+                      int64_t u0, int64_t u1, int thread, int64_t k0, int64_t kn) {
+        const int64_t cols = items[0].w->cols, nb = cols / 32;
+        const cpu::Kernels& kern = cpu::kernels();
+        auto packed_path = [&](const Weight& w) { return uses_packed(kern, w, T); };
+        auto tile_path = [&](const Weight& w) { return uses_tile(kern, w, T); };
+        for (int64_t u = u0; u < u1; ++u) {
+            int i = static_cast<int>(std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin()) - 1;
+            const Weight& w = *items[i].w;
+            float* out = items[i].out;
+            auto bias = [&](int64_t r) { return w.bias ? w.bias[r] : 0.0f; };
+            if (!tile_path(w) && k0 > 0) continue;
+            if (packed_path(w)) {
+                // one group of eight rows against each token
+                const int64_t r0 = 8 * (u - first_unit[i]);
+                const uint8_t* group = packed_group(w, r0);
+                for (int64_t t = 0; t < T; ++t) {
+                    float o[8];
+                    kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
+                                     xsum8_.data() + t * nb, cols, o);
+                    for (int k = 0; k < 8; ++k) out[t * w.rows + r0 + k] = o[k] + bias(r0 + k);
+                }
+                continue;
+            }
+            const int64_t rows = w.rows;
+            auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
+            if (!tile_path(w)) {
+                const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
+                if (T == 1 && !cpu::uses_prepared_x(kern, w.type)) {
+                    for (int64_t r = r0; r < r1; ++r)   // decode: straight from the stored type
+                        out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
                     continue;
                 }
-                const int64_t rows = w.rows;
-                auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
-                if (!tile_path(w)) {
-                    const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
-                    if (T == 1 && !cpu::uses_prepared_x(kern, w.type)) {
-                        for (int64_t r = r0; r < r1; ++r)   // decode: straight from the stored type
-                            out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
-                        continue;
+                // integer dots; each row stays in L1 while the tokens pass, four per widening
+                for (int64_t r = r0; r < r1; ++r) {
+                    int64_t t = 0;
+                    for (; t + 4 <= T; t += 4) {
+                        float o[4];
+                        kern.dot_row_prepared_x4(w.type, row_ptr(r), xq_.data() + 2 * t * cols, xd_.data() + t * nb,
+                                                 xsum_.data() + t * nb, cols, o);
+                        for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + bias(r);
                     }
-                    // integer dots; each row stays in L1 while the tokens pass, four per widening
-                    for (int64_t r = r0; r < r1; ++r) {
-                        int64_t t = 0;
-                        for (; t + 4 <= T; t += 4) {
-                            float o[4];
-                            kern.dot_row_prepared_x4(w.type, row_ptr(r), xq_.data() + 2 * t * cols, xd_.data() + t * nb,
-                                                     xsum_.data() + t * nb, cols, o);
-                            for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + bias(r);
-                        }
-                        for (; t < T; ++t)
-                            out[t * rows + r] = kern.dot_row_prepared(w.type, row_ptr(r), xq_.data() + 2 * t * cols,
-                                                                      xd_.data() + t * nb, xsum_.data() + t * nb, cols) +
-                                                bias(r);
-                    }
-                    continue;
+                    for (; t < T; ++t)
+                        out[t * rows + r] = kern.dot_row_prepared(w.type, row_ptr(r), xq_.data() + 2 * t * cols,
+                                                                  xd_.data() + t * nb, xsum_.data() + t * nb, cols) +
+                                            bias(r);
                 }
-                // prefill: dequantize a tile's rows, then run the tokens past them a tile at a time
-                const int64_t tr = kern.tile_rows, r0 = tr * (u - first_unit[i]), nr = std::min(tr, rows - r0);
-                float* buf = scratch(thread, (tr + 1) * cols);   // the rows, then room for one packed row's bytes
+                continue;
+            }
+            // prefill: dequantize a tile's rows (columns k0..k0 + kn), then run the tokens past them a tile
+            // at a time
+            const int64_t tr = kern.tile_rows, r0 = tr * (u - first_unit[i]), nr = std::min(tr, rows - r0);
+            float* buf = scratch(thread, (tr + 1) * kn);   // the rows, then room for one packed row's bytes
+            if (w.packed && kern.dequantize_packed8 && tr == 8) {   // r0 is a group's first row
+                kern.dequantize_packed8(w.type, packed_group(w, r0) + k0 / 32 * cpu::packed8_column_bytes(w.type), kn,
+                                        buf, kn);
+            } else {
                 for (int64_t k = 0; k < tr; ++k) {
-                    float* dst = buf + k * cols;
+                    float* dst = buf + k * kn;
+                    const int64_t r = r0 + k;
                     if (k >= nr) {
-                        std::fill(dst, dst + cols, 0.0f);   // padding rows
-                    } else if (w.packed) {
-                        uint8_t* row = reinterpret_cast<uint8_t*>(buf + tr * cols);
-                        const int64_t r = r0 + k;
-                        cpu::unpack_row8(w.type, packed_group(w, r), cols, static_cast<int>(r % 8), row);
-                        kern.dequantize_row(w.type, row, dst, cols);
+                        std::fill(dst, dst + kn, 0.0f);   // padding rows
+                    } else if (w.packed) {   // a level without the packed kernels, after the load
+                        uint8_t* row = reinterpret_cast<uint8_t*>(buf + tr * kn);
+                        cpu::unpack_row8(w.type, packed_group(w, r) + k0 / 32 * cpu::packed8_column_bytes(w.type), kn,
+                                         static_cast<int>(r % 8), row);
+                        kern.dequantize_row(w.type, row, dst, kn);
                     } else {
-                        kern.dequantize_row(w.type, row_ptr(r0 + k), dst, cols);
+                        kern.dequantize_row(w.type, row_ptr(r) + row_bytes(w.type, k0), dst, kn);
                     }
-                }
-                const int64_t width = kern.tile_tokens;
-                const float* xs[cpu::kMaxTileTokens];
-                float o[cpu::kMaxTileRows * cpu::kMaxTileTokens];
-                for (int64_t t = 0; t < T; t += width) {
-                    for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
-                        xs[k] = x + std::min(t + k, T - 1) * cols;
-                    kern.dot_f32_tile(buf, cols, xs, cols, o);
-                    for (int64_t k = 0; k < width && t + k < T; ++k)
-                        for (int64_t r = 0; r < nr; ++r) out[(t + k) * rows + r0 + r] = o[tr * k + r] + bias(r0 + r);
                 }
             }
-        });
+            const int64_t width = kern.tile_tokens;
+            const float* xs[cpu::kMaxTileTokens];
+            float o[cpu::kMaxTileRows * cpu::kMaxTileTokens];
+            for (int64_t t = 0; t < T; t += width) {
+                for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
+                    xs[k] = x + std::min(t + k, T - 1) * cols + k0;
+                kern.dot_f32_tile(buf, kn, xs, kn, o);
+                for (int64_t k = 0; k < width && t + k < T; ++k) {
+                    float* dst = out + (t + k) * rows + r0;
+                    if (k0 == 0)
+                        for (int64_t r = 0; r < nr; ++r) dst[r] = o[tr * k + r] + bias(r0 + r);
+                    else
+                        for (int64_t r = 0; r < nr; ++r) dst[r] += o[tr * k + r];
+                }
+            }
+        }
     }
 
     void rms_norm(float* out, const float* x, const float* weight, int64_t T, int64_t n, float eps) override {
@@ -403,6 +437,15 @@ private:
             p += run;
         }
         return buf;
+    }
+
+    // Which kernels a weight's product with T tokens runs on: the eight-row integer kernel (few
+    // tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
+    static bool uses_packed(const cpu::Kernels& kern, const Weight& w, int64_t T) {
+        return T < kPreparedMaxTokens && w.packed && kern.dot_packed8;
+    }
+    static bool uses_tile(const cpu::Kernels& kern, const Weight& w, int64_t T) {
+        return T > 1 && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
     }
 
     // the eight-row group of a packed weight that holds row r

@@ -71,7 +71,7 @@ float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
 
 const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
                       exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dequantize_row, nullptr,
-                      nullptr, nullptr, nullptr, nullptr};
+                      nullptr, nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(Level level) {
 #if defined(__x86_64__) || defined(__i386__)

@@ -57,6 +57,9 @@ struct Kernels {
     void (*prepare_x8)(const float* x, int64_t n, int8_t* q, float* d, float* sum);
     void (*dot_packed8)(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                         float* out);
+    // The group's eight rows (n values from the group's first block column on) as floats,
+    // out[r * out_stride + i], equal to dequantize_row of each row. Null where a level does not pack.
+    void (*dequantize_packed8)(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride);
 };
 
 // The eight-row layout of q4_0 / q4_1 weights: per block column, the eight rows' scales (fp16; for

@@ -164,39 +164,44 @@ inline void unpack_nibbles(const uint8_t* qs, __m128i* lo, __m128i* hi) {
     *hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
 }
 
-// Block i of a quantized row as two float vectors (elements 0..15, 16..31): d * q (+ m for q4_1),
-// rounded twice exactly as the reference dequantization.
+// 16 bytes of 4-bit quants as two float vectors (elements 0..15, 16..31): d * (q - 8) for q4_0,
+// d * q + m for q4_1, rounded twice exactly as the reference dequantization.
 template <DType T>
-inline void block_floats(const uint8_t* row, int64_t i, __m512* lo, __m512* hi) {
+inline void nibble_floats(const uint8_t* qs, float d, float m, __m512* lo, __m512* hi) {
     __m128i ql, qh;
-    float d, m = 0.0f;
-    if constexpr (T == DType::q8_0) {
-        const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
-        ql = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs));
-        qh = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16));
-        d = half(b.d);
-    } else if constexpr (T == DType::q4_0) {
-        const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
-        unpack_nibbles(b.qs, &ql, &qh);
+    unpack_nibbles(qs, &ql, &qh);
+    if constexpr (T == DType::q4_0) {
         ql = _mm_sub_epi8(ql, _mm_set1_epi8(8));
         qh = _mm_sub_epi8(qh, _mm_set1_epi8(8));
-        d = half(b.d);
-    } else if constexpr (T == DType::q4_1) {
-        const BlockQ4_1& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
-        unpack_nibbles(b.qs, &ql, &qh);
-        d = half(b.d);
-        m = half(b.m);
-    } else {   // nf4: the codebook is one register, each nibble indexes it
-        const BlockNF4& b = reinterpret_cast<const BlockNF4*>(row)[i];
-        unpack_nibbles(b.qs, &ql, &qh);
-        const __m512 book = _mm512_loadu_ps(kNF4), vd = _mm512_set1_ps(half(b.d));
-        *lo = _mm512_mul_ps(vd, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(ql), book));
-        *hi = _mm512_mul_ps(vd, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(qh), book));
-        return;
     }
     const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
     *lo = _mm512_add_ps(_mm512_mul_ps(vd, i8x16(ql)), vm);
     *hi = _mm512_add_ps(_mm512_mul_ps(vd, i8x16(qh)), vm);
+}
+
+// Block i of a quantized row as two float vectors (elements 0..15, 16..31), rounded as the
+// reference dequantization.
+template <DType T>
+inline void block_floats(const uint8_t* row, int64_t i, __m512* lo, __m512* hi) {
+    if constexpr (T == DType::q8_0) {
+        const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+        const __m512 vd = _mm512_set1_ps(half(b.d));
+        *lo = _mm512_mul_ps(vd, i8x16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs))));
+        *hi = _mm512_mul_ps(vd, i8x16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16))));
+    } else if constexpr (T == DType::q4_0) {
+        const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
+        nibble_floats<T>(b.qs, half(b.d), 0.0f, lo, hi);
+    } else if constexpr (T == DType::q4_1) {
+        const BlockQ4_1& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
+        nibble_floats<T>(b.qs, half(b.d), half(b.m), lo, hi);
+    } else {   // nf4: the codebook is one register, each nibble indexes it
+        const BlockNF4& b = reinterpret_cast<const BlockNF4*>(row)[i];
+        __m128i ql, qh;
+        unpack_nibbles(b.qs, &ql, &qh);
+        const __m512 book = _mm512_loadu_ps(kNF4), vd = _mm512_set1_ps(half(b.d));
+        *lo = _mm512_mul_ps(vd, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(ql), book));
+        *hi = _mm512_mul_ps(vd, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(qh), book));
+    }
 }
 
 template <DType T>
@@ -463,9 +468,36 @@ void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d,
     else dot_packed8_type<DType::q4_0>(group, q, d, sum, n, out);   // callers check packable8 first
 }
 
+// One group's rows as floats: per block column, the eight scales (and minimums) convert in one
+// instruction, then each row's 16 quant bytes as in dequantize_row.
+template <DType T>
+void dequantize_packed8_type(const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
+    constexpr size_t mins = T == DType::q4_1 ? 16 : 0;
+    constexpr size_t column = 16 + mins + 128;
+    alignas(32) float d[8], m[8] = {};
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* c = group + i * column;
+        _mm256_store_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+        if constexpr (T == DType::q4_1)
+            _mm256_store_ps(m, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+            __m512 lo, hi;
+            nibble_floats<T>(c + 16 + mins + 16 * r, d[r], m[r], &lo, &hi);
+            _mm512_storeu_ps(out + r * out_stride + 32 * i, lo);
+            _mm512_storeu_ps(out + r * out_stride + 32 * i + 16, hi);
+        }
+    }
+}
+
+void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
+    if (t == DType::q4_1) dequantize_packed8_type<DType::q4_1>(group, n, out, out_stride);
+    else dequantize_packed8_type<DType::q4_0>(group, n, out, out_stride);   // callers check packable8 first
+}
+
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
-                      dot_row_prepared_x4, prepare_x8, dot_packed8};
+                      dot_row_prepared_x4, prepare_x8, dot_packed8, dequantize_packed8};
 
 }  // namespace
 
