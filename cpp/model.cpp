@@ -204,7 +204,7 @@ std::shared_ptr<Model> Model::from_safetensors(const std::vector<std::string>& f
 }
 
 Model::Model(HParams hp, WeightStore weights, const LoadOptions& options)
-    : hp_(std::move(hp)), weights_(std::move(weights)), options_(options), backend_(make_cpu_backend(options.n_threads)) {
+    : hp_(std::move(hp)), weights_(std::move(weights)), options_(options), backend_(make_cpu_backend(options.n_threads, options.int8_prefill)) {
     if (options_.convert) {
         const DType t = options_.weight_type;
         if (!(t == DType::f32 || t == DType::f16 || t == DType::bf16 || t == DType::q8_0 || t == DType::q4_0 ||

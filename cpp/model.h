@@ -70,6 +70,7 @@ struct LoadOptions {
     int n_threads = 0;   // 0 = physical cores
     bool convert = false;
     DType weight_type = DType::f32;   // with convert: f32, f16, bf16, q8_0, q4_0 or q4_1
+    bool int8_prefill = false;        // see make_cpu_backend
 };
 
 class Model : public std::enable_shared_from_this<Model> {

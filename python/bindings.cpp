@@ -87,9 +87,10 @@ py::tuple run_forward(Model& m, std::vector<SequenceInput>& batch, const std::ve
     return py::make_tuple(out_logits, out_hidden);
 }
 
-LoadOptions load_options(int n_threads, const std::string& weights) {
+LoadOptions load_options(int n_threads, const std::string& weights, bool int8_prefill) {
     LoadOptions options;
     options.n_threads = n_threads;
+    options.int8_prefill = int8_prefill;
     options.convert = !weights.empty();
     if (options.convert) options.weight_type = dtype_from_name(weights);
     return options;
@@ -243,6 +244,44 @@ PYBIND11_MODULE(_core, mod) {
        "Eight stored 4-bit rows against x through the eight-row layout (decode on AVX-512), the rows "
        "read back from that layout as bytes, and as floats (prefill).");
 
+    mod.def("dot_rows_tile16", [check_row](const std::string& type, py::bytes data, FloatArray xs) {
+        std::string_view view = data;
+        DType t = dtype_from_name(type);
+        const cpu::Kernels& k = cpu::kernels();
+        constexpr int NT = cpu::kTile16Tokens;
+        if (!cpu::packable8(t) || !k.dot_tile16) fail(ErrorKind::invalid_arg, "no int8 prefill path for " + type + " at this level");
+        if (xs.ndim() != 2 || xs.shape(0) != NT) fail(ErrorKind::invalid_arg, "xs must have shape [8, n]");
+        const int64_t n = xs.shape(1), rb = static_cast<int64_t>(row_bytes(t, n));
+        if (n % 32 != 0 || (view.size() != static_cast<size_t>(8 * rb) && view.size() != static_cast<size_t>(16 * rb)))
+            fail(ErrorKind::invalid_arg, "expected 8 or 16 rows of n values");
+        check_row(type, view.substr(0, rb), n);
+        const int64_t n_rows = static_cast<int64_t>(view.size()) / rb;
+        const size_t group_bytes = static_cast<size_t>(n / 32) * cpu::packed8_column_bytes(t);
+        std::vector<uint8_t> groups(2 * group_bytes), tile(static_cast<size_t>(n / 32) * cpu::tile16_column_bytes(t));
+        const uint8_t* rows = reinterpret_cast<const uint8_t*>(view.data());
+        for (int64_t g = 0; g < n_rows / 8; ++g)
+            cpu::pack_rows8(t, rows + g * 8 * rb, rb, n, groups.data() + g * group_bytes);
+        k.repack16(t, groups.data(), n_rows == 16 ? groups.data() + group_bytes : nullptr, n, tile.data());
+        std::vector<int8_t> q(static_cast<size_t>(4 * n * NT));
+        std::vector<float> d(static_cast<size_t>(n / 32 * NT)), sum(d.size()), rounded(d.size());
+        const int8_t* qp[NT];
+        const float *dp[NT], *sp[NT];
+        for (int j = 0; j < NT; ++j) {
+            k.prepare_x8(xs.data() + j * n, n, q.data() + 4 * j * n, d.data() + j * (n / 32), sum.data() + j * (n / 32));
+            cpu::rounded_block_sums(q.data() + 4 * j * n, d.data() + j * (n / 32), n, rounded.data() + j * (n / 32));
+            qp[j] = q.data() + 4 * j * n;
+            dp[j] = d.data() + j * (n / 32);
+            sp[j] = rounded.data() + j * (n / 32);
+        }
+        float out[16 * NT];
+        k.dot_tile16(t, tile.data(), n, qp, dp, sp, out);
+        FloatArray result({int64_t{NT}, n_rows});
+        for (int j = 0; j < NT; ++j)
+            for (int64_t r = 0; r < n_rows; ++r) result.mutable_data()[j * n_rows + r] = out[16 * j + r];
+        return result;
+    }, py::arg("type"), py::arg("rows"), py::arg("xs"),
+       "8 or 16 stored 4-bit rows against 8 vectors through the int8 prefill kernel -> [8, rows].");
+
     mod.def("attention", [](FloatArray q, FloatArray k, FloatArray v, int n_heads, int n_kv_heads,
                             const std::string& k_kind, const std::string& v_kind, int64_t window, int64_t ring,
                             int n_threads) {
@@ -316,18 +355,20 @@ PYBIND11_MODULE(_core, mod) {
         .def_readwrite("tied_embeddings", &HParams::tied_embeddings);
 
     py::class_<Model, std::shared_ptr<Model>>(mod, "Model")
-        .def_static("from_gguf", [](const std::string& path, int n_threads, const std::string& weights) {
-            LoadOptions options = load_options(n_threads, weights);
+        .def_static("from_gguf", [](const std::string& path, int n_threads, const std::string& weights, bool int8_prefill) {
+            LoadOptions options = load_options(n_threads, weights, int8_prefill);
             py::gil_scoped_release release;
             return Model::from_gguf(path, options);
-        }, py::arg("path"), py::arg("n_threads") = 0, py::arg("weights") = "",
-           "weights: a type every weight matrix is converted to on load (\"\" keeps the file's)")
+        }, py::arg("path"), py::arg("n_threads") = 0, py::arg("weights") = "", py::arg("int8_prefill") = false,
+           "weights: a type every weight matrix is converted to on load (\"\" keeps the file's); int8_prefill: "
+           "4-bit weights meet activations rounded to int8 in prefill")
         .def_static("from_safetensors", [](const std::vector<std::string>& files, const HParams& hp, int n_threads,
-                                           const std::string& weights) {
-            LoadOptions options = load_options(n_threads, weights);
+                                           const std::string& weights, bool int8_prefill) {
+            LoadOptions options = load_options(n_threads, weights, int8_prefill);
             py::gil_scoped_release release;
             return Model::from_safetensors(files, hp, options);
-        }, py::arg("files"), py::arg("hparams"), py::arg("n_threads") = 0, py::arg("weights") = "")
+        }, py::arg("files"), py::arg("hparams"), py::arg("n_threads") = 0, py::arg("weights") = "",
+           py::arg("int8_prefill") = false)
         .def_property_readonly("hparams", &Model::hparams)
         .def_property_readonly("n_params", &Model::n_params)
         .def_property_readonly("weight_bytes", &Model::weight_bytes)

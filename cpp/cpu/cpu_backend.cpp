@@ -32,7 +32,8 @@ constexpr int64_t kMinAttentionPart = 128;
 
 class CpuBackend final : public Backend {
 public:
-    explicit CpuBackend(int n_threads) : pool_(n_threads), scratch_(static_cast<size_t>(pool_.size())) {}
+    CpuBackend(int n_threads, bool int8_prefill)
+        : pool_(n_threads), scratch_(static_cast<size_t>(pool_.size())), int8_prefill_(int8_prefill) {}
 
     std::string name() const override { return "cpu-" + std::string(cpu::kernels().name); }
     int n_threads() const override { return pool_.size(); }
@@ -83,14 +84,15 @@ public:
         const bool small_batch = T < kPreparedMaxTokens;
         auto packed_path = [&](const Weight& w) { return uses_packed(kern, w, T); };
         auto tile_path = [&](const Weight& w) { return uses_tile(kern, w, T); };
-        bool any_prepared = false, any_packed = false;
+        bool any_prepared = false, any_packed = false, any_tile16 = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
             const Weight& w = *items[i].w;
-            const bool packed = packed_path(w);
-            any_packed |= packed;
+            const bool packed = packed_path(w), tile16 = uses_tile16(kern, w, T);
+            any_packed |= packed || tile16;
+            any_tile16 |= tile16;
             any_prepared |= !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
-            const int64_t unit_rows = packed ? 8 : tile_path(w) ? kern.tile_rows : 4;
+            const int64_t unit_rows = tile16 ? 16 : packed ? 8 : tile_path(w) ? kern.tile_rows : 4;
             first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
         }
         const int64_t nb = cols / 32;
@@ -105,9 +107,14 @@ public:
             xq8_.resize(static_cast<size_t>(4 * T * cols));
             xd8_.resize(static_cast<size_t>(T * nb));
             xsum8_.resize(static_cast<size_t>(T * nb));
-            for (int64_t t = 0; t < T; ++t)
-                kern.prepare_x8(x + t * cols, cols, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
-                                xsum8_.data() + t * nb);
+            if (any_tile16) xsum_rounded_.resize(static_cast<size_t>(T * nb));
+            pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
+                for (int64_t t = t0; t < t1; ++t) {
+                    int8_t* q = xq8_.data() + 4 * t * cols;
+                    kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb);
+                    if (any_tile16) cpu::rounded_block_sums(q, xd8_.data() + t * nb, cols, xsum_rounded_.data() + t * nb);
+                }
+            });
         }
         // column chunks [k0, k0 + chunk) for the tile path; the other paths run in the first pass
         bool any_tile = false;
@@ -171,6 +178,10 @@ public:
                 }
                 continue;
             }
+            if (uses_tile16(kern, w, T)) {
+                tile16_unit(w, out, T, u - first_unit[i], thread, k0, kn);
+                continue;
+            }
             // prefill: dequantize a tile's rows (columns k0..k0 + kn), then run the tokens past them a tile
             // at a time
             const int64_t tr = kern.tile_rows, r0 = tr * (u - first_unit[i]), nr = std::min(tr, rows - r0);
@@ -208,6 +219,37 @@ public:
                     else
                         for (int64_t r = 0; r < nr; ++r) dst[r] += o[tr * k + r];
                 }
+            }
+        }
+    }
+
+    // Opt-in int8 prefill, unit u of a packed 4-bit weight: sixteen rows, columns k0..k0 + kn,
+    // repacked once and run against the tokens eight at a time (x prepared in xq8_).
+    void tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn) {
+        const cpu::Kernels& kern = cpu::kernels();
+        const int64_t cols = w.cols, nb = cols / 32, r0 = 16 * u, nr = std::min<int64_t>(16, w.rows - r0);
+        const size_t skip = static_cast<size_t>(k0 / 32) * cpu::packed8_column_bytes(w.type);
+        uint8_t* rows = reinterpret_cast<uint8_t*>(
+            scratch(thread, static_cast<int64_t>((kn / 32) * cpu::tile16_column_bytes(w.type) / sizeof(float))));
+        kern.repack16(w.type, packed_group(w, r0) + skip, nr > 8 ? packed_group(w, r0 + 8) + skip : nullptr, kn, rows);
+        constexpr int NT = cpu::kTile16Tokens;
+        const int8_t* q[NT];
+        const float *d[NT], *sum[NT];
+        float o[16 * NT];
+        for (int64_t t = 0; t < T; t += NT) {
+            for (int k = 0; k < NT; ++k) {   // a short last tile repeats the last token
+                const int64_t tk = std::min<int64_t>(t + k, T - 1);
+                q[k] = xq8_.data() + 4 * (tk * cols + k0);
+                d[k] = xd8_.data() + tk * nb + k0 / 32;
+                sum[k] = xsum_rounded_.data() + tk * nb + k0 / 32;
+            }
+            kern.dot_tile16(w.type, rows, kn, q, d, sum, o);
+            for (int64_t k = 0; k < NT && t + k < T; ++k) {
+                float* dst = out + (t + k) * w.rows + r0;
+                if (k0 == 0)
+                    for (int64_t r = 0; r < nr; ++r) dst[r] = o[16 * k + r] + (w.bias ? w.bias[r0 + r] : 0.0f);
+                else
+                    for (int64_t r = 0; r < nr; ++r) dst[r] += o[16 * k + r];
             }
         }
     }
@@ -448,6 +490,11 @@ private:
         return T > 1 && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
     }
 
+    // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
+    bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
+        return int8_prefill_ && T >= kPreparedMaxTokens && w.packed && kern.dot_tile16;
+    }
+
     // the eight-row group of a packed weight that holds row r
     static const uint8_t* packed_group(const Weight& w, int64_t r) {
         return w.packed + static_cast<size_t>(r / 8 * (w.cols / 32)) * cpu::packed8_column_bytes(w.type);
@@ -464,15 +511,17 @@ private:
     std::vector<int16_t> xq_;   // activations prepared for the integer kernels [T, 2 * cols]
     std::vector<int8_t> xq8_;   // ... and for the packed 4-bit kernel [T, 4 * cols]
     std::vector<float> xd8_, xsum8_;
+    std::vector<float> xsum_rounded_;   // ... and the block sums of x rounded to int8, for int8 prefill [T, cols / 32]
     std::vector<std::unique_ptr<uint8_t[]>> packed_;   // eight-row copies of weights (pack_weight)
     std::vector<float> xd_, xsum_;
     std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
+    bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (LoadOptions::int8_prefill)
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(int n_threads) {
-    return std::make_unique<CpuBackend>(n_threads > 0 ? n_threads : default_thread_count());
+std::unique_ptr<Backend> make_cpu_backend(int n_threads, bool int8_prefill) {
+    return std::make_unique<CpuBackend>(n_threads > 0 ? n_threads : default_thread_count(), int8_prefill);
 }
 
 }  // namespace tmill

@@ -71,7 +71,7 @@ float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
 
 const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
                       exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dequantize_row, nullptr,
-                      nullptr, nullptr, nullptr, nullptr, nullptr};
+                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 bool cpu_has(Level level) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -158,6 +158,14 @@ void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row) 
         std::memcpy(b + f.d, in + 2 * j, 2);
         if (mins) std::memcpy(b + f.m, in + 16 + 2 * j, 2);
         std::memcpy(b + f.qs, in + 16 + mins + 16 * j, 16);
+    }
+}
+
+void rounded_block_sums(const int8_t* q, const float* d, int64_t n, float* out) {
+    for (int64_t b = 0; b < n / 32; ++b) {
+        int32_t s = 0;
+        for (int j = 0; j < 32; ++j) s += q[128 * b + j];
+        out[b] = d[b] * static_cast<float>(s);
     }
 }
 

@@ -445,7 +445,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
 }
 
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, 4, 2, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
-                    dot_row_prepared_x4, nullptr, nullptr, nullptr};
+                    dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

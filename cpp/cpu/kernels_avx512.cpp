@@ -495,9 +495,107 @@ void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, in
     else dequantize_packed8_type<DType::q4_0>(group, n, out, out_stride);   // callers check packable8 first
 }
 
+// ---- opt-in fast prefill of 4-bit weights: sixteen rows per register, x as one int8 part
+
+// Two eight-row groups -> per block column: 16 float scales, (q4_1) 16 float minimums, then eight
+// 64-byte steps of quants as bytes 0..15, step s holding in int32 lane r the elements 4s..4s+3
+// (s < 4) or 16 + 4(s-4).. (s >= 4) of row r, so one VPDPBUSD multiplies four elements of
+// sixteen rows by four broadcast bytes of x.
+template <DType T>
+void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
+    constexpr size_t mins = T == DType::q4_1 ? 16 : 0;
+    constexpr size_t column = 16 + mins + 128;
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int64_t i = 0; i < n / 32; ++i, out += tile16_column_bytes(T)) {
+        const uint8_t* ca = a + i * column;
+        const uint8_t* cb = b ? b + i * column : nullptr;
+        auto halves = [&](const uint8_t* c, size_t at) {   // eight fp16 values -> floats (zero without a group)
+            return c ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + at))) : _mm256_setzero_ps();
+        };
+        _mm512_storeu_ps(reinterpret_cast<float*>(out), _mm512_insertf32x8(_mm512_castps256_ps512(halves(ca, 0)), halves(cb, 0), 1));
+        if constexpr (T == DType::q4_1)
+            _mm512_storeu_ps(reinterpret_cast<float*>(out + 64),
+                             _mm512_insertf32x8(_mm512_castps256_ps512(halves(ca, 16)), halves(cb, 16), 1));
+        // rows 0-3, 4-7, 8-11, 12-15: int32 lane 4 * (r % 4) + j holds bytes 4j..4j+3 of row r
+        __m512i rows[4];
+        for (int k = 0; k < 4; ++k) {
+            const uint8_t* c = k < 2 ? ca : cb;
+            rows[k] = c ? _mm512_loadu_si512(c + 16 + mins + 64 * (k % 2)) : _mm512_setzero_si512();
+        }
+        uint8_t* steps = out + 64 + 4 * mins;
+        for (int nibble = 0; nibble < 2; ++nibble) {
+            __m512i q[4];
+            for (int k = 0; k < 4; ++k)
+                q[k] = nibble ? _mm512_and_si512(_mm512_srli_epi16(rows[k], 4), low4) : _mm512_and_si512(rows[k], low4);
+            for (int j = 0; j < 4; ++j) {
+                // lanes 0-3 <- lanes j, 4+j, 8+j, 12+j of the first source, lanes 4-7 <- the same of the second
+                const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 28, 24, 20, 16, 12, 8, 4, 0),
+                                                     _mm512_set1_epi32(j));
+                const __m512i lo = _mm512_permutex2var_epi32(q[0], idx, q[1]);
+                const __m512i hi = _mm512_permutex2var_epi32(q[2], idx, q[3]);
+                _mm512_storeu_si512(steps + 64 * (4 * nibble + j), _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(1, 0, 1, 0)));
+            }
+        }
+    }
+}
+
+void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
+    if (t == DType::q4_1) repack16_type<DType::q4_1>(a, b, n, out);
+    else repack16_type<DType::q4_0>(a, b, n, out);
+}
+
+// Sixteen rows against eight tokens. Per block and token, with x rounded to dx * a (a = round(x / dx)):
+//   row r: dw_r * dx * sum_j q_j a_j  +  (q4_0: -8 dw_r, q4_1: m_r) * dx * sum_j a_j
+// -- exactly the dequantized row against the rounded x, so rounding errors meet the weights
+// themselves, not the unsigned quants (sum holds dx * sum_j a_j per block). The int32 sums of eight
+// VPDPBUSD per token convert once per block.
+template <DType T>
+void dot_tile16_type(const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
+                     const float* const* sum, float* out) {
+    constexpr int NT = kTile16Tokens;
+    constexpr size_t mins = T == DType::q4_1 ? 64 : 0;
+    __m512 acc[NT];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i, w += tile16_column_bytes(T)) {
+        const __m512 dw = _mm512_loadu_ps(reinterpret_cast<const float*>(w));
+        const __m512 offset = T == DType::q4_1 ? _mm512_loadu_ps(reinterpret_cast<const float*>(w + 64))
+                                               : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+        __m512i ws[8];
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; ++s) ws[s] = _mm512_loadu_si512(w + 64 + mins + 64 * s);
+        __m512i isum[NT];
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; ++s) {
+            const int at = s < 4 ? 4 * s : 16 + 4 * (s - 4);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; ++t) {
+                int32_t xs;
+                __builtin_memcpy(&xs, q[t] + 128 * i + at, 4);
+                isum[t] = _mm512_dpbusd_epi32(isum[t], ws[s], _mm512_set1_epi32(xs));
+            }
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) {
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(d[t][i])), acc[t]);
+            acc[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[t][i]), acc[t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+
+void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
+                const float* const* sum, float* out) {
+    if (t == DType::q4_1) dot_tile16_type<DType::q4_1>(w, n, q, d, sum, out);
+    else dot_tile16_type<DType::q4_0>(w, n, q, d, sum, out);
+}
+
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
-                      dot_row_prepared_x4, prepare_x8, dot_packed8, dequantize_packed8};
+                      dot_row_prepared_x4, prepare_x8, dot_packed8, dequantize_packed8, repack16, dot_tile16};
 
 }  // namespace
 

@@ -25,7 +25,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_seq_len = max_seq_len or run.max_seq_len
     elif args.step is not None:
         raise ValueError("--step needs --run-name")
-    model = load(model_path, n_threads=args.threads, n_ctx=max_seq_len, tokenizer=tokenizer, weights=args.weights)
+    model = load(model_path, n_threads=args.threads, n_ctx=max_seq_len, tokenizer=tokenizer, weights=args.weights,
+                 int8_prefill=args.int8_prefill)
     sampling = dict(
         temperature=args.temp,
         top_k=args.top_k,
@@ -51,7 +52,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.peers:
         return _bench_peers(args)
-    model = load(args.model, n_threads=args.threads, weights=args.weights)
+    model = load(args.model, n_threads=args.threads, weights=args.weights, int8_prefill=args.int8_prefill)
     print(f"model: {model!r}, threads: {model.native.n_threads}")
     sizes = [int(b) for b in args.batch.split(",")]
     print(bench.format_table(bench.bench_batch(model, sizes, args.num_tokens, args.prompt_len, args.repeats)))
@@ -80,7 +81,8 @@ def _bench_peers(args: argparse.Namespace) -> int:
     for path in paths:
         for depth in [int(d) for d in args.depth.split(",")]:
             rows = peers.compare(path, threads=args.threads or 2, prompt_len=args.prompt_len, gen=args.num_tokens,
-                                 depth=depth, repeats=args.repeats, engines=engines, cache_kind=args.cache_kind)
+                                 depth=depth, repeats=args.repeats, engines=engines, cache_kind=args.cache_kind,
+                                 int8_prefill=args.int8_prefill)
             print(bench.format_table(rows), flush=True)
     return 0
 
@@ -98,6 +100,9 @@ def _pull(args: argparse.Namespace) -> int:
     path = default_model.install_from(args.source) if args.source else default_model.pull(force=args.force)
     print(path)
     return 0
+
+
+INT8_PREFILL_HELP = "prompts meet q4_0/q4_1 weights with activations rounded to int8 (faster, ~1e-3 off)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eos-id", "--eos_id", dest="eos_id", type=int, default=None, help="end-of-sequence id; -1 disables")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     g.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
+    g.add_argument("--int8-prefill", dest="int8_prefill", action="store_true", help=INT8_PREFILL_HELP)
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="measure batched decode throughput (and multi-turn cache reuse)")
@@ -133,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--multiturn", action="store_true", help="also time a second turn with and without cache reuse")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
+    b.add_argument("--int8-prefill", dest="int8_prefill", action="store_true", help=INT8_PREFILL_HELP)
     b.add_argument("--peers", action="store_true",
                    help="compare with llama.cpp (llama-cpp-python) and transformers on the same GGUF")
     b.add_argument("--engines", default="tokenmill,llama.cpp,transformers")

@@ -24,11 +24,11 @@ def _ids(n_vocab: int, n: int) -> list[int]:
 class _Tokenmill:
     name = "tokenmill"
 
-    def __init__(self, path, threads, cache_kind):
+    def __init__(self, path, threads, cache_kind, int8_prefill=False):
         from .kvcache import CacheSpec
         from .model import load
 
-        self.model = load(path, n_threads=threads)
+        self.model = load(path, n_threads=threads, int8_prefill=int8_prefill)
         self.n_vocab = self.model.n_vocab
         self.spec = CacheSpec(cache_kind, cache_kind)
 
@@ -107,12 +107,12 @@ class _Transformers:
 
 
 def compare(path, threads: int = 2, prompt_len: int = 128, gen: int = 64, depth: int = 0, repeats: int = 5,
-            engines=("tokenmill", "llama.cpp", "transformers"), cache_kind: str = "fp32",
+            engines=("tokenmill", "llama.cpp", "transformers"), cache_kind: str = "fp32", int8_prefill: bool = False,
             log: Callable[[str], None] = print) -> list[dict]:
     """Median prompt and decode tok/s of each engine; the KV cache is cache_kind for tokenmill and
-    llama.cpp alike (transformers keeps its float32 cache)."""
+    llama.cpp alike (transformers keeps its float32 cache); int8_prefill is tokenmill's load option."""
     makers = {
-        "tokenmill": lambda: _Tokenmill(path, threads, cache_kind),
+        "tokenmill": lambda: _Tokenmill(path, threads, cache_kind, int8_prefill),
         "llama.cpp": lambda: _LlamaCpp(path, threads, depth + prompt_len + gen + 16, cache_kind),
         "transformers": lambda: _Transformers(path, threads),
     }
