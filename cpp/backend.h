@@ -135,9 +135,9 @@ public:
                            const AttentionShape& shape) = 0;
 };
 
-// int8_prefill: prefill multiplies 4-bit weights by activations rounded to int8 per 32-block
-// (llama.cpp's scheme; about twice the float tile's speed, logits move by ~1e-3 relative), where
-// the CPU has the kernel for it (AVX-512 VNNI); decode stays exact either way.
+// int8_prefill: forward passes of 8+ tokens multiply 4-bit weights by activations rounded to int8
+// per 32-block (llama.cpp's scheme; about twice the float tile's speed, logits move by a few percent
+// of their range), where the CPU has the kernel for it (AVX-512 VNNI); one-token decode stays exact.
 std::unique_ptr<Backend> make_cpu_backend(int n_threads, bool int8_prefill = false);
 
 }  // namespace tmill

@@ -51,10 +51,11 @@ def load(
     `weights` converts every weight matrix on load to one of WEIGHT_TYPES (e.g. an f16 HF model to
     q8_0); the converted copy lives in memory, the file is only read. Matrices whose rows do not
     fit the type's 32-value blocks keep their type, as `tokenmill convert` does.
-    `int8_prefill` trades precision for prompt speed the way llama.cpp does: prompts of 8 tokens or
-    more multiply q4_0 / q4_1 weights by activations rounded to int8 per 32-block (about twice the
-    exact path's speed on AVX-512 VNNI CPUs; logits move by ~1e-3 of their range). Decode, other
-    weight types and CPUs without VNNI keep the exact float path."""
+    `int8_prefill` trades precision for prompt speed the way llama.cpp does: forward passes of 8 or
+    more tokens (prompts, batches of 8+ sequences) multiply q4_0 / q4_1 weights by activations rounded
+    to int8 per 32-block (about twice the exact path's speed on AVX-512 VNNI CPUs; logits move by a few
+    percent of their range, as llama.cpp's do). Single-sequence decode, other weight types and CPUs
+    without VNNI keep the exact float path."""
     if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
         raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
     if weights is not None and weights not in WEIGHT_TYPES:
