@@ -223,7 +223,7 @@ PYBIND11_MODULE(_core, mod) {
         const int64_t n = static_cast<int64_t>(x.size());
         DType t = dtype_from_name(type);
         const cpu::Kernels& k = cpu::kernels();
-        if (!cpu::packable8(t) || !k.dot_packed8)
+        if (!cpu::packable8(t) || !k.dot_packed8 || !k.dequantize_packed8)
             fail(ErrorKind::invalid_arg, "no eight-row path for " + type + " at this level");
         if (n % 32 != 0 || view.size() != 8 * row_bytes(t, n)) fail(ErrorKind::invalid_arg, "expected 8 rows of n values");
         check_row(type, view.substr(0, row_bytes(t, n)), n);
@@ -252,7 +252,7 @@ PYBIND11_MODULE(_core, mod) {
         if (!cpu::packable8(t) || !k.dot_tile16) fail(ErrorKind::invalid_arg, "no int8 prefill path for " + type + " at this level");
         if (xs.ndim() != 2 || xs.shape(0) != NT) fail(ErrorKind::invalid_arg, "xs must have shape [8, n]");
         const int64_t n = xs.shape(1), rb = static_cast<int64_t>(row_bytes(t, n));
-        if (n % 32 != 0 || (view.size() != static_cast<size_t>(8 * rb) && view.size() != static_cast<size_t>(16 * rb)))
+        if (n <= 0 || n % 32 != 0 || (view.size() != static_cast<size_t>(8 * rb) && view.size() != static_cast<size_t>(16 * rb)))
             fail(ErrorKind::invalid_arg, "expected 8 or 16 rows of n values");
         check_row(type, view.substr(0, rb), n);
         const int64_t n_rows = static_cast<int64_t>(view.size()) / rb;
@@ -263,13 +263,14 @@ PYBIND11_MODULE(_core, mod) {
             cpu::pack_rows8(t, rows + g * 8 * rb, rb, n, groups.data() + g * group_bytes);
         k.repack16(t, groups.data(), n_rows == 16 ? groups.data() + group_bytes : nullptr, n, tile.data());
         std::vector<int8_t> q(static_cast<size_t>(4 * n * NT));
+        std::vector<int8_t> a(static_cast<size_t>(n * NT));
         std::vector<float> d(static_cast<size_t>(n / 32 * NT)), sum(d.size()), rounded(d.size());
         const int8_t* qp[NT];
         const float *dp[NT], *sp[NT];
         for (int j = 0; j < NT; ++j) {
             k.prepare_x8(xs.data() + j * n, n, q.data() + 4 * j * n, d.data() + j * (n / 32), sum.data() + j * (n / 32));
-            cpu::rounded_block_sums(q.data() + 4 * j * n, d.data() + j * (n / 32), n, rounded.data() + j * (n / 32));
-            qp[j] = q.data() + 4 * j * n;
+            cpu::first_part(q.data() + 4 * j * n, d.data() + j * (n / 32), n, a.data() + j * n, rounded.data() + j * (n / 32));
+            qp[j] = a.data() + j * n;
             dp[j] = d.data() + j * (n / 32);
             sp[j] = rounded.data() + j * (n / 32);
         }

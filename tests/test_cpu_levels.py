@@ -131,7 +131,7 @@ def test_model_logits_agree_across_levels(tiny_models, tmp_path, level, wtype):
     _, hf_model = tiny_models["llama"]
     path = tmp_path / f"{wtype}.gguf"
     reference = write_tiny_gguf(hf_model, "llama", path, wtype)
-    # 23 tokens: the prefill tiles (2 or 6 tokens wide) end with a partial one
+    # 23 tokens: the prefill tiles (2 or 3 tokens wide) end with a partial one
     ids = np.random.default_rng(3).integers(0, 320, size=23).tolist()
     model = tokenmill.load(path)
     with torch.no_grad():

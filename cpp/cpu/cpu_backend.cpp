@@ -15,10 +15,12 @@ namespace tmill {
 namespace {
 
 // Below this many tokens, block-quantized weights use the integer kernels; from it on, the float
-// tile on dequantized rows is faster (each row's widening is amortised over more tokens).
+// tile on dequantized rows is faster (each row's widening is amortised over more tokens) -- or, with
+// int8 prefill, the sixteen-row int8 kernel on 4-bit weights.
 constexpr int64_t kPreparedMaxTokens = 8;
 // Prefill reads weights in column chunks of at most this many values: a tile's dequantized rows
-// (8 x 1024 floats, 32 KiB) stay in L1 and the chunk of x (128 tokens: 512 KiB) in L2. Chunks are the
+// (8 x 1024 floats, 32 KiB) stay in L1 and the chunk of x (128 tokens: 512 KiB of floats, 128 KiB
+// as int8) in L2. Chunks are the
 // outer loop, so every row tile of a chunk finds that part of x already there.
 constexpr int64_t kPrefillColumnChunk = 1024;
 // Element-wise ops split across threads only from this many elements on, in chunks of kElementChunk
@@ -59,7 +61,8 @@ public:
     }
 
     // q4_0 / q4_1 matrices get the eight-row layout where the level has a kernel for it; decode then
-    // reads only that copy, prefill dequantizes rows from it, so the mapped original goes cold.
+    // reads only that copy, prefill dequantizes (or, with int8 prefill, repacks) rows from it, so the
+    // mapped original goes cold.
     void pack_weight(Weight& w) override {
         const cpu::Kernels& kern = cpu::kernels();
         if (!kern.dot_packed8 || !cpu::packable8(w.type) || w.rows % 8 != 0 || w.cols % 32 != 0) return;
@@ -75,24 +78,23 @@ public:
         packed_.push_back(std::move(copy));
     }
 
-    // Several products of the same input share one parallel region (and, for the integer kernels,
-    // one preparation of x). Work is cut into units of four rows (eight for packed weights) across
-    // all the weights.
+    // Several products of the same input share parallel regions (and, for the integer kernels, one
+    // preparation of x). Work is cut into units of rows across all the weights: 16 for the int8
+    // prefill kernel, 8 for packed decode, the level's tile height for the float tile, else 4.
     void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) override {
         const int64_t cols = items[0].w->cols;
         const cpu::Kernels& kern = cpu::kernels();
         const bool small_batch = T < kPreparedMaxTokens;
-        auto packed_path = [&](const Weight& w) { return uses_packed(kern, w, T); };
-        auto tile_path = [&](const Weight& w) { return uses_tile(kern, w, T); };
-        bool any_prepared = false, any_packed = false, any_tile16 = false;
+        bool any_prepared = false, any_packed = false, any_tile16 = false, any_tile = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
             const Weight& w = *items[i].w;
-            const bool packed = packed_path(w), tile16 = uses_tile16(kern, w, T);
-            any_packed |= packed || tile16;
+            const bool packed = uses_packed(kern, w, T), tile16 = uses_tile16(kern, w, T), tile = uses_tile(kern, w, T);
+            any_packed |= packed;
             any_tile16 |= tile16;
+            any_tile |= tile;
             any_prepared |= !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
-            const int64_t unit_rows = tile16 ? 16 : packed ? 8 : tile_path(w) ? kern.tile_rows : 4;
+            const int64_t unit_rows = tile16 ? 16 : packed ? 8 : tile ? kern.tile_rows : 4;
             first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
         }
         const int64_t nb = cols / 32;
@@ -103,22 +105,24 @@ public:
             for (int64_t t = 0; t < T; ++t)
                 kern.prepare_x(x + t * cols, cols, xq_.data() + 2 * t * cols, xd_.data() + t * nb, xsum_.data() + t * nb);
         }
-        if (any_packed) {
+        if (any_packed || any_tile16) {
             xq8_.resize(static_cast<size_t>(4 * T * cols));
             xd8_.resize(static_cast<size_t>(T * nb));
             xsum8_.resize(static_cast<size_t>(T * nb));
-            if (any_tile16) xsum_rounded_.resize(static_cast<size_t>(T * nb));
+            if (any_tile16) {
+                xa_.resize(static_cast<size_t>(T * cols));
+                xsum_rounded_.resize(static_cast<size_t>(T * nb));
+            }
             pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
                 for (int64_t t = t0; t < t1; ++t) {
                     int8_t* q = xq8_.data() + 4 * t * cols;
                     kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb);
-                    if (any_tile16) cpu::rounded_block_sums(q, xd8_.data() + t * nb, cols, xsum_rounded_.data() + t * nb);
+                    if (any_tile16)
+                        cpu::first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb);
                 }
             });
         }
-        // column chunks [k0, k0 + chunk) for the tile path; the other paths run in the first pass
-        bool any_tile = false;
-        for (int i = 0; i < n_items; ++i) any_tile |= tile_path(*items[i].w);
+        // column chunks [k0, k0 + chunk) for the tile paths; the other paths run in the first pass
         const int64_t n_chunks = any_tile ? (cols + kPrefillColumnChunk - 1) / kPrefillColumnChunk : 1;
         const int64_t chunk = (cols / n_chunks + 31) / 32 * 32;   // block-aligned
         for (int64_t k0 = 0; k0 < cols; k0 += chunk)
@@ -133,15 +137,13 @@ public:
                       int64_t u0, int64_t u1, int thread, int64_t k0, int64_t kn) {
         const int64_t cols = items[0].w->cols, nb = cols / 32;
         const cpu::Kernels& kern = cpu::kernels();
-        auto packed_path = [&](const Weight& w) { return uses_packed(kern, w, T); };
-        auto tile_path = [&](const Weight& w) { return uses_tile(kern, w, T); };
         for (int64_t u = u0; u < u1; ++u) {
             int i = static_cast<int>(std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin()) - 1;
             const Weight& w = *items[i].w;
             float* out = items[i].out;
             auto bias = [&](int64_t r) { return w.bias ? w.bias[r] : 0.0f; };
-            if (!tile_path(w) && k0 > 0) continue;
-            if (packed_path(w)) {
+            if (!uses_tile(kern, w, T) && k0 > 0) continue;
+            if (uses_packed(kern, w, T)) {
                 // one group of eight rows against each token
                 const int64_t r0 = 8 * (u - first_unit[i]);
                 const uint8_t* group = packed_group(w, r0);
@@ -155,7 +157,7 @@ public:
             }
             const int64_t rows = w.rows;
             auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
-            if (!tile_path(w)) {
+            if (!uses_tile(kern, w, T)) {
                 const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
                 if (T == 1 && !cpu::uses_prepared_x(kern, w.type)) {
                     for (int64_t r = r0; r < r1; ++r)   // decode: straight from the stored type
@@ -187,8 +189,7 @@ public:
             const int64_t tr = kern.tile_rows, r0 = tr * (u - first_unit[i]), nr = std::min(tr, rows - r0);
             float* buf = scratch(thread, (tr + 1) * kn);   // the rows, then room for one packed row's bytes
             if (w.packed && kern.dequantize_packed8 && tr == 8) {   // r0 is a group's first row
-                kern.dequantize_packed8(w.type, packed_group(w, r0) + k0 / 32 * cpu::packed8_column_bytes(w.type), kn,
-                                        buf, kn);
+                kern.dequantize_packed8(w.type, packed_group(w, r0, k0), kn, buf, kn);
             } else {
                 for (int64_t k = 0; k < tr; ++k) {
                     float* dst = buf + k * kn;
@@ -197,8 +198,7 @@ public:
                         std::fill(dst, dst + kn, 0.0f);   // padding rows
                     } else if (w.packed) {   // a level without the packed kernels, after the load
                         uint8_t* row = reinterpret_cast<uint8_t*>(buf + tr * kn);
-                        cpu::unpack_row8(w.type, packed_group(w, r) + k0 / 32 * cpu::packed8_column_bytes(w.type), kn,
-                                         static_cast<int>(r % 8), row);
+                        cpu::unpack_row8(w.type, packed_group(w, r, k0), kn, static_cast<int>(r % 8), row);
                         kern.dequantize_row(w.type, row, dst, kn);
                     } else {
                         kern.dequantize_row(w.type, row_ptr(r) + row_bytes(w.type, k0), dst, kn);
@@ -212,26 +212,21 @@ public:
                 for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
                     xs[k] = x + std::min(t + k, T - 1) * cols + k0;
                 kern.dot_f32_tile(buf, kn, xs, kn, o);
-                for (int64_t k = 0; k < width && t + k < T; ++k) {
-                    float* dst = out + (t + k) * rows + r0;
-                    if (k0 == 0)
-                        for (int64_t r = 0; r < nr; ++r) dst[r] = o[tr * k + r] + bias(r0 + r);
-                    else
-                        for (int64_t r = 0; r < nr; ++r) dst[r] += o[tr * k + r];
-                }
+                for (int64_t k = 0; k < width && t + k < T; ++k)
+                    store_chunk(out + (t + k) * rows + r0, o + tr * k, nr, w, r0, k0);
             }
         }
     }
 
     // Opt-in int8 prefill, unit u of a packed 4-bit weight: sixteen rows, columns k0..k0 + kn,
-    // repacked once and run against the tokens eight at a time (x prepared in xq8_).
+    // repacked (per call: a kept copy would take twice the 4-bit weights' memory) and run against the
+    // tokens eight at a time (x rounded to int8 in xa_, xd8_, xsum_rounded_).
     void tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn) {
         const cpu::Kernels& kern = cpu::kernels();
         const int64_t cols = w.cols, nb = cols / 32, r0 = 16 * u, nr = std::min<int64_t>(16, w.rows - r0);
-        const size_t skip = static_cast<size_t>(k0 / 32) * cpu::packed8_column_bytes(w.type);
         uint8_t* rows = reinterpret_cast<uint8_t*>(
             scratch(thread, static_cast<int64_t>((kn / 32) * cpu::tile16_column_bytes(w.type) / sizeof(float))));
-        kern.repack16(w.type, packed_group(w, r0) + skip, nr > 8 ? packed_group(w, r0 + 8) + skip : nullptr, kn, rows);
+        kern.repack16(w.type, packed_group(w, r0, k0), nr > 8 ? packed_group(w, r0 + 8, k0) : nullptr, kn, rows);
         constexpr int NT = cpu::kTile16Tokens;
         const int8_t* q[NT];
         const float *d[NT], *sum[NT];
@@ -239,18 +234,12 @@ public:
         for (int64_t t = 0; t < T; t += NT) {
             for (int k = 0; k < NT; ++k) {   // a short last tile repeats the last token
                 const int64_t tk = std::min<int64_t>(t + k, T - 1);
-                q[k] = xq8_.data() + 4 * (tk * cols + k0);
+                q[k] = xa_.data() + tk * cols + k0;
                 d[k] = xd8_.data() + tk * nb + k0 / 32;
                 sum[k] = xsum_rounded_.data() + tk * nb + k0 / 32;
             }
             kern.dot_tile16(w.type, rows, kn, q, d, sum, o);
-            for (int64_t k = 0; k < NT && t + k < T; ++k) {
-                float* dst = out + (t + k) * w.rows + r0;
-                if (k0 == 0)
-                    for (int64_t r = 0; r < nr; ++r) dst[r] = o[16 * k + r] + (w.bias ? w.bias[r0 + r] : 0.0f);
-                else
-                    for (int64_t r = 0; r < nr; ++r) dst[r] += o[16 * k + r];
-            }
+            for (int64_t k = 0; k < NT && t + k < T; ++k) store_chunk(out + (t + k) * w.rows + r0, o + 16 * k, nr, w, r0, k0);
         }
     }
 
@@ -495,9 +484,18 @@ private:
         return int8_prefill_ && T >= kPreparedMaxTokens && w.packed && kern.dot_tile16;
     }
 
-    // the eight-row group of a packed weight that holds row r
-    static const uint8_t* packed_group(const Weight& w, int64_t r) {
-        return w.packed + static_cast<size_t>(r / 8 * (w.cols / 32)) * cpu::packed8_column_bytes(w.type);
+    // the eight-row group of a packed weight that holds row r, from block column k0 / 32 on
+    static const uint8_t* packed_group(const Weight& w, int64_t r, int64_t k0 = 0) {
+        return w.packed + static_cast<size_t>(r / 8 * (w.cols / 32) + k0 / 32) * cpu::packed8_column_bytes(w.type);
+    }
+
+    // One token's results for rows r0.. of a column chunk: the first chunk writes them (plus the
+    // bias), later ones add.
+    static void store_chunk(float* dst, const float* o, int64_t nr, const Weight& w, int64_t r0, int64_t k0) {
+        if (k0 == 0)
+            for (int64_t r = 0; r < nr; ++r) dst[r] = o[r] + (w.bias ? w.bias[r0 + r] : 0.0f);
+        else
+            for (int64_t r = 0; r < nr; ++r) dst[r] += o[r];
     }
 
     float* scratch(int thread, int64_t n) {
@@ -511,7 +509,8 @@ private:
     std::vector<int16_t> xq_;   // activations prepared for the integer kernels [T, 2 * cols]
     std::vector<int8_t> xq8_;   // ... and for the packed 4-bit kernel [T, 4 * cols]
     std::vector<float> xd8_, xsum8_;
-    std::vector<float> xsum_rounded_;   // ... and the block sums of x rounded to int8, for int8 prefill [T, cols / 32]
+    std::vector<int8_t> xa_;            // int8 prefill: x rounded to int8 [T, cols] ...
+    std::vector<float> xsum_rounded_;   // ... and its block sums [T, cols / 32]
     std::vector<std::unique_ptr<uint8_t[]>> packed_;   // eight-row copies of weights (pack_weight)
     std::vector<float> xd_, xsum_;
     std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])

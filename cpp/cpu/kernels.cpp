@@ -161,11 +161,11 @@ void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row) 
     }
 }
 
-void rounded_block_sums(const int8_t* q, const float* d, int64_t n, float* out) {
+void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* sums) {
     for (int64_t b = 0; b < n / 32; ++b) {
         int32_t s = 0;
-        for (int j = 0; j < 32; ++j) s += q[128 * b + j];
-        out[b] = d[b] * static_cast<float>(s);
+        for (int j = 0; j < 32; ++j) s += a[32 * b + j] = q[128 * b + j];
+        sums[b] = d[b] * static_cast<float>(s);
     }
 }
 

@@ -60,19 +60,19 @@ struct Kernels {
     // The group's eight rows (n values from the group's first block column on) as floats,
     // out[r * out_stride + i], equal to dequantize_row of each row. Null where a level does not pack.
     void (*dequantize_packed8)(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride);
-    // Opt-in fast prefill of 4-bit weights (llama.cpp's trade): x rounded to int8 per 32-block, as the
-    // first part (a) of prepare_x8. repack16 turns two eight-row groups (b null: zero rows) into the
-    // block columns of sixteen rows this kernel reads; dot_tile16 runs 16 rows against kTile16Tokens
-    // tokens (q and d from prepare_x8, sum the block sums of the rounded x, d * sum(a), each at the
-    // tokens' first block), out[t * 16 + r]. Null where a level has no such path.
+    // Opt-in fast prefill of 4-bit weights (llama.cpp's trade): x rounded to int8 per 32-block, the
+    // first part (a) of prepare_x8 (see first_part). repack16 turns two eight-row groups (b null: zero
+    // rows) into the block columns of sixteen rows this kernel reads; dot_tile16 runs 16 rows against
+    // kTile16Tokens tokens (q the rounded x [n], d its block scales, sum the block sums of the rounded
+    // x, each at the tokens' first block), out[t * 16 + r]. Null where a level has no such path.
     void (*repack16)(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out);
     void (*dot_tile16)(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
                        const float* const* sum, float* out);
 };
 
-// the sums the int8 prefill kernel wants from prepare_x8's output: out[b] = d[b] * sum of the 32
-// first-part values a of block b (x rounded to int8, summed)
-void rounded_block_sums(const int8_t* q, const float* d, int64_t n, float* out);
+// From prepare_x8's output (q [4n], d [n / 32]), what the int8 prefill kernel reads: the first parts
+// alone, a[n] (x rounded to int8), and their block sums d[b] * sum(a of block b) -> sums[n / 32].
+void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* sums);
 
 // tokens per dot_tile16 call, and the bytes of one repack16 block column
 constexpr int kTile16Tokens = 8;

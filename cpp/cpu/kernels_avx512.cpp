@@ -573,7 +573,7 @@ void dot_tile16_type(const uint8_t* w, int64_t n, const int8_t* const* q, const 
 #pragma GCC unroll 8
             for (int t = 0; t < NT; ++t) {
                 int32_t xs;
-                __builtin_memcpy(&xs, q[t] + 128 * i + at, 4);
+                __builtin_memcpy(&xs, q[t] + 32 * i + at, 4);
                 isum[t] = _mm512_dpbusd_epi32(isum[t], ws[s], _mm512_set1_epi32(xs));
             }
         }

@@ -102,7 +102,8 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
-INT8_PREFILL_HELP = "prompts meet q4_0/q4_1 weights with activations rounded to int8, as in llama.cpp (~2x faster)"
+INT8_PREFILL_HELP = ("forward passes of 8+ tokens (prompts, batches) meet q4_0/q4_1 weights with activations "
+                     "rounded to int8, as in llama.cpp (~2x faster prefill)")
 
 
 def build_parser() -> argparse.ArgumentParser:
