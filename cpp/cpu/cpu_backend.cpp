@@ -27,6 +27,8 @@ constexpr int64_t kPrefillColumnChunk = 1024;
 // (a multiple of every vector width).
 constexpr int64_t kMinParallelElements = 1 << 15;
 constexpr int64_t kElementChunk = 1 << 12;
+// RoPE handles head dimensions up to twice this (the model loader accepts up to 1024)
+constexpr int kMaxRopeHalf = 512;
 // Attention reads K and V in tiles of this many positions (converted into a per-thread buffer) ...
 constexpr int64_t kAttentionTile = 64;
 // ... and splits the positions of a query into parts of at least this many when it splits them.
@@ -244,19 +246,19 @@ public:
     }
 
     void rms_norm(float* out, const float* x, const float* weight, int64_t T, int64_t n, float eps) override {
-        for (int64_t t = 0; t < T; ++t) {
+        for_rows(T, n, [&](int64_t t) {
             const float* xt = x + t * n;
             float* ot = out + t * n;
             double ss = 0.0;
             for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xt[i]) * xt[i];
             float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
             for (int64_t i = 0; i < n; ++i) ot[i] = xt[i] * inv * weight[i];
-        }
+        });
     }
 
     void layer_norm(float* out, const float* x, const float* weight, const float* bias, int64_t T, int64_t n,
                     float eps) override {
-        for (int64_t t = 0; t < T; ++t) {
+        for_rows(T, n, [&](int64_t t) {
             const float* xt = x + t * n;
             float* ot = out + t * n;
             double mean = 0.0, var = 0.0;
@@ -267,15 +269,15 @@ public:
             float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
             for (int64_t i = 0; i < n; ++i)
                 ot[i] = static_cast<float>(xt[i] - mean) * inv * weight[i] + (bias ? bias[i] : 0.0f);
-        }
+        });
     }
 
     void rope(float* x, int64_t T, int n_heads, int head_dim, const int32_t* pos, float theta,
               RopeStyle style) override {
         if (style == RopeStyle::none) return;
         const int half = head_dim / 2;
-        std::vector<float> cs(static_cast<size_t>(head_dim));
-        for (int64_t t = 0; t < T; ++t) {
+        for_rows(T, int64_t{n_heads} * head_dim, [&](int64_t t) {
+            float cs[2 * kMaxRopeHalf];   // cos, sin of each pair's angle
             // angle_i = pos * theta^(-2i/d), computed in float like the reference implementations
             for (int i = 0; i < half; ++i) {
                 float inv_freq = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
@@ -294,11 +296,17 @@ public:
                     v[b] = va * s + vb * c;
                 }
             }
-        }
+        });
     }
 
     void add(float* x, const float* y, int64_t n) override {
-        for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+        if (n < kMinParallelElements) {
+            for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+            return;
+        }
+        pool_.parallel_for((n + kElementChunk - 1) / kElementChunk, [&](int64_t c0, int64_t c1, int) {
+            for (int64_t i = c0 * kElementChunk; i < std::min(n, c1 * kElementChunk); ++i) x[i] += y[i];
+        });
     }
 
     void swiglu(float* gate, const float* up, int64_t n) override {
@@ -482,6 +490,18 @@ private:
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
         return int8_prefill_ && T >= kPreparedMaxTokens && w.packed && kern.dot_tile16;
+    }
+
+    // fn(t) for rows t of [T, n]: across the threads once there is enough work, else in this one
+    template <typename Fn>
+    void for_rows(int64_t T, int64_t n, const Fn& fn) {
+        if (T < 2 || T * n < kMinParallelElements) {
+            for (int64_t t = 0; t < T; ++t) fn(t);
+            return;
+        }
+        pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
+            for (int64_t t = t0; t < t1; ++t) fn(t);
+        });
     }
 
     // the eight-row group of a packed weight that holds row r, from block column k0 / 32 on
