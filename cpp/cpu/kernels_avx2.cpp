@@ -39,26 +39,28 @@ float dot_f32(const float* a, const float* b, int64_t n) {
     return sum;
 }
 
-// 4 rows x 2 tokens: eight accumulators, of the sixteen registers AVX2 has
+// 4 rows x 3 tokens: twelve accumulators, three token registers and one row register -- all sixteen
+// AVX2 has; each row load feeds three FMAs, each token load four.
+constexpr int kTileRows = 4, kTileTokens = 3;
+
 void dot_f32_tile(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out) {
-    const float *x0 = xs[0], *x1 = xs[1];
-    __m256 a[8];
-    for (__m256& v : a) v = _mm256_setzero_ps();
+    __m256 acc[kTileTokens][kTileRows];
+    for (auto& row : acc)
+        for (__m256& v : row) v = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 v0 = _mm256_loadu_ps(x0 + i), v1 = _mm256_loadu_ps(x1 + i);
-        for (int r = 0; r < 4; ++r) {
-            __m256 wr = _mm256_loadu_ps(w + r * w_stride + i);
-            a[r] = _mm256_fmadd_ps(wr, v0, a[r]);
-            a[4 + r] = _mm256_fmadd_ps(wr, v1, a[4 + r]);
+        __m256 xv[kTileTokens];
+        for (int t = 0; t < kTileTokens; ++t) xv[t] = _mm256_loadu_ps(xs[t] + i);
+        for (int r = 0; r < kTileRows; ++r) {
+            const __m256 wr = _mm256_loadu_ps(w + r * w_stride + i);
+            for (int t = 0; t < kTileTokens; ++t) acc[t][r] = _mm256_fmadd_ps(wr, xv[t], acc[t][r]);
         }
     }
-#pragma GCC unroll 8   // fully unrolled, so the accumulators stay in registers
-    for (int k = 0; k < 8; ++k) {
-        float s = hsum(a[k]);
-        const float* wr = w + (k % 4) * w_stride;
-        const float* x = k < 4 ? x0 : x1;
-        for (int64_t j = i; j < n; ++j) s += wr[j] * x[j];
+#pragma GCC unroll 12   // fully unrolled, so the accumulators stay in registers
+    for (int k = 0; k < kTileTokens * kTileRows; ++k) {
+        const int t = k / kTileRows, r = k % kTileRows;
+        float s = hsum(acc[t][r]);
+        for (int64_t j = i; j < n; ++j) s += w[r * w_stride + j] * xs[t][j];
         out[k] = s;
     }
 }
@@ -444,7 +446,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
     dispatch_prepared<4>(t, row, q, d, sum, n, out);
 }
 
-const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, 4, 2, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
