@@ -176,7 +176,7 @@ def test_sizes_off_the_tile_grid(level, tmp_path):
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
 def test_rows_longer_than_a_column_chunk(level, tmp_path):
-    """An FFN wider than prefill's column chunk (1024 values): the down projection's rows run in three
+    """An FFN wider than prefill's column chunk (960 values): the down projection's rows run in three
     chunks (704, 704, 672) whose partial sums add up, in f32 against transformers and in q4_0
     (dequantized from the eight-row layout on AVX-512) against the token-by-token decode kernels."""
     torch.manual_seed(6)
