@@ -300,22 +300,14 @@ public:
     }
 
     void add(float* x, const float* y, int64_t n) override {
-        if (n < kMinParallelElements) {
-            for (int64_t i = 0; i < n; ++i) x[i] += y[i];
-            return;
-        }
-        pool_.parallel_for((n + kElementChunk - 1) / kElementChunk, [&](int64_t c0, int64_t c1, int) {
-            for (int64_t i = c0 * kElementChunk; i < std::min(n, c1 * kElementChunk); ++i) x[i] += y[i];
+        for_elements(n, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) x[i] += y[i];
         });
     }
 
     void swiglu(float* gate, const float* up, int64_t n) override {
         const cpu::Kernels& kern = cpu::kernels();
-        if (n < kMinParallelElements) return kern.swiglu(gate, up, n);
-        pool_.parallel_for((n + kElementChunk - 1) / kElementChunk, [&](int64_t c0, int64_t c1, int) {
-            const int64_t i0 = c0 * kElementChunk, i1 = std::min(n, c1 * kElementChunk);
-            kern.swiglu(gate + i0, up + i0, i1 - i0);
-        });
+        for_elements(n, [&](int64_t i0, int64_t i1) { kern.swiglu(gate + i0, up + i0, i1 - i0); });
     }
 
     void gelu(float* x, int64_t n) override {
@@ -490,6 +482,16 @@ private:
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
         return int8_prefill_ && T >= kPreparedMaxTokens && w.packed && kern.dot_tile16;
+    }
+
+    // fn(i0, i1) over [0, n) in chunks of kElementChunk across the threads once there is enough work,
+    // else fn(0, n) in this one
+    template <typename Fn>
+    void for_elements(int64_t n, const Fn& fn) {
+        if (n < kMinParallelElements) return fn(0, n);
+        pool_.parallel_for((n + kElementChunk - 1) / kElementChunk, [&](int64_t c0, int64_t c1, int) {
+            fn(c0 * kElementChunk, std::min(n, c1 * kElementChunk));
+        });
     }
 
     // fn(t) for rows t of [T, n]: across the threads once there is enough work, else in this one

@@ -127,8 +127,6 @@ const Kernels& kernels_scalar() { return kScalar; }
 
 bool packable8(DType t) { return t == DType::q4_0 || t == DType::q4_1; }
 
-size_t packed8_column_bytes(DType t) { return 8 * sizeof(uint16_t) * (t == DType::q4_1 ? 2 : 1) + 8 * 16; }
-
 namespace {
 // where a block keeps its scale, minimum (q4_1) and quants
 struct BlockFields { size_t d, m, qs; };
@@ -137,27 +135,27 @@ BlockFields fields(DType t) { return t == DType::q4_1 ? BlockFields{0, 2, 4} : B
 
 void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group) {
     const BlockFields f = fields(t);
-    const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), mins = t == DType::q4_1 ? 16 : 0;
+    const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), quants = packed8_quants_offset(t);
     for (int64_t i = 0; i < n / 32; ++i) {
         uint8_t* out = group + i * col;
         for (int j = 0; j < 8; ++j) {
             const uint8_t* b = rows + j * row_stride + i * block;
             std::memcpy(out + 2 * j, b + f.d, 2);
-            if (mins) std::memcpy(out + 16 + 2 * j, b + f.m, 2);
-            std::memcpy(out + 16 + mins + 16 * j, b + f.qs, 16);
+            if (t == DType::q4_1) std::memcpy(out + 16 + 2 * j, b + f.m, 2);
+            std::memcpy(out + quants + 16 * j, b + f.qs, 16);
         }
     }
 }
 
 void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row) {
     const BlockFields f = fields(t);
-    const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), mins = t == DType::q4_1 ? 16 : 0;
+    const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), quants = packed8_quants_offset(t);
     for (int64_t i = 0; i < n / 32; ++i) {
         const uint8_t* in = group + i * col;
         uint8_t* b = row + i * block;
         std::memcpy(b + f.d, in + 2 * j, 2);
-        if (mins) std::memcpy(b + f.m, in + 16 + 2 * j, 2);
-        std::memcpy(b + f.qs, in + 16 + mins + 16 * j, 16);
+        if (t == DType::q4_1) std::memcpy(b + f.m, in + 16 + 2 * j, 2);
+        std::memcpy(b + f.qs, in + quants + 16 * j, 16);
     }
 }
 

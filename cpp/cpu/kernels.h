@@ -76,13 +76,17 @@ void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* su
 
 // tokens per dot_tile16 call, and the bytes of one repack16 block column
 constexpr int kTile16Tokens = 8;
-inline size_t tile16_column_bytes(DType t) { return 64 * (t == DType::q4_1 ? 2 : 1) + 512; }
+// (16 float scales, 16 float minimums for q4_1, then the quants at this offset)
+constexpr size_t tile16_quants_offset(DType t) { return 64 * (t == DType::q4_1 ? 2 : 1); }
+constexpr size_t tile16_column_bytes(DType t) { return tile16_quants_offset(t) + 512; }
 
 // The eight-row layout of q4_0 / q4_1 weights: per block column, the eight rows' scales (fp16; for
 // q4_1 then their minimums), then their 16 bytes of quants each -- one aligned read feeds eight rows
 // and their scales convert in one instruction. Groups follow each other (n / 32 block columns each).
 bool packable8(DType t);
-size_t packed8_column_bytes(DType t);
+// bytes of a block column: the scales, the minimums (q4_1 only), then the quants at this offset
+constexpr size_t packed8_quants_offset(DType t) { return 16 * (t == DType::q4_1 ? 2 : 1); }
+constexpr size_t packed8_column_bytes(DType t) { return packed8_quants_offset(t) + 8 * 16; }
 // packs rows [8, n] (row_stride bytes apart) into one group
 void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group);
 // row j (0..7) of a group back in the type's own block layout (row_bytes(t, n) bytes)

@@ -422,8 +422,7 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum) {
 template <DType T>
 void dot_packed8_type(const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                       float* out) {
-    constexpr size_t mins = T == DType::q4_1 ? 16 : 0;
-    constexpr size_t column = 16 + mins + 128;
+    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
     const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                                     _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
@@ -440,7 +439,7 @@ void dot_packed8_type(const uint8_t* group, const int8_t* q, const float* d, con
         for (int k = 0; k < 8; ++k)
             xs[k] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16 * k)));
         for (int h = 0; h < 2; ++h) {
-            const __m512i w = _mm512_loadu_si512(c + 16 + mins + 64 * h);
+            const __m512i w = _mm512_loadu_si512(c + quants + 64 * h);
             const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
             auto pair = [&](int k) {   // parts k and k + 1 as part_k * 2^7 + part_k+1
                 __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xs[2 * k]), hi, xs[2 * k + 1]);
@@ -472,8 +471,7 @@ void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d,
 // instruction, then each row's 16 quant bytes as in dequantize_row.
 template <DType T>
 void dequantize_packed8_type(const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
-    constexpr size_t mins = T == DType::q4_1 ? 16 : 0;
-    constexpr size_t column = 16 + mins + 128;
+    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     alignas(32) float d[8], m[8] = {};
     for (int64_t i = 0; i < n / 32; ++i) {
         const uint8_t* c = group + i * column;
@@ -483,7 +481,7 @@ void dequantize_packed8_type(const uint8_t* group, int64_t n, float* out, int64_
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) {
             __m512 lo, hi;
-            nibble_floats<T>(c + 16 + mins + 16 * r, d[r], m[r], &lo, &hi);
+            nibble_floats<T>(c + quants + 16 * r, d[r], m[r], &lo, &hi);
             _mm512_storeu_ps(out + r * out_stride + 32 * i, lo);
             _mm512_storeu_ps(out + r * out_stride + 32 * i + 16, hi);
         }
@@ -503,8 +501,7 @@ void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, in
 // sixteen rows by four broadcast bytes of x.
 template <DType T>
 void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
-    constexpr size_t mins = T == DType::q4_1 ? 16 : 0;
-    constexpr size_t column = 16 + mins + 128;
+    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     for (int64_t i = 0; i < n / 32; ++i, out += tile16_column_bytes(T)) {
         const uint8_t* ca = a + i * column;
@@ -520,9 +517,9 @@ void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) 
         __m512i rows[4];
         for (int k = 0; k < 4; ++k) {
             const uint8_t* c = k < 2 ? ca : cb;
-            rows[k] = c ? _mm512_loadu_si512(c + 16 + mins + 64 * (k % 2)) : _mm512_setzero_si512();
+            rows[k] = c ? _mm512_loadu_si512(c + quants + 64 * (k % 2)) : _mm512_setzero_si512();
         }
-        uint8_t* steps = out + 64 + 4 * mins;
+        uint8_t* steps = out + tile16_quants_offset(T);
         for (int nibble = 0; nibble < 2; ++nibble) {
             __m512i q[4];
             for (int k = 0; k < 4; ++k)
@@ -553,7 +550,6 @@ template <DType T>
 void dot_tile16_type(const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
                      const float* const* sum, float* out) {
     constexpr int NT = kTile16Tokens;
-    constexpr size_t mins = T == DType::q4_1 ? 64 : 0;
     __m512 acc[NT];
 #pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
@@ -563,7 +559,7 @@ void dot_tile16_type(const uint8_t* w, int64_t n, const int8_t* const* q, const 
                                                : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
         __m512i ws[8];
 #pragma GCC unroll 8
-        for (int s = 0; s < 8; ++s) ws[s] = _mm512_loadu_si512(w + 64 + mins + 64 * s);
+        for (int s = 0; s < 8; ++s) ws[s] = _mm512_loadu_si512(w + tile16_quants_offset(T) + 64 * s);
         __m512i isum[NT];
 #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
