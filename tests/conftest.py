@@ -74,7 +74,7 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     """The real SmolLM2 GGUF, fetched through tokenmill's own default-model path."""
-    from tokenmill.default_model import resolve_default
+    from tokenmill.engine.default_model import resolve_default
 
     return resolve_default()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tokenmill
-from tokenmill import default_model
+from tokenmill.engine import default_model
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_chat_rejects_malformed_messages(smollm):
 
 
 def test_cli_generate_streams_the_answer(default_gguf):
-    cmd = [sys.executable, "-m", "tokenmill.cli", "generate", "--model", str(default_gguf), "--chat",
+    cmd = [sys.executable, "-m", "tokenmill.tools.cli", "generate", "--model", str(default_gguf), "--chat",
            "--prompt", "What is the capital of France?", "--temp", "0", "--num-tokens", "16", "--eos-id", "-1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -101,7 +101,7 @@ def test_cli_generate_streams_the_answer(default_gguf):
 def test_cli_reports_errors_without_traceback(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(8))
-    out = subprocess.run([sys.executable, "-m", "tokenmill.cli", "generate", "--model", str(bad), "--prompt", "x"],
+    out = subprocess.run([sys.executable, "-m", "tokenmill.tools.cli", "generate", "--model", str(bad), "--prompt", "x"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "tokenmill: error:" in out.stderr and "Traceback" not in out.stderr
 
@@ -141,7 +141,7 @@ def _write_run(root, default_gguf):
 
 
 def test_cli_run_directory(tmp_path, default_gguf):
-    from tokenmill.runs import resolve_run
+    from tokenmill.tools.runs import resolve_run
 
     _write_run(tmp_path, default_gguf)
     latest = resolve_run("smol", runs_dir=tmp_path / "checkpoints")
@@ -150,7 +150,7 @@ def test_cli_run_directory(tmp_path, default_gguf):
     with pytest.raises(tokenmill.ModelNotFoundError, match="no step 300; available steps: 100, 200"):
         resolve_run("smol", 300, tmp_path / "checkpoints")
 
-    base = [sys.executable, "-m", "tokenmill.cli", "generate", "--run-name", "smol", "--prompt", "The capital of France is",
+    base = [sys.executable, "-m", "tokenmill.tools.cli", "generate", "--run-name", "smol", "--prompt", "The capital of France is",
             "--temp", "0", "--num_tokens", "6", "--eos_id", "-1", "--top_k", "-0", "--rep-penalty", "1.0"]
     out = subprocess.run(base + ["--step", "100"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -160,7 +160,7 @@ def test_cli_run_directory(tmp_path, default_gguf):
 
 
 def test_cli_negative_numbers_parse_as_values():
-    from tokenmill.cli import build_parser
+    from tokenmill.tools.cli import build_parser
 
     args = build_parser().parse_args(["generate", "--prompt", "-5 degrees", "--eos_id", "-1", "--seed", "-0",
                                       "--temp", "-0.5"])

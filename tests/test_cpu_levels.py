@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import tokenmill
-from tokenmill import _core
+from tokenmill import _core, _testing
 from conftest import TINY, rel_err
 from gguf_util import QTYPES, write_tiny_gguf
 
@@ -33,7 +33,7 @@ def test_dot_row_matches_float64(level, wtype, n, prepared):
     row = _core.quantize(wtype, w)
     wd = _core.dequantize(wtype, row, n).astype(np.float64)
     exact = float(np.dot(wd, x.astype(np.float64)))
-    got = _core.dot_row(wtype, row, x, prepared=prepared)
+    got = _testing.dot_row(wtype, row, x, prepared=prepared)
     assert abs(got - exact) <= 1e-5 * (np.abs(wd) @ np.abs(x)) + 1e-6
 
 
@@ -47,7 +47,7 @@ def test_small_batch_dot_matches_float64(level, wtype):
     row = _core.quantize(wtype, w)
     wd = _core.dequantize(wtype, row, n).astype(np.float64)
     exact = xs.astype(np.float64) @ wd
-    got = _core.dot_row_x4(wtype, row, xs)
+    got = _testing.dot_row_x4(wtype, row, xs)
     assert np.all(np.abs(got - exact) <= 1e-5 * (np.abs(xs) @ np.abs(wd)) + 1e-6)
     assert got[3] == 0.0   # a zero vector has scale 0 and must not divide by it
 
@@ -66,7 +66,7 @@ def test_eight_row_4bit_decode_matches_float64(wtype, n, x_scale):
         x[:32] = 0.0   # an all-zero block has scale 0
         rows = b"".join(_core.quantize(wtype, r) for r in w)
         wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-        got, unpacked, floats = _core.dot_rows_packed8(wtype, rows, x)
+        got, unpacked, floats = _testing.dot_rows_packed8(wtype, rows, x)
         assert unpacked == rows
         assert np.array_equal(floats, wd.astype(np.float32))   # prefill's dequantization from the layout
         exact = wd @ x.astype(np.float64)
@@ -101,7 +101,7 @@ def test_int8_prefill_kernel_is_the_rounded_product(wtype, n_rows, n):
         xs[2, :32] = 0.0
         rows = b"".join(_core.quantize(wtype, r) for r in w)
         wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-        got = _core.dot_rows_tile16(wtype, rows, xs)
+        got = _testing.dot_rows_tile16(wtype, rows, xs)
         rounded = np.stack([_rounded_to_int8(x) for x in xs])
         assert got.shape == (8, n_rows)
         np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
@@ -116,7 +116,7 @@ def test_int8_prefill_kernel_is_the_rounded_product(wtype, n_rows, n):
 def test_level_dequantize_is_exact(level, wtype):
     x = np.random.default_rng(5).standard_normal(32 * 19).astype(np.float32) * 3
     row = _core.quantize(wtype, x)
-    np.testing.assert_array_equal(_core.dequantize(wtype, row, x.size, active_level=True),
+    np.testing.assert_array_equal(_testing.dequantize_active(wtype, row, x.size),
                                   _core.dequantize(wtype, row, x.size))
 
 

@@ -129,7 +129,7 @@ def test_model_without_tokenizer_says_so(tiny_models, tmp_path):
 @pytest.mark.parametrize("wtype", ["f16", "q8_0", "q4_0", "q4_1"])
 def test_convert_requantizes_like_the_reference(tiny_models, tmp_path, wtype):
     """`tokenmill convert` of an f32 GGUF equals the file the reference writer makes in that type."""
-    from tokenmill.convert import convert_gguf
+    from tokenmill.tools.convert import convert_gguf
 
     _, hf_model = tiny_models["llama"]
     write_tiny_gguf(hf_model, "llama", tmp_path / "f32.gguf", "f32")
@@ -146,7 +146,7 @@ def test_convert_requantizes_like_the_reference(tiny_models, tmp_path, wtype):
 
 
 def test_convert_keeps_the_default_model_working(default_gguf, tmp_path):
-    from tokenmill.convert import convert_gguf
+    from tokenmill.tools.convert import convert_gguf
 
     out = convert_gguf(default_gguf, tmp_path / "smol.q8_0.gguf", "q8_0")
     model = tokenmill.load(out)
@@ -158,13 +158,13 @@ def test_convert_keeps_the_default_model_working(default_gguf, tmp_path):
 
 def test_weights_converted_on_load_equal_a_converted_file(default_gguf, tmp_path):
     """load(weights=...) computes with exactly the numbers `tokenmill convert` writes."""
-    from tokenmill.convert import convert_gguf
+    from tokenmill.tools.convert import convert_gguf
 
     ids = tokenmill.load(default_gguf).tokenize("Converted on load or on disk, the same model.")
     on_disk = tokenmill.load(convert_gguf(default_gguf, tmp_path / "smol.q8_0.gguf", "q8_0"))
     on_load = tokenmill.load(default_gguf, weights="q8_0")
     np.testing.assert_array_equal(on_load.logits(ids), on_disk.logits(ids))
-    assert on_load.native.weight_bytes == on_disk.native.weight_bytes
+    assert on_load.weight_bytes == on_disk.weight_bytes
 
 
 @pytest.mark.parametrize("wtype", ["f16", "q8_0", "q4_0"])
@@ -176,7 +176,7 @@ def test_hf_model_converted_on_load_matches_the_reference_quantization(tiny_mode
     ours = tokenmill.load(d, weights=wtype)
     ref = tokenmill.load(tmp_path / "ref.gguf")
     np.testing.assert_allclose(ours.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)
-    assert ours.native.weight_bytes < tokenmill.load(d).native.weight_bytes
+    assert ours.weight_bytes < tokenmill.load(d).weight_bytes
 
 
 def test_unknown_weight_type_on_load_is_an_error(default_gguf):

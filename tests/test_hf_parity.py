@@ -48,8 +48,8 @@ def test_decode_steps_equal_prefill(tiny_models):
     ids = _prompt(n=40, seed=3)
     full = model.logits(ids)
     cache = model.new_cache(40)
-    model.native.eval(cache, np.array(ids[:30], dtype=np.int32), "none", False)
-    steps = [model.native.eval(cache, np.array([t], dtype=np.int32), "last", False)[0][0] for t in ids[30:]]
+    model.eval(cache, ids[:30], logits=None)
+    steps = [model.eval(cache, [t]).logits[0] for t in ids[30:]]
     assert rel_err(np.stack(steps), full[30:]) < 1e-5
 
 
@@ -59,7 +59,7 @@ def test_batch_of_sequences_equals_each_alone(tiny_models):
     seqs = [_prompt(n=n, seed=n) for n in (5, 17, 9)]
     alone = [model.logits(s)[-1] for s in seqs]
     caches = [model.new_cache(32) for _ in seqs]
-    batched = model.native.eval_batch(caches, [np.array(s, dtype=np.int32) for s in seqs], "last")
+    batched = model.eval_batch(caches, seqs).logits
     for a, b in zip(alone, batched):
         assert rel_err(b, a) < 1e-5
 
@@ -70,7 +70,7 @@ def test_hidden_states_match_transformers(tiny_models):
     with torch.no_grad():
         ref = hf_model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].numpy()
     model = tokenmill.load(directory)
-    _, hidden = model.native.eval(model.new_cache(16), np.array(ids, dtype=np.int32), "all", True)
+    hidden = model.eval(model.new_cache(16), ids, logits=None, hidden="all").hidden
     assert rel_err(hidden, ref) < 1e-4
 
 
@@ -80,7 +80,7 @@ def test_prefill_from_embeddings_equals_prefill_from_ids(tiny_models):
     embeds = hf_model.get_input_embeddings().weight.detach().numpy()[ids]
     model = tokenmill.load(directory)
     from_ids = model.logits(ids)
-    from_embeds, _ = model.native.eval_embeds(model.new_cache(12), embeds.astype(np.float32), "all", False)
+    from_embeds = model.eval(model.new_cache(12), embeds.astype(np.float32), "all").logits
     assert rel_err(from_embeds, from_ids) < 1e-6
 
 

@@ -12,8 +12,10 @@ import torch
 import transformers
 
 import tokenmill
-from tokenmill import GenerateConfig, Generator, _core
-from tokenmill.kvcache import CACHE_KINDS, SPEED_TIE, compare_logits
+from tokenmill import GenerateConfig, Generator, _core, _testing
+from tokenmill.engine.cache import CACHE_KINDS
+from tokenmill.generation import cache_plan
+from tokenmill.generation.cache_plan import SPEED_TIE, compare_logits
 from conftest import rel_err
 
 NF4 = np.array([
@@ -132,7 +134,7 @@ def test_attention_reads_stored_kinds_like_dequantize_then_attend(level, k_kind,
     before = _core.cpu_level()
     _core.set_cpu_level(level)
     try:
-        got = _core.attention(q, k, v, 9, 3, k_kind, v_kind, window=window, n_threads=2)
+        got = _testing.attention(q, k, v, 9, 3, k_kind, v_kind, window=window, n_threads=2)
     finally:
         _core.set_cpu_level(before)
     ref = _reference_attention(q, ROUND_TRIP[k_kind](k), ROUND_TRIP[v_kind](v), 9, 3, window)
@@ -145,7 +147,7 @@ def test_fp16_ring_serves_the_newest_positions(ring):
     copies, including ones written by the earlier call."""
     T, N = 4, 130
     q, k, v = _qkv(T, N, seed=1)
-    got = _core.attention(q, k, v, 9, 3, "q4", "q4", ring=ring, n_threads=2)
+    got = _testing.attention(q, k, v, 9, 3, "q4", "q4", ring=ring, n_threads=2)
     kr, vr = _q4(k), _q4(v)
     kr[N - ring :], vr[N - ring :] = ROUND_TRIP["fp16"](k[N - ring :]), ROUND_TRIP["fp16"](v[N - ring :])
     ref = _reference_attention(q, kr, vr, 9, 3, 0)
@@ -155,9 +157,9 @@ def test_fp16_ring_serves_the_newest_positions(ring):
 def test_attention_rejects_bad_shapes():
     q, k, v = _qkv(2, 10)
     with pytest.raises(tokenmill.InvalidArgumentError):
-        _core.attention(q, k[:, :64], v, 9, 3)
+        _testing.attention(q, k[:, :64], v, 9, 3)
     with pytest.raises(tokenmill.InvalidArgumentError, match="unknown KV cache kind"):
-        _core.attention(q, k, v, 9, 3, "q3")
+        _testing.attention(q, k, v, 9, 3, "q3")
 
 
 # ---- caches of a real model
@@ -168,9 +170,9 @@ def test_bytes_per_token_and_allocation_agree(smollm):
     per_row = {"fp32": 256, "fp16": 128, "bf16": 128, "q8": 68, "q4": 36, "nf4": 36}   # head_dim 64
     for kind in CACHE_KINDS:
         assert smollm.kv_bytes_per_token(kind) == rows * per_row[kind]
-        cache = smollm.new_cache(300, tokenmill.kvcache.CacheSpec(kind, kind))
+        cache = smollm.new_cache(300, tokenmill.CacheSpec(kind, kind))
         assert cache.bytes == 300 * smollm.kv_bytes_per_token(kind)
-    spec = tokenmill.kvcache.CacheSpec("q8", "q4", residual_len=32, fp16_prefix_layers=2)
+    spec = tokenmill.CacheSpec("q8", "q4", residual_len=32, fp16_prefix_layers=2)
     cache = smollm.new_cache(300, spec)
     per_token = smollm.kv_bytes_per_token("q8", "q4", fp16_prefix_layers=2)
     assert per_token == hp.n_head_kv * (2 * 2 * 128 + (hp.n_layer - 2) * (68 + 36))
@@ -200,12 +202,12 @@ def test_fp16_cache_logits_stay_close_and_chunking_changes_nothing(smollm):
 def test_rollback_replays_identically(smollm, spec):
     k_kind, v_kind, ring = spec
     ids = np.array(smollm.tokenize("The quick brown fox jumps over the lazy dog. " * 3), dtype=np.int32)
-    cache = smollm.new_cache(64, tokenmill.kvcache.CacheSpec(k_kind, v_kind, residual_len=ring))
-    smollm.native.eval(cache, ids[:20], "none", False)
-    first = [smollm.native.eval(cache, ids[t : t + 1], "last", False)[0][0] for t in range(20, 30)]
+    cache = smollm.new_cache(64, tokenmill.CacheSpec(k_kind, v_kind, residual_len=ring))
+    smollm.eval(cache, ids[:20], logits=None)
+    first = [smollm.eval(cache, ids[t : t + 1]).logits[0] for t in range(20, 30)]
     # back 6 tokens: the ring still holds fp16 copies of what the first run read from it
     cache.truncate(24)
-    again = [smollm.native.eval(cache, ids[t : t + 1], "last", False)[0][0] for t in range(24, 30)]
+    again = [smollm.eval(cache, ids[t : t + 1]).logits[0] for t in range(24, 30)]
     np.testing.assert_array_equal(np.stack(again), np.stack(first[4:]))
 
 
@@ -221,9 +223,9 @@ def test_local_window_matches_transformers_sliding_window(tiny_models):
     gen = Generator(model, decode_plan="fixed", decode_local_window=10, decode_q_chunk=7, temperature=0)
     gen.prefill(ids)
     assert rel_err(gen._seq.logits, ref[-1]) < 1e-4
-    windowed = tokenmill.kvcache.CacheSpec(local_window=10)
+    windowed = tokenmill.CacheSpec(local_window=10)
     cache = model.new_cache(40, windowed)
-    got, _ = model.native.eval(cache, np.array(ids, dtype=np.int32), "all", False)
+    got = model.eval(cache, ids, "all").logits
     assert rel_err(got, ref) < 1e-4
     assert rel_err(model.logits(ids), ref) > 1e-3   # without the window the answer differs
 
@@ -246,8 +248,11 @@ def test_decode_plans_pick_chunks_and_windows(tiny_models):
 def test_generator_uses_the_configured_kinds(smollm):
     gen = Generator(smollm, cache_kind="q8", cache_kind_v="nf4", cache_residual_len=16, max_seq_len=128, temperature=0)
     assert (gen.cache_plan.k_kind, gen.cache_plan.v_kind, gen.cache_plan.source) == ("q8", "nf4", "fixed")
-    assert gen.cache_bytes == gen._seq.cache.bytes == tokenmill.kvcache.CacheSpec("q8", "nf4", 16).cache_bytes(smollm, 128)
+    # memory follows the context: nothing before the first call, room for prompt + max_new_tokens after it
+    assert gen.cache_bytes == gen._seq.cache.bytes < tokenmill.CacheSpec("q8", "nf4", 16).cache_bytes(smollm, 128)
     out = gen.generate("The capital of France is", max_new_tokens=8)
+    full = tokenmill.CacheSpec("q8", "nf4", 16).cache_bytes(smollm, 128)
+    assert gen._seq.cache.allocated == 64 and 0 < gen.cache_bytes < full
     assert len(out) == 8
     with pytest.raises(tokenmill.InvalidArgumentError, match="pass them to the Generator"):
         gen.generate("more", cache_kind="fp16")
@@ -316,11 +321,11 @@ def test_plan_persists_is_reused_and_reprobed(smollm, tmp_path):
     assert first.source == "measured" and path.exists()
     saved = json.loads(path.read_text())
     assert saved["plans"][first.key]["k_kind"] == first.k_kind
-    tokenmill.kvcache._measured.clear()   # a new process would only have the file
+    cache_plan._measured.clear()   # a new process would only have the file
     again = Generator(smollm, **settings).cache_plan
     assert again.source == "file" and (again.k_kind, again.v_kind, again.created) == (first.k_kind, first.v_kind, first.created)
     time.sleep(0.01)
-    tokenmill.kvcache._measured.clear()
+    cache_plan._measured.clear()
     reprobed = Generator(smollm, **settings, cache_plan_probe_interval_sec=0).cache_plan
     assert reprobed.source == "measured" and reprobed.created > first.created
     # other settings, other key: both plans live in the file
@@ -331,7 +336,7 @@ def test_plan_persists_is_reused_and_reprobed(smollm, tmp_path):
 def test_corrupt_plan_file_is_ignored_with_a_warning(smollm, tmp_path):
     path = tmp_path / "plans.json"
     path.write_text("{not json")
-    tokenmill.kvcache._measured.clear()
+    cache_plan._measured.clear()
     with pytest.warns(RuntimeWarning, match="ignoring the cache plan file"):
         plan = Generator(smollm, **AUTO, cache_auto_benchmark=False, cache_plan_path=str(path)).cache_plan
     assert plan.source == "measured"

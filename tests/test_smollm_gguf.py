@@ -84,7 +84,7 @@ def test_metadata_and_shapes(smollm):
         "llama", 30, 576, 9, 3, 1536, 49152)
     assert hp.tied_embeddings and smollm.n_ctx == 8192
     assert smollm.eos_ids == [2] and smollm.tokenizer.bos_id == 1
-    assert 134e6 < smollm.native.n_params < 136e6
+    assert 134e6 < smollm.n_params < 136e6
 
 
 def test_streaming_pieces_join_to_the_full_text(smollm):
@@ -96,7 +96,7 @@ def test_streaming_pieces_join_to_the_full_text(smollm):
 
 
 def test_stream_decoder_never_splits_characters(smollm):
-    from tokenmill.tokenizer import StreamDecoder
+    from tokenmill.text.stream import StreamDecoder
 
     text = "日本語のテキスト 🚀✨👍🏽 Ελληνικά"
     ids = smollm.tokenize(text)

@@ -83,14 +83,14 @@ def test_tokenizer_json_directory(tmp_path, smollm):
     assert tok.encode(MULTILINGUAL) == smollm.tokenize(MULTILINGUAL)
     assert tok.bos_id == 1 and tok.eos_ids == [2, 0] and tok.chat_template == template
 
-    from tokenmill.chat import render_chat
+    from tokenmill.text.chat import render_chat
 
     text = render_chat(template, [{"role": "user", "content": "hi"}], eos_token="<|im_end|>")
     assert text == "<user>hi<|im_end|><assistant>"
 
 
 def test_chat_template_errors_are_typed(smollm):
-    from tokenmill.chat import ChatTemplateError, render_chat
+    from tokenmill.text.chat import ChatTemplateError, render_chat
 
     with pytest.raises(ChatTemplateError, match="no chat template"):
         render_chat(None, [{"role": "user", "content": "x"}])

@@ -16,11 +16,10 @@
 #include <string>
 #include <vector>
 
-#include "../cpu/kernels.h"
-#include "../error.h"
-#include "../kv_cache.h"
-#include "../model.h"
-#include "../threadpool.h"
+#include "core/error.h"
+#include "kv/kv_cache.h"
+#include "model/model.h"
+#include "core/threadpool.h"
 
 using namespace tmill;
 
@@ -93,12 +92,24 @@ double run_once(Model& m, const KVCacheConfig& kv, int depth, int n, bool prompt
     std::vector<int32_t> ids(static_cast<size_t>(depth + n));
     for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 2654435761u) % hp.n_vocab);
     std::vector<float> logits(static_cast<size_t>(hp.n_vocab));
-    if (depth > 0) m.forward({{&cache, ids.data(), nullptr, depth}}, {depth - 1}, logits.data(), nullptr);
+    // the tokens [start, start + count) as one pass with the logits of its last row
+    auto run = [&](int start, int count) {
+        ForwardRequest req;
+        SequenceInput in;
+        in.cache = &cache;
+        in.tokens = ids.data() + start;
+        in.n = count;
+        req.batch.push_back(in);
+        req.logit_rows = {count - 1};
+        req.logits = logits.data();
+        m.forward(req);
+    };
+    if (depth > 0) run(0, depth);
     double t0 = now();
     if (prompt) {
-        m.forward({{&cache, ids.data() + depth, nullptr, n}}, {n - 1}, logits.data(), nullptr);
+        run(depth, n);
     } else {
-        for (int i = 0; i < n; ++i) m.forward({{&cache, ids.data() + depth + i, nullptr, 1}}, {0}, logits.data(), nullptr);
+        for (int i = 0; i < n; ++i) run(depth + i, 1);
     }
     return now() - t0;
 }
@@ -121,8 +132,8 @@ int main(int argc, char** argv) {
         else std::printf("| model | size | params | backend | threads | kv | test | t/s |\n|---|---:|---:|---|---:|---|---|---:|\n");
         for (int threads : o.threads) {
             LoadOptions load;
-            load.n_threads = threads;
-            load.int8_prefill = o.int8_prefill;
+            load.backend.n_threads = threads;
+            load.backend.int8_prefill = o.int8_prefill;
             auto model = Model::from_gguf(o.model, load);
             std::string name = o.model.substr(o.model.find_last_of('/') + 1);
             double size_mib = static_cast<double>(model->weight_bytes()) / (1 << 20);
@@ -144,7 +155,7 @@ int main(int argc, char** argv) {
                     for (double v : tps) sd += (v - mean) * (v - mean);
                     sd = tps.size() > 1 ? std::sqrt(sd / (tps.size() - 1)) : 0.0;
                     std::string test = depth > 0 ? label + " @ d" + std::to_string(depth) : label;
-                    std::string backend = "cpu-" + std::string(cpu::kernels().name);
+                    std::string backend = model->backend().name();
                     if (o.json) {
                         std::printf("%s  {\"model\": \"%s\", \"size_mib\": %.2f, \"params_m\": %.2f, \"backend\": \"%s\", "
                                     "\"threads\": %d, \"kv\": \"%s\", \"test\": \"%s\", \"n\": %d, \"depth\": %d, \"tps_mean\": %.3f, "

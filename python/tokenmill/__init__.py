@@ -3,26 +3,49 @@
     import tokenmill
     m = tokenmill.load()                      # the default model (SmolLM2-135M-Instruct)
     print(m.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0))
-"""
+
+Subpackages by role: `engine` (the native core's owning wrappers: models, caches, forward passes),
+`generation` (configuration, Generator, batches), `text` (tokenizers, streaming, chat templates),
+`tools` (CLI, benchmarks, conversion); `tokenmill.api` is the friendly layer re-exported here."""
 
 from . import errors
-from .default_model import pull
+from .api import Model, load
+from .engine.cache import CacheSpec
+from .engine.default_model import pull
+from .engine.model import load_tokenizer
 from .errors import (
+    ConcurrentUseError,
     ContextOverflowError,
     InvalidArgumentError,
     ModelFileError,
     ModelFormatError,
     ModelNotFoundError,
+    NumericalError,
     TokenmillError,
+    UnknownParameterError,
     UnsupportedModelError,
 )
-from .generation import GenerateConfig, GenerationResult, Generator, TokenLogprob, generate
-from .model import Model, load, load_tokenizer
-from .tokenizer import Tokenizer
+from .generation import (
+    CacheConfig,
+    ContextConfig,
+    GenerateConfig,
+    GenerationResult,
+    Generator,
+    PrefillConfig,
+    SamplingConfig,
+    StoppingConfig,
+    TokenLogprob,
+    generate,
+)
+from .text.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheConfig",
+    "CacheSpec",
+    "ConcurrentUseError",
+    "ContextConfig",
     "ContextOverflowError",
     "GenerateConfig",
     "GenerationResult",
@@ -32,10 +55,15 @@ __all__ = [
     "ModelFileError",
     "ModelFormatError",
     "ModelNotFoundError",
+    "NumericalError",
+    "PrefillConfig",
+    "SamplingConfig",
+    "StoppingConfig",
     "Tokenizer",
-    "TokenmillError",
-    "UnsupportedModelError",
     "TokenLogprob",
+    "TokenmillError",
+    "UnknownParameterError",
+    "UnsupportedModelError",
     "errors",
     "generate",
     "load",

@@ -27,3 +27,15 @@ class ModelFileError(TokenmillError, OSError):
 
 class ModelNotFoundError(TokenmillError, FileNotFoundError):
     """The requested (or default) model is not available locally and cannot be fetched."""
+
+
+class NumericalError(TokenmillError, ValueError):
+    """NaN or infinite values where numbers are needed (model outputs, input embeddings)."""
+
+
+class UnknownParameterError(TokenmillError, TypeError):
+    """A keyword that no function or configuration of tokenmill takes (a misspelt parameter)."""
+
+
+class ConcurrentUseError(TokenmillError, RuntimeError):
+    """An object that serves one caller at a time (a Generator, a KV cache) was used by two at once."""

@@ -1,0 +1,214 @@
+// The backend interface: where weights, activations and caches live, and the ops the model runs on
+// them. The model code only calls these, so a CUDA or HIP backend is one more implementation of this
+// class. Weight data, activation pointers (float*) and KV stores are backend memory; token ids and
+// positions are host memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace tmill {
+
+// A weight matrix [rows, cols] (y = W x), rows stored contiguously in its own type.
+struct Weight {
+    DType type = DType::f32;
+    int64_t rows = 0;
+    int64_t cols = 0;
+    const uint8_t* data = nullptr;
+    size_t row_stride = 0;           // bytes between rows
+    const float* bias = nullptr;     // [rows] or null
+    const uint8_t* packed = nullptr; // the same values in a layout of the backend's own, or null
+
+    explicit operator bool() const { return data != nullptr; }
+};
+
+// What a weight is for: multiplied (matmul) or only looked up by rows (an embedding table).
+enum class WeightUse { matmul, rows };
+
+enum class RopeStyle {
+    none,
+    adjacent,   // rotate pairs (2i, 2i+1): GGUF "llama" layout (Q/K rows permuted by the converter)
+    halves,     // rotate pairs (i, i + d/2): HF layout, GGUF qwen2 ("neox")
+};
+
+// One layer's K or V store: rows of head_dim values in `type`, [n_kv_heads, capacity] rows.
+struct KVStore {
+    DType type = DType::f32;     // f32, f16, bf16, q8_0, q4_0 or nf4
+    uint8_t* data = nullptr;
+    size_t row_bytes = 0;
+    int64_t capacity = 0;        // rows per KV head
+
+    const uint8_t* row(int64_t kv_head, int64_t slot) const {
+        return data + (static_cast<size_t>(kv_head) * static_cast<size_t>(capacity) + static_cast<size_t>(slot)) * row_bytes;
+    }
+    uint8_t* row(int64_t kv_head, int64_t slot) {
+        return data + (static_cast<size_t>(kv_head) * static_cast<size_t>(capacity) + static_cast<size_t>(slot)) * row_bytes;
+    }
+};
+
+// One layer of one sequence's cache as the attention kernels see it. Every position is stored in
+// the main stores; with a ring, the newest positions also have an fp16 copy at slot p % ring
+// capacity, and the newest `residual` of them are read from there.
+struct KVLayerView {
+    KVStore k, v;                  // main stores (capacity = the context)
+    KVStore k_ring, v_ring;        // f16 copies; data null if no ring
+    int64_t residual = 0;          // newest positions read from the ring
+    int64_t ring_valid_from = 0;   // positions from here on have an intact ring slot (before this call)
+
+    bool has_ring() const { return k_ring.data != nullptr; }
+    // first position read from the ring once the cache holds n_end positions
+    int64_t ring_from_after(int64_t n_end) const {
+        if (!has_ring()) return n_end;
+        return n_end - residual > ring_valid_from ? n_end - residual : ring_valid_from;
+    }
+};
+
+// One sequence's slice of a batched forward: its rows in the activations and its cache layer.
+struct AttentionSegment {
+    int64_t row0;        // first activation row of this sequence
+    int64_t n_rows;      // new tokens of this sequence
+    int64_t n_past;      // tokens already in its cache (the new ones go at n_past..)
+    int64_t window;      // attend to at most this many latest positions; <= 0: unlimited
+    KVLayerView kv;
+};
+
+struct AttentionShape {
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;
+    float scale;
+};
+
+// One product of a group that shares its input: out[T, w.rows] = x @ w^T + bias.
+struct MatmulItem {
+    float* out;
+    const Weight* w;
+};
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual std::string name() const = 0;
+    virtual int n_threads() const = 0;
+
+    // --- memory: activations and KV stores live in backend memory (host memory for the CPU, device
+    // memory for a GPU); the model reads and writes it only through upload / download and the ops.
+    virtual float* alloc(size_t n_floats) = 0;
+    virtual void free(float* p) = 0;
+    virtual void upload(float* dst, const float* host, size_t n) = 0;
+    virtual void download(float* host, const float* src, size_t n) = 0;
+    // untyped memory (KV cache stores), and copies within it (a growing cache moves its rows)
+    virtual uint8_t* alloc_bytes(size_t n) = 0;
+    virtual void free_bytes(uint8_t* p) = 0;
+    virtual void copy_bytes(uint8_t* dst, const uint8_t* src, size_t n) = 0;
+
+    // --- weights: every tensor the model computes with goes through these once, at load. `data`
+    // is host memory (a memory map or a converted copy) that outlives the backend; what comes back
+    // is backend memory the backend owns until it is destroyed (the CPU uses the map in place and
+    // may add a copy in a layout its kernels read faster, w.packed).
+    // A matrix [rows, cols] of `type`, rows contiguous, with an optional f32 bias [rows] (host),
+    // used as `use` says.
+    virtual Weight upload_weight(DType type, int64_t rows, int64_t cols, const uint8_t* data, const float* bias,
+                                 WeightUse use) = 0;
+    // An f32 vector [n] (norm weights and biases).
+    virtual const float* upload_vector(const float* host, size_t n) = 0;
+
+    // --- a forward pass's ops run between begin_pass and end_pass (the CPU holds its kernel level
+    // fixed there; a device backend would synchronise its stream at the end)
+    virtual void begin_pass() {}
+    virtual void end_pass() {}
+
+    // --- ops (shapes in comments; T = rows of the batch)
+    // out[T, cols] = table[ids[t], :]  (ids host)
+    virtual void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) = 0;
+    // out[T, rows] = x[T, cols] @ W^T + bias
+    virtual void matmul(float* out, const float* x, const Weight& w, int64_t T) = 0;
+    // the same for several weights with the same input (Q/K/V, gate/up), as one unit of work
+    virtual void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) = 0;
+    // out[T, n] = x / rms(x) * weight
+    virtual void rms_norm(float* out, const float* x, const float* weight, int64_t T, int64_t n, float eps) = 0;
+    // out[T, n] = (x - mean) / std * weight + bias
+    virtual void layer_norm(float* out, const float* x, const float* weight, const float* bias, int64_t T,
+                            int64_t n, float eps) = 0;
+    // rotates x[T, n_heads * head_dim] in place at positions pos[T] (host)
+    virtual void rope(float* x, int64_t T, int n_heads, int head_dim, const int32_t* pos, float theta,
+                      RopeStyle style) = 0;
+    // x[n] += y[n]
+    virtual void add(float* x, const float* y, int64_t n) = 0;
+    // gate[n] = silu(gate) * up
+    virtual void swiglu(float* gate, const float* up, int64_t n) = 0;
+    // x[n] = gelu(x), tanh approximation (GPT-2)
+    virtual void gelu(float* x, int64_t n) = 0;
+    // writes k, v [T, n_kv_heads * head_dim] of every segment into its cache at n_past.. (quantized
+    // to the stores' types, and in fp16 into the ring where there is one)
+    virtual void kv_store(const float* k, const float* v, const AttentionSegment* segs, int n_segs,
+                          const AttentionShape& shape) = 0;
+    // out[T, n_heads * head_dim] = causal softmax(q k^T * scale) v over each segment's cache, read
+    // in its stored types (after kv_store of the same call)
+    virtual void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
+                           const AttentionShape& shape) = 0;
+};
+
+// Backend memory of n floats, freed with the owner (workspace buffers).
+class BackendBuffer {
+public:
+    BackendBuffer() = default;
+    BackendBuffer(Backend& be, size_t n) : be_(&be), p_(be.alloc(n)) {}
+    ~BackendBuffer() { reset(); }
+    BackendBuffer(BackendBuffer&& o) noexcept : be_(o.be_), p_(o.p_) { o.p_ = nullptr; }
+    BackendBuffer& operator=(BackendBuffer&& o) noexcept {
+        if (this != &o) {
+            reset();
+            be_ = o.be_;
+            p_ = o.p_;
+            o.p_ = nullptr;
+        }
+        return *this;
+    }
+    BackendBuffer(const BackendBuffer&) = delete;
+    BackendBuffer& operator=(const BackendBuffer&) = delete;
+    float* get() const { return p_; }
+
+private:
+    void reset() {
+        if (p_) be_->free(p_);
+        p_ = nullptr;
+    }
+    Backend* be_ = nullptr;
+    float* p_ = nullptr;
+};
+
+// A forward pass's ops between begin_pass and end_pass, ended on every exit path.
+class PassScope {
+public:
+    explicit PassScope(Backend& be) : be_(be) { be_.begin_pass(); }
+    ~PassScope() { be_.end_pass(); }
+    PassScope(const PassScope&) = delete;
+    PassScope& operator=(const PassScope&) = delete;
+
+private:
+    Backend& be_;
+};
+
+struct BackendOptions {
+    std::string device = "cpu";   // "cpu"; "cuda" / "hip" where built with them
+    int n_threads = 0;            // CPU threads; 0 = physical cores
+    // forward passes of 8+ tokens multiply 4-bit weights by activations rounded to int8 per
+    // 32-block (llama.cpp's scheme; about twice the float tile's speed, logits move by a few percent
+    // of their range), where the CPU has the kernel for it (AVX-512 VNNI); one-token decode stays exact
+    bool int8_prefill = false;
+};
+
+// The backend for a device: an unknown device is Error(invalid_arg), a known one this build lacks
+// Error(unsupported); more threads than the CPUs this process may use is Error(invalid_arg).
+std::unique_ptr<Backend> make_backend(const BackendOptions& options);
+// Device names this build has.
+std::vector<std::string> built_devices();
+std::unique_ptr<Backend> make_cpu_backend(int n_threads, bool int8_prefill = false);
+
+}  // namespace tmill

@@ -1,0 +1,582 @@
+// The CPU backend: activations in host memory, ops split over a persistent thread pool.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "core/quants.h"
+#include "core/threadpool.h"
+#include "backend/cpu/kernels.h"
+
+namespace tmill {
+
+namespace {
+
+// Below this many tokens, block-quantized weights use the integer kernels; from it on, the float
+// tile on dequantized rows is faster (each row's widening is amortised over more tokens) -- or, with
+// int8 prefill, the sixteen-row int8 kernel on 4-bit weights.
+constexpr int64_t kPreparedMaxTokens = 8;
+// Prefill reads weights in column chunks of at most this many values: a tile's dequantized rows
+// (8 x 960 floats, 30 KiB) stay in L1 and the chunk of x (128 tokens: 480 KiB of floats, 120 KiB as
+// int8) in L2. Chunks are the outer loop, so every row tile of a chunk finds that part of x already
+// there. (Not 1024: 4 KiB row strides ran ~5 % slower; 1,024 columns go as 2 x 512, 2,048 as 3 x 704.)
+constexpr int64_t kPrefillColumnChunk = 960;
+// Element-wise ops split across threads only from this many elements on, in chunks of kElementChunk
+// (a multiple of every vector width).
+constexpr int64_t kMinParallelElements = 1 << 15;
+constexpr int64_t kElementChunk = 1 << 12;
+// RoPE handles head dimensions up to twice this (the model loader accepts up to 1024)
+constexpr int kMaxRopeHalf = 512;
+// Attention reads K and V in tiles of this many positions (converted into a per-thread buffer) ...
+constexpr int64_t kAttentionTile = 64;
+// ... and splits the positions of a query into parts of at least this many when it splits them.
+constexpr int64_t kMinAttentionPart = 128;
+
+class CpuBackend final : public Backend {
+public:
+    CpuBackend(int n_threads, bool int8_prefill)
+        : pool_(n_threads), scratch_(static_cast<size_t>(pool_.size())), int8_prefill_(int8_prefill) {}
+
+    std::string name() const override { return "cpu-" + std::string(cpu::kernels().name); }
+    int n_threads() const override { return pool_.size(); }
+
+    // uninitialised: a KV cache sized for the whole context only costs the pages it touches
+    float* alloc(size_t n_floats) override { return new float[n_floats]; }
+    void free(float* p) override { delete[] p; }
+    void upload(float* dst, const float* host, size_t n) override { std::memcpy(dst, host, n * sizeof(float)); }
+    void download(float* host, const float* src, size_t n) override { std::memcpy(host, src, n * sizeof(float)); }
+    uint8_t* alloc_bytes(size_t n) override { return new uint8_t[n]; }
+    void free_bytes(uint8_t* p) override { delete[] p; }
+    void copy_bytes(uint8_t* dst, const uint8_t* src, size_t n) override { std::memcpy(dst, src, n); }
+
+    // The map is used in place; only biases are copied (and 4-bit matrices packed, below).
+    Weight upload_weight(DType type, int64_t rows, int64_t cols, const uint8_t* data, const float* bias,
+                         WeightUse use) override {
+        Weight w;
+        w.type = type;
+        w.rows = rows;
+        w.cols = cols;
+        w.data = data;
+        w.row_stride = row_bytes(type, cols);
+        w.bias = bias ? upload_vector(bias, static_cast<size_t>(rows)) : nullptr;
+        if (use == WeightUse::matmul) pack(w);
+        return w;
+    }
+
+    const float* upload_vector(const float* host, size_t n) override {
+        vectors_.push_back(std::make_unique<float[]>(n));
+        std::memcpy(vectors_.back().get(), host, n * sizeof(float));
+        return vectors_.back().get();
+    }
+
+    void begin_pass() override { level_.emplace(); }
+    void end_pass() override { level_.reset(); }
+
+    void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) override {
+        const cpu::Kernels& kern = cpu::kernels();
+        for (int64_t t = 0; t < T; ++t)
+            kern.dequantize_row(table.type, table.data + static_cast<size_t>(ids[t]) * table.row_stride,
+                           out + t * table.cols, table.cols);
+    }
+
+    void matmul(float* out, const float* x, const Weight& w, int64_t T) override {
+        MatmulItem item{out, &w};
+        matmul_group(&item, 1, x, T);
+    }
+
+    // q4_0 / q4_1 matrices get the eight-row layout where the level has a kernel for it; decode then
+    // reads only that copy, prefill dequantizes (or, with int8 prefill, repacks) rows from it, so the
+    // mapped original goes cold.
+    void pack(Weight& w) {
+        const cpu::Kernels& kern = cpu::kernels();
+        if (!kern.dot_packed8 || !cpu::packable8(w.type) || w.rows % 8 != 0 || w.cols % 32 != 0) return;
+        const size_t group_bytes = static_cast<size_t>(w.cols / 32) * cpu::packed8_column_bytes(w.type);
+        auto copy = std::make_unique<uint8_t[]>(group_bytes * static_cast<size_t>(w.rows / 8));
+        uint8_t* dst = copy.get();
+        pool_.parallel_for(w.rows / 8, [&](int64_t g0, int64_t g1, int) {
+            for (int64_t g = g0; g < g1; ++g)
+                cpu::pack_rows8(w.type, w.data + static_cast<size_t>(8 * g) * w.row_stride, w.row_stride, w.cols,
+                                dst + static_cast<size_t>(g) * group_bytes);
+        });
+        w.packed = dst;
+        packed_.push_back(std::move(copy));
+    }
+
+    // Several products of the same input share parallel regions (and, for the integer kernels, one
+    // preparation of x). Work is cut into units of rows across all the weights: 16 for the int8
+    // prefill kernel, 8 for packed decode, the level's tile height for the float tile, else 4.
+    void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) override {
+        const int64_t cols = items[0].w->cols;
+        const cpu::Kernels& kern = cpu::kernels();
+        const bool small_batch = T < kPreparedMaxTokens;
+        bool any_prepared = false, any_packed = false, any_tile16 = false, any_tile = false;
+        std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
+        for (int i = 0; i < n_items; ++i) {
+            const Weight& w = *items[i].w;
+            const bool packed = uses_packed(kern, w, T), tile16 = uses_tile16(kern, w, T), tile = uses_tile(kern, w, T);
+            any_packed |= packed;
+            any_tile16 |= tile16;
+            any_tile |= tile;
+            any_prepared |= !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
+            const int64_t unit_rows = tile16 ? 16 : packed ? 8 : tile ? kern.tile_rows : 4;
+            first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
+        }
+        const int64_t nb = cols / 32;
+        if (any_prepared) {
+            xq_.resize(static_cast<size_t>(2 * T * cols));
+            xd_.resize(static_cast<size_t>(T * nb));
+            xsum_.resize(static_cast<size_t>(T * nb));
+            for (int64_t t = 0; t < T; ++t)
+                kern.prepare_x(x + t * cols, cols, xq_.data() + 2 * t * cols, xd_.data() + t * nb, xsum_.data() + t * nb);
+        }
+        if (any_packed || any_tile16) {
+            xq8_.resize(static_cast<size_t>(4 * T * cols));
+            xd8_.resize(static_cast<size_t>(T * nb));
+            xsum8_.resize(static_cast<size_t>(T * nb));
+            if (any_tile16) {
+                xa_.resize(static_cast<size_t>(T * cols));
+                xsum_rounded_.resize(static_cast<size_t>(T * nb));
+            }
+            pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
+                for (int64_t t = t0; t < t1; ++t) {
+                    int8_t* q = xq8_.data() + 4 * t * cols;
+                    kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb);
+                    if (any_tile16)
+                        cpu::first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb);
+                }
+            });
+        }
+        // column chunks [k0, k0 + chunk) for the tile paths; the other paths run in the first pass
+        const int64_t n_chunks = any_tile ? (cols + kPrefillColumnChunk - 1) / kPrefillColumnChunk : 1;
+        const int64_t chunk = (cols / n_chunks + 31) / 32 * 32;   // block-aligned
+        for (int64_t k0 = 0; k0 < cols; k0 += chunk)
+            pool_.parallel_for(first_unit[n_items], [&](int64_t u0, int64_t u1, int thread) {
+                matmul_units(items, first_unit, x, T, u0, u1, thread, k0, std::min(chunk, cols - k0));
+            });
+    }
+
+    // Units [u0, u1) of a matmul_group; tile-path units cover columns [k0, k0 + kn) and add to out
+    // after the first chunk, the others run whole when k0 = 0.
+    void matmul_units(const MatmulItem* items, const std::vector<int64_t>& first_unit, const float* x, int64_t T,
+                      int64_t u0, int64_t u1, int thread, int64_t k0, int64_t kn) {
+        const int64_t cols = items[0].w->cols, nb = cols / 32;
+        const cpu::Kernels& kern = cpu::kernels();
+        for (int64_t u = u0; u < u1; ++u) {
+            int i = static_cast<int>(std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin()) - 1;
+            const Weight& w = *items[i].w;
+            float* out = items[i].out;
+            auto bias = [&](int64_t r) { return w.bias ? w.bias[r] : 0.0f; };
+            if (!uses_tile(kern, w, T) && k0 > 0) continue;
+            if (uses_packed(kern, w, T)) {
+                // one group of eight rows against each token
+                const int64_t r0 = 8 * (u - first_unit[i]);
+                const uint8_t* group = packed_group(w, r0);
+                for (int64_t t = 0; t < T; ++t) {
+                    float o[8];
+                    kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
+                                     xsum8_.data() + t * nb, cols, o);
+                    for (int k = 0; k < 8; ++k) out[t * w.rows + r0 + k] = o[k] + bias(r0 + k);
+                }
+                continue;
+            }
+            const int64_t rows = w.rows;
+            auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
+            if (!uses_tile(kern, w, T)) {
+                const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
+                if (T == 1 && !cpu::uses_prepared_x(kern, w.type)) {
+                    for (int64_t r = r0; r < r1; ++r)   // decode: straight from the stored type
+                        out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
+                    continue;
+                }
+                // integer dots; each row stays in L1 while the tokens pass, four per widening
+                for (int64_t r = r0; r < r1; ++r) {
+                    int64_t t = 0;
+                    for (; t + 4 <= T; t += 4) {
+                        float o[4];
+                        kern.dot_row_prepared_x4(w.type, row_ptr(r), xq_.data() + 2 * t * cols, xd_.data() + t * nb,
+                                                 xsum_.data() + t * nb, cols, o);
+                        for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + bias(r);
+                    }
+                    for (; t < T; ++t)
+                        out[t * rows + r] = kern.dot_row_prepared(w.type, row_ptr(r), xq_.data() + 2 * t * cols,
+                                                                  xd_.data() + t * nb, xsum_.data() + t * nb, cols) +
+                                            bias(r);
+                }
+                continue;
+            }
+            if (uses_tile16(kern, w, T)) {
+                tile16_unit(w, out, T, u - first_unit[i], thread, k0, kn);
+                continue;
+            }
+            // prefill: dequantize a tile's rows (columns k0..k0 + kn), then run the tokens past them a tile
+            // at a time
+            const int64_t tr = kern.tile_rows, r0 = tr * (u - first_unit[i]), nr = std::min(tr, rows - r0);
+            float* buf = scratch(thread, (tr + 1) * kn);   // the rows, then room for one packed row's bytes
+            if (w.packed && kern.dequantize_packed8 && tr == 8) {   // r0 is a group's first row
+                kern.dequantize_packed8(w.type, packed_group(w, r0, k0), kn, buf, kn);
+            } else {
+                for (int64_t k = 0; k < tr; ++k) {
+                    float* dst = buf + k * kn;
+                    const int64_t r = r0 + k;
+                    if (k >= nr) {
+                        std::fill(dst, dst + kn, 0.0f);   // padding rows
+                    } else if (w.packed) {   // a level without the packed kernels, after the load
+                        uint8_t* row = reinterpret_cast<uint8_t*>(buf + tr * kn);
+                        cpu::unpack_row8(w.type, packed_group(w, r, k0), kn, static_cast<int>(r % 8), row);
+                        kern.dequantize_row(w.type, row, dst, kn);
+                    } else {
+                        kern.dequantize_row(w.type, row_ptr(r) + row_bytes(w.type, k0), dst, kn);
+                    }
+                }
+            }
+            const int64_t width = kern.tile_tokens;
+            const float* xs[cpu::kMaxTileTokens];
+            float o[cpu::kMaxTileRows * cpu::kMaxTileTokens];
+            for (int64_t t = 0; t < T; t += width) {
+                for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
+                    xs[k] = x + std::min(t + k, T - 1) * cols + k0;
+                kern.dot_f32_tile(buf, kn, xs, kn, o);
+                for (int64_t k = 0; k < width && t + k < T; ++k)
+                    store_chunk(out + (t + k) * rows + r0, o + tr * k, nr, w, r0, k0);
+            }
+        }
+    }
+
+    // Opt-in int8 prefill, unit u of a packed 4-bit weight: sixteen rows, columns k0..k0 + kn,
+    // repacked (per call: a kept copy would take twice the 4-bit weights' memory) and run against the
+    // tokens eight at a time (x rounded to int8 in xa_, xd8_, xsum_rounded_).
+    void tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn) {
+        const cpu::Kernels& kern = cpu::kernels();
+        const int64_t cols = w.cols, nb = cols / 32, r0 = 16 * u, nr = std::min<int64_t>(16, w.rows - r0);
+        uint8_t* rows = reinterpret_cast<uint8_t*>(
+            scratch(thread, static_cast<int64_t>((kn / 32) * cpu::tile16_column_bytes(w.type) / sizeof(float))));
+        kern.repack16(w.type, packed_group(w, r0, k0), nr > 8 ? packed_group(w, r0 + 8, k0) : nullptr, kn, rows);
+        constexpr int NT = cpu::kTile16Tokens;
+        const int8_t* q[NT];
+        const float *d[NT], *sum[NT];
+        float o[16 * NT];
+        for (int64_t t = 0; t < T; t += NT) {
+            for (int k = 0; k < NT; ++k) {   // a short last tile repeats the last token
+                const int64_t tk = std::min<int64_t>(t + k, T - 1);
+                q[k] = xa_.data() + tk * cols + k0;
+                d[k] = xd8_.data() + tk * nb + k0 / 32;
+                sum[k] = xsum_rounded_.data() + tk * nb + k0 / 32;
+            }
+            kern.dot_tile16(w.type, rows, kn, q, d, sum, o);
+            for (int64_t k = 0; k < NT && t + k < T; ++k) store_chunk(out + (t + k) * w.rows + r0, o + 16 * k, nr, w, r0, k0);
+        }
+    }
+
+    void rms_norm(float* out, const float* x, const float* weight, int64_t T, int64_t n, float eps) override {
+        for_rows(T, n, [&](int64_t t) {
+            const float* xt = x + t * n;
+            float* ot = out + t * n;
+            double ss = 0.0;
+            for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xt[i]) * xt[i];
+            float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
+            for (int64_t i = 0; i < n; ++i) ot[i] = xt[i] * inv * weight[i];
+        });
+    }
+
+    void layer_norm(float* out, const float* x, const float* weight, const float* bias, int64_t T, int64_t n,
+                    float eps) override {
+        for_rows(T, n, [&](int64_t t) {
+            const float* xt = x + t * n;
+            float* ot = out + t * n;
+            double mean = 0.0, var = 0.0;
+            for (int64_t i = 0; i < n; ++i) mean += xt[i];
+            mean /= static_cast<double>(n);
+            for (int64_t i = 0; i < n; ++i) var += (xt[i] - mean) * (xt[i] - mean);
+            var /= static_cast<double>(n);
+            float inv = static_cast<float>(1.0 / std::sqrt(var + eps));
+            for (int64_t i = 0; i < n; ++i)
+                ot[i] = static_cast<float>(xt[i] - mean) * inv * weight[i] + (bias ? bias[i] : 0.0f);
+        });
+    }
+
+    void rope(float* x, int64_t T, int n_heads, int head_dim, const int32_t* pos, float theta,
+              RopeStyle style) override {
+        if (style == RopeStyle::none) return;
+        const int half = head_dim / 2;
+        for_rows(T, int64_t{n_heads} * head_dim, [&](int64_t t) {
+            float cs[2 * kMaxRopeHalf];   // cos, sin of each pair's angle
+            // angle_i = pos * theta^(-2i/d), computed in float like the reference implementations
+            for (int i = 0; i < half; ++i) {
+                float inv_freq = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+                float angle = static_cast<float>(pos[t]) * inv_freq;
+                cs[2 * i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+                cs[2 * i + 1] = static_cast<float>(std::sin(static_cast<double>(angle)));
+            }
+            for (int h = 0; h < n_heads; ++h) {
+                float* v = x + (t * n_heads + h) * head_dim;
+                for (int i = 0; i < half; ++i) {
+                    int a = style == RopeStyle::adjacent ? 2 * i : i;
+                    int b = style == RopeStyle::adjacent ? 2 * i + 1 : i + half;
+                    float c = cs[2 * i], s = cs[2 * i + 1];
+                    float va = v[a], vb = v[b];
+                    v[a] = va * c - vb * s;
+                    v[b] = va * s + vb * c;
+                }
+            }
+        });
+    }
+
+    void add(float* x, const float* y, int64_t n) override {
+        for_elements(n, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) x[i] += y[i];
+        });
+    }
+
+    void swiglu(float* gate, const float* up, int64_t n) override {
+        const cpu::Kernels& kern = cpu::kernels();
+        for_elements(n, [&](int64_t i0, int64_t i1) { kern.swiglu(gate + i0, up + i0, i1 - i0); });
+    }
+
+    void gelu(float* x, int64_t n) override {
+        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+        for_elements(n, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+                float v = x[i];
+                x[i] = 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
+            }
+        });
+    }
+
+    void kv_store(const float* k, const float* v, const AttentionSegment* segs, int n_segs,
+                  const AttentionShape& shape) override {
+        const int64_t hd = shape.head_dim, kv_width = shape.n_kv_heads * hd;
+        std::vector<int64_t> first_row(static_cast<size_t>(n_segs) + 1, 0);
+        for (int s = 0; s < n_segs; ++s) first_row[s + 1] = first_row[s] + segs[s].n_rows;
+        pool_.parallel_for(first_row[n_segs], [&](int64_t r0, int64_t r1, int) {
+            for (int64_t row = r0; row < r1; ++row) {
+                int s = static_cast<int>(std::upper_bound(first_row.begin(), first_row.end(), row) - first_row.begin()) - 1;
+                const AttentionSegment& seg = segs[s];
+                KVLayerView kv = seg.kv;
+                const int64_t p = seg.n_past + (row - first_row[s]);
+                const float* kr = k + (seg.row0 + row - first_row[s]) * kv_width;
+                const float* vr = v + (seg.row0 + row - first_row[s]) * kv_width;
+                // the ring only needs the positions that will still have their slot after this call
+                const bool to_ring = kv.has_ring() && p >= seg.n_past + seg.n_rows - kv.k_ring.capacity;
+                for (int h = 0; h < shape.n_kv_heads; ++h) {
+                    quantize_row(kv.k.type, kr + h * hd, kv.k.row(h, p), hd);
+                    quantize_row(kv.v.type, vr + h * hd, kv.v.row(h, p), hd);
+                    if (to_ring) {
+                        quantize_row(DType::f16, kr + h * hd, kv.k_ring.row(h, p % kv.k_ring.capacity), hd);
+                        quantize_row(DType::f16, vr + h * hd, kv.v_ring.row(h, p % kv.v_ring.capacity), hd);
+                    }
+                }
+            }
+        });
+    }
+
+    // Work unit: one (sequence row, KV head) and a range of cached positions; its query heads (the
+    // GQA group) share every K and V row read. Few such pairs (decode) split the positions into
+    // parts whose partial softmax sums are merged afterwards, so every thread has work.
+    void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
+                   const AttentionShape& shape) override {
+        struct Part { int seg; int64_t t; int kvh; int64_t j0, j1; };   // positions [j0, j1)
+        const int64_t hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
+        int64_t pairs = 0;
+        for (int s = 0; s < n_segs; ++s) pairs += segs[s].n_rows * shape.n_kv_heads;
+        const int64_t parts_wanted = pairs >= 4 * pool_.size() ? 1 : (8 * pool_.size() + pairs - 1) / pairs;
+        std::vector<Part> parts;
+        std::vector<int64_t> first_part;   // per (row, kv head) pair, into parts
+        for (int s = 0; s < n_segs; ++s) {
+            const AttentionSegment& seg = segs[s];
+            for (int64_t t = 0; t < seg.n_rows; ++t) {
+                const int64_t pos = seg.n_past + t;
+                const int64_t start = seg.window > 0 ? std::max<int64_t>(0, pos - seg.window + 1) : 0;
+                const int64_t n = pos + 1 - start;
+                const int64_t len = std::max<int64_t>(kMinAttentionPart, (n + parts_wanted - 1) / parts_wanted);
+                for (int h = 0; h < shape.n_kv_heads; ++h) {
+                    first_part.push_back(static_cast<int64_t>(parts.size()));
+                    for (int64_t j = start; j <= pos; j += len) parts.push_back({s, t, h, j, std::min(j + len, pos + 1)});
+                }
+            }
+        }
+        first_part.push_back(static_cast<int64_t>(parts.size()));
+        const bool split = parts.size() > static_cast<size_t>(pairs);
+        // per part and query head of the group: running max m, sum l, and unnormalised output acc[hd]
+        const int64_t stride = group * (hd + 2);
+        if (split) partials_.resize(parts.size() * static_cast<size_t>(stride));
+        const cpu::Kernels& kern = cpu::kernels();
+
+        pool_.parallel_for(static_cast<int64_t>(parts.size()), [&](int64_t i0, int64_t i1, int thread) {
+            for (int64_t i = i0; i < i1; ++i) {
+                const Part& part = parts[static_cast<size_t>(i)];
+                const AttentionSegment& seg = segs[part.seg];
+                const KVLayerView& kv = seg.kv;
+                const int64_t ring_from = kv.ring_from_after(seg.n_past + seg.n_rows);
+                const int64_t n = part.j1 - part.j0, row = seg.row0 + part.t;
+                // scratch: scaled queries [group, hd] | acc [group, hd] | max, sum [group] | scores [group, n]
+                //          | rows [tile, hd]
+                float* qs = scratch(thread, group * (2 * hd + 2 + n) + kAttentionTile * hd);
+                float* acc = qs + group * hd;
+                float* mx = acc + group * hd;
+                float* sum = mx + group;
+                float* scores = sum + group;
+                float* tile_buf = scores + group * n;
+                for (int64_t g = 0; g < group; ++g) {
+                    const float* qh = q + (row * shape.n_heads + part.kvh * group + g) * hd;
+                    for (int64_t d = 0; d < hd; ++d) qs[g * hd + d] = qh[d] * shape.scale;
+                }
+                // scores[g, j] = (q_g * scale) . k_j
+                for (int64_t j = part.j0; j < part.j1; j += kAttentionTile) {
+                    const int64_t m = std::min(kAttentionTile, part.j1 - j);
+                    const float* rows = load_rows(kern, kv.k, kv.k_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
+                    for (int64_t g = 0; g < group; ++g)
+                        kern.rows_dot_f32(rows, m, hd, qs + g * hd, scores + g * n + (j - part.j0));
+                }
+                // p[g, j] = exp(scores - max): softmax numerators and their sums
+                for (int64_t g = 0; g < group; ++g) {
+                    const float* sg = scores + g * n;
+                    mx[g] = *std::max_element(sg, sg + n);
+                    sum[g] = kern.exp_sum(scores + g * n, n, mx[g]);
+                }
+                // acc[g] = sum_j p[g, j] v_j
+                std::fill(acc, acc + group * hd, 0.0f);
+                for (int64_t j = part.j0; j < part.j1; j += kAttentionTile) {
+                    const int64_t m = std::min(kAttentionTile, part.j1 - j);
+                    const float* rows = load_rows(kern, kv.v, kv.v_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
+                    for (int64_t g = 0; g < group; ++g)
+                        kern.rows_axpy_f32(acc + g * hd, rows, m, hd, scores + g * n + (j - part.j0));
+                }
+                for (int64_t g = 0; g < group; ++g) {
+                    if (split) {
+                        float* dst = partials_.data() + i * stride + g * (hd + 2);
+                        dst[0] = mx[g];
+                        dst[1] = sum[g];
+                        std::copy(acc + g * hd, acc + (g + 1) * hd, dst + 2);
+                    } else {
+                        float* oh = out + (row * shape.n_heads + part.kvh * group + g) * hd;
+                        for (int64_t d = 0; d < hd; ++d) oh[d] = acc[g * hd + d] / sum[g];
+                    }
+                }
+            }
+        });
+        if (!split) return;
+        // out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M), M = max_c m_c
+        pool_.parallel_for(pairs, [&](int64_t p0, int64_t p1, int) {
+            for (int64_t pair = p0; pair < p1; ++pair) {
+                const Part& first = parts[static_cast<size_t>(first_part[pair])];
+                const int64_t row = segs[first.seg].row0 + first.t;
+                for (int64_t g = 0; g < group; ++g) {
+                    float* oh = out + (row * shape.n_heads + first.kvh * group + g) * hd;
+                    float big = -INFINITY, total = 0.0f;
+                    for (int64_t c = first_part[pair]; c < first_part[pair + 1]; ++c)
+                        big = std::max(big, partials_[c * stride + g * (hd + 2)]);
+                    std::fill(oh, oh + hd, 0.0f);
+                    for (int64_t c = first_part[pair]; c < first_part[pair + 1]; ++c) {
+                        const float* src = partials_.data() + c * stride + g * (hd + 2);
+                        const float w = std::exp(src[0] - big);
+                        total += src[1] * w;
+                        for (int64_t d = 0; d < hd; ++d) oh[d] += src[2 + d] * w;
+                    }
+                    for (int64_t d = 0; d < hd; ++d) oh[d] /= total;
+                }
+            }
+        });
+    }
+
+private:
+    // Rows [p0, p1) of one KV head as floats [p1 - p0, hd]: fp32 main rows in place, anything else
+    // converted into buf; positions from ring_from on come from the fp16 ring.
+    static const float* load_rows(const cpu::Kernels& kern, const KVStore& main, const KVStore& ring, int kvh,
+                                  int64_t p0, int64_t p1, int64_t ring_from, int64_t hd, float* buf) {
+        const int64_t main_end = ring.data ? std::min(p1, ring_from) : p1;
+        if (main_end == p1 && main.type == DType::f32) return reinterpret_cast<const float*>(main.row(kvh, p0));
+        if (p0 < main_end) kern.dequantize_row(main.type, main.row(kvh, p0), buf, (main_end - p0) * hd);
+        for (int64_t p = std::max(p0, main_end); p < p1;) {   // ring slots wrap around
+            const int64_t slot = p % ring.capacity, run = std::min(p1 - p, ring.capacity - slot);
+            kern.dequantize_row(DType::f16, ring.row(kvh, slot), buf + (p - p0) * hd, run * hd);
+            p += run;
+        }
+        return buf;
+    }
+
+    // Which kernels a weight's product with T tokens runs on: the eight-row integer kernel (few
+    // tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
+    static bool uses_packed(const cpu::Kernels& kern, const Weight& w, int64_t T) {
+        return T < kPreparedMaxTokens && w.packed && kern.dot_packed8;
+    }
+    static bool uses_tile(const cpu::Kernels& kern, const Weight& w, int64_t T) {
+        return T > 1 && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
+    }
+
+    // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
+    bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
+        return int8_prefill_ && T >= kPreparedMaxTokens && w.packed && kern.dot_tile16;
+    }
+
+    // fn(i0, i1) over [0, n) in chunks of kElementChunk across the threads once there is enough work,
+    // else fn(0, n) in this one
+    template <typename Fn>
+    void for_elements(int64_t n, const Fn& fn) {
+        if (n < kMinParallelElements) return fn(0, n);
+        pool_.parallel_for((n + kElementChunk - 1) / kElementChunk, [&](int64_t c0, int64_t c1, int) {
+            fn(c0 * kElementChunk, std::min(n, c1 * kElementChunk));
+        });
+    }
+
+    // fn(t) for rows t of [T, n]: across the threads once there is enough work, else in this one
+    template <typename Fn>
+    void for_rows(int64_t T, int64_t n, const Fn& fn) {
+        if (T < 2 || T * n < kMinParallelElements) {
+            for (int64_t t = 0; t < T; ++t) fn(t);
+            return;
+        }
+        pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
+            for (int64_t t = t0; t < t1; ++t) fn(t);
+        });
+    }
+
+    // the eight-row group of a packed weight that holds row r, from block column k0 / 32 on
+    static const uint8_t* packed_group(const Weight& w, int64_t r, int64_t k0 = 0) {
+        return w.packed + static_cast<size_t>(r / 8 * (w.cols / 32) + k0 / 32) * cpu::packed8_column_bytes(w.type);
+    }
+
+    // One token's results for rows r0.. of a column chunk: the first chunk writes them (plus the
+    // bias), later ones add.
+    static void store_chunk(float* dst, const float* o, int64_t nr, const Weight& w, int64_t r0, int64_t k0) {
+        if (k0 == 0)
+            for (int64_t r = 0; r < nr; ++r) dst[r] = o[r] + (w.bias ? w.bias[r0 + r] : 0.0f);
+        else
+            for (int64_t r = 0; r < nr; ++r) dst[r] += o[r];
+    }
+
+    float* scratch(int thread, int64_t n) {
+        std::vector<float>& buf = scratch_[static_cast<size_t>(thread)];
+        if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+        return buf.data();
+    }
+
+    ThreadPool pool_;
+    std::vector<std::vector<float>> scratch_;
+    std::vector<int16_t> xq_;   // activations prepared for the integer kernels [T, 2 * cols]
+    std::vector<int8_t> xq8_;   // ... and for the packed 4-bit kernel [T, 4 * cols]
+    std::vector<float> xd8_, xsum8_;
+    std::vector<int8_t> xa_;            // int8 prefill: x rounded to int8 [T, cols] ...
+    std::vector<float> xsum_rounded_;   // ... and its block sums [T, cols / 32]
+    std::vector<std::unique_ptr<uint8_t[]>> packed_;   // eight-row copies of weights (pack)
+    std::vector<std::unique_ptr<float[]>> vectors_;    // uploaded norm weights and biases
+    std::optional<cpu::LevelPin> level_;               // held during a pass
+    std::vector<float> xd_, xsum_;
+    std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
+    bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (LoadOptions::int8_prefill)
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int n_threads, bool int8_prefill) {
+    const int cpus = available_cpus();
+    if (n_threads < 0 || n_threads > cpus)
+        fail(ErrorKind::invalid_arg, "n_threads must be in [1, " + std::to_string(cpus) + "] (the CPUs this process may use), got " +
+                                         std::to_string(n_threads));
+    return std::make_unique<CpuBackend>(n_threads > 0 ? n_threads : default_thread_count(), int8_prefill);
+}
+
+}  // namespace tmill

@@ -1,0 +1,206 @@
+#include "backend/cpu/kernels.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "core/error.h"
+#include "core/quants.h"
+
+namespace tmill::cpu {
+
+namespace {
+
+// ---- scalar reference kernels
+
+float dot_f32_scalar(const float* a, const float* b, int64_t n) {
+    // Eight independent partial sums let the compiler keep a vector register busy per lane.
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+    float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; ++i) sum += a[i] * b[i];
+    return sum;
+}
+
+void rows_dot_f32_scalar(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    for (int64_t j = 0; j < n_rows; ++j) out[j] = dot_f32_scalar(rows + j * d, x, d);
+}
+
+void rows_axpy_f32_scalar(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w) {
+    for (int64_t j = 0; j < n_rows; ++j)
+        for (int64_t i = 0; i < d; ++i) y[i] += w[j] * rows[j * d + i];
+}
+
+float exp_sum_scalar(float* x, int64_t n, float shift) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+        x[i] = std::exp(x[i] - shift);
+        sum += x[i];
+    }
+    return sum;
+}
+
+void swiglu_scalar(float* gate, const float* up, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+void dot_f32_tile_scalar(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out) {
+    for (int t = 0; t < 2; ++t)
+        for (int r = 0; r < 4; ++r) out[t * 4 + r] = dot_f32_scalar(w + r * w_stride, xs[t], n);
+}
+
+float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
+    if (t == DType::f32) return dot_f32_scalar(static_cast<const float*>(row), x, n);
+    // dequantize a block at a time, then dot: exact weights, float accumulation
+    float buf[256];
+    const int64_t chunk = 256;   // a multiple of every block size we run
+    size_t bytes_per_chunk = row_bytes(t, chunk);
+    const uint8_t* p = static_cast<const uint8_t*>(row);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i += chunk) {
+        int64_t m = n - i < chunk ? n - i : chunk;
+        dequantize_row(t, p, buf, m);
+        sum += dot_f32_scalar(buf, x + i, m);
+        p += bytes_per_chunk;
+    }
+    return sum;
+}
+
+const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
+                      exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dequantize_row, nullptr,
+                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+
+bool cpu_has(Level level) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    switch (level) {
+        case Level::scalar: return true;
+        case Level::avx2:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        case Level::avx512:   // CPUs with AVX-512 but no VNNI (Skylake-X) run the AVX2 kernels
+            return cpu_has(Level::avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("avx512vnni");
+    }
+    return false;
+#else
+    return level == Level::scalar;
+#endif
+}
+
+const Kernels* table(Level level) {
+    switch (level) {
+        case Level::scalar: return &kScalar;
+        case Level::avx2: return &kernels_avx2();
+        case Level::avx512: return &kernels_avx512();
+    }
+    return nullptr;
+}
+
+Level parse_level(const std::string& name) {
+    if (name == "scalar") return Level::scalar;
+    if (name == "avx2") return Level::avx2;
+    if (name == "avx512") return Level::avx512;
+    fail(ErrorKind::invalid_arg, "unknown CPU level '" + name + "' (scalar, avx2, avx512)");
+}
+
+const Kernels* choose() {
+    if (const char* env = std::getenv("TOKENMILL_CPU"); env && *env) {
+        Level wanted = parse_level(env);
+        if (!cpu_has(wanted))
+            fail(ErrorKind::invalid_arg, std::string("TOKENMILL_CPU=") + env + " but this CPU (or build) lacks it");
+        return table(wanted);
+    }
+    return table(supported_levels().back());
+}
+
+std::atomic<const Kernels*> g_active{nullptr};
+std::shared_mutex g_level_mutex;   // shared by running passes, exclusive for set_level
+
+}  // namespace
+
+const Kernels& kernels_scalar() { return kScalar; }
+
+// ---- the eight-row layout (a data format, the same at every level)
+
+bool packable8(DType t) { return t == DType::q4_0 || t == DType::q4_1; }
+
+namespace {
+// where a block keeps its scale, minimum (q4_1) and quants
+struct BlockFields { size_t d, m, qs; };
+BlockFields fields(DType t) { return t == DType::q4_1 ? BlockFields{0, 2, 4} : BlockFields{0, 0, 2}; }
+}  // namespace
+
+void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group) {
+    const BlockFields f = fields(t);
+    const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), quants = packed8_quants_offset(t);
+    for (int64_t i = 0; i < n / 32; ++i) {
+        uint8_t* out = group + i * col;
+        for (int j = 0; j < 8; ++j) {
+            const uint8_t* b = rows + j * row_stride + i * block;
+            std::memcpy(out + 2 * j, b + f.d, 2);
+            if (t == DType::q4_1) std::memcpy(out + 16 + 2 * j, b + f.m, 2);
+            std::memcpy(out + quants + 16 * j, b + f.qs, 16);
+        }
+    }
+}
+
+void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row) {
+    const BlockFields f = fields(t);
+    const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), quants = packed8_quants_offset(t);
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* in = group + i * col;
+        uint8_t* b = row + i * block;
+        std::memcpy(b + f.d, in + 2 * j, 2);
+        if (t == DType::q4_1) std::memcpy(b + f.m, in + 16 + 2 * j, 2);
+        std::memcpy(b + f.qs, in + quants + 16 * j, 16);
+    }
+}
+
+void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* sums) {
+    for (int64_t b = 0; b < n / 32; ++b) {
+        int32_t s = 0;
+        for (int j = 0; j < 32; ++j) s += a[32 * b + j] = q[128 * b + j];
+        sums[b] = d[b] * static_cast<float>(s);
+    }
+}
+
+const Kernels& kernels() {
+    const Kernels* k = g_active.load(std::memory_order_acquire);
+    if (!k) {
+        k = choose();
+        g_active.store(k, std::memory_order_release);
+    }
+    return *k;
+}
+
+std::vector<Level> supported_levels() {
+    std::vector<Level> out;
+    for (Level l : {Level::scalar, Level::avx2, Level::avx512})
+        if (cpu_has(l)) out.push_back(l);
+    return out;
+}
+
+void set_level(const std::string& name) {
+    Level l = parse_level(name);
+    if (!cpu_has(l)) fail(ErrorKind::invalid_arg, "CPU level '" + name + "' is not available on this CPU");
+    std::unique_lock<std::shared_mutex> lock(g_level_mutex);   // waits for running passes to end
+    g_active.store(table(l), std::memory_order_release);
+}
+
+LevelPin::LevelPin() : lock_(g_level_mutex) {}
+
+std::string level_name(Level level) {
+    switch (level) {
+        case Level::scalar: return "scalar";
+        case Level::avx2: return "avx2";
+        case Level::avx512: return "avx512";
+    }
+    return "?";
+}
+
+}  // namespace tmill::cpu

@@ -1,0 +1,127 @@
+// CPU kernels behind one table per instruction-set level. The level is picked once from cpuid (or
+// forced with TOKENMILL_CPU=scalar|avx2|avx512), so one build runs on any x86-64 and uses the best
+// the CPU has. The scalar table is the reference every other level is tested against.
+#pragma once
+
+#include <cstdint>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace tmill::cpu {
+
+enum class Level { scalar = 0, avx2 = 1, avx512 = 2 };
+
+// the largest prefill tile any level uses
+constexpr int kMaxTileRows = 8;
+constexpr int kMaxTileTokens = 8;
+
+struct Kernels {
+    Level level;
+    const char* name;
+    // sum_i a[i] * b[i]
+    float (*dot_f32)(const float* a, const float* b, int64_t n);
+    // Attention: out[j] = rows[j, :] . x for rows [n_rows, d] (scores of one query) ...
+    void (*rows_dot_f32)(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out);
+    // ... y[d] += sum_j w[j] * rows[j, :] (the weighted sum of values) ...
+    void (*rows_axpy_f32)(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w);
+    // ... and x[i] = exp(x[i] - shift), returning sum_i x[i] (softmax numerators)
+    float (*exp_sum)(float* x, int64_t n, float shift);
+    // gate[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i]
+    void (*swiglu)(float* gate, const float* up, int64_t n);
+    // The prefill tile: tile_rows float rows (w + r * w_stride) against tile_tokens vectors xs[t],
+    // out[t * tile_rows + r] = w_r . xs[t]. Each loaded element of w or x feeds several FMAs; the level
+    // picks the shape its register file holds.
+    int tile_rows, tile_tokens;
+    void (*dot_f32_tile)(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out);
+    // sum_i row[i] * x[i] for a weight row of type t (n a multiple of the block size)
+    float (*dot_row)(DType t, const void* row, const float* x, int64_t n);
+    // out[i] = row[i] as float
+    void (*dequantize_row)(DType t, const void* row, float* out, int64_t n);
+    // Integer path for block-quantized rows: x is prepared once per vector as two int16 parts per
+    // element with a float scale per 32-block (x = d * (hi + lo / 2^15), error below 2^-31 of the
+    // block maximum, so results match the float path to float rounding) plus the block sums of x.
+    // q holds 2n values; null where a level has no such path.
+    void (*prepare_x)(const float* x, int64_t n, int16_t* q, float* d, float* sum);
+    float (*dot_row_prepared)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
+                              int64_t n);
+    // The same for four consecutive prepared vectors (q [4, 2n], d and sum [4, n/32]) -> out[4]
+    void (*dot_row_prepared_x4)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
+                                int64_t n, float* out);
+    // 4-bit weights (q4_0, q4_1) in groups of eight rows (pack_rows8) against x prepared as four int8
+    // parts per element, x = d * (a + b / 2^7 + c / 2^14 + e / 2^21) per 32-block (error at most
+    // d / 2^22, below float rounding of the block maximum), q [4n] holding a[32] b[32] c[32] e[32]
+    // per block, plus the block sums -> out[8], the group's rows against x. Null where a level has
+    // no such path.
+    void (*prepare_x8)(const float* x, int64_t n, int8_t* q, float* d, float* sum);
+    void (*dot_packed8)(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
+                        float* out);
+    // The group's eight rows (n values from the group's first block column on) as floats,
+    // out[r * out_stride + i], equal to dequantize_row of each row. Null where a level does not pack.
+    void (*dequantize_packed8)(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride);
+    // Opt-in fast prefill of 4-bit weights (llama.cpp's trade): x rounded to int8 per 32-block, the
+    // first part (a) of prepare_x8 (see first_part). repack16 turns two eight-row groups (b null: zero
+    // rows) into the block columns of sixteen rows this kernel reads; dot_tile16 runs 16 rows against
+    // kTile16Tokens tokens (q the rounded x [n], d its block scales, sum the block sums of the rounded
+    // x, each at the tokens' first block), out[t * 16 + r]. Null where a level has no such path.
+    void (*repack16)(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out);
+    void (*dot_tile16)(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
+                       const float* const* sum, float* out);
+};
+
+// From prepare_x8's output (q [4n], d [n / 32]), what the int8 prefill kernel reads: the first parts
+// alone, a[n] (x rounded to int8), and their block sums d[b] * sum(a of block b) -> sums[n / 32].
+void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* sums);
+
+// tokens per dot_tile16 call, and the bytes of one repack16 block column
+constexpr int kTile16Tokens = 8;
+// (16 float scales, 16 float minimums for q4_1, then the quants at this offset)
+constexpr size_t tile16_quants_offset(DType t) { return 64 * (t == DType::q4_1 ? 2 : 1); }
+constexpr size_t tile16_column_bytes(DType t) { return tile16_quants_offset(t) + 512; }
+
+// The eight-row layout of q4_0 / q4_1 weights: per block column, the eight rows' scales (fp16; for
+// q4_1 then their minimums), then their 16 bytes of quants each -- one aligned read feeds eight rows
+// and their scales convert in one instruction. Groups follow each other (n / 32 block columns each).
+bool packable8(DType t);
+// bytes of a block column: the scales, the minimums (q4_1 only), then the quants at this offset
+constexpr size_t packed8_quants_offset(DType t) { return 16 * (t == DType::q4_1 ? 2 : 1); }
+constexpr size_t packed8_column_bytes(DType t) { return packed8_quants_offset(t) + 8 * 16; }
+// packs rows [8, n] (row_stride bytes apart) into one group
+void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group);
+// row j (0..7) of a group back in the type's own block layout (row_bytes(t, n) bytes)
+void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row);
+
+// Decode streams every weight once per token; the integer kernels ask for the weight bytes this far
+// ahead, which keeps more loads in flight than the hardware prefetcher does on its own (measured on
+// SmolLM2, 2 threads: +12-18% decode for Q8_0, Q4_0 and Q4_1 at both SIMD levels).
+constexpr size_t kDecodePrefetchBytes = 2048;
+
+// Whether dot_row_prepared handles weights of type t at this level.
+inline bool uses_prepared_x(const Kernels& k, DType t) {
+    return k.prepare_x != nullptr && (t == DType::q8_0 || t == DType::q4_0 || t == DType::q4_1);
+}
+
+const Kernels& kernels_scalar();
+const Kernels& kernels_avx2();     // only valid when the CPU has AVX2, FMA and F16C
+const Kernels& kernels_avx512();   // only valid when it also has AVX-512 F, BW, VL, DQ and VNNI
+
+// The active table (chosen on first use; set_level overrides it).
+const Kernels& kernels();
+// Levels this CPU can run, best last.
+std::vector<Level> supported_levels();
+// Forces a level by name ("scalar", "avx2", "avx512"); throws tmill::Error if unsupported here.
+// Waits until no LevelPin is held, so a forward pass never sees two levels.
+void set_level(const std::string& name);
+// Holds the active level fixed while it lives (a forward pass, a test kernel call).
+class LevelPin {
+public:
+    LevelPin();
+
+private:
+    std::shared_lock<std::shared_mutex> lock_;
+};
+std::string level_name(Level level);
+
+}  // namespace tmill::cpu

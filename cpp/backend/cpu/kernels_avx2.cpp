@@ -1,0 +1,456 @@
+// AVX2 + FMA + F16C kernels. This file alone is compiled with those instructions enabled; it is only
+// called after cpuid says the CPU has them. Everything here stays in an anonymous namespace so no
+// inline function compiled with AVX2 can be picked by the linker for the portable code.
+#include <immintrin.h>
+
+#include "core/quants.h"
+#include "backend/cpu/kernels.h"
+
+namespace tmill::cpu {
+
+namespace {
+
+inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+// 8 signed bytes -> 8 floats
+inline __m256 i8x8_to_ps(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)); }
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+           acc3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
+        acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+    for (; i < n; ++i) sum += a[i] * b[i];
+    return sum;
+}
+
+// 4 rows x 3 tokens: twelve accumulators, three token registers and one row register -- all sixteen
+// AVX2 has; each row load feeds three FMAs, each token load four.
+constexpr int kTileRows = 4, kTileTokens = 3;
+
+void dot_f32_tile(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out) {
+    __m256 acc[kTileTokens][kTileRows];
+    for (auto& row : acc)
+        for (__m256& v : row) v = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv[kTileTokens];
+        for (int t = 0; t < kTileTokens; ++t) xv[t] = _mm256_loadu_ps(xs[t] + i);
+        for (int r = 0; r < kTileRows; ++r) {
+            const __m256 wr = _mm256_loadu_ps(w + r * w_stride + i);
+            for (int t = 0; t < kTileTokens; ++t) acc[t][r] = _mm256_fmadd_ps(wr, xv[t], acc[t][r]);
+        }
+    }
+#pragma GCC unroll 12   // fully unrolled, so the accumulators stay in registers
+    for (int k = 0; k < kTileTokens * kTileRows; ++k) {
+        const int t = k / kTileRows, r = k % kTileRows;
+        float s = hsum(acc[t][r]);
+        for (int64_t j = i; j < n; ++j) s += w[r * w_stride + j] * xs[t][j];
+        out[k] = s;
+    }
+}
+
+void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    for (int64_t j = 0; j < n_rows; ++j) out[j] = dot_f32(rows + j * d, x, d);
+}
+
+// y += sum_j w[j] rows[j]: 64 columns at a time stay in eight accumulators while the rows stream by
+void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w) {
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) {
+        __m256 acc[8];
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_loadu_ps(y + c + 8 * k);
+        for (int64_t j = 0; j < n_rows; ++j) {
+            __m256 wj = _mm256_set1_ps(w[j]);
+            const float* r = rows + j * d + c;
+            for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r + 8 * k), acc[k]);
+        }
+        for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + c + 8 * k, acc[k]);
+    }
+    for (; c + 8 <= d; c += 8) {
+        __m256 acc = _mm256_loadu_ps(y + c);
+        for (int64_t j = 0; j < n_rows; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(rows + j * d + c), acc);
+        _mm256_storeu_ps(y + c, acc);
+    }
+    for (; c < d; ++c)
+        for (int64_t j = 0; j < n_rows; ++j) y[c] += w[j] * rows[j * d + c];
+}
+
+// exp(x) = 2^k * exp(r), k = round(x / ln 2), r = x - k ln 2 in [-ln2/2, ln2/2] (ln 2 split in two
+// parts so r is exact), exp(r) by its degree-6 Taylor polynomial: relative error below 2e-7.
+inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i pow2k = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2k));
+}
+
+float exp_sum(float* x, int64_t n, float shift) {
+    const __m256 vs = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum(acc);
+    for (; i < n; ++i) {
+        float tail[8] = {x[i] - shift};   // the last few through the same formula, one lane at a time
+        float e = _mm256_cvtss_f32(exp_ps(_mm256_loadu_ps(tail)));
+        x[i] = e;
+        sum += e;
+    }
+    return sum;
+}
+
+void swiglu(float* gate, const float* up, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(zero, g))));
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    if (i < n) kernels_scalar().swiglu(gate + i, up + i, n - i);
+}
+
+float dot_f16(const uint16_t* w, const float* x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+        __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8)));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    float sum = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < n; ++i) sum += half(w[i]) * x[i];
+    return sum;
+}
+
+inline __m256 bf16x8_to_ps(const uint16_t* p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+}
+
+float dot_bf16(const uint16_t* w, const float* x, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(bf16x8_to_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+        acc1 = _mm256_fmadd_ps(bf16x8_to_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+    }
+    float sum = hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < n; ++i) sum += bf16_to_fp32(w[i]) * x[i];
+    return sum;
+}
+
+// Sum over one block of 32 int8 quants q (as 4 groups of 8) times x: returns the float vector of
+// partial sums; the caller scales it by the block's d.
+inline __m256 block_dot_i8(__m128i q_lo, __m128i q_hi, const float* x) {
+    // q_lo: quants 0..15, q_hi: quants 16..31
+    __m256 s = _mm256_mul_ps(i8x8_to_ps(q_lo), _mm256_loadu_ps(x));
+    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_unpackhi_epi64(q_lo, q_lo)), _mm256_loadu_ps(x + 8), s);
+    s = _mm256_fmadd_ps(i8x8_to_ps(q_hi), _mm256_loadu_ps(x + 16), s);
+    s = _mm256_fmadd_ps(i8x8_to_ps(_mm_unpackhi_epi64(q_hi, q_hi)), _mm256_loadu_ps(x + 24), s);
+    return s;
+}
+
+float dot_q8_0(const BlockQ8_0* b, const float* x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i].qs));
+        __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[i].qs + 16));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d)), block_dot_i8(lo, hi, x), acc);
+    }
+    return hsum(acc);
+}
+
+// 16 packed bytes -> (low nibbles, high nibbles) as unsigned bytes 0..15
+inline void unpack_nibbles(const uint8_t* qs, __m128i* lo, __m128i* hi) {
+    __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    __m128i mask = _mm_set1_epi8(0x0F);
+    *lo = _mm_and_si128(packed, mask);
+    *hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+}
+
+float dot_q4_0(const BlockQ4_0* b, const float* x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m128i eight = _mm_set1_epi8(8);
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        __m128i lo, hi;
+        unpack_nibbles(b[i].qs, &lo, &hi);   // element j: low nibble of byte j, element j+16: high nibble
+        lo = _mm_sub_epi8(lo, eight);
+        hi = _mm_sub_epi8(hi, eight);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d)), block_dot_i8(lo, hi, x), acc);
+    }
+    return hsum(acc);
+}
+
+float dot_q4_1(const BlockQ4_1* b, const float* x, int64_t n) {
+    // sum_j (d q_j + m) x_j = d * sum_j q_j x_j + m * sum_j x_j
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        __m128i lo, hi;
+        unpack_nibbles(b[i].qs, &lo, &hi);
+        __m256 xs = _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)),
+                                  _mm256_add_ps(_mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].d)), block_dot_i8(lo, hi, x), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(b[i].m)), xs, acc);
+    }
+    return hsum(acc);
+}
+
+float dot_row(DType t, const void* row, const float* x, int64_t n) {
+    switch (t) {
+        case DType::f32: return dot_f32(static_cast<const float*>(row), x, n);
+        case DType::f16: return dot_f16(static_cast<const uint16_t*>(row), x, n);
+        case DType::bf16: return dot_bf16(static_cast<const uint16_t*>(row), x, n);
+        case DType::q8_0: return dot_q8_0(static_cast<const BlockQ8_0*>(row), x, n);
+        case DType::q4_0: return dot_q4_0(static_cast<const BlockQ4_0*>(row), x, n);
+        case DType::q4_1: return dot_q4_1(static_cast<const BlockQ4_1*>(row), x, n);
+        default: return kernels_scalar().dot_row(t, row, x, n);
+    }
+}
+
+void dequantize(DType t, const void* row, float* out, int64_t n) {
+    switch (t) {
+        case DType::f16: {
+            const uint16_t* h = static_cast<const uint16_t*>(row);
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8)
+                _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+            for (; i < n; ++i) out[i] = half(h[i]);
+            return;
+        }
+        case DType::bf16: {
+            const uint16_t* h = static_cast<const uint16_t*>(row);
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, bf16x8_to_ps(h + i));
+            for (; i < n; ++i) out[i] = bf16_to_fp32(h[i]);
+            return;
+        }
+        case DType::q8_0: {
+            const BlockQ8_0* b = static_cast<const BlockQ8_0*>(row);
+            for (int64_t i = 0; i < n / 32; ++i, out += 32) {
+                __m256 d = _mm256_set1_ps(half(b[i].d));
+                for (int g = 0; g < 4; ++g)
+                    _mm256_storeu_ps(out + 8 * g, _mm256_mul_ps(d, i8x8_to_ps(_mm_loadl_epi64(
+                                                                    reinterpret_cast<const __m128i*>(b[i].qs + 8 * g)))));
+            }
+            return;
+        }
+        case DType::q4_0:
+        case DType::q4_1: {
+            const bool has_min = t == DType::q4_1;
+            const uint8_t* p = static_cast<const uint8_t*>(row);
+            const size_t block_bytes = has_min ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
+            for (int64_t i = 0; i < n / 32; ++i, out += 32, p += block_bytes) {
+                uint16_t dh, mh = 0;
+                __builtin_memcpy(&dh, p, 2);
+                if (has_min) __builtin_memcpy(&mh, p + 2, 2);
+                __m128i lo, hi;
+                unpack_nibbles(p + (has_min ? 4 : 2), &lo, &hi);
+                if (!has_min) {
+                    lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+                    hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+                }
+                // d * q + m rounded twice, exactly as the reference dequantization
+                __m256 d = _mm256_set1_ps(half(dh)), m = _mm256_set1_ps(has_min ? half(mh) : 0.0f);
+                auto put = [&](float* dst, __m128i q) { _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_mul_ps(d, i8x8_to_ps(q)), m)); };
+                put(out, lo);
+                put(out + 8, _mm_unpackhi_epi64(lo, lo));
+                put(out + 16, hi);
+                put(out + 24, _mm_unpackhi_epi64(hi, hi));
+            }
+            return;
+        }
+        case DType::nf4: {
+            // codebook lookup: the low 3 bits pick within each half of the table, bit 3 picks the half
+            const __m256 book_lo = _mm256_loadu_ps(kNF4), book_hi = _mm256_loadu_ps(kNF4 + 8);
+            const BlockNF4* b = static_cast<const BlockNF4*>(row);
+            for (int64_t i = 0; i < n / 32; ++i, out += 32) {
+                __m256 d = _mm256_set1_ps(half(b[i].d));
+                __m128i lo, hi;
+                unpack_nibbles(b[i].qs, &lo, &hi);
+                auto put = [&](float* dst, __m128i q) {
+                    __m256i idx = _mm256_cvtepu8_epi32(q);
+                    __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+                    __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(book_lo, idx),
+                                                _mm256_permutevar8x32_ps(book_hi, idx), upper);
+                    _mm256_storeu_ps(dst, _mm256_mul_ps(d, v));
+                };
+                put(out, lo);
+                put(out + 8, _mm_unpackhi_epi64(lo, lo));
+                put(out + 16, hi);
+                put(out + 24, _mm_unpackhi_epi64(hi, hi));
+            }
+            return;
+        }
+        default: dequantize_row(t, row, out, n);
+    }
+}
+
+// ---- integer path: int16 activations, weights widened from int8 / nibbles, madd into int32
+
+// x / d = hi + lo / 2^15 with hi, lo int16: per 32-block, hi[32] then lo[32] (so q holds 2n values)
+void prepare_x(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
+    const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+    const __m256 lo_scale = _mm256_set1_ps(32768.0f);
+    for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 64) {
+        __m256 v[4] = {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), _mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)};
+        __m256 amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+        for (const __m256& vi : v) {
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, vi));
+            s = _mm256_add_ps(s, vi);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float mx = _mm_cvtss_f32(m4);
+        d[b] = mx / 32767.0f;
+        sum[b] = hsum(s);
+        __m256 inv = _mm256_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
+        __m256i hi[4], lo[4];
+        for (int g = 0; g < 4; ++g) {
+            __m256 scaled = _mm256_mul_ps(v[g], inv);
+            hi[g] = _mm256_cvtps_epi32(scaled);
+            lo[g] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(scaled, _mm256_cvtepi32_ps(hi[g])), lo_scale));
+        }
+        // packs works per 128-bit lane; the permute restores element order
+        auto store = [](int16_t* dst, __m256i a, __m256i b) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+        };
+        store(q, hi[0], hi[1]);
+        store(q + 16, hi[2], hi[3]);
+        store(q + 32, lo[0], lo[1]);
+        store(q + 48, lo[2], lo[3]);
+    }
+}
+
+// Block j of a quantized row widened to int16: elements 0..15 and 16..31, plus the block's scale
+// and (q4_1) minimum.
+struct WideBlock {
+    __m256i lo, hi;
+    float d, m;
+};
+
+template <DType T>
+inline WideBlock widen(const uint8_t* row, int64_t i) {
+    WideBlock w;
+    __m128i lo, hi;
+    w.m = 0.0f;
+    if constexpr (T == DType::q8_0) {
+        const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+        lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs));
+        hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16));
+        w.d = half(b.d);
+    } else if constexpr (T == DType::q4_0) {
+        const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
+        unpack_nibbles(b.qs, &lo, &hi);
+        lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+        hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+        w.d = half(b.d);
+    } else {
+        const BlockQ4_1& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
+        unpack_nibbles(b.qs, &lo, &hi);
+        w.d = half(b.d);
+        w.m = half(b.m);
+    }
+    w.lo = _mm256_cvtepi8_epi16(lo);
+    w.hi = _mm256_cvtepi8_epi16(hi);
+    return w;
+}
+
+// sum_j w_j (hi_j + lo_j / 2^15) over one block, as 8 float partial sums
+inline __m256 block_madd(const WideBlock& w, const int16_t* q) {
+    auto madd = [&](const int16_t* p) {
+        __m256i a = _mm256_madd_epi16(w.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        __m256i b = _mm256_madd_epi16(w.hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+        return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
+    };
+    return _mm256_fmadd_ps(madd(q + 32), _mm256_set1_ps(1.0f / 32768.0f), madd(q));
+}
+
+// NT tokens against one row: each block is widened once and used for every token.
+//   sum_j (dw q_j + m) x_j = dw * dx * sum_j q_j xq_j + m * sum_j x_j   (m = 0 for q8_0 / q4_0)
+template <DType T, int NT>
+void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const float* sum, int64_t n, float* out) {
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    const int64_t blocks = n / 32;
+    __m256 acc[NT];
+    float min_part[NT];
+    // every loop over the tokens fully unrolled, so the accumulators stay in registers
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) { acc[k] = _mm256_setzero_ps(); min_part[k] = 0.0f; }
+    for (int64_t i = 0; i < blocks; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(r) + i * sizeof(typename BlockOf<T>::type) + kDecodePrefetchBytes,
+                     _MM_HINT_T0);
+        WideBlock w = widen<T>(r, i);
+#pragma GCC unroll 4
+        for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d and sum [n / 32]
+            const int64_t bi = k * blocks + i;
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(w.d * d[bi]), block_madd(w, q + k * 2 * n + i * 64), acc[k]);
+            if constexpr (T == DType::q4_1) min_part[k] += w.m * sum[bi];
+        }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) out[k] = hsum(acc[k]) + min_part[k];
+}
+
+template <int NT>
+void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
+                       float* out) {
+    switch (t) {
+        case DType::q8_0: return dot_rows_prepared<DType::q8_0, NT>(row, q, d, sum, n, out);
+        case DType::q4_0: return dot_rows_prepared<DType::q4_0, NT>(row, q, d, sum, n, out);
+        case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
+        default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
+    }
+}
+
+float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
+    float out;
+    dispatch_prepared<1>(t, row, q, d, sum, n, &out);
+    return out;
+}
+
+void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
+                         float* out) {
+    dispatch_prepared<4>(t, row, q, d, sum, n, out);
+}
+
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
+                    dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr};
+
+}  // namespace
+
+const Kernels& kernels_avx2() { return kAvx2; }
+
+}  // namespace tmill::cpu

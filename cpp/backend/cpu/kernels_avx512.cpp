@@ -1,0 +1,600 @@
+// AVX-512 kernels (F, BW, VL, DQ and VNNI; FMA and F16C). This file alone is compiled with those
+// instructions enabled and is only called after cpuid says the CPU has all of them; like the AVX2
+// file, everything stays in an anonymous namespace. Compared with AVX2: 16 floats or one whole
+// 32-value block per register, masked loads instead of scalar tails, a 16-entry nf4 codebook in one
+// register, VPDPWSSD (int16 pairs multiplied and summed into int32 in one instruction) on the
+// integer path, and VPDPBUSD (four byte products per int32 lane) on 4-bit weights repacked in
+// eight-row groups.
+#include <immintrin.h>
+
+#include "core/quants.h"
+#include "backend/cpu/kernels.h"
+
+namespace tmill::cpu {
+
+namespace {
+
+inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+// the first n (< 16) lanes
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+float dot_f32(const float* a, const float* b, int64_t n) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+           acc3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+        acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
+        acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
+    }
+    for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    if (i < n) {
+        __mmask16 m = tail_mask(n - i);
+        acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+}
+
+// The four sums of a, b, c, d as one vector: pairwise adds of interleaved halves, then of the
+// four 128-bit lanes (a quarter of the work of four separate reductions).
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));   // per lane: a02 b02 a13 b13
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));   // per lane: a b c d
+    __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// 8 rows x 3 tokens: 24 accumulators, three token registers and one row register of the 32. The
+// rows (dequantized, reused by every tile) stay in L1; the tokens stream from L2, so the tile is
+// taller than wide: each token load feeds eight FMAs.
+constexpr int kTileRows = 8, kTileTokens = 3;
+
+void dot_f32_tile(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out) {
+    __m512 acc[kTileTokens][kTileRows];
+    for (auto& row : acc)
+        for (__m512& v : row) v = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+        __m512 xv[kTileTokens];
+        for (int t = 0; t < kTileTokens; ++t) xv[t] = _mm512_maskz_loadu_ps(m, xs[t] + i);
+        for (int r = 0; r < kTileRows; ++r) {
+            const __m512 wr = _mm512_maskz_loadu_ps(m, w + r * w_stride + i);
+            for (int t = 0; t < kTileTokens; ++t) acc[t][r] = _mm512_fmadd_ps(wr, xv[t], acc[t][r]);
+        }
+    }
+    // (every loop over the accumulators fully unrolled, so they stay in registers)
+#pragma GCC unroll 8
+    for (int t = 0; t < kTileTokens; ++t)
+#pragma GCC unroll 2
+        for (int r = 0; r < kTileRows; r += 4)
+            _mm_storeu_ps(out + kTileRows * t + r, reduce4(acc[t][r], acc[t][r + 1], acc[t][r + 2], acc[t][r + 3]));
+}
+
+void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    for (int64_t j = 0; j < n_rows; ++j) out[j] = dot_f32(rows + j * d, x, d);
+}
+
+// y += sum_j w[j] rows[j]: 64 columns at a time stay in four accumulators while the rows stream by
+void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w) {
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) {
+        __m512 acc[4];
+        for (int k = 0; k < 4; ++k) acc[k] = _mm512_loadu_ps(y + c + 16 * k);
+        for (int64_t j = 0; j < n_rows; ++j) {
+            __m512 wj = _mm512_set1_ps(w[j]);
+            const float* r = rows + j * d + c;
+            for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 16 * k), acc[k]);
+        }
+        for (int k = 0; k < 4; ++k) _mm512_storeu_ps(y + c + 16 * k, acc[k]);
+    }
+    for (; c < d; c += 16) {
+        __mmask16 m = d - c >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - c);
+        __m512 acc = _mm512_maskz_loadu_ps(m, y + c);
+        for (int64_t j = 0; j < n_rows; ++j)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_maskz_loadu_ps(m, rows + j * d + c), acc);
+        _mm512_mask_storeu_ps(y + c, m, acc);
+    }
+}
+
+// exp(x) = 2^k * exp(r) with k = round(x / ln 2) and r = x - k ln 2 (ln 2 in two parts so r is
+// exact); exp(r) by its degree-6 Taylor polynomial (relative error below 2e-7); VSCALEFPS applies
+// 2^k without building the exponent bits by hand.
+inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+
+float exp_sum(float* x, int64_t n, float shift) {
+    const __m512 vs = _mm512_set1_ps(shift);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+        __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vs)));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+void swiglu(float* gate, const float* up, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+        __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(zero, g))));
+        _mm512_mask_storeu_ps(gate + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+// ---- 16 stored values -> 16 floats
+
+inline __m512 f16x16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+inline __m512 bf16x16(const uint16_t* p) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+// one stored value of the same type, for tails shorter than a register
+template <__m512 (*Load)(const uint16_t*)>
+inline float scalar_16bit(uint16_t h) { return Load == f16x16 ? half(h) : bf16_to_fp32(h); }
+
+inline __m512 i8x16(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
+
+// 16 packed bytes -> (low nibbles = elements 0..15, high nibbles = elements 16..31) as bytes 0..15
+inline void unpack_nibbles(const uint8_t* qs, __m128i* lo, __m128i* hi) {
+    __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    __m128i mask = _mm_set1_epi8(0x0F);
+    *lo = _mm_and_si128(packed, mask);
+    *hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+}
+
+// 16 bytes of 4-bit quants as two float vectors (elements 0..15, 16..31): d * (q - 8) for q4_0,
+// d * q + m for q4_1, rounded twice exactly as the reference dequantization.
+template <DType T>
+inline void nibble_floats(const uint8_t* qs, float d, float m, __m512* lo, __m512* hi) {
+    __m128i ql, qh;
+    unpack_nibbles(qs, &ql, &qh);
+    if constexpr (T == DType::q4_0) {
+        ql = _mm_sub_epi8(ql, _mm_set1_epi8(8));
+        qh = _mm_sub_epi8(qh, _mm_set1_epi8(8));
+    }
+    const __m512 vd = _mm512_set1_ps(d), vm = _mm512_set1_ps(m);
+    *lo = _mm512_add_ps(_mm512_mul_ps(vd, i8x16(ql)), vm);
+    *hi = _mm512_add_ps(_mm512_mul_ps(vd, i8x16(qh)), vm);
+}
+
+// Block i of a quantized row as two float vectors (elements 0..15, 16..31), rounded as the
+// reference dequantization.
+template <DType T>
+inline void block_floats(const uint8_t* row, int64_t i, __m512* lo, __m512* hi) {
+    if constexpr (T == DType::q8_0) {
+        const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+        const __m512 vd = _mm512_set1_ps(half(b.d));
+        *lo = _mm512_mul_ps(vd, i8x16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs))));
+        *hi = _mm512_mul_ps(vd, i8x16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16))));
+    } else if constexpr (T == DType::q4_0) {
+        const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
+        nibble_floats<T>(b.qs, half(b.d), 0.0f, lo, hi);
+    } else if constexpr (T == DType::q4_1) {
+        const BlockQ4_1& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
+        nibble_floats<T>(b.qs, half(b.d), half(b.m), lo, hi);
+    } else {   // nf4: the codebook is one register, each nibble indexes it
+        const BlockNF4& b = reinterpret_cast<const BlockNF4*>(row)[i];
+        __m128i ql, qh;
+        unpack_nibbles(b.qs, &ql, &qh);
+        const __m512 book = _mm512_loadu_ps(kNF4), vd = _mm512_set1_ps(half(b.d));
+        *lo = _mm512_mul_ps(vd, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(ql), book));
+        *hi = _mm512_mul_ps(vd, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(qh), book));
+    }
+}
+
+template <DType T>
+float dot_blocks(const void* row, const float* x, int64_t n) {
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i, x += 32) {
+        __m512 lo, hi;
+        block_floats<T>(r, i, &lo, &hi);
+        acc0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), acc0);
+        acc1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+template <__m512 (*Load)(const uint16_t*)>
+float dot_16bit(const uint16_t* w, const float* x, int64_t n) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        acc0 = _mm512_fmadd_ps(Load(w + i), _mm512_loadu_ps(x + i), acc0);
+        acc1 = _mm512_fmadd_ps(Load(w + i + 16), _mm512_loadu_ps(x + i + 16), acc1);
+    }
+    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    for (; i < n; ++i) sum += scalar_16bit<Load>(w[i]) * x[i];
+    return sum;
+}
+
+float dot_row(DType t, const void* row, const float* x, int64_t n) {
+    switch (t) {
+        case DType::f32: return dot_f32(static_cast<const float*>(row), x, n);
+        case DType::f16: return dot_16bit<f16x16>(static_cast<const uint16_t*>(row), x, n);
+        case DType::bf16: return dot_16bit<bf16x16>(static_cast<const uint16_t*>(row), x, n);
+        case DType::q8_0: return dot_blocks<DType::q8_0>(row, x, n);
+        case DType::q4_0: return dot_blocks<DType::q4_0>(row, x, n);
+        case DType::q4_1: return dot_blocks<DType::q4_1>(row, x, n);
+        case DType::nf4: return dot_blocks<DType::nf4>(row, x, n);
+        default: return kernels_scalar().dot_row(t, row, x, n);
+    }
+}
+
+template <DType T>
+void dequantize_blocks(const void* row, float* out, int64_t n) {
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    for (int64_t i = 0; i < n / 32; ++i, out += 32) {
+        __m512 lo, hi;
+        block_floats<T>(r, i, &lo, &hi);
+        _mm512_storeu_ps(out, lo);
+        _mm512_storeu_ps(out + 16, hi);
+    }
+}
+
+template <__m512 (*Load)(const uint16_t*)>
+void dequantize_16bit(const uint16_t* h, float* out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, Load(h + i));
+    for (; i < n; ++i) out[i] = scalar_16bit<Load>(h[i]);
+}
+
+void dequantize(DType t, const void* row, float* out, int64_t n) {
+    switch (t) {
+        case DType::f16: return dequantize_16bit<f16x16>(static_cast<const uint16_t*>(row), out, n);
+        case DType::bf16: return dequantize_16bit<bf16x16>(static_cast<const uint16_t*>(row), out, n);
+        case DType::q8_0: return dequantize_blocks<DType::q8_0>(row, out, n);
+        case DType::q4_0: return dequantize_blocks<DType::q4_0>(row, out, n);
+        case DType::q4_1: return dequantize_blocks<DType::q4_1>(row, out, n);
+        case DType::nf4: return dequantize_blocks<DType::nf4>(row, out, n);
+        default: dequantize_row(t, row, out, n);
+    }
+}
+
+// ---- integer path: int16 activations, weights widened to int16, VPDPWSSD into int32
+
+// x / d = hi + lo / 2^15 with hi, lo int16: per 32-block, hi[32] then lo[32] (so q holds 2n values),
+// the same layout and rounding as the AVX2 level.
+void prepare_x(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
+    const __m512 lo_scale = _mm512_set1_ps(32768.0f);
+    for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 64) {
+        __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+        float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        d[b] = mx / 32767.0f;
+        sum[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+        __m512 inv = _mm512_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
+        __m512 s0 = _mm512_mul_ps(v0, inv), s1 = _mm512_mul_ps(v1, inv);
+        __m512i h0 = _mm512_cvtps_epi32(s0), h1 = _mm512_cvtps_epi32(s1);
+        __m512i l0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s0, _mm512_cvtepi32_ps(h0)), lo_scale));
+        __m512i l1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s1, _mm512_cvtepi32_ps(h1)), lo_scale));
+        auto store = [](int16_t* dst, __m512i v) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtsepi32_epi16(v));
+        };
+        store(q, h0);
+        store(q + 16, h1);
+        store(q + 32, l0);
+        store(q + 48, l1);
+    }
+}
+
+// Block i of a quantized row: its 32 quants as int16 in one register, its scale and (q4_1) minimum.
+struct WideBlock {
+    __m512i q;
+    float d, m;
+};
+
+template <DType T>
+inline WideBlock widen(const uint8_t* row, int64_t i) {
+    WideBlock w;
+    w.m = 0.0f;
+    __m256i bytes;
+    if constexpr (T == DType::q8_0) {
+        const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
+        bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
+        w.d = half(b.d);
+    } else {
+        const uint8_t* qs;
+        if constexpr (T == DType::q4_0) {
+            const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[i];
+            qs = b.qs;
+            w.d = half(b.d);
+        } else {
+            const BlockQ4_1& b = reinterpret_cast<const BlockQ4_1*>(row)[i];
+            qs = b.qs;
+            w.d = half(b.d);
+            w.m = half(b.m);
+        }
+        __m128i lo, hi;
+        unpack_nibbles(qs, &lo, &hi);
+        bytes = _mm256_set_m128i(hi, lo);
+        if constexpr (T == DType::q4_0) bytes = _mm256_sub_epi8(bytes, _mm256_set1_epi8(8));
+    }
+    w.q = _mm512_cvtepi8_epi16(bytes);
+    return w;
+}
+
+// sum_j w_j (hi_j + lo_j / 2^15) over one block, as 16 float partial sums
+inline __m512 block_dot(const WideBlock& w, const int16_t* q) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i hi = _mm512_dpwssd_epi32(zero, w.q, _mm512_loadu_si512(q));
+    __m512i lo = _mm512_dpwssd_epi32(zero, w.q, _mm512_loadu_si512(q + 32));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(1.0f / 32768.0f), _mm512_cvtepi32_ps(hi));
+}
+
+// NT tokens against one row: each block is widened once and used for every token.
+//   sum_j (dw q_j + m) x_j = dw * dx * sum_j q_j xq_j + m * sum_j x_j   (m = 0 for q8_0 / q4_0)
+template <DType T, int NT>
+void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const float* sum, int64_t n, float* out) {
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    const int64_t blocks = n / 32;
+    __m512 acc[NT];
+    float min_part[NT];
+    // every loop over the tokens fully unrolled, so the accumulators stay in registers
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) { acc[k] = _mm512_setzero_ps(); min_part[k] = 0.0f; }
+    for (int64_t i = 0; i < blocks; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(r) + i * sizeof(typename BlockOf<T>::type) + kDecodePrefetchBytes,
+                     _MM_HINT_T0);
+        WideBlock w = widen<T>(r, i);
+#pragma GCC unroll 4
+        for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d and sum [n / 32]
+            const int64_t bi = k * blocks + i;
+            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(w.d * d[bi]), block_dot(w, q + k * 2 * n + i * 64), acc[k]);
+            if constexpr (T == DType::q4_1) min_part[k] += w.m * sum[bi];
+        }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) out[k] = _mm512_reduce_add_ps(acc[k]) + min_part[k];
+}
+
+template <int NT>
+void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
+                       float* out) {
+    switch (t) {
+        case DType::q8_0: return dot_rows_prepared<DType::q8_0, NT>(row, q, d, sum, n, out);
+        case DType::q4_0: return dot_rows_prepared<DType::q4_0, NT>(row, q, d, sum, n, out);
+        case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
+        default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
+    }
+}
+
+float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
+    float out;
+    dispatch_prepared<1>(t, row, q, d, sum, n, &out);
+    return out;
+}
+
+void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
+                         float* out) {
+    dispatch_prepared<4>(t, row, q, d, sum, n, out);
+}
+
+// ---- 4-bit weights in eight-row groups: int8 activation parts, VPDPBUSD (unsigned nibbles x signed
+// bytes, four products per int32 lane)
+
+// x / d = a + b / 2^7 + c / 2^14 + e / 2^21 per 32-block: a = round(x / d) in [-127, 127], then each
+// part rounds 128 times the remainder of the one before (in [-64, 64]).
+void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum) {
+    for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 128) {
+        __m512 v[2] = {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)};
+        float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        d[b] = mx / 127.0f;
+        sum[b] = _mm512_reduce_add_ps(_mm512_add_ps(v[0], v[1]));
+        const __m512 inv = _mm512_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+        v[0] = _mm512_mul_ps(v[0], inv);
+        v[1] = _mm512_mul_ps(v[1], inv);
+        for (int part = 0; part < 4; ++part)
+            for (int h = 0; h < 2; ++h) {
+                __m512i whole = _mm512_cvtps_epi32(v[h]);
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * part + 16 * h), _mm512_cvtsepi32_epi8(whole));
+                v[h] = _mm512_mul_ps(_mm512_sub_ps(v[h], _mm512_cvtepi32_ps(whole)), _mm512_set1_ps(128.0f));
+            }
+    }
+}
+
+// One group (eight rows) against one prepared x. Per block column, each half of the group is one
+// 64-byte register: four rows of 16 quant bytes, so int32 lane l belongs to row l / 4 and x's 16
+// bytes are broadcast to every 128-bit lane. Parts pair up in int32 as a * 2^7 + b and c * 2^7 + e
+// (at most 2^21 in magnitude, exact), the pairs meet in float.
+//   row r: sum_j w_j x_j = dw_r * d * 2^-7 * (S_ab + S_ce * 2^-14) + (q4_0: -8 dw_r, q4_1: m_r) * sum_j x_j
+template <DType T>
+void dot_packed8_type(const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
+                      float* out) {
+    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
+    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                    _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
+    const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m256 block_sums = _mm256_setzero_ps();   // per row: sum_i (-8 dw or m) * sum(x of block i)
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* c = group + i * column;
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+        const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[i] * (1.0f / 128.0f))));
+        const int8_t* xb = q + i * 128;
+        __m512i xs[8];   // each part's x[0..15] and x[16..31], in all four lanes
+        for (int k = 0; k < 8; ++k)
+            xs[k] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16 * k)));
+        for (int h = 0; h < 2; ++h) {
+            const __m512i w = _mm512_loadu_si512(c + quants + 64 * h);
+            const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            auto pair = [&](int k) {   // parts k and k + 1 as part_k * 2^7 + part_k+1
+                __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xs[2 * k]), hi, xs[2 * k + 1]);
+                s = _mm512_slli_epi32(s, 7);
+                return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo, xs[2 * k + 2]), hi, xs[2 * k + 3]);
+            };
+            const __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair(2)), low_pair, _mm512_cvtepi32_ps(pair(0)));
+            acc[h] = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(row_of_lane[h], scale), acc[h]);
+        }
+        const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        block_sums = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[i]), block_sums);
+    }
+    alignas(64) float lanes[32];
+    alignas(32) float extra[8];
+    _mm512_store_ps(lanes, acc[0]);
+    _mm512_store_ps(lanes + 16, acc[1]);
+    _mm256_store_ps(extra, block_sums);
+    for (int r = 0; r < 8; ++r) out[r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
+}
+
+void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
+                 float* out) {
+    if (t == DType::q4_1) dot_packed8_type<DType::q4_1>(group, q, d, sum, n, out);
+    else dot_packed8_type<DType::q4_0>(group, q, d, sum, n, out);   // callers check packable8 first
+}
+
+// One group's rows as floats: per block column, the eight scales (and minimums) convert in one
+// instruction, then each row's 16 quant bytes as in dequantize_row.
+template <DType T>
+void dequantize_packed8_type(const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
+    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
+    alignas(32) float d[8], m[8] = {};
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* c = group + i * column;
+        _mm256_store_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+        if constexpr (T == DType::q4_1)
+            _mm256_store_ps(m, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+            __m512 lo, hi;
+            nibble_floats<T>(c + quants + 16 * r, d[r], m[r], &lo, &hi);
+            _mm512_storeu_ps(out + r * out_stride + 32 * i, lo);
+            _mm512_storeu_ps(out + r * out_stride + 32 * i + 16, hi);
+        }
+    }
+}
+
+void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
+    if (t == DType::q4_1) dequantize_packed8_type<DType::q4_1>(group, n, out, out_stride);
+    else dequantize_packed8_type<DType::q4_0>(group, n, out, out_stride);   // callers check packable8 first
+}
+
+// ---- opt-in fast prefill of 4-bit weights: sixteen rows per register, x as one int8 part
+
+// Two eight-row groups -> per block column: 16 float scales, (q4_1) 16 float minimums, then eight
+// 64-byte steps of quants as bytes 0..15, step s holding in int32 lane r the elements 4s..4s+3
+// (s < 4) or 16 + 4(s-4).. (s >= 4) of row r, so one VPDPBUSD multiplies four elements of
+// sixteen rows by four broadcast bytes of x.
+template <DType T>
+void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
+    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int64_t i = 0; i < n / 32; ++i, out += tile16_column_bytes(T)) {
+        const uint8_t* ca = a + i * column;
+        const uint8_t* cb = b ? b + i * column : nullptr;
+        auto halves = [&](const uint8_t* c, size_t at) {   // eight fp16 values -> floats (zero without a group)
+            return c ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + at))) : _mm256_setzero_ps();
+        };
+        _mm512_storeu_ps(reinterpret_cast<float*>(out), _mm512_insertf32x8(_mm512_castps256_ps512(halves(ca, 0)), halves(cb, 0), 1));
+        if constexpr (T == DType::q4_1)
+            _mm512_storeu_ps(reinterpret_cast<float*>(out + 64),
+                             _mm512_insertf32x8(_mm512_castps256_ps512(halves(ca, 16)), halves(cb, 16), 1));
+        // rows 0-3, 4-7, 8-11, 12-15: int32 lane 4 * (r % 4) + j holds bytes 4j..4j+3 of row r
+        __m512i rows[4];
+        for (int k = 0; k < 4; ++k) {
+            const uint8_t* c = k < 2 ? ca : cb;
+            rows[k] = c ? _mm512_loadu_si512(c + quants + 64 * (k % 2)) : _mm512_setzero_si512();
+        }
+        uint8_t* steps = out + tile16_quants_offset(T);
+        for (int nibble = 0; nibble < 2; ++nibble) {
+            __m512i q[4];
+            for (int k = 0; k < 4; ++k)
+                q[k] = nibble ? _mm512_and_si512(_mm512_srli_epi16(rows[k], 4), low4) : _mm512_and_si512(rows[k], low4);
+            for (int j = 0; j < 4; ++j) {
+                // lanes 0-3 <- lanes j, 4+j, 8+j, 12+j of the first source, lanes 4-7 <- the same of the second
+                const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 28, 24, 20, 16, 12, 8, 4, 0),
+                                                     _mm512_set1_epi32(j));
+                const __m512i lo = _mm512_permutex2var_epi32(q[0], idx, q[1]);
+                const __m512i hi = _mm512_permutex2var_epi32(q[2], idx, q[3]);
+                _mm512_storeu_si512(steps + 64 * (4 * nibble + j), _mm512_shuffle_i64x2(lo, hi, _MM_SHUFFLE(1, 0, 1, 0)));
+            }
+        }
+    }
+}
+
+void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
+    if (t == DType::q4_1) repack16_type<DType::q4_1>(a, b, n, out);
+    else repack16_type<DType::q4_0>(a, b, n, out);
+}
+
+// Sixteen rows against eight tokens. Per block and token, with x rounded to dx * a (a = round(x / dx)):
+//   row r: dw_r * dx * sum_j q_j a_j  +  (q4_0: -8 dw_r, q4_1: m_r) * dx * sum_j a_j
+// -- exactly the dequantized row against the rounded x, so rounding errors meet the weights
+// themselves, not the unsigned quants (sum holds dx * sum_j a_j per block). The int32 sums of eight
+// VPDPBUSD per token convert once per block.
+template <DType T>
+void dot_tile16_type(const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
+                     const float* const* sum, float* out) {
+    constexpr int NT = kTile16Tokens;
+    __m512 acc[NT];
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i, w += tile16_column_bytes(T)) {
+        const __m512 dw = _mm512_loadu_ps(reinterpret_cast<const float*>(w));
+        const __m512 offset = T == DType::q4_1 ? _mm512_loadu_ps(reinterpret_cast<const float*>(w + 64))
+                                               : _mm512_mul_ps(dw, _mm512_set1_ps(-8.0f));
+        __m512i ws[8];
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; ++s) ws[s] = _mm512_loadu_si512(w + tile16_quants_offset(T) + 64 * s);
+        __m512i isum[NT];
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) isum[t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; ++s) {
+            const int at = s < 4 ? 4 * s : 16 + 4 * (s - 4);
+#pragma GCC unroll 8
+            for (int t = 0; t < NT; ++t) {
+                int32_t xs;
+                __builtin_memcpy(&xs, q[t] + 32 * i + at, 4);
+                isum[t] = _mm512_dpbusd_epi32(isum[t], ws[s], _mm512_set1_epi32(xs));
+            }
+        }
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t) {
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[t]), _mm512_mul_ps(dw, _mm512_set1_ps(d[t][i])), acc[t]);
+            acc[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[t][i]), acc[t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+
+void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
+                const float* const* sum, float* out) {
+    if (t == DType::q4_1) dot_tile16_type<DType::q4_1>(w, n, q, d, sum, out);
+    else dot_tile16_type<DType::q4_0>(w, n, q, d, sum, out);
+}
+
+const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
+                      exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
+                      dot_row_prepared_x4, prepare_x8, dot_packed8, dequantize_packed8, repack16, dot_tile16};
+
+}  // namespace
+
+const Kernels& kernels_avx512() { return kAvx512; }
+
+}  // namespace tmill::cpu

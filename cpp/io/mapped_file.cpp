@@ -1,0 +1,50 @@
+#include "io/mapped_file.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/error.h"
+
+namespace tmill {
+
+MappedFile::MappedFile(const std::string& path) : path_(path) {
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) fail(ErrorKind::io, "cannot open '" + path + "': " + std::strerror(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        fail(ErrorKind::io, "'" + path + "' is not a regular file");
+    }
+    size_ = static_cast<size_t>(st.st_size);
+    if (size_ > 0) {
+        void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            int err = errno;
+            ::close(fd);
+            fail(ErrorKind::io, "cannot mmap '" + path + "': " + std::strerror(err));
+        }
+        data_ = static_cast<const uint8_t*>(p);
+        mapped_ = true;
+    }
+    ::close(fd);
+}
+
+std::shared_ptr<MappedFile> MappedFile::from_bytes(const uint8_t* data, size_t size, const std::string& name) {
+    std::shared_ptr<MappedFile> f(new MappedFile());
+    f->path_ = name;
+    f->bytes_.assign(data, data + size);
+    f->data_ = f->bytes_.data();
+    f->size_ = size;
+    return f;
+}
+
+MappedFile::~MappedFile() {
+    if (mapped_) ::munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+}  // namespace tmill

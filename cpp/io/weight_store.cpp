@@ -1,0 +1,126 @@
+#include "io/weight_store.h"
+
+#include "core/error.h"
+#include "core/quants.h"
+#include "io/safetensors.h"
+
+namespace tmill {
+
+const TensorRef* WeightStore::find(const std::string& name) const {
+    auto it = tensors.find(name);
+    return it == tensors.end() ? nullptr : &it->second;
+}
+
+const TensorRef& WeightStore::add_owned(const std::string& name, DType type, std::vector<int64_t> shape,
+                                        std::vector<uint8_t> bytes) {
+    owned.push_back(std::move(bytes));
+    const std::vector<uint8_t>& b = owned.back();
+    return tensors[name] = TensorRef{type, std::move(shape), b.data(), b.size()};
+}
+
+WeightStore weights_from_gguf(const GGUFFile& f, const std::string& source) {
+    WeightStore store;
+    store.source = source;
+    store.files.push_back(f.file());
+    for (const GGUFTensorInfo& t : f.tensors()) store.tensors[t.name] = TensorRef{t.type, t.shape, t.data, t.nbytes};
+    return store;
+}
+
+namespace {
+
+// Tensor names in HF checkpoints -> GGUF-style names. Returns "" for tensors we ignore.
+struct HfName { std::string name; bool transpose; };
+
+HfName map_hf_name(const std::string& arch, std::string hf) {
+    static const std::pair<const char*, const char*> llama_layer[] = {
+        {"input_layernorm.weight", "attn_norm.weight"},
+        {"self_attn.q_proj.weight", "attn_q.weight"},     {"self_attn.q_proj.bias", "attn_q.bias"},
+        {"self_attn.k_proj.weight", "attn_k.weight"},     {"self_attn.k_proj.bias", "attn_k.bias"},
+        {"self_attn.v_proj.weight", "attn_v.weight"},     {"self_attn.v_proj.bias", "attn_v.bias"},
+        {"self_attn.o_proj.weight", "attn_output.weight"}, {"self_attn.o_proj.bias", "attn_output.bias"},
+        {"post_attention_layernorm.weight", "ffn_norm.weight"},
+        {"mlp.gate_proj.weight", "ffn_gate.weight"},      {"mlp.up_proj.weight", "ffn_up.weight"},
+        {"mlp.down_proj.weight", "ffn_down.weight"},      {"mlp.gate_proj.bias", "ffn_gate.bias"},
+        {"mlp.up_proj.bias", "ffn_up.bias"},              {"mlp.down_proj.bias", "ffn_down.bias"},
+    };
+    // GPT-2 uses Conv1D, whose weights are stored [in, out]: those are transposed on load.
+    static const std::pair<const char*, const char*> gpt2_layer[] = {
+        {"ln_1.weight", "attn_norm.weight"},          {"ln_1.bias", "attn_norm.bias"},
+        {"attn.c_attn.weight", "attn_qkv.weight"},    {"attn.c_attn.bias", "attn_qkv.bias"},
+        {"attn.c_proj.weight", "attn_output.weight"}, {"attn.c_proj.bias", "attn_output.bias"},
+        {"ln_2.weight", "ffn_norm.weight"},           {"ln_2.bias", "ffn_norm.bias"},
+        {"mlp.c_fc.weight", "ffn_up.weight"},         {"mlp.c_fc.bias", "ffn_up.bias"},
+        {"mlp.c_proj.weight", "ffn_down.weight"},     {"mlp.c_proj.bias", "ffn_down.bias"},
+    };
+    bool gpt2 = arch == "gpt2";
+    if (gpt2) {
+        if (hf.rfind("transformer.", 0) == 0) hf = hf.substr(12);
+        if (hf == "wte.weight") return {"token_embd.weight", false};
+        if (hf == "wpe.weight") return {"position_embd.weight", false};
+        if (hf == "ln_f.weight") return {"output_norm.weight", false};
+        if (hf == "ln_f.bias") return {"output_norm.bias", false};
+        if (hf == "lm_head.weight") return {"output.weight", false};
+    } else {
+        if (hf == "model.embed_tokens.weight") return {"token_embd.weight", false};
+        if (hf == "model.norm.weight") return {"output_norm.weight", false};
+        if (hf == "lm_head.weight") return {"output.weight", false};
+    }
+    const std::string prefix = gpt2 ? "h." : "model.layers.";
+    if (hf.rfind(prefix, 0) != 0) return {"", false};
+    size_t dot = hf.find('.', prefix.size());
+    if (dot == std::string::npos) return {"", false};
+    std::string index = hf.substr(prefix.size(), dot - prefix.size());
+    std::string rest = hf.substr(dot + 1);
+    if (gpt2) {
+        for (const auto& [from, to] : gpt2_layer)
+            if (rest == from) return {"blk." + index + "." + to, rest.find(".weight") != std::string::npos &&
+                                                                     rest.rfind("ln_", 0) != 0};
+    } else {
+        for (const auto& [from, to] : llama_layer)
+            if (rest == from) return {"blk." + index + "." + to, false};
+    }
+    return {"", false};
+}
+
+// Converts a 2-D [rows, cols] (row-major) tensor of any float type to f32 [cols, rows].
+std::vector<uint8_t> transpose_to_f32(const SafetensorInfo& t) {
+    int64_t rows = t.shape[0], cols = t.shape[1];
+    std::vector<float> src(static_cast<size_t>(rows * cols));
+    dequantize_row(t.type, t.data, src.data(), rows * cols);
+    std::vector<uint8_t> out(src.size() * sizeof(float));
+    float* dst = reinterpret_cast<float*>(out.data());
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[static_cast<size_t>(r * cols + c)];
+    return out;
+}
+
+}  // namespace
+
+WeightStore weights_from_safetensors(const std::vector<std::shared_ptr<MappedFile>>& files, const std::string& arch) {
+    if (files.empty()) fail(ErrorKind::format, "no safetensors files given");
+    WeightStore store;
+    store.source = files.front()->path();
+    for (const std::shared_ptr<MappedFile>& file : files) {
+        SafetensorsFile st(file);
+        store.files.push_back(file);
+        for (const auto& [hf_name, t] : st.tensors()) {
+            HfName mapped = map_hf_name(arch, hf_name);
+            if (mapped.name.empty()) continue;
+            if (!t.supported)
+                fail(ErrorKind::unsupported, "tensor '" + hf_name + "' in '" + file->path() + "' has dtype " + t.dtype_name +
+                                                 " (supported: F32, F16, BF16)");
+            if (store.find(mapped.name))
+                fail(ErrorKind::format, "tensor '" + hf_name + "' appears more than once (in '" + file->path() + "')");
+            std::vector<int64_t> shape(t.shape.rbegin(), t.shape.rend());  // to ggml order
+            if (mapped.transpose) {
+                if (t.shape.size() != 2) fail(ErrorKind::format, "tensor '" + hf_name + "' must be 2-D");
+                store.add_owned(mapped.name, DType::f32, {t.shape[0], t.shape[1]}, transpose_to_f32(t));
+            } else {
+                store.tensors[mapped.name] = TensorRef{t.type, shape, t.data, t.nbytes};
+            }
+        }
+    }
+    return store;
+}
+
+}  // namespace tmill

@@ -1,0 +1,200 @@
+#include "kv/kv_cache.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "model/model.h"
+
+namespace tmill {
+
+namespace {
+
+const std::pair<const char*, DType> kKVTypes[] = {
+    {"fp32", DType::f32}, {"fp16", DType::f16}, {"bf16", DType::bf16},
+    {"q8", DType::q8_0},  {"q4", DType::q4_0},  {"nf4", DType::nf4},
+};
+
+// fp32 and fp16 lose nothing an fp16 ring would keep
+bool needs_ring(DType t) { return t != DType::f32 && t != DType::f16; }
+
+}  // namespace
+
+DType kv_type_from_name(const std::string& name) {
+    for (const auto& [n, t] : kKVTypes)
+        if (name == n) return t;
+    fail(ErrorKind::invalid_arg, "unknown KV cache kind '" + name + "' (expected fp32, fp16, bf16, q8, q4 or nf4)");
+}
+
+std::string kv_type_name(DType t) {
+    for (const auto& [n, type] : kKVTypes)
+        if (t == type) return n;
+    return dtype_name(t);
+}
+
+void KVCacheConfig::validate(int64_t head_dim, int64_t n_layer) const {
+    for (DType t : {k_type, v_type}) {
+        bool known = std::any_of(std::begin(kKVTypes), std::end(kKVTypes), [&](const auto& e) { return e.second == t; });
+        if (!known) fail(ErrorKind::invalid_arg, "type " + dtype_name(t) + " cannot hold a KV cache");
+        if (head_dim % dtype_info(t).block_size != 0)
+            fail(ErrorKind::invalid_arg, "KV cache kind " + kv_type_name(t) + " needs a head dimension that is a multiple of " +
+                                             std::to_string(dtype_info(t).block_size) + "; this model's is " +
+                                             std::to_string(head_dim));
+    }
+    if (residual_len < 0 || residual_len > (int64_t(1) << 20))
+        fail(ErrorKind::invalid_arg, "cache residual length must be in [0, 1048576], got " + std::to_string(residual_len));
+    if (fp16_prefix_layers < 0 || fp16_prefix_layers > n_layer)
+        fail(ErrorKind::invalid_arg, "fp16 prefix layers must be in [0, " + std::to_string(n_layer) + "], got " +
+                                         std::to_string(fp16_prefix_layers));
+    if (local_window < 0) fail(ErrorKind::invalid_arg, "local window must be >= 0, got " + std::to_string(local_window));
+}
+
+std::vector<KVCache::LayerLayout> KVCache::layout(const Model& model, int64_t capacity, const KVCacheConfig& config) {
+    const HParams& hp = model.hparams();
+    if (capacity <= 0 || capacity > (int64_t(1) << 24))
+        fail(ErrorKind::invalid_arg, "KV cache capacity must be in [1, 16777216], got " + std::to_string(capacity));
+    config.validate(hp.head_dim, hp.n_layer);
+    std::vector<LayerLayout> layers;
+    for (int64_t l = 0; l < hp.n_layer; ++l) {
+        bool prefix = l < config.fp16_prefix_layers;
+        DType kt = prefix ? DType::f16 : config.k_type, vt = prefix ? DType::f16 : config.v_type;
+        bool ring = needs_ring(kt) || needs_ring(vt);
+        layers.push_back({kt, vt, ring && config.residual_len > 0 ? std::min(config.residual_len + kRingSlack, capacity) : 0});
+    }
+    return layers;
+}
+
+namespace {
+// a cache that grows starts from at least this many positions
+constexpr int64_t kMinAllocation = 64;
+}  // namespace
+
+KVStore KVCache::make_store(DType type, int64_t rows, std::vector<uint8_t*>& blocks, size_t& bytes) const {
+    if (rows == 0) return KVStore{};
+    const HParams& hp = model_->hparams();
+    KVStore s;
+    s.type = type;
+    s.capacity = rows;
+    s.row_bytes = row_bytes(type, hp.head_dim);
+    size_t n = s.row_bytes * static_cast<size_t>(hp.n_head_kv * rows);
+    s.data = model_->backend().alloc_bytes(n);
+    blocks.push_back(s.data);
+    bytes += n;
+    return s;
+}
+
+KVCache::KVCache(std::shared_ptr<const Model> model, int64_t capacity, const KVCacheConfig& config, int64_t reserve)
+    : model_(std::move(model)), capacity_(capacity), config_(config) {
+    if (!model_) fail(ErrorKind::invalid_arg, "a KV cache needs a model");
+    if (reserve < -1) fail(ErrorKind::invalid_arg, "reserve must be >= 0 (or -1 for the whole capacity), got " + std::to_string(reserve));
+    try {
+        for (const LayerLayout& l : layout(*model_, capacity, config)) {
+            k_.push_back(KVStore{});
+            v_.push_back(KVStore{});
+            k_ring_.push_back(make_store(DType::f16, l.ring, ring_blocks_, ring_bytes_));
+            v_ring_.push_back(make_store(DType::f16, l.ring, ring_blocks_, ring_bytes_));
+        }
+        this->reserve(reserve < 0 ? capacity_ : std::min(reserve, capacity_));
+    } catch (...) {
+        for (uint8_t* p : ring_blocks_) model_->backend().free_bytes(p);
+        for (uint8_t* p : main_blocks_) model_->backend().free_bytes(p);
+        throw;
+    }
+}
+
+KVCache::~KVCache() {
+    for (uint8_t* p : main_blocks_) model_->backend().free_bytes(p);
+    for (uint8_t* p : ring_blocks_) model_->backend().free_bytes(p);
+}
+
+void KVCache::reserve(int64_t n) {
+    if (n > capacity_)
+        fail(ErrorKind::context, std::to_string(n) + " tokens exceed the cache's capacity of " + std::to_string(capacity_));
+    if (n <= allocated_) return;
+    const int64_t rows = std::min(capacity_, std::max({n, 2 * allocated_, kMinAllocation}));
+    const std::vector<LayerLayout> layers = layout(*model_, capacity_, config_);
+    std::vector<uint8_t*> blocks;
+    size_t bytes = 0;
+    std::vector<KVStore> k, v;
+    Backend& be = model_->backend();
+    try {
+        for (const LayerLayout& l : layers) {
+            k.push_back(make_store(l.k, rows, blocks, bytes));
+            v.push_back(make_store(l.v, rows, blocks, bytes));
+        }
+    } catch (...) {
+        for (uint8_t* p : blocks) be.free_bytes(p);
+        throw;
+    }
+    // the cached rows of every KV head move to the new stores ([n_kv_heads, rows] rows each)
+    const int64_t n_kv = model_->hparams().n_head_kv;
+    for (size_t l = 0; l < layers.size() && n_past_ > 0; ++l)
+        for (int64_t h = 0; h < n_kv; ++h) {
+            be.copy_bytes(k[l].row(h, 0), k_[l].row(h, 0), k_[l].row_bytes * static_cast<size_t>(n_past_));
+            be.copy_bytes(v[l].row(h, 0), v_[l].row(h, 0), v_[l].row_bytes * static_cast<size_t>(n_past_));
+        }
+    for (uint8_t* p : main_blocks_) be.free_bytes(p);
+    main_blocks_.swap(blocks);
+    k_.swap(k);
+    v_.swap(v);
+    main_bytes_ = bytes;
+    allocated_ = rows;
+}
+
+void KVCache::truncate(int64_t n) {
+    Claim claim(*this);
+    if (n < 0 || n > n_past_)
+        fail(ErrorKind::invalid_arg, "cannot truncate a cache of " + std::to_string(n_past_) + " tokens to " +
+                                         std::to_string(n));
+    n_past_ = n;
+    ring_valid_from_ = std::min(ring_valid_from_, n);   // slots of the kept positions are untouched
+}
+
+KVCache::Claim::Claim(KVCache& cache) : cache_(&cache) {
+    bool expected = false;
+    if (!cache.claimed_.compare_exchange_strong(expected, true, std::memory_order_acquire))
+        fail(ErrorKind::invalid_arg, "the KV cache is in use by another call (one cache serves one caller at a time)");
+}
+
+KVCache::Claim::~Claim() {
+    if (cache_) cache_->claimed_.store(false, std::memory_order_release);
+}
+
+size_t KVCache::bytes() const { return main_bytes_ + ring_bytes_; }
+
+size_t KVCache::bytes_per_token(const Model& model, const KVCacheConfig& config) {
+    const HParams& hp = model.hparams();
+    size_t total = 0;
+    for (const LayerLayout& l : layout(model, 1, config)) total += row_bytes(l.k, hp.head_dim) + row_bytes(l.v, hp.head_dim);
+    return total * static_cast<size_t>(hp.n_head_kv);
+}
+
+size_t KVCache::bytes_for(const Model& model, int64_t capacity, const KVCacheConfig& config) {
+    const HParams& hp = model.hparams();
+    size_t ring = 0;
+    for (const LayerLayout& l : layout(model, capacity, config))
+        ring += 2 * row_bytes(DType::f16, hp.head_dim) * static_cast<size_t>(l.ring * hp.n_head_kv);
+    return bytes_per_token(model, config) * static_cast<size_t>(capacity) + ring;
+}
+
+KVLayerView KVCache::layer_view(size_t layer) const {
+    return KVLayerView{k_[layer], v_[layer], k_ring_[layer], v_ring_[layer], config_.residual_len, ring_valid_from_};
+}
+
+void KVCache::discard_write(int64_t n_new) {
+    const int64_t kept = n_past_;
+    advance(n_new);   // the ring slots the call reached count as overwritten ...
+    n_past_ = kept;   // ... but none of its tokens is kept
+    ring_valid_from_ = std::min(ring_valid_from_, kept);
+}
+
+void KVCache::advance(int64_t n_new) {
+    n_past_ += n_new;
+    // every ringed layer has the same ring capacity; positions that far back had their slot reused
+    for (const KVStore& ring : k_ring_)
+        if (ring.data) {
+            ring_valid_from_ = std::max(ring_valid_from_, n_past_ - ring.capacity);
+            return;
+        }
+}
+
+}  // namespace tmill

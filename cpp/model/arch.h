@@ -1,0 +1,58 @@
+// Model families as data: the hyper-parameters of a model and the spec of its blocks. The forward
+// pass is one sequence of blocks (embed -> [attention, MLP] per layer -> output) whose parts are
+// chosen by the family's ArchSpec, so a new family is a new table entry plus, where it brings a new
+// kind of part, one more case in the block that uses it.
+//   llama  (Llama, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU, optional QKV bias
+//   gpt2                                  : LayerNorm, learned positions, fused QKV, GELU, biases
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "backend/backend.h"
+#include "io/gguf.h"
+
+namespace tmill {
+
+enum class NormKind { rms, layer };        // x / rms(x) * w   |  (x - mean) / std * w + b
+enum class MlpKind { swiglu, gelu };       // down(silu(gate(h)) * up(h))  |  down(gelu(up(h)))
+enum class PositionKind { rope, learned }; // rotate Q and K  |  add position_embd[pos] to x
+
+struct ArchSpec {
+    const char* name;
+    NormKind norm;
+    MlpKind mlp;
+    PositionKind positions;
+    bool fused_qkv;   // one [q + k + v, n_embd] projection (GPT-2's c_attn), split at load
+};
+
+// The spec of an architecture name, or null when it is not supported.
+const ArchSpec* find_arch(const std::string& name);
+// "llama, mistral, qwen2, gpt2", for messages
+std::string supported_archs();
+
+struct HParams {
+    std::string arch;          // "llama", "mistral", "qwen2", "gpt2"
+    int64_t n_vocab = 0;
+    int64_t n_embd = 0;
+    int64_t n_layer = 0;
+    int64_t n_head = 0;
+    int64_t n_head_kv = 0;
+    int64_t head_dim = 0;
+    int64_t n_ff = 0;
+    int64_t n_ctx_train = 0;
+    float norm_eps = 1e-5f;
+    float rope_theta = 10000.0f;
+    RopeStyle rope_style = RopeStyle::halves;
+    int64_t sliding_window = 0;   // 0: full attention
+    bool tied_embeddings = false;
+};
+
+// The architecture's spec; Error(unsupported) naming the supported ones otherwise.
+const ArchSpec& arch_spec(const std::string& arch);
+// Every value in range for a model we can run; Error(format) naming the first that is not.
+void validate_hparams(const HParams& hp, const std::string& source);
+// Reads the hyper-parameters of a GGUF model (general.architecture and its keys).
+HParams hparams_from_gguf(const GGUFFile& f);
+
+}  // namespace tmill

@@ -1,0 +1,48 @@
+// The places where something beyond the base weights joins a forward pass: a run-time adapter adds
+// to a projection's output (LoRA: out += s * B (A x)), a module reads and changes the residual
+// stream after a chosen layer (memory cross-attention). Extensions are registered on a Model and run
+// inside its forward passes, through the model's backend, in registration order.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace tmill {
+
+class KVCache;
+
+// The projections of a decoder layer, by role.
+enum class Projection { q, k, v, o, gate, up, down };
+const char* projection_name(Projection p);
+
+// One sequence of the running batch, as extensions see it: its rows of the activations
+// [row0, row0 + n_rows), its cache (identity and per-sequence state), and its adapter slot.
+struct BatchSegment {
+    int64_t row0;
+    int64_t n_rows;
+    int64_t n_past;     // positions cached before this pass
+    const KVCache* cache;
+    int32_t adapter;    // the adapter slot the sequence asked for; -1: none
+};
+
+struct ForwardContext {
+    Backend& backend;
+    const std::vector<BatchSegment>& segments;
+    int64_t n_rows;     // T, all sequences together
+};
+
+class ForwardExtension {
+public:
+    virtual ~ForwardExtension() = default;
+    // out[T, n_out] holds W x + b of projection p of `layer` for the input x[T, n_in] (backend memory)
+    virtual void after_projection(const ForwardContext& ctx, int64_t layer, Projection p, const float* x, int64_t n_in,
+                                  float* out, int64_t n_out) {
+        (void)ctx, (void)layer, (void)p, (void)x, (void)n_in, (void)out, (void)n_out;
+    }
+    // x[T, n_embd] is the residual stream after `layer` (its attention and MLP added)
+    virtual void after_layer(const ForwardContext& ctx, int64_t layer, float* x) { (void)ctx, (void)layer, (void)x; }
+};
+
+}  // namespace tmill

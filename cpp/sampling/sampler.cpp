@@ -1,0 +1,194 @@
+#include "sampling/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <unordered_map>
+
+#include "core/error.h"
+
+namespace tmill {
+
+void validate(const SamplerParams& p, int64_t n_vocab) {
+    auto bad = [](const std::string& msg) { fail(ErrorKind::invalid_arg, msg); };
+    if (n_vocab < 1 || n_vocab > (int64_t(1) << 24)) bad("the vocabulary size must be in [1, 16777216], got " + std::to_string(n_vocab));
+    if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature))
+        bad("temperature must be >= 0, got " + std::to_string(p.temperature));
+    if (p.top_k < 0) bad("top_k must be >= 0 (0 disables it), got " + std::to_string(p.top_k));
+    if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) bad("top_p must be in (0, 1], got " + std::to_string(p.top_p));
+    if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) bad("min_p must be in [0, 1], got " + std::to_string(p.min_p));
+    if (!(p.typical_p > 0.0f && p.typical_p <= 1.0f))
+        bad("typical_p must be in (0, 1], got " + std::to_string(p.typical_p));
+    if (!(p.repetition_penalty > 0.0f) || !std::isfinite(p.repetition_penalty))
+        bad("repetition_penalty must be > 0, got " + std::to_string(p.repetition_penalty));
+    if (!std::isfinite(p.presence_penalty)) bad("presence_penalty must be finite");
+    if (!std::isfinite(p.frequency_penalty)) bad("frequency_penalty must be finite");
+    if (p.repeat_last_n < -1) bad("repeat_last_n must be >= -1, got " + std::to_string(p.repeat_last_n));
+    for (const auto& [id, bias] : p.logit_bias) {
+        if (id < 0 || id >= n_vocab)
+            bad("logit_bias token id " + std::to_string(id) + " is outside the vocabulary [0, " + std::to_string(n_vocab) + ")");
+        // -inf bans a token; +inf or NaN would make every other token's probability meaningless
+        if (std::isnan(bias) || bias == INFINITY) bad("logit_bias values must be finite or -inf, got " + std::to_string(bias));
+    }
+}
+
+Rng::Rng(uint64_t seed) {
+    for (uint64_t& s : s_) {
+        seed += 0x9E3779B97F4A7C15ull;
+        uint64_t z = seed;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        s = z ^ (z >> 31);
+    }
+}
+
+uint64_t Rng::next() {
+    auto rotl = [](uint64_t x, int k) { return (x << k) | (x >> (64 - k)); };
+    uint64_t result = rotl(s_[1] * 5, 7) * 9;
+    uint64_t t = s_[1] << 17;
+    s_[2] ^= s_[0];
+    s_[3] ^= s_[1];
+    s_[1] ^= s_[2];
+    s_[0] ^= s_[3];
+    s_[2] ^= t;
+    s_[3] = rotl(s_[3], 45);
+    return result;
+}
+
+double Rng::uniform() { return static_cast<double>(next() >> 11) * (1.0 / 9007199254740992.0); }
+
+Sampler::Sampler(SamplerParams params, int64_t n_vocab) : params_(std::move(params)), n_vocab_(n_vocab), rng_(params_.seed) {
+    validate(params_, n_vocab_);
+}
+
+void Sampler::apply_penalties(float* logits, const int32_t* history, int64_t n_history) const {
+    const SamplerParams& p = params_;
+    bool penalise = p.repetition_penalty != 1.0f || p.presence_penalty != 0.0f || p.frequency_penalty != 0.0f;
+    if (penalise && n_history > 0) {
+        int64_t window = p.repeat_last_n < 0 ? n_history : std::min<int64_t>(p.repeat_last_n, n_history);
+        std::unordered_map<int32_t, int> counts;
+        for (int64_t i = n_history - window; i < n_history; ++i)
+            if (history[i] >= 0 && history[i] < n_vocab_) ++counts[history[i]];
+        for (const auto& [id, count] : counts) {
+            float& l = logits[id];
+            l = l > 0.0f ? l / p.repetition_penalty : l * p.repetition_penalty;
+            l -= p.presence_penalty + p.frequency_penalty * static_cast<float>(count);
+        }
+    }
+    for (const auto& [id, bias] : p.logit_bias) logits[id] += bias;
+}
+
+int32_t Sampler::sample(const float* logits, const int32_t* history, int64_t n_history) {
+    const SamplerParams& p = params_;
+    for (int64_t i = 0; i < n_vocab_; ++i)
+        if (!std::isfinite(logits[i]))
+            fail(ErrorKind::numeric, "logit " + std::to_string(i) + " is " + std::to_string(logits[i]) +
+                                         "; the model's output is not a distribution");
+    work_.assign(logits, logits + n_vocab_);
+    apply_penalties(work_.data(), history, n_history);
+    candidates_.clear();
+    const auto best = std::max_element(work_.begin(), work_.end());
+    if (*best == -INFINITY)
+        fail(ErrorKind::invalid_arg, "no token can be sampled: logit_bias bans every token of the vocabulary");
+
+    if (p.temperature == 0.0f) return static_cast<int32_t>(best - work_.begin());
+
+    // Candidates sorted by logit, most likely first. Only as many are sorted as the filters need:
+    // top-k bounds it; top-p grows the sorted prefix until it holds the requested mass.
+    std::vector<std::pair<int32_t, float>>& c = candidates_;
+    c.resize(static_cast<size_t>(n_vocab_));
+    for (int64_t i = 0; i < n_vocab_; ++i) c[static_cast<size_t>(i)] = {static_cast<int32_t>(i), work_[static_cast<size_t>(i)] / p.temperature};
+    auto by_logit = [](const std::pair<int32_t, float>& a, const std::pair<int32_t, float>& b) {
+        return a.second > b.second || (a.second == b.second && a.first < b.first);
+    };
+    size_t n = c.size();
+    if (p.top_k > 0 && static_cast<size_t>(p.top_k) < n) {
+        n = static_cast<size_t>(p.top_k);
+        std::nth_element(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(n), c.end(), by_logit);
+    }
+
+    // softmax normaliser over the top-k survivors (needs only their max and sum)
+    std::partial_sort(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(std::min<size_t>(n, 64)), c.begin() + static_cast<std::ptrdiff_t>(n), by_logit);
+    size_t sorted = std::min<size_t>(n, 64);
+    const float max_logit = c[0].second;
+    double total = 0.0;
+    for (size_t i = 0; i < n; ++i) total += std::exp(static_cast<double>(c[i].second - max_logit));
+    auto prob = [&](size_t i) { return std::exp(static_cast<double>(c[i].second - max_logit)) / total; };
+
+    // top-p: the smallest prefix whose mass reaches top_p
+    if (p.top_p < 1.0f) {
+        double cum = 0.0;
+        size_t keep = 0;
+        for (;;) {
+            while (keep < sorted && cum < p.top_p) cum += prob(keep++);
+            if (cum >= p.top_p || sorted == n) break;
+            size_t grow = std::min(n, sorted * 4);
+            std::partial_sort(c.begin() + static_cast<std::ptrdiff_t>(sorted), c.begin() + static_cast<std::ptrdiff_t>(grow),
+                              c.begin() + static_cast<std::ptrdiff_t>(n), by_logit);
+            sorted = grow;
+        }
+        n = std::max<size_t>(keep, 1);
+    }
+    // typical-p breaks ties by likelihood order, so it needs the survivors sorted; nothing else does
+    if (p.typical_p < 1.0f && sorted < n) {
+        std::sort(c.begin() + static_cast<std::ptrdiff_t>(sorted), c.begin() + static_cast<std::ptrdiff_t>(n), by_logit);
+        sorted = n;
+    }
+    // min-p: drop tokens less likely than min_p times the most likely one (c[0])
+    if (p.min_p > 0.0f) {
+        double floor_p = p.min_p * prob(0);
+        size_t kept = 1;
+        for (size_t i = 1; i < n; ++i)
+            if (prob(i) >= floor_p) c[kept++] = c[i];
+        n = kept;
+    }
+    c.resize(n);
+    std::vector<double> probs(n);
+    double sum = 0.0;
+    for (size_t i = 0; i < n; ++i) sum += probs[i] = prob(i);
+    for (double& q : probs) q /= sum;
+
+    // typical-p: keep the tokens whose surprise is closest to the entropy, up to typical_p mass
+    if (p.typical_p < 1.0f && n > 1) {
+        double entropy = 0.0;
+        for (double q : probs) if (q > 0.0) entropy -= q * std::log(q);
+        std::vector<size_t> order(n);
+        for (size_t i = 0; i < n; ++i) order[i] = i;
+        std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+            return std::fabs(-std::log(probs[a]) - entropy) < std::fabs(-std::log(probs[b]) - entropy);
+        });
+        double cum = 0.0;
+        size_t keep = 0;
+        while (keep < n && cum < p.typical_p) cum += probs[order[keep++]];
+        std::vector<bool> kept(n, false);
+        for (size_t i = 0; i < keep; ++i) kept[order[i]] = true;
+        std::vector<std::pair<int32_t, float>> survivors;
+        std::vector<double> survivor_probs;
+        for (size_t i = 0; i < n; ++i)
+            if (kept[i]) { survivors.push_back(c[i]); survivor_probs.push_back(probs[i]); }
+        c.swap(survivors);
+        probs.swap(survivor_probs);
+        n = c.size();
+        sum = 0.0;
+        for (double q : probs) sum += q;
+        for (double& q : probs) q /= sum;
+    }
+
+    for (size_t i = 0; i < n; ++i) c[i].second = static_cast<float>(probs[i]);
+    // Draw by walking token ids in ascending order: the token depends only on the distribution and
+    // the uniform draw, not on how the candidates happen to be ordered.
+    dense_.assign(static_cast<size_t>(n_vocab_), 0.0);
+    int32_t last = c[0].first;
+    for (size_t i = 0; i < n; ++i) {
+        dense_[static_cast<size_t>(c[i].first)] = probs[i];
+        last = std::max(last, c[i].first);
+    }
+    double u = rng_.uniform(), cum = 0.0;
+    for (int32_t id = 0; id <= last; ++id) {
+        cum += dense_[static_cast<size_t>(id)];
+        if (u < cum) return id;
+    }
+    return last;   // rounding left u above the final cumulative sum
+}
+
+}  // namespace tmill

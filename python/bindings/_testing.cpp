@@ -1,0 +1,309 @@
+// tokenmill._testing: kernels and extensions for the test suite only (the package never imports this
+// module). The kernels run one weight row or one attention call exactly as a forward pass would; the
+// extensions exercise the forward pass's seams (a low-rank addition to a projection, a vector added
+// to the residual stream after a layer) the way adapters and memory layers will.
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "backend/cpu/kernels.h"
+#include "convert.h"
+#include "core/dtype.h"
+#include "core/error.h"
+#include "core/quants.h"
+#include "kv/kv_cache.h"
+#include "model/model.h"
+
+namespace py = pybind11;
+using namespace tmill;
+using namespace tmbind;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style>;
+
+DType type_of(py::handle name) {
+    const std::string n = to_str(name, "type");
+    for (uint32_t id = 0; id < 64; ++id) {
+        DTypeInfo info = dtype_info(id);
+        if (info.block_bytes != 0 && n == info.name && info.runnable) return static_cast<DType>(id);
+    }
+    if (n == "nf4") return DType::nf4;
+    fail(ErrorKind::invalid_arg, "unknown or unrunnable tensor type '" + n + "'");
+}
+
+// One stored row of n values of type t.
+DType check_row(py::handle type, std::string_view row, int64_t n) {
+    DType t = type_of(type);
+    if (n <= 0 || n % dtype_info(t).block_size != 0 || row.size() != row_bytes(t, n))
+        fail(ErrorKind::invalid_arg, "row bytes do not match " + std::to_string(n) + " elements of " + dtype_name(t));
+    return t;
+}
+
+Projection projection_of(py::handle name) {
+    const std::string n = to_str(name, "projection");
+    for (Projection p : {Projection::q, Projection::k, Projection::v, Projection::o, Projection::gate, Projection::up,
+                         Projection::down})
+        if (n == projection_name(p)) return p;
+    fail(ErrorKind::invalid_arg, "unknown projection '" + n + "' (q, k, v, o, gate, up, down)");
+}
+
+// out += scale * B (A x) after one projection of one layer, for the sequences whose adapter slot
+// matches (slot -1: every sequence): a LoRA adapter in miniature, computed through the backend on
+// each sequence's own rows.
+class LowRankAdd final : public ForwardExtension {
+public:
+    LowRankAdd(Model& m, int64_t layer, Projection p, const FloatArray& a, const FloatArray& b, double scale, int64_t slot)
+        : layer_(layer), proj_(p), slot_(static_cast<int32_t>(slot)), rank_(a.shape(0)) {
+        Backend& be = m.backend();
+        std::vector<float> scaled(b.data(), b.data() + b.size());
+        for (float& v : scaled) v = static_cast<float>(v * scale);
+        a_ = be.upload_weight(DType::f32, a.shape(0), a.shape(1), host(a.data(), a.size()), nullptr, WeightUse::matmul);
+        b_ = be.upload_weight(DType::f32, b.shape(0), b.shape(1), host(scaled.data(), scaled.size()), nullptr,
+                              WeightUse::matmul);
+    }
+
+    void after_projection(const ForwardContext& ctx, int64_t layer, Projection p, const float* x, int64_t n_in, float* out,
+                          int64_t n_out) override {
+        if (layer != layer_ || p != proj_) return;
+        if (n_in != a_.cols || n_out != b_.rows) fail(ErrorKind::invalid_arg, "LowRankAdd: shapes do not match the projection");
+        Backend& be = ctx.backend;
+        for (const BatchSegment& seg : ctx.segments) {
+            if (slot_ >= 0 && seg.adapter != slot_) continue;
+            BackendBuffer ax(be, static_cast<size_t>(seg.n_rows * rank_)), bax(be, static_cast<size_t>(seg.n_rows * n_out));
+            be.matmul(ax.get(), x + seg.row0 * n_in, a_, seg.n_rows);      // [n, r] = x A^T
+            be.matmul(bax.get(), ax.get(), b_, seg.n_rows);                // [n, out] = (x A^T) (sB)^T
+            be.add(out + seg.row0 * n_out, bax.get(), seg.n_rows * n_out);
+        }
+    }
+
+private:
+    // the weights' host bytes live with the extension (the CPU backend uses them in place)
+    const uint8_t* host(const float* data, size_t n) {
+        host_.emplace_back(reinterpret_cast<const uint8_t*>(data), reinterpret_cast<const uint8_t*>(data + n));
+        return host_.back().data();
+    }
+
+    int64_t layer_;
+    Projection proj_;
+    int32_t slot_;
+    int64_t rank_;
+    std::vector<std::vector<uint8_t>> host_;
+    Weight a_, b_;
+};
+
+// x[t] += v after one layer, for every row.
+class AddAfterLayer final : public ForwardExtension {
+public:
+    AddAfterLayer(int64_t layer, const FloatArray& v) : layer_(layer), v_(v.data(), v.data() + v.size()) {}
+
+    void after_layer(const ForwardContext& ctx, int64_t layer, float* x) override {
+        if (layer != layer_) return;
+        const int64_t E = static_cast<int64_t>(v_.size());
+        std::vector<float> rows(static_cast<size_t>(ctx.n_rows * E));
+        for (int64_t t = 0; t < ctx.n_rows; ++t) std::copy(v_.begin(), v_.end(), rows.begin() + t * E);
+        BackendBuffer add(ctx.backend, rows.size());
+        ctx.backend.upload(add.get(), rows.data(), rows.size());
+        ctx.backend.add(x, add.get(), ctx.n_rows * E);
+    }
+
+private:
+    int64_t layer_;
+    std::vector<float> v_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_testing, mod) {
+    mod.doc() = "tokenmill test-only kernels and extensions (never imported by the package)";
+    py::module_::import("tokenmill._core");   // the shared types (Model, ForwardExtension) and error translation
+
+    mod.def("dequantize_active", [](py::handle type, py::bytes data, py::handle n_obj) {
+        DType t = type_of(type);
+        const int64_t n = to_int(n_obj, "n", 0, int64_t(1) << 32);
+        std::string_view view = data;
+        if (n % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, n))
+            fail(ErrorKind::invalid_arg, "byte length does not match " + std::to_string(n) + " elements");
+        FloatArray out(n);
+        cpu::LevelPin pin;
+        cpu::kernels().dequantize_row(t, view.data(), out.mutable_data(), n);
+        return out;
+    }, py::arg("type"), py::arg("data"), py::arg("n"), "Dequantization by the active CPU level's kernel.");
+
+    mod.def("dot_row", [](py::handle type, py::bytes data, py::handle x_obj, bool prepared) {
+        std::string_view view = data;
+        FloatArray x = float_array(x_obj, "x", 1, false);
+        int64_t n = static_cast<int64_t>(x.size());
+        DType t = check_row(type, view, n);
+        cpu::LevelPin pin;
+        const cpu::Kernels& k = cpu::kernels();
+        if (!prepared || !cpu::uses_prepared_x(k, t)) return k.dot_row(t, view.data(), x.data(), n);
+        std::vector<int16_t> q(static_cast<size_t>(2 * n));
+        std::vector<float> d(static_cast<size_t>(n / 32)), sum(static_cast<size_t>(n / 32));
+        k.prepare_x(x.data(), n, q.data(), d.data(), sum.data());
+        return k.dot_row_prepared(t, view.data(), q.data(), d.data(), sum.data(), n);
+    }, py::arg("type"), py::arg("row"), py::arg("x"), py::arg("prepared") = true,
+       "Dot product of one stored weight row with x: the integer path where the level has one for the "
+       "type (prepared), else the float kernel.");
+
+    mod.def("dot_row_x4", [](py::handle type, py::bytes data, py::handle xs_obj) {
+        std::string_view view = data;
+        FloatArray xs = float_array(xs_obj, "xs", 2, false);
+        if (xs.shape(0) != 4) fail(ErrorKind::invalid_arg, "xs must have shape [4, n]");
+        const int64_t n = xs.shape(1);
+        DType t = check_row(type, view, n);
+        cpu::LevelPin pin;
+        const cpu::Kernels& k = cpu::kernels();
+        if (!cpu::uses_prepared_x(k, t)) fail(ErrorKind::invalid_arg, "no integer path for " + dtype_name(t) + " at this level");
+        std::vector<int16_t> q(static_cast<size_t>(8 * n));
+        std::vector<float> d(static_cast<size_t>(n / 8)), sum(static_cast<size_t>(n / 8));
+        for (int64_t r = 0; r < 4; ++r)
+            k.prepare_x(xs.data() + r * n, n, q.data() + 2 * r * n, d.data() + r * (n / 32), sum.data() + r * (n / 32));
+        FloatArray out(4);
+        k.dot_row_prepared_x4(t, view.data(), q.data(), d.data(), sum.data(), n, out.mutable_data());
+        return out;
+    }, py::arg("type"), py::arg("row"), py::arg("xs"), "One weight row against four vectors (small batches).");
+
+    mod.def("dot_rows_packed8", [](py::handle type, py::bytes data, py::handle x_obj) {
+        std::string_view view = data;
+        FloatArray x = float_array(x_obj, "x", 1, false);
+        const int64_t n = static_cast<int64_t>(x.size());
+        DType t = type_of(type);
+        cpu::LevelPin pin;
+        const cpu::Kernels& k = cpu::kernels();
+        if (!cpu::packable8(t) || !k.dot_packed8 || !k.dequantize_packed8)
+            fail(ErrorKind::invalid_arg, "no eight-row path for " + dtype_name(t) + " at this level");
+        if (n <= 0 || n % 32 != 0 || view.size() != 8 * row_bytes(t, n)) fail(ErrorKind::invalid_arg, "expected 8 rows of n values");
+        std::vector<uint8_t> group(static_cast<size_t>(n / 32) * cpu::packed8_column_bytes(t));
+        cpu::pack_rows8(t, reinterpret_cast<const uint8_t*>(view.data()), row_bytes(t, n), n, group.data());
+        std::string unpacked(view.size(), '\0');   // every row read back from the layout
+        for (int j = 0; j < 8; ++j)
+            cpu::unpack_row8(t, group.data(), n, j, reinterpret_cast<uint8_t*>(unpacked.data()) + j * row_bytes(t, n));
+        std::vector<int8_t> q(static_cast<size_t>(4 * n));
+        std::vector<float> d(static_cast<size_t>(n / 32)), sum(static_cast<size_t>(n / 32));
+        k.prepare_x8(x.data(), n, q.data(), d.data(), sum.data());
+        FloatArray out(8);
+        k.dot_packed8(t, group.data(), q.data(), d.data(), sum.data(), n, out.mutable_data());
+        FloatArray floats({int64_t{8}, n});
+        k.dequantize_packed8(t, group.data(), n, floats.mutable_data(), n);
+        return py::make_tuple(out, py::bytes(unpacked), floats);
+    }, py::arg("type"), py::arg("rows"), py::arg("x"),
+       "Eight stored 4-bit rows against x through the eight-row layout (decode on AVX-512), the rows "
+       "read back from that layout as bytes, and as floats (prefill).");
+
+    mod.def("dot_rows_tile16", [](py::handle type, py::bytes data, py::handle xs_obj) {
+        std::string_view view = data;
+        FloatArray xs = float_array(xs_obj, "xs", 2, false);
+        DType t = type_of(type);
+        cpu::LevelPin pin;
+        const cpu::Kernels& k = cpu::kernels();
+        constexpr int NT = cpu::kTile16Tokens;
+        if (!cpu::packable8(t) || !k.dot_tile16) fail(ErrorKind::invalid_arg, "no int8 prefill path for " + dtype_name(t) + " at this level");
+        if (xs.shape(0) != NT) fail(ErrorKind::invalid_arg, "xs must have shape [8, n]");
+        const int64_t n = xs.shape(1), rb = static_cast<int64_t>(row_bytes(t, n));
+        if (n <= 0 || n % 32 != 0 || (view.size() != static_cast<size_t>(8 * rb) && view.size() != static_cast<size_t>(16 * rb)))
+            fail(ErrorKind::invalid_arg, "expected 8 or 16 rows of n values");
+        const int64_t n_rows = static_cast<int64_t>(view.size()) / rb;
+        const size_t group_bytes = static_cast<size_t>(n / 32) * cpu::packed8_column_bytes(t);
+        std::vector<uint8_t> groups(2 * group_bytes), tile(static_cast<size_t>(n / 32) * cpu::tile16_column_bytes(t));
+        const uint8_t* rows = reinterpret_cast<const uint8_t*>(view.data());
+        for (int64_t g = 0; g < n_rows / 8; ++g) cpu::pack_rows8(t, rows + g * 8 * rb, rb, n, groups.data() + g * group_bytes);
+        k.repack16(t, groups.data(), n_rows == 16 ? groups.data() + group_bytes : nullptr, n, tile.data());
+        std::vector<int8_t> q(static_cast<size_t>(4 * n * NT));
+        std::vector<int8_t> a(static_cast<size_t>(n * NT));
+        std::vector<float> d(static_cast<size_t>(n / 32 * NT)), sum(d.size()), rounded(d.size());
+        const int8_t* qp[NT];
+        const float *dp[NT], *sp[NT];
+        for (int j = 0; j < NT; ++j) {
+            k.prepare_x8(xs.data() + j * n, n, q.data() + 4 * j * n, d.data() + j * (n / 32), sum.data() + j * (n / 32));
+            cpu::first_part(q.data() + 4 * j * n, d.data() + j * (n / 32), n, a.data() + j * n, rounded.data() + j * (n / 32));
+            qp[j] = a.data() + j * n;
+            dp[j] = d.data() + j * (n / 32);
+            sp[j] = rounded.data() + j * (n / 32);
+        }
+        float out[16 * NT];
+        k.dot_tile16(t, tile.data(), n, qp, dp, sp, out);
+        FloatArray result({int64_t{NT}, n_rows});
+        for (int j = 0; j < NT; ++j)
+            for (int64_t r = 0; r < n_rows; ++r) result.mutable_data()[j * n_rows + r] = out[16 * j + r];
+        return result;
+    }, py::arg("type"), py::arg("rows"), py::arg("xs"),
+       "8 or 16 stored 4-bit rows against 8 vectors through the int8 prefill kernel -> [8, rows].");
+
+    mod.def("attention", [](py::handle q_obj, py::handle k_obj, py::handle v_obj, int n_heads, int n_kv_heads,
+                            const std::string& k_kind, const std::string& v_kind, int64_t window, int64_t ring,
+                            int n_threads) {
+        FloatArray q = float_array(q_obj, "q", 2, true), k = float_array(k_obj, "k", 2, true), v = float_array(v_obj, "v", 2, true);
+        const int64_t T = q.shape(0), N = k.shape(0);
+        if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || T <= 0 || T > N ||
+            q.shape(1) % n_heads != 0 || v.shape(0) != N)
+            fail(ErrorKind::invalid_arg, "attention: q [T, heads*hd], k and v [N >= T, kv_heads*hd] expected");
+        const int64_t hd = q.shape(1) / n_heads;
+        if (k.shape(1) != n_kv_heads * hd || v.shape(1) != n_kv_heads * hd)
+            fail(ErrorKind::invalid_arg, "attention: k and v must have kv_heads * head_dim columns");
+        KVCacheConfig cfg;
+        cfg.k_type = kv_type_from_name(k_kind);
+        cfg.v_type = kv_type_from_name(v_kind);
+        cfg.validate(hd, 1);
+        if (ring < 0 || ring > N) fail(ErrorKind::invalid_arg, "attention: ring must be in [0, N]");
+        std::vector<std::vector<uint8_t>> memory;
+        auto store = [&](DType type, int64_t rows) {
+            KVStore st;
+            if (rows == 0) return st;
+            st.type = type;
+            st.capacity = rows;
+            st.row_bytes = row_bytes(type, hd);
+            memory.emplace_back(st.row_bytes * static_cast<size_t>(rows * n_kv_heads));
+            st.data = memory.back().data();
+            return st;
+        };
+        KVLayerView kv{store(cfg.k_type, N), store(cfg.v_type, N), store(DType::f16, ring), store(DType::f16, ring), ring, 0};
+        FloatArray out({T, static_cast<int64_t>(q.shape(1))});
+        {
+            py::gil_scoped_release release;
+            auto be = make_cpu_backend(n_threads);
+            PassScope pass(*be);
+            const AttentionShape shape{n_heads, n_kv_heads, static_cast<int>(hd), 1.0f / std::sqrt(static_cast<float>(hd))};
+            // the first N - T rows as an earlier call, then the last T with their queries
+            if (N > T) {
+                AttentionSegment past{0, N - T, 0, window, kv};
+                be->kv_store(k.data(), v.data(), &past, 1, shape);
+                kv.ring_valid_from = std::max<int64_t>(0, N - T - ring);
+            }
+            AttentionSegment seg{0, T, N - T, window, kv};
+            const size_t skip = static_cast<size_t>((N - T) * n_kv_heads * hd);
+            be->kv_store(k.data() + skip, v.data() + skip, &seg, 1, shape);
+            be->attention(out.mutable_data(), q.data(), &seg, 1, shape);
+        }
+        return out;
+    }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("k_kind") = "fp32",
+       py::arg("v_kind") = "fp32", py::arg("window") = 0, py::arg("ring") = 0, py::arg("n_threads") = 1,
+       "The CPU backend's causal attention of the last T of N positions, K and V stored in the given kinds "
+       "(the newest `ring` positions in fp16), as the kernels run it inside a model.");
+
+    py::class_<LowRankAdd, ForwardExtension, std::shared_ptr<LowRankAdd>>(mod, "LowRankAdd")
+        .def(py::init([](Model& m, py::handle layer, py::handle projection, py::handle a_obj, py::handle b_obj,
+                         py::handle scale, py::handle slot) {
+                 FloatArray a = float_array(a_obj, "a", 2, true), b = float_array(b_obj, "b", 2, true);
+                 if (b.shape(1) != a.shape(0)) fail(ErrorKind::invalid_arg, "a [r, in] and b [out, r] must share r");
+                 return std::make_shared<LowRankAdd>(m, to_int(layer, "layer", 0, m.hparams().n_layer - 1),
+                                                     projection_of(projection), a, b, to_float(scale, "scale"),
+                                                     to_int(slot, "slot", -1, 1 << 20));
+             }),
+             py::arg("model"), py::arg("layer"), py::arg("projection"), py::arg("a"), py::arg("b"), py::arg("scale") = 1.0,
+             py::arg("slot") = -1, "out += scale * b @ (a @ x) after `projection` of `layer` (sequences of adapter `slot`).");
+
+    py::class_<AddAfterLayer, ForwardExtension, std::shared_ptr<AddAfterLayer>>(mod, "AddAfterLayer")
+        .def(py::init([](Model& m, py::handle layer, py::handle v_obj) {
+                 FloatArray v = float_array(v_obj, "v", 1, true);
+                 if (v.shape(0) != m.hparams().n_embd) fail(ErrorKind::invalid_arg, "v must have n_embd values");
+                 return std::make_shared<AddAfterLayer>(to_int(layer, "layer", 0, m.hparams().n_layer - 1), v);
+             }),
+             py::arg("model"), py::arg("layer"), py::arg("v"), "x[t] += v after decoder layer `layer`.");
+}

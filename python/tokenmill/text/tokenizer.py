@@ -1,0 +1,217 @@
+"""Tokenizers: HF `tokenizer.json` files, or the vocabulary embedded in a GGUF file rebuilt as an
+equivalent `tokenizers.Tokenizer`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from tokenizers import AddedToken, Regex
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from ..errors import InvalidArgumentError, ModelFormatError, UnsupportedModelError
+from ..jsonfile import read_json_object
+
+# Pre-tokenizer split rules named by `tokenizer.ggml.pre` (the regexes are the published ones of
+# each model family's tokenizer).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_SPLITS = {
+    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"], _LLAMA3_SPLIT),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT),
+}
+# Families whose tokenizer isolates every digit before the GPT-2 byte-level rule (StarCoder-style,
+# as SmolLM2's own tokenizer.json does).
+_PRE_DIGITS = {"smollm", "starcoder", "refact", "codeshell"}
+_PRE_GPT2 = {"gpt2", "gpt-2", "default"}
+
+_TOKEN_CONTROL = 3
+_TOKEN_USER_DEFINED = 4
+
+
+def _byte_level_pre_tokenizer(pre: str):
+    if pre in _PRE_SPLITS:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_PRE_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    if pre in _PRE_DIGITS:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    if pre not in _PRE_GPT2:
+        warnings.warn(f"unknown GGUF pre-tokenizer '{pre}': using the GPT-2 rule", stacklevel=3)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def tokenizer_from_gguf_metadata(meta: dict) -> "Tokenizer":
+    """Builds the tokenizer described by GGUF `tokenizer.ggml.*` metadata."""
+    kind = _text(meta.get("tokenizer.ggml.model", b""))
+    if not kind:
+        raise ModelFormatError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
+    if kind != "gpt2":
+        raise UnsupportedModelError(
+            f"GGUF tokenizer model '{kind}' is not supported (byte-level BPE 'gpt2' is); "
+            "pass a tokenizer.json with tokenizer=..."
+        )
+    tokens = [_text(t) for t in meta.get("tokenizer.ggml.tokens", [])]
+    merges = meta.get("tokenizer.ggml.merges")
+    if not tokens or not isinstance(merges, list):
+        raise ModelFormatError("the GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise ModelFormatError("tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    pairs = []
+    for m in merges:
+        parts = _text(m).split(" ", 1)
+        if len(parts) != 2:
+            raise ModelFormatError(f"malformed BPE merge {m!r} in the GGUF tokenizer")
+        pairs.append((parts[0], parts[1]))
+
+    try:
+        tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        tok.pre_tokenizer = _byte_level_pre_tokenizer(_text(meta.get("tokenizer.ggml.pre", b"default")))
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(
+            [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _TOKEN_CONTROL]
+        )
+        tok.add_tokens(
+            [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
+        )
+    except Exception as exc:  # the tokenizers library raises plain Exceptions for a vocabulary it rejects
+        raise ModelFormatError(f"the GGUF tokenizer is malformed: {exc}") from exc
+
+    def token_id(key):
+        value = meta.get(key)
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(tokens)
+        return int(value) if ok else None
+
+    bos, eos = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    try:
+        _set_post_processor(tok, tokens[bos] if add_bos else None, bos, tokens[eos] if add_eos else None, eos)
+    except Exception as exc:
+        raise ModelFormatError(f"the GGUF tokenizer's special tokens are malformed: {exc}") from exc
+    template = meta.get("tokenizer.chat_template")
+    return Tokenizer(
+        tok,
+        bos_id=bos,
+        eos_ids=[eos] if eos is not None else [],
+        chat_template=_text(template) if template is not None else None,
+    )
+
+
+def _set_post_processor(tok: HFTokenizer, bos: Optional[str], bos_id, eos: Optional[str], eos_id) -> None:
+    if bos is None and eos is None:
+        return
+    single = ([f"{bos}:0"] if bos else []) + ["$A:0"] + ([f"{eos}:0"] if eos else [])
+    special = ([(bos, bos_id)] if bos else []) + ([(eos, eos_id)] if eos else [])
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=special)
+
+
+def tokenizer_from_hf_dir(directory: Path) -> Optional["Tokenizer"]:
+    """Loads tokenizer.json (+ tokenizer_config.json, generation_config.json) if present."""
+    path = directory / "tokenizer.json"
+    if not path.exists():
+        return None
+    try:
+        tok = HFTokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises plain Exceptions
+        raise ModelFormatError(f"cannot read {path}: {exc}") from exc
+    config = _read_json(directory / "tokenizer_config.json")
+    generation = _read_json(directory / "generation_config.json")
+
+    def special_id(value):
+        if isinstance(value, dict):
+            value = value.get("content")
+        return tok.token_to_id(value) if isinstance(value, str) else None
+
+    bos = special_id(config.get("bos_token"))
+    eos_ids = []
+    gen_eos = generation.get("eos_token_id")
+    for value in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+        if isinstance(value, int):
+            eos_ids.append(value)
+    cfg_eos = special_id(config.get("eos_token"))
+    if cfg_eos is not None and cfg_eos not in eos_ids:
+        eos_ids.append(cfg_eos)
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: use the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    chat_file = directory / "chat_template.jinja"
+    if template is None and chat_file.exists():
+        template = chat_file.read_text(encoding="utf-8")
+    return Tokenizer(tok, bos_id=bos, eos_ids=eos_ids, chat_template=template)
+
+
+def _read_json(path: Path) -> dict:
+    return read_json_object(path) if path.exists() else {}
+
+
+class Tokenizer:
+    """Text <-> token ids, with the model's special tokens and chat template."""
+
+    def __init__(self, tok: HFTokenizer, bos_id=None, eos_ids: Sequence[int] = (), chat_template=None):
+        self.hf = tok
+        self.bos_id = bos_id
+        self.eos_ids = list(eos_ids)
+        self.chat_template = chat_template
+        self._vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Tokenizer":
+        """A bare tokenizer.json (no special-token configuration beside it)."""
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # the tokenizers library raises plain Exceptions
+            raise ModelFormatError(f"cannot read {path}: {exc}") from exc
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"text must be a str, got {type(text).__name__}")
+        return self.hf.encode(text, add_special_tokens=bool(add_special_tokens)).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """The text of token ids; an id outside the vocabulary is an InvalidArgumentError (the
+        tokenizers library would silently drop it)."""
+        if isinstance(ids, (str, bytes)):
+            raise InvalidArgumentError(f"ids must be a sequence of token ids, got {type(ids).__name__}")
+        values = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        for i, t in enumerate(values):
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                raise InvalidArgumentError(f"ids[{i}] must be an integer token id, got {type(t).__name__}")
+            if not 0 <= t < self._vocab_size:
+                raise InvalidArgumentError(f"ids[{i}] = {t} is outside the tokenizer's vocabulary [0, {self._vocab_size})")
+        return self.hf.decode([int(t) for t in values], skip_special_tokens=skip_special_tokens)
+
+    def decode_unchecked(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """decode() for ids the engine produced itself (already in range): no per-id check."""
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> Optional[str]:
+        return self.hf.id_to_token(token_id)

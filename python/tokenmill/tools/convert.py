@@ -1,0 +1,74 @@
+"""`tokenmill convert`: rewrite a GGUF model with its 2-D weight matrices in another type (f32, f16,
+bf16, q8_0, q4_0, q4_1). Norms, biases and other vectors stay f32; metadata is copied with its
+types. Quantization is the engine's own (byte-identical to the GGUF reference quantizers); writing
+uses the `gguf` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..engine import native
+from ..engine.model import WEIGHT_TYPES as TARGETS
+from ..errors import InvalidArgumentError
+_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32}
+
+
+def _field_value(field, T):
+    types = field.types
+    if types[0] == T.ARRAY:
+        if types[1] == T.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", errors="surrogateescape") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if types[0] == T.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="surrogateescape")
+    return field.parts[field.data[0]].tolist()[0]
+
+
+def add_matrix(writer, name: str, data: np.ndarray, wtype: str) -> None:
+    """Adds a float32 matrix [rows, cols] to a gguf.GGUFWriter stored as wtype (one of TARGETS)."""
+    import gguf
+
+    if wtype == "f32":
+        writer.add_tensor(name, data)
+    elif wtype == "f16":
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        raw = np.frombuffer(native.quantize(wtype, data.ravel()), dtype=np.uint8)
+        writer.add_tensor(name, raw.reshape(data.shape[0], -1),
+                          raw_dtype=getattr(gguf.GGMLQuantizationType, wtype.upper()))
+
+
+def convert_gguf(src: str | Path, dst: str | Path, wtype: str) -> Path:
+    """Writes `src` to `dst` with every 2-D weight in `wtype`."""
+    if wtype not in TARGETS:
+        raise InvalidArgumentError(f"type must be one of {', '.join(TARGETS)}, got {wtype!r}")
+    import gguf
+    from gguf import GGUFValueType as T
+
+    src, dst = Path(src), Path(dst)
+    parsed = native.open_gguf(str(src))   # validates the file before anything is written
+    reader = gguf.GGUFReader(str(src))
+    arch = _field_value(reader.fields["general.architecture"], T)
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment", "general.file_type"):
+            continue
+        value = _field_value(field, T)
+        if field.types[0] == T.ARRAY:
+            writer.add_key_value(key, value, T.ARRAY, sub_type=field.types[1])
+        else:
+            writer.add_key_value(key, value, field.types[0])
+    for name, _type, shape, _offset, _nbytes in parsed.tensors():
+        data = parsed.dequantize(name)
+        block = _BLOCK.get(wtype, 1)
+        if len(shape) == 2 and shape[0] % block == 0:
+            add_matrix(writer, name, data, wtype)
+        else:
+            writer.add_tensor(name, data.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
