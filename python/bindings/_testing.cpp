@@ -3,6 +3,7 @@
 // extensions exercise the forward pass's seams (a low-rank addition to a projection, a vector added
 // to the residual stream after a layer) the way adapters and memory layers will.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -17,6 +18,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/quants.h"
+#include "core/threadpool.h"
 #include "kv/kv_cache.h"
 #include "model/model.h"
 
@@ -286,6 +288,30 @@ PYBIND11_MODULE(_testing, mod) {
        py::arg("v_kind") = "fp32", py::arg("window") = 0, py::arg("ring") = 0, py::arg("n_threads") = 1,
        "The CPU backend's causal attention of the last T of N positions, K and V stored in the given kinds "
        "(the newest `ring` positions in fp16), as the kernels run it inside a model.");
+
+    mod.def("pool_raise", [](py::handle n_threads, py::handle thrower) {
+        ThreadPool pool(static_cast<int>(to_int(n_threads, "n_threads", 1, 64)));
+        const int t_bad = static_cast<int>(to_int(thrower, "thrower", 0, 63));
+        py::gil_scoped_release release;
+        pool.run([&](int t) {
+            if (t == t_bad) fail(ErrorKind::invalid_arg, "thread " + std::to_string(t) + " of the pool failed");
+        });
+    }, py::arg("n_threads"), py::arg("thrower"), "A pool region in which one thread throws: the error reaches the caller.");
+    mod.def("pool_recovers", [](py::handle n_threads) {
+        ThreadPool pool(static_cast<int>(to_int(n_threads, "n_threads", 1, 64)));
+        py::gil_scoped_release release;
+        try {
+            pool.parallel_for(1000, [&](int64_t i0, int64_t, int) {
+                if (i0 > 0) fail(ErrorKind::invalid_arg, "a chunk failed");
+            });
+        } catch (const Error&) {
+        }
+        std::atomic<int64_t> sum{0};
+        pool.parallel_for(1000, [&](int64_t i0, int64_t i1, int) {
+            for (int64_t i = i0; i < i1; ++i) sum += i;
+        });
+        return sum.load();
+    }, py::arg("n_threads"), "After a region that threw, the same pool sums 0..999 correctly.");
 
     py::class_<LowRankAdd, ForwardExtension, std::shared_ptr<LowRankAdd>>(mod, "LowRankAdd")
         .def(py::init([](Model& m, py::handle layer, py::handle projection, py::handle a_obj, py::handle b_obj,

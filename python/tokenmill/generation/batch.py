@@ -37,7 +37,7 @@ def generate_batch(model: "EngineModel", prompts: Seq, configs: Seq[GenerateConf
         runs.append(Run(seq, config, prompt_tokens=len(ids)))
     active = list(range(len(seqs)))
     while active:
-        evaluate(model, [seqs[i] for i in active])
+        evaluate(model, [seqs[i] for i in active if not runs[i].limit_reached()])
         for i in active:
             runs[i].step()
         active = [i for i in active if not runs[i].done]

@@ -165,7 +165,8 @@ class Generator:
                     saved = seq.config
                     seq.config = run.config   # context_overflow may be set per call
                     try:
-                        evaluate(self.model, [seq])
+                        if not run.limit_reached():
+                            evaluate(self.model, [seq])
                         events = run.step()
                     finally:
                         seq.config = saved

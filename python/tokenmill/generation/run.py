@@ -42,12 +42,17 @@ class Run:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def limit_reached(self) -> bool:
+        """max_new_tokens are out: the run ends without evaluating its last token."""
+        return len(self.tokens) + len(self.held) >= self.max_new_tokens
+
     def step(self) -> list[Event]:
-        """Samples one token from the sequence's current logits; returns released events."""
+        """Samples one token from the sequence's current logits (or ends at max_new_tokens);
+        returns released events."""
         seq = self.seq
         if self.t_first is None:
             self.t_first = time.perf_counter()
-        if len(self.tokens) + len(self.held) >= self.max_new_tokens:
+        if self.limit_reached():
             return self.finish("length")
         token = seq.sample(self.sampler)
         if token in self.eos:
