@@ -30,6 +30,10 @@ CASES = [
     # ---- _core: module functions
     ("set_cpu_level_none", "_core.set_cpu_level(None)", IAE),
     ("set_cpu_level_unknown", "_core.set_cpu_level('avx9000')", IAE),
+    ("cpu_level_with_argument", "_core.cpu_level(1)", IAE),
+    ("devices_with_keyword", "_core.devices(x=1)", IAE),
+    ("gguf_metadata_with_argument", "_core.GGUFFile(P['tiny_gguf']).metadata(1)", IAE),
+    ("sampler_candidates_with_argument", "_core.Sampler(_core.SamplerParams(), 4).last_candidates(0)", IAE),
     ("set_cpu_level_two_args", "_core.set_cpu_level('scalar', 1)", IAE),
     ("quantize_bad_length", "_core.quantize('q4_0', np.ones(33, np.float32))", IAE),
     ("quantize_unknown_type", "_core.quantize('q9', [1.0] * 32)", IAE),
@@ -181,6 +185,12 @@ CASES = [
     ("generator_decode_empty", "tokenmill.Generator(m).decode_step()", IAE),
     ("generator_empty_prompt", "tokenmill.Generator(m).generate([])", IAE),
     ("generator_cache_override", "tokenmill.Generator(m).generate('x', cache_kind='q8')", IAE),
+    ("generator_not_a_model", "tokenmill.Generator('model')", IAE),
+    ("generate_fn_not_a_model", "tokenmill.generate('model', [1, 2])", IAE),
+    ("generate_fn_bad_config", "tokenmill.generate(m, [1, 2], config={'temperature': 0})", IAE),
+    ("generate_huge_max_new_tokens", "assert m.generate('Hi', max_new_tokens=2**30, max_seq_len=16, ignore_eos=True, "
+     "details=True).finish_reason == 'context'", None),
+    ("generate_max_new_tokens_beyond_int32", "m.generate('Hi', max_new_tokens=2**70)", IAE),
     ("config_float_top_k", "tokenmill.GenerateConfig(top_k=1.5)", IAE),
     ("config_bad_group", "tokenmill.GenerateConfig(sampling='x')", IAE),
     ("config_immutable", "tokenmill.GenerateConfig().temperature = 3", "AttributeError"),

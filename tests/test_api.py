@@ -165,3 +165,60 @@ def test_cli_negative_numbers_parse_as_values():
     args = build_parser().parse_args(["generate", "--prompt", "-5 degrees", "--eos_id", "-1", "--seed", "-0",
                                       "--temp", "-0.5"])
     assert args.eos_id == -1 and args.prompt == "-5 degrees" and args.temp == -0.5
+
+
+def _package_imports():
+    """{module: tokenmill modules it imports (at any depth of its code)} from the package's sources;
+    `from pkg import name` counts as importing pkg.name when that is a module."""
+    import ast
+    from pathlib import Path
+
+    root = Path(tokenmill.__file__).parent
+    sources = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        is_init = parts[-1] == "__init__"
+        module = ".".join(("tokenmill",) + (parts[:-1] if is_init else parts))
+        sources[module] = (path, module if is_init else module.rsplit(".", 1)[0])
+    modules = set(sources) | {"tokenmill._core", "tokenmill._testing"}
+    graph = {}
+    for module, (path, package) in sources.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rsplit(".", 1)[0]
+                target = (base + "." + node.module if node.module else base) if node.level else node.module or ""
+                for alias in node.names:
+                    deps.add(target + "." + alias.name if target + "." + alias.name in modules else target)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[module] = {d for d in deps if d.startswith("tokenmill") and d != module}
+    return graph
+
+
+def test_import_graph_has_no_cycles_and_one_module_talks_to_core():
+    graph = _package_imports()
+    core_users = sorted(m for m, deps in graph.items() if "tokenmill._core" in deps)
+    assert core_users == ["tokenmill.engine.native"], core_users
+    assert not any("tokenmill._testing" in deps for deps in graph.values())
+
+    # a package's __init__ re-exporting its own modules is not a cycle among the modules
+    def edges(m):
+        return {d for d in graph.get(m, ()) if not (m.startswith(d + ".") and d in graph)}
+
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for d in edges(m):
+            if state.get(d) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack + [d]))
+            if d not in state:
+                visit(d, stack + [d])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])

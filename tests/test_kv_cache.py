@@ -4,7 +4,6 @@ quality-gated automatic choice with its persisted plan."""
 
 import json
 import time
-import warnings
 
 import numpy as np
 import pytest

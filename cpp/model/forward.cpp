@@ -177,8 +177,7 @@ void Model::embed(Pass& p) {
     }
 }
 
-void Model::norm(Pass& p, float* out, const float* in, const Norm& n, int64_t rows) {
-    (void)p;
+void Model::norm(float* out, const float* in, const Norm& n, int64_t rows) {
     if (spec_->norm == NormKind::layer) backend_->layer_norm(out, in, n.weight, n.bias, rows, hp_.n_embd, hp_.norm_eps);
     else backend_->rms_norm(out, in, n.weight, rows, hp_.n_embd, hp_.norm_eps);
 }
@@ -197,7 +196,7 @@ void Model::attention_block(Pass& p, int64_t l) {
     Backend& be = *backend_;
     const Layer& L = layers_[static_cast<size_t>(l)];
     float *x = ws_.x.get(), *h = ws_.h.get(), *q = ws_.q.get(), *k = ws_.k.get(), *v = ws_.v.get(), *att = ws_.att.get();
-    norm(p, h, x, L.attn_norm, p.T);
+    norm(h, x, L.attn_norm, p.T);
     const MatmulItem qkv[] = {{q, &L.wq}, {k, &L.wk}, {v, &L.wv}};
     const Projection qkv_roles[] = {Projection::q, Projection::k, Projection::v};
     project(p, qkv, qkv_roles, 3, h, l);
@@ -219,7 +218,7 @@ void Model::mlp_block(Pass& p, int64_t l) {
     Backend& be = *backend_;
     const Layer& L = layers_[static_cast<size_t>(l)];
     float *x = ws_.x.get(), *h = ws_.h.get(), *a = ws_.ff_a.get(), *b = ws_.ff_b.get();
-    norm(p, h, x, L.ffn_norm, p.T);
+    norm(h, x, L.ffn_norm, p.T);
     if (spec_->mlp == MlpKind::swiglu) {
         const MatmulItem gate_up[] = {{a, &L.w_gate}, {b, &L.w_up}};
         const Projection roles[] = {Projection::gate, Projection::up};
@@ -272,7 +271,7 @@ void Model::outputs(Pass& p) {
         return w;
     };
     be.get_rows(ws_.h.get(), table(ws_.x.get(), p.T), rows.data(), U);   // h[U, E]
-    norm(p, ws_.out.get(), ws_.h.get(), output_norm_, U);               // out[U, E]
+    norm(ws_.out.get(), ws_.h.get(), output_norm_, U);               // out[U, E]
     for (size_t i = 0; i < req.hidden_rows.size(); ++i)
         be.download(req.hidden + static_cast<int64_t>(i) * E, ws_.out.get() + slot[req.hidden_rows[i]] * E,
                     static_cast<size_t>(E));

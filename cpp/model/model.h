@@ -116,7 +116,7 @@ private:
     // blocks of the forward pass (forward.cpp)
     void validate(const ForwardRequest& req, int64_t& T) const;
     void embed(Pass& p);
-    void norm(Pass& p, float* out, const float* in, const Norm& n, int64_t rows);
+    void norm(float* out, const float* in, const Norm& n, int64_t rows);
     void project(Pass& p, const MatmulItem* items, const Projection* roles, int n, const float* x, int64_t layer);
     void attention_block(Pass& p, int64_t l);
     void mlp_block(Pass& p, int64_t l);

@@ -254,7 +254,8 @@ PYBIND11_MODULE(_core, mod) {
         py::gil_scoped_release release;   // waits for running passes, which may need the GIL to finish
         cpu::set_level(level);
     }, py::arg("name"), "Forces a kernel level (tests, benchmarks); takes effect between forward passes.");
-    reject_other_calls(mod, "set_cpu_level", "set_cpu_level");
+    for (const char* name : {"default_thread_count", "available_cpus", "devices", "cpu_level", "cpu_levels", "set_cpu_level"})
+        reject_other_calls(mod, name, name);
 
     // ---- formats
     py::class_<GGUFFile, std::shared_ptr<GGUFFile>> gguf(mod, "GGUFFile");
@@ -293,6 +294,8 @@ PYBIND11_MODULE(_core, mod) {
         }, py::arg("name"), "The tensor as float32, in numpy (row-major) order.");
     reject_other_inits(gguf, "GGUFFile");
     reject_other_calls(gguf, "dequantize", "GGUFFile.dequantize");
+    reject_other_calls(gguf, "metadata", "GGUFFile.metadata");
+    reject_other_calls(gguf, "tensors", "GGUFFile.tensors");
 
     mod.def("quantize", [](py::handle type, py::handle x_obj) {
         DType t = storage_type(type);
@@ -518,4 +521,5 @@ PYBIND11_MODULE(_core, mod) {
         .def("last_candidates", &Sampler::last_candidates);
     reject_other_inits(sampler, "Sampler");
     reject_other_calls(sampler, "sample", "Sampler.sample");
+    reject_other_calls(sampler, "last_candidates", "Sampler.last_candidates");
 }

@@ -37,6 +37,7 @@ from .generation import (
     TokenLogprob,
     generate,
 )
+from .text.chat import ChatTemplateError
 from .text.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CacheConfig",
     "CacheSpec",
+    "ChatTemplateError",
     "ConcurrentUseError",
     "ContextConfig",
     "ContextOverflowError",

@@ -5,6 +5,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "core/error.h"
 #include "core/quants.h"
@@ -74,13 +77,21 @@ const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scal
                       exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dequantize_row, nullptr,
                       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
+#if defined(__x86_64__) || defined(__i386__)
+// F16C from cpuid itself: __builtin_cpu_supports does not know it in every compiler (clang 14)
+bool has_f16c() {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+}
+#endif
+
 bool cpu_has(Level level) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     switch (level) {
         case Level::scalar: return true;
         case Level::avx2:
-            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
         case Level::avx512:   // CPUs with AVX-512 but no VNNI (Skylake-X) run the AVX2 kernels
             return cpu_has(Level::avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&

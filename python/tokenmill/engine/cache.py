@@ -5,15 +5,11 @@ between specs is `tokenmill.generation.cache_plan`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidArgumentError
 from . import native
-
-if TYPE_CHECKING:
-    from .model import EngineModel
 
 CACHE_KINDS = ("fp32", "fp16", "bf16", "q8", "q4", "nf4")
 
@@ -46,6 +42,6 @@ class CacheSpec:
         return native.kv_config(self.k_kind, self.v_kind, int(self.residual_len), int(self.fp16_prefix_layers),
                                 int(self.local_window))
 
-    def cache_bytes(self, model: "EngineModel", capacity: int) -> int:
+    def cache_bytes(self, model, capacity: int) -> int:
         """Bytes a full cache of `capacity` tokens holds (main stores plus the fp16 ring)."""
         return model.kv_cache_bytes(capacity, self)

@@ -10,7 +10,7 @@ from ..errors import InvalidArgumentError
 from .config import GenerateConfig
 from .result import GenerationResult
 from .run import Run
-from .sequence import Sequence, as_ids, evaluate
+from .sequence import Sequence, as_ids, check_model, evaluate
 
 if TYPE_CHECKING:
     from ..engine.model import EngineModel
@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 def generate_batch(model: "EngineModel", prompts: Seq, configs: Seq[GenerateConfig]) -> list[GenerationResult]:
     """Generates for several prompts at once, each with its own config (sampling parameters, seed,
     limits); returns one GenerationResult per prompt, in order."""
-    if len(prompts) != len(configs):
+    check_model(model)
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise InvalidArgumentError("prompts must be a list of prompts")
+    if not isinstance(configs, (list, tuple)) or len(prompts) != len(configs):
         raise InvalidArgumentError("one config per prompt is needed")
     if not all(isinstance(c, GenerateConfig) for c in configs):
         raise InvalidArgumentError("configs must be GenerateConfig objects")

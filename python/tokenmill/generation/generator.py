@@ -16,7 +16,7 @@ from .config import GenerateConfig
 from .result import GenerationResult
 from .batch import generate_batch
 from .run import Event, Run
-from .sequence import Sequence, as_ids, evaluate
+from .sequence import Sequence, as_ids, check_model, evaluate
 
 if TYPE_CHECKING:
     from ..engine.model import EngineModel
@@ -31,6 +31,7 @@ class Generator:
     is running raises ConcurrentUseError (a Model may be shared by many Generators)."""
 
     def __init__(self, model: "EngineModel", config: Optional[GenerateConfig] = None, **overrides: Any):
+        check_model(model)
         if config is not None and not isinstance(config, GenerateConfig):
             raise InvalidArgumentError(f"config must be a GenerateConfig, got {type(config).__name__}")
         self.model = model
@@ -182,6 +183,9 @@ class Generator:
 def generate(model: "EngineModel", input_ids, config: Optional[GenerateConfig] = None, **overrides: Any):
     """Stateless generation: new token ids for one prompt (a list of ids), or one list per prompt
     for a batch (a list of lists), decoded together."""
+    check_model(model)
+    if config is not None and not isinstance(config, GenerateConfig):
+        raise InvalidArgumentError(f"config must be a GenerateConfig, got {type(config).__name__}")
     config = (config or GenerateConfig()).replace(**overrides)
     if isinstance(input_ids, np.ndarray) and input_ids.ndim == 2:
         input_ids = input_ids.tolist()

@@ -5,18 +5,21 @@ the history is a growing int32 buffer the sampler reads in place."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence as Seq
+from typing import Optional, Sequence as Seq
 
 import numpy as np
 
 from ..engine.cache import CacheSpec
+from ..engine.model import EngineModel
 from ..errors import ContextOverflowError, InvalidArgumentError
 from .cache_plan import CachePlan, select_cache_plan
 from .config import GenerateConfig
 from .result import TokenLogprob
 
-if TYPE_CHECKING:
-    from ..engine.model import EngineModel
+
+def check_model(model) -> None:
+    if not isinstance(model, EngineModel):
+        raise InvalidArgumentError(f"model must be a tokenmill.Model (from tokenmill.load), got {type(model).__name__}")
 
 
 class TokenBuffer:
@@ -76,7 +79,8 @@ class Sequence:
     `capacity` is the context limit (max_seq_len); the cache's memory grows with the history
     instead of being allocated for the whole context up front."""
 
-    def __init__(self, model: "EngineModel", config: GenerateConfig, reserve: int = 0):
+    def __init__(self, model: EngineModel, config: GenerateConfig, reserve: int = 0):
+        check_model(model)
         self.model = model
         self.config = config
         self.capacity = min(config.context.max_seq_len or model.n_ctx, model.n_ctx)
