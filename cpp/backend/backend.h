@@ -4,6 +4,7 @@
 // positions are host memory.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -25,6 +26,14 @@ struct Weight {
     const uint8_t* packed = nullptr; // the same values in a layout of the backend's own, or null
 
     explicit operator bool() const { return data != nullptr; }
+};
+
+// How a forward pass computes. rows_as_decode: every row gets exactly the arithmetic it would get in
+// a pass of its own (a one-token decode step) -- the same kernels and the same summation order, so a
+// speculative verification over k+1 rows reproduces k+1 decode steps bit for bit. Costs some prefill
+// speed (no tiles, no int8 rounding), none for a few rows.
+struct PassOptions {
+    bool rows_as_decode = false;
 };
 
 // What a weight is for: multiplied (matmul) or only looked up by rows (an embedding table).
@@ -61,10 +70,13 @@ struct KVLayerView {
     int64_t ring_valid_from = 0;   // positions from here on have an intact ring slot (before this call)
 
     bool has_ring() const { return k_ring.data != nullptr; }
-    // first position read from the ring once the cache holds n_end positions
-    int64_t ring_from_after(int64_t n_end) const {
-        if (!has_ring()) return n_end;
-        return n_end - residual > ring_valid_from ? n_end - residual : ring_valid_from;
+    // First position the query at `pos` reads from the ring, in a call that writes positions up to
+    // n_end: its newest `residual` positions, where their slots are intact (not reused by a later
+    // position of the same call, nor invalid from before). Per query position, so a row of a batch
+    // reads exactly what it would read if it were decoded alone.
+    int64_t ring_from(int64_t pos, int64_t n_end) const {
+        if (!has_ring()) return pos + 1;
+        return std::max({pos + 1 - residual, ring_valid_from, n_end - k_ring.capacity});
     }
 };
 
@@ -120,7 +132,7 @@ public:
 
     // --- a forward pass's ops run between begin_pass and end_pass (the CPU holds its kernel level
     // fixed there; a device backend would synchronise its stream at the end)
-    virtual void begin_pass() {}
+    virtual void begin_pass(const PassOptions& options) { (void)options; }
     virtual void end_pass() {}
 
     // --- ops (shapes in comments; T = rows of the batch)
@@ -186,7 +198,7 @@ private:
 // A forward pass's ops between begin_pass and end_pass, ended on every exit path.
 class PassScope {
 public:
-    explicit PassScope(Backend& be) : be_(be) { be_.begin_pass(); }
+    explicit PassScope(Backend& be, const PassOptions& options = {}) : be_(be) { be_.begin_pass(options); }
     ~PassScope() { be_.end_pass(); }
     PassScope(const PassScope&) = delete;
     PassScope& operator=(const PassScope&) = delete;

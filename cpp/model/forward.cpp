@@ -129,7 +129,9 @@ void Model::forward(const ForwardRequest& req) {
     for (const SequenceInput& in : req.batch) claims.emplace_back(*in.cache);
     for (const SequenceInput& in : req.batch) in.cache->reserve(in.cache->n_past() + in.n);
     ensure_workspace(T);
-    PassScope scope(*backend_);
+    PassOptions options;
+    options.rows_as_decode = req.rows_as_decode;
+    PassScope scope(*backend_, options);
 
     Pass p(req, T, *backend_,
            AttentionShape{static_cast<int>(hp_.n_head), static_cast<int>(hp_.n_head_kv), static_cast<int>(hp_.head_dim),

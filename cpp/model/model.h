@@ -54,6 +54,8 @@ struct ForwardRequest {
     std::vector<int64_t> hidden_rows;  // final hidden states (after the output norm) [hidden_rows, n_embd]
     float* hidden = nullptr;
     std::vector<LayerRows> layer_rows;
+    // Every row computed exactly as a one-token pass would compute it (PassOptions::rows_as_decode).
+    bool rows_as_decode = false;
     // Polled between layers; returning true stops the pass with Error(interrupted) and every cache
     // as it was before the call.
     std::function<bool()> interrupted;

@@ -79,6 +79,50 @@ void Sampler::apply_penalties(float* logits, const int32_t* history, int64_t n_h
 }
 
 int32_t Sampler::sample(const float* logits, const int32_t* history, int64_t n_history) {
+    const int32_t greedy = filter(logits, history, n_history);
+    if (greedy >= 0) return greedy;
+    std::vector<int32_t>& ids = ids_;
+    ids.resize(candidates_.size());
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = candidates_[i].first;
+    return draw(ids.data(), probs_.data(), ids.size());
+}
+
+void Sampler::distribution(const float* logits, const int32_t* history, int64_t n_history, std::vector<int32_t>& ids,
+                           std::vector<double>& probs) {
+    const int32_t greedy = filter(logits, history, n_history);
+    ids.clear();
+    probs.clear();
+    if (greedy >= 0) {
+        ids.push_back(greedy);
+        probs.push_back(1.0);
+        return;
+    }
+    for (const auto& [id, p] : candidates_) ids.push_back(id);
+    probs = probs_;
+}
+
+int32_t Sampler::draw(const int32_t* ids, const double* probs, size_t n) {
+    if (n == 0) fail(ErrorKind::invalid_arg, "cannot draw from an empty distribution");
+    // Walk token ids in ascending order: the token depends only on the distribution and the uniform
+    // draw, not on how the candidates happen to be ordered.
+    dense_.assign(static_cast<size_t>(n_vocab_), 0.0);
+    int32_t last = -1;   // the largest id with any probability: what rounding falls back to
+    for (size_t i = 0; i < n; ++i) {
+        if (ids[i] < 0 || ids[i] >= n_vocab_ || !(probs[i] >= 0.0) || !std::isfinite(probs[i]))
+            fail(ErrorKind::invalid_arg, "a distribution to draw from needs ids in the vocabulary and finite probabilities >= 0");
+        dense_[static_cast<size_t>(ids[i])] += probs[i];
+        if (probs[i] > 0.0) last = std::max(last, ids[i]);
+    }
+    if (last < 0) fail(ErrorKind::invalid_arg, "cannot draw from a distribution whose probabilities are all 0");
+    double u = rng_.uniform(), cum = 0.0;
+    for (int32_t id = 0; id <= last; ++id) {
+        cum += dense_[static_cast<size_t>(id)];
+        if (u < cum) return id;
+    }
+    return last;   // rounding left u above the final cumulative sum
+}
+
+int32_t Sampler::filter(const float* logits, const int32_t* history, int64_t n_history) {
     const SamplerParams& p = params_;
     for (int64_t i = 0; i < n_vocab_; ++i)
         if (!std::isfinite(logits[i]))
@@ -175,20 +219,8 @@ int32_t Sampler::sample(const float* logits, const int32_t* history, int64_t n_h
     }
 
     for (size_t i = 0; i < n; ++i) c[i].second = static_cast<float>(probs[i]);
-    // Draw by walking token ids in ascending order: the token depends only on the distribution and
-    // the uniform draw, not on how the candidates happen to be ordered.
-    dense_.assign(static_cast<size_t>(n_vocab_), 0.0);
-    int32_t last = c[0].first;
-    for (size_t i = 0; i < n; ++i) {
-        dense_[static_cast<size_t>(c[i].first)] = probs[i];
-        last = std::max(last, c[i].first);
-    }
-    double u = rng_.uniform(), cum = 0.0;
-    for (int32_t id = 0; id <= last; ++id) {
-        cum += dense_[static_cast<size_t>(id)];
-        if (u < cum) return id;
-    }
-    return last;   // rounding left u above the final cumulative sum
+    probs_.swap(probs);
+    return -1;
 }
 
 }  // namespace tmill

@@ -7,6 +7,7 @@
 //   8. draw from the renormalised survivors with the sampler's own seeded generator.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 #include <vector>
@@ -51,6 +52,17 @@ public:
     // Picks the next token from logits [n_vocab] given the tokens so far (for penalties).
     int32_t sample(const float* logits, const int32_t* history, int64_t n_history);
 
+    // The distribution sample() draws from (steps 1-7): tokens and probabilities summing to 1, the
+    // most likely first; a greedy sampler gives its token with probability 1. Speculative decoding
+    // compares the target's and the draft's distributions, so both come from this one pipeline.
+    void distribution(const float* logits, const int32_t* history, int64_t n_history, std::vector<int32_t>& ids,
+                      std::vector<double>& probs);
+    // Step 8 on a given distribution (probabilities >= 0 summing to 1, e.g. a speculative residual),
+    // with this sampler's generator.
+    int32_t draw(const int32_t* ids, const double* probs, size_t n);
+    // The generator's next uniform in [0, 1) (a speculative acceptance test).
+    double uniform() { return rng_.uniform(); }
+
     // The distribution the last sample() drew from: (token, probability) of the survivors, the
     // most likely first, the rest in no particular order. Empty after a greedy pick.
     const std::vector<std::pair<int32_t, float>>& last_candidates() const { return candidates_; }
@@ -59,12 +71,17 @@ public:
     void apply_penalties(float* logits, const int32_t* history, int64_t n_history) const;
 
 private:
+    // steps 1-7: the greedy token (temperature 0), or -1 with candidates_ and probs_ filled in
+    int32_t filter(const float* logits, const int32_t* history, int64_t n_history);
+
     SamplerParams params_;
     int64_t n_vocab_;
     Rng rng_;
     std::vector<float> work_;
     std::vector<double> dense_;
     std::vector<std::pair<int32_t, float>> candidates_;
+    std::vector<double> probs_;    // the candidates' probabilities at full precision
+    std::vector<int32_t> ids_;     // scratch: the candidates' ids
 };
 
 }  // namespace tmill

@@ -130,7 +130,7 @@ private:
 };
 
 py::tuple forward(Model& m, py::handle caches_obj, py::handle inputs_obj, py::handle logit_spec, py::handle hidden_spec,
-                  py::handle layer_spec, py::handle adapters_obj) {
+                  py::handle layer_spec, py::handle adapters_obj, py::handle decode_exact) {
     const HParams& hp = m.hparams();
     if (!py::isinstance<py::list>(caches_obj) && !py::isinstance<py::tuple>(caches_obj))
         bad_arg("caches must be a list of KVCache");
@@ -176,6 +176,7 @@ py::tuple forward(Model& m, py::handle caches_obj, py::handle inputs_obj, py::ha
         if (slots.size() != req.batch.size()) bad_arg("adapters must give one slot per sequence");
         for (size_t i = 0; i < slots.size(); ++i) req.batch[i].adapter = static_cast<int32_t>(slots[i]);
     }
+    req.rows_as_decode = to_bool(decode_exact, "decode_exact");
     req.logit_rows = output_rows(logit_spec, lengths, "logit_rows");
     req.hidden_rows = output_rows(hidden_spec, lengths, "hidden_rows");
     const int64_t L = static_cast<int64_t>(req.logit_rows.size()), H = static_cast<int64_t>(req.hidden_rows.size());
@@ -388,10 +389,12 @@ PYBIND11_MODULE(_core, mod) {
         }, py::arg("capacity"), py::arg("config"), "Bytes a full cache of this capacity and configuration holds.")
         .def("forward", &forward, py::arg("caches"), py::arg("inputs"), py::arg("logit_rows") = "last",
              py::arg("hidden_rows") = py::none(), py::arg("layer_rows") = py::none(), py::arg("adapters") = py::none(),
+             py::arg("decode_exact") = false,
              "One forward pass over a batch: inputs[i] (token ids, or float embeddings [n, n_embd]) are appended to "
              "caches[i]. Rows are numbered across the batch; logit_rows / hidden_rows / each layer_rows value is "
              "'last' (of each sequence), 'all', None or row indices. Returns (logits [rows, n_vocab] or None, final "
-             "hidden states [rows, n_embd] or None, {layer: residual stream [rows, n_embd]}). Ctrl-C stops a long "
+             "hidden states [rows, n_embd] or None, {layer: residual stream [rows, n_embd]}). decode_exact: every row "
+             "computed bit for bit as a one-token pass would (speculative verification). Ctrl-C stops a long "
              "pass within milliseconds and leaves every cache as it was.");
     py::class_<ForwardExtension, std::shared_ptr<ForwardExtension>>(mod, "ForwardExtension",
         "Something that joins a model's forward passes (an adapter, a memory layer); made by native modules.");
@@ -518,8 +521,39 @@ PYBIND11_MODULE(_core, mod) {
             py::gil_scoped_release release;
             return s.sample(logits.data(), history, n);
         }, py::arg("logits"), py::arg("history"))
+        .def("distribution", [](Sampler& s, py::handle logits_obj, py::handle history_obj) {
+            FloatArray logits = float_array(logits_obj, "logits", 1, false);
+            if (logits.shape(0) != s.n_vocab())
+                fail(ErrorKind::invalid_arg, "logits must have the vocabulary size " + std::to_string(s.n_vocab()));
+            std::vector<int32_t> history = token_ids(history_obj, s.n_vocab(), "history", true);
+            std::vector<int32_t> ids;
+            std::vector<double> probs;
+            {
+                py::gil_scoped_release release;
+                s.distribution(logits.data(), history.data(), static_cast<int64_t>(history.size()), ids, probs);
+            }
+            py::array_t<int32_t> ids_out(static_cast<py::ssize_t>(ids.size()));
+            py::array_t<double> probs_out(static_cast<py::ssize_t>(probs.size()));
+            std::copy(ids.begin(), ids.end(), ids_out.mutable_data());
+            std::copy(probs.begin(), probs.end(), probs_out.mutable_data());
+            return py::make_tuple(ids_out, probs_out);
+        }, py::arg("logits"), py::arg("history"),
+           "(ids, probabilities): what sample() would draw from, the most likely first.")
+        .def("draw", [](Sampler& s, py::handle ids_obj, py::handle probs_obj) {
+            std::vector<int32_t> ids = token_ids(ids_obj, s.n_vocab(), "ids");
+            auto probs = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(probs_obj);
+            if (!probs || probs.ndim() != 1 || static_cast<size_t>(probs.shape(0)) != ids.size()) {
+                PyErr_Clear();
+                bad_arg("probs must be a 1-D array of floats, one per id");
+            }
+            return s.draw(ids.data(), probs.data(), ids.size());
+        }, py::arg("ids"), py::arg("probs"), "A token drawn from (ids, probabilities summing to 1).")
+        .def("uniform", &Sampler::uniform, "The sampler generator's next uniform in [0, 1).")
         .def("last_candidates", &Sampler::last_candidates);
     reject_other_inits(sampler, "Sampler");
+    reject_other_calls(sampler, "distribution", "Sampler.distribution");
+    reject_other_calls(sampler, "draw", "Sampler.draw");
+    reject_other_calls(sampler, "uniform", "Sampler.uniform");
     reject_other_calls(sampler, "sample", "Sampler.sample");
     reject_other_calls(sampler, "last_candidates", "Sampler.last_candidates");
 }

@@ -10,7 +10,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from .engine.model import EngineModel, load_parts
 from .errors import InvalidArgumentError
-from .generation import GenerateConfig, Generator, generate_batch
+from .generation import GenerateConfig, Generator, SpeculativeConfig, SpeculativeGenerator, generate_batch
+from .generation.config import SPECULATIVE_FIELDS
 from .text.chat import render_chat
 
 # Model.generate / chat / generate_batch follow llama.cpp's sampling defaults; GenerateConfig itself
@@ -60,6 +61,7 @@ class Model(EngineModel):
         *,
         stream: bool = False,
         details: bool = False,
+        draft: Union["Model", str, None] = None,
         **kwargs: Any,
     ):
         """Continues `prompt` (text or token ids) and returns the new text.
@@ -70,11 +72,20 @@ class Model(EngineModel):
         defaults here are llama.cpp's (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05).
         stream=True returns an iterator of text pieces that never split a UTF-8 character;
         details=True returns a GenerationResult (text, token ids, finish reason, timings, logprobs).
+        draft: speculative decoding with a draft Model of the same vocabulary, or "lookup" for prompt
+        lookup, tuned by the SpeculativeConfig keywords (spec_k, spec_k_adaptive, ...): the same
+        greedy output, the same sampling distribution, often faster (see SpeculativeGenerator).
         Ctrl-C stops a generation (within milliseconds, even inside a long prompt) and leaves the
         model usable."""
         self._require_tokenizer()
-        config = _model_config(max_new_tokens, kwargs)
-        gen = Generator(self, config)
+        if draft is not None:
+            config = SpeculativeConfig(**{**MODEL_SAMPLING_DEFAULTS, "max_new_tokens": max_new_tokens, **kwargs})
+            gen = SpeculativeGenerator(self, draft, config)
+        else:
+            spec = sorted(k for k in kwargs if k in SPECULATIVE_FIELDS)
+            if spec:
+                raise InvalidArgumentError(f"{', '.join(spec)} need draft= (a draft Model or 'lookup')")
+            gen = Generator(self, _model_config(max_new_tokens, kwargs))
         run = gen.start(prompt)
         if stream:
             return (piece for _, piece in gen.drive(run) if piece)

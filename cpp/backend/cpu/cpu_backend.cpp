@@ -73,8 +73,14 @@ public:
         return vectors_.back().get();
     }
 
-    void begin_pass() override { level_.emplace(); }
-    void end_pass() override { level_.reset(); }
+    void begin_pass(const PassOptions& options) override {
+        level_.emplace();
+        rows_as_decode_ = options.rows_as_decode;
+    }
+    void end_pass() override {
+        rows_as_decode_ = false;
+        level_.reset();
+    }
 
     void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) override {
         const cpu::Kernels& kern = cpu::kernels();
@@ -112,7 +118,7 @@ public:
     void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) override {
         const int64_t cols = items[0].w->cols;
         const cpu::Kernels& kern = cpu::kernels();
-        const bool small_batch = T < kPreparedMaxTokens;
+        const bool small_batch = T < kPreparedMaxTokens || rows_as_decode_;
         bool any_prepared = false, any_packed = false, any_tile16 = false, any_tile = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
@@ -187,15 +193,17 @@ public:
             auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
             if (!uses_tile(kern, w, T)) {
                 const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
-                if (T == 1 && !cpu::uses_prepared_x(kern, w.type)) {
-                    for (int64_t r = r0; r < r1; ++r)   // decode: straight from the stored type
-                        out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
+                if (!cpu::uses_prepared_x(kern, w.type)) {   // decode (or rows as decode): the stored type
+                    for (int64_t r = r0; r < r1; ++r)
+                        for (int64_t t = 0; t < T; ++t)
+                            out[t * rows + r] = kern.dot_row(w.type, row_ptr(r), x + t * cols, cols) + bias(r);
                     continue;
                 }
-                // integer dots; each row stays in L1 while the tokens pass, four per widening
+                // integer dots; each row stays in L1 while the tokens pass, four per widening (one at a
+                // time when rows must match a decode step's arithmetic)
                 for (int64_t r = r0; r < r1; ++r) {
                     int64_t t = 0;
-                    for (; t + 4 <= T; t += 4) {
+                    for (; t + 4 <= T && !rows_as_decode_; t += 4) {
                         float o[4];
                         kern.dot_row_prepared_x4(w.type, row_ptr(r), xq_.data() + 2 * t * cols, xd_.data() + t * nb,
                                                  xsum_.data() + t * nb, cols, o);
@@ -382,7 +390,10 @@ public:
         const int64_t hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
         int64_t pairs = 0;
         for (int s = 0; s < n_segs; ++s) pairs += segs[s].n_rows * shape.n_kv_heads;
-        const int64_t parts_wanted = pairs >= 4 * pool_.size() ? 1 : (8 * pool_.size() + pairs - 1) / pairs;
+        // as decode: each row splits as it would alone (its KV heads are all the pairs)
+        const int64_t split_pairs = rows_as_decode_ ? shape.n_kv_heads : pairs;
+        const int64_t parts_wanted =
+            split_pairs >= 4 * pool_.size() ? 1 : (8 * pool_.size() + split_pairs - 1) / split_pairs;
         std::vector<Part> parts;
         std::vector<int64_t> first_part;   // per (row, kv head) pair, into parts
         for (int s = 0; s < n_segs; ++s) {
@@ -410,7 +421,7 @@ public:
                 const Part& part = parts[static_cast<size_t>(i)];
                 const AttentionSegment& seg = segs[part.seg];
                 const KVLayerView& kv = seg.kv;
-                const int64_t ring_from = kv.ring_from_after(seg.n_past + seg.n_rows);
+                const int64_t ring_from = kv.ring_from(seg.n_past + part.t, seg.n_past + seg.n_rows);
                 const int64_t n = part.j1 - part.j0, row = seg.row0 + part.t;
                 // scratch: scaled queries [group, hd] | acc [group, hd] | max, sum [group] | scores [group, n]
                 //          | rows [tile, hd]
@@ -500,16 +511,17 @@ private:
 
     // Which kernels a weight's product with T tokens runs on: the eight-row integer kernel (few
     // tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
-    static bool uses_packed(const cpu::Kernels& kern, const Weight& w, int64_t T) {
-        return T < kPreparedMaxTokens && w.packed && kern.dot_packed8;
+    // (Rows as decode: always the kernels of T = 1, each token on its own.)
+    bool uses_packed(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
+        return (T < kPreparedMaxTokens || rows_as_decode_) && w.packed && kern.dot_packed8;
     }
-    static bool uses_tile(const cpu::Kernels& kern, const Weight& w, int64_t T) {
-        return T > 1 && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
+    bool uses_tile(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
+        return T > 1 && !rows_as_decode_ && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
     }
 
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
-        return int8_prefill_ && T >= kPreparedMaxTokens && w.packed && kern.dot_tile16;
+        return int8_prefill_ && !rows_as_decode_ && T >= kPreparedMaxTokens && w.packed && kern.dot_tile16;
     }
 
     // fn(i0, i1) over [0, n) in chunks of kElementChunk across the threads once there is enough work,
@@ -564,6 +576,7 @@ private:
     std::vector<std::unique_ptr<uint8_t[]>> packed_;   // eight-row copies of weights (pack)
     std::vector<std::unique_ptr<float[]>> vectors_;    // uploaded norm weights and biases
     std::optional<cpu::LevelPin> level_;               // held during a pass
+    bool rows_as_decode_ = false;                      // PassOptions of the running pass
     std::vector<float> xd_, xsum_;
     std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
     bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (LoadOptions::int8_prefill)

@@ -255,14 +255,17 @@ class EngineModel:
             return False
         return True
 
-    def eval(self, cache: KVCache, inputs, logits="last", hidden=None, layers: Optional[Mapping] = None) -> ForwardResult:
+    def eval(self, cache: KVCache, inputs, logits="last", hidden=None, layers: Optional[Mapping] = None,
+             decode_exact: bool = False) -> ForwardResult:
         """Appends `inputs` (token ids, or float embeddings [n, n_embd]) to the cache in one forward
         pass. logits / hidden / each value of layers ({layer: rows}) choose rows: "last", "all",
-        None, or row indices."""
-        return self.eval_batch([cache], [inputs], logits, hidden, layers)
+        None, or row indices. decode_exact: every row's outputs are bit for bit those of feeding
+        its token alone (one decode step), e.g. to verify drafted tokens."""
+        return self.eval_batch([cache], [inputs], logits, hidden, layers, decode_exact=decode_exact)
 
     def eval_batch(self, caches: Sequence[KVCache], inputs: Sequence, logits="last", hidden=None,
-                   layers: Optional[Mapping] = None, adapters: Optional[Sequence[int]] = None) -> ForwardResult:
+                   layers: Optional[Mapping] = None, adapters: Optional[Sequence[int]] = None,
+                   decode_exact: bool = False) -> ForwardResult:
         """One forward pass over several sequences: inputs[i] is appended to caches[i]; rows are
         numbered across the batch in order ("last" means the last row of each sequence)."""
         if isinstance(caches, KVCache) or not isinstance(caches, (list, tuple)):
@@ -273,7 +276,7 @@ class EngineModel:
         if not isinstance(inputs, (list, tuple)):
             raise InvalidArgumentError("inputs must be a list with one token-id sequence per cache")
         out = native.forward(self._native, [c.native for c in caches], list(inputs), logits, hidden,
-                             dict(layers) if layers is not None else None, adapters)
+                             dict(layers) if layers is not None else None, adapters, decode_exact)
         return ForwardResult(*out)
 
     def logits(

@@ -102,5 +102,5 @@ def new_sampler(n_vocab: int, *, temperature: float, top_k: int, top_p: float, m
 
 
 def forward(model: "_core.Model", caches: list, inputs: list, logit_rows, hidden_rows, layer_rows,
-            adapters: Optional[Sequence[int]]):
-    return model.forward(caches, inputs, logit_rows, hidden_rows, layer_rows, adapters)
+            adapters: Optional[Sequence[int]], decode_exact: bool):
+    return model.forward(caches, inputs, logit_rows, hidden_rows, layer_rows, adapters, decode_exact)

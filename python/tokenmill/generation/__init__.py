@@ -9,10 +9,13 @@ from .config import (
     GenerateConfig,
     PrefillConfig,
     SamplingConfig,
+    SpeculativeConfig,
+    SpeculativeOptions,
     StoppingConfig,
 )
 from .generator import Generator, generate
-from .result import GenerationResult, TokenLogprob
+from .result import GenerationResult, SpeculativeStats, TokenLogprob
+from .speculative import SpeculativeGenerator
 
 __all__ = [
     "CacheConfig",
@@ -24,6 +27,10 @@ __all__ = [
     "Generator",
     "PrefillConfig",
     "SamplingConfig",
+    "SpeculativeConfig",
+    "SpeculativeGenerator",
+    "SpeculativeOptions",
+    "SpeculativeStats",
     "StoppingConfig",
     "TokenLogprob",
     "generate",

@@ -263,6 +263,48 @@ class PrefillConfig:
         return self.q_chunk, self.local_window
 
 
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    """Speculative decoding (SpeculativeConfig; see tokenmill.generation.speculative): spec_k tokens
+    drafted per step; spec_k_adaptive moves k within [spec_k_min, spec_k_max] (+1 after a step
+    whose drafts were all accepted, -1 after one with a rejection); spec_method "reject_sampling"
+    (accept a draft x with probability min(1, p(x)/q(x)), on rejection draw from max(0, p - q)
+    renormalised: the output distribution is the target's own); spec_extra_token draws one more
+    token from the target when all drafts are accepted; below spec_disable_below_accept measured
+    acceptance (over the last 64 proposals, from 16 on) it decodes plainly for spec_probe_interval
+    tokens, then tries again. Prompt lookup matches the latest lookup_ngram_max .. lookup_ngram_min
+    tokens (longest first) against the context; with a draft model and spec_lookup_first, lookup is
+    tried first and the model drafts where it finds nothing."""
+
+    k: int = 4
+    k_adaptive: bool = False
+    k_min: int = 1
+    k_max: int = 16
+    method: str = "reject_sampling"
+    extra_token: bool = True
+    disable_below_accept: float = 0.0
+    probe_interval: int = 64
+    lookup_ngram_min: int = 2
+    lookup_ngram_max: int = 4
+    lookup_first: bool = False
+
+    def __post_init__(self):
+        _integer("spec_k_min", self.k_min, 1, 64)
+        _integer("spec_k_max", self.k_max, self.k_min, 64)
+        _integer("spec_k", self.k, self.k_min, self.k_max)
+        _flag("spec_k_adaptive", self.k_adaptive)
+        _flag("spec_extra_token", self.extra_token)
+        if self.method not in SPEC_METHODS:
+            raise InvalidArgumentError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}")
+        _number("spec_disable_below_accept", self.disable_below_accept, lo=0.0, hi=1.0)
+        _integer("spec_probe_interval", self.probe_interval, 1, 2**20)
+        _integer("lookup_ngram_min", self.lookup_ngram_min, 1, 64)
+        _integer("lookup_ngram_max", self.lookup_ngram_max, self.lookup_ngram_min, 64)
+        _flag("spec_lookup_first", self.lookup_first)
+
+
+SPEC_METHODS = ("reject_sampling",)
+
 GROUPS = {
     "sampling": SamplingConfig,
     "stopping": StoppingConfig,
@@ -270,19 +312,23 @@ GROUPS = {
     "cache": CacheConfig,
     "prefill": PrefillConfig,
 }
-_PREFIX = {"cache": "cache_", "prefill": "decode_"}
+_PREFIX = {"cache": "cache_", "prefill": "decode_", "speculative": "spec_"}
 
 
 def _flat_name(group: str, field: str) -> str:
     if group == "prefill" and field == "plan":
         return "decode_plan"
+    if field.startswith("lookup_ngram"):
+        return field
     return _PREFIX.get(group, "") + field
 
 
-# flat seed name -> (group, field), in the seed's order
-FLAT_FIELDS: dict[str, tuple[str, str]] = {
-    _flat_name(g, f.name): (g, f.name) for g, cls in GROUPS.items() for f in dataclasses.fields(cls)
-}
+def _flat_fields(groups: dict) -> dict[str, tuple[str, str]]:
+    """flat seed name -> (group, field), in the seed's order"""
+    return {_flat_name(g, f.name): (g, f.name) for g, cls in groups.items() for f in dataclasses.fields(cls)}
+
+
+FLAT_FIELDS = _flat_fields(GROUPS)
 
 
 def unknown_parameter(name: str, known) -> UnknownParameterError:
@@ -296,59 +342,60 @@ class GenerateConfig:
     `stopping`, `context`, `cache` and `prefill`, each field also readable and settable (through
     `replace` or the constructor) by its flat seed name."""
 
+    GROUPS = GROUPS
+    FLAT_FIELDS = FLAT_FIELDS
     __slots__ = tuple(GROUPS)
 
-    def __init__(self, *, sampling: Optional[SamplingConfig] = None, stopping: Optional[StoppingConfig] = None,
-                 context: Optional[ContextConfig] = None, cache: Optional[CacheConfig] = None,
-                 prefill: Optional[PrefillConfig] = None, **flat: Any):
-        given = dict(sampling=sampling, stopping=stopping, context=context, cache=cache, prefill=prefill)
-        changes: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
-        for name, value in flat.items():
-            if name not in FLAT_FIELDS:
-                raise unknown_parameter(name, FLAT_FIELDS)
-            group, field = FLAT_FIELDS[name]
+    def __init__(self, **given: Any):
+        groups = type(self).GROUPS
+        flat_fields = type(self).FLAT_FIELDS
+        changes: dict[str, dict[str, Any]] = {g: {} for g in groups}
+        for name, value in list(given.items()):
+            if name in groups:
+                continue
+            if name not in flat_fields:
+                raise unknown_parameter(name, flat_fields)
+            group, field = flat_fields[name]
             changes[group][field] = value
-        for group, cls in GROUPS.items():
-            base = given[group]
+        for group, cls in groups.items():
+            base = given.get(group)
             if base is not None and not isinstance(base, cls):
                 raise InvalidArgumentError(f"{group} must be a {cls.__name__}, got {type(base).__name__}")
             value = dataclasses.replace(base, **changes[group]) if base is not None else cls(**changes[group])
             object.__setattr__(self, group, value)
 
     def __getattr__(self, name: str):
-        entry = FLAT_FIELDS.get(name)
+        entry = type(self).FLAT_FIELDS.get(name)
         if entry is None:
-            raise AttributeError(f"GenerateConfig has no field {name!r}")
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}")
         return getattr(object.__getattribute__(self, entry[0]), entry[1])
 
     def __setattr__(self, name, value):
-        raise AttributeError("GenerateConfig is immutable; use replace(**changes)")
+        raise AttributeError(f"{type(self).__name__} is immutable; use replace(**changes)")
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, GenerateConfig) and all(getattr(self, g) == getattr(other, g) for g in GROUPS)
+        return type(other) is type(self) and all(getattr(self, g) == getattr(other, g) for g in self.GROUPS)
 
     def __hash__(self):
         return None   # mutable mappings (logit_bias) may sit inside
 
     def __repr__(self) -> str:
-        default = GenerateConfig.__new__(GenerateConfig)
-        for g, cls in GROUPS.items():
-            object.__setattr__(default, g, cls())
+        default = type(self)()
         changed = [f"{k}={v!r}" for k, v in self.to_dict().items() if v != getattr(default, k)]
-        return f"GenerateConfig({', '.join(changed)})"
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     def replace(self, **changes: Any) -> "GenerateConfig":
         """A copy with some fields changed (flat seed names, or whole groups)."""
-        groups = {g: changes.pop(g) for g in list(changes) if g in GROUPS}
-        return GenerateConfig(**{g: groups.get(g, getattr(self, g)) for g in GROUPS}, **changes)
+        groups = {g: changes.pop(g) for g in list(changes) if g in self.GROUPS}
+        return type(self)(**{g: groups.get(g, getattr(self, g)) for g in self.GROUPS}, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field under its flat seed name."""
-        return {name: getattr(getattr(self, g), f) for name, (g, f) in FLAT_FIELDS.items()}
+        return {name: getattr(getattr(self, g), f) for name, (g, f) in self.FLAT_FIELDS.items()}
 
-    @staticmethod
-    def field_names() -> list[str]:
-        return list(FLAT_FIELDS)
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return list(cls.FLAT_FIELDS)
 
     # conveniences the generation layer uses
     def stop_strings(self) -> list[str]:
@@ -356,3 +403,20 @@ class GenerateConfig:
 
     def eos_ids(self, model_eos: Optional[Sequence[int]]) -> set[int]:
         return self.stopping.eos_ids(model_eos)
+
+
+class SpeculativeConfig(GenerateConfig):
+    """A GenerateConfig plus the group `speculative` (SpeculativeOptions): spec_k, spec_k_adaptive,
+    spec_k_min, spec_k_max, spec_method, spec_extra_token, spec_disable_below_accept,
+    spec_probe_interval, lookup_ngram_min, lookup_ngram_max."""
+
+    GROUPS = {**GROUPS, "speculative": SpeculativeOptions}
+    FLAT_FIELDS = _flat_fields(GROUPS)
+    __slots__ = ("speculative",)
+
+    def generation_config(self) -> GenerateConfig:
+        """The same settings without the speculative group (what plain decoding uses)."""
+        return GenerateConfig(**{g: getattr(self, g) for g in GenerateConfig.GROUPS})
+
+
+SPECULATIVE_FIELDS = tuple(n for n, (g, _) in SpeculativeConfig.FLAT_FIELDS.items() if g == "speculative")

@@ -166,9 +166,7 @@ class Generator:
                     saved = seq.config
                     seq.config = run.config   # context_overflow may be set per call
                     try:
-                        if not run.limit_reached():
-                            evaluate(self.model, [seq])
-                        events = run.step()
+                        events = self._step(run)
                     finally:
                         seq.config = saved
                 yield from events
@@ -178,6 +176,13 @@ class Generator:
                     run.finish("cancelled")
                 self.last = run.result()
                 self._active = None
+
+
+    def _step(self, run: Run) -> list[Event]:
+        """One step of a run: evaluate what is pending, sample a token (or end at max_new_tokens)."""
+        if not run.limit_reached():
+            evaluate(self.model, [self._seq])
+        return run.step()
 
 
 def generate(model: "EngineModel", input_ids, config: Optional[GenerateConfig] = None, **overrides: Any):

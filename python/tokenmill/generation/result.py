@@ -7,6 +7,25 @@ from typing import Optional
 
 
 @dataclass
+class SpeculativeStats:
+    """What speculative decoding did in one generation: drafted tokens proposed and accepted, the
+    verification steps, the k of each step, tokens decoded plainly (no draft, or acceptance too low),
+    and the time spent drafting and verifying."""
+
+    proposed: int = 0
+    accepted: int = 0
+    steps: int = 0
+    k_per_step: list[int] = field(default_factory=list)
+    plain_tokens: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+
+@dataclass
 class TokenLogprob:
     token: int
     logprob: float
@@ -27,6 +46,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     logprobs: Optional[list[TokenLogprob]] = None
+    speculative: Optional[SpeculativeStats] = None
 
     @property
     def prefill_tokens_per_second(self) -> float:

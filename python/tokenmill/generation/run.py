@@ -11,7 +11,7 @@ from ..errors import TokenmillError
 from ..text.stream import StreamDecoder
 from .config import GenerateConfig
 from .result import GenerationResult, TokenLogprob
-from .sequence import Sequence
+from .sequence import Sequence, token_logprob
 
 Event = tuple[Optional[int], str]
 
@@ -33,6 +33,7 @@ class Run:
         self.tokens: list[int] = []
         self.texts: list[str] = []
         self.logprobs: Optional[list[TokenLogprob]] = [] if self.top_logprobs is not None else None
+        self.speculative = None   # SpeculativeStats when a SpeculativeGenerator drives the run
         self.finish_reason: Optional[str] = None
         self.prompt_tokens = prompt_tokens
         self.t_start = time.perf_counter()
@@ -54,11 +55,18 @@ class Run:
             self.t_first = time.perf_counter()
         if self.limit_reached():
             return self.finish("length")
-        token = seq.sample(self.sampler)
+        return self.push(seq.sample(self.sampler), seq.logits)
+
+    def push(self, token: int, logits) -> list[Event]:
+        """A new token drawn from `logits` (the next-token logits of the context): EOS, logprobs,
+        the context, stop strings. Speculative decoding pushes several per step."""
+        seq = self.seq
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
         if token in self.eos:
             return self.finish("eos")
         if self.logprobs is not None:
-            self.logprobs.append(seq.logprob(token, self.top_logprobs))
+            self.logprobs.append(token_logprob(logits, token, self.top_logprobs))
         seq.append(token)
         piece = self.decoder.push(token) if self.decoder else ""
         if not self.stops:
@@ -137,4 +145,5 @@ class Run:
             prefill_seconds=first - self.t_start,
             decode_seconds=now - first,
             logprobs=self.logprobs,
+            speculative=self.speculative,
         )

@@ -156,16 +156,18 @@ class Sequence:
     def sample(self, sampler=None) -> int:
         return int((sampler or self.sampler).sample(self.logits, self.history.view()))
 
-    def logprob(self, token: int, top_n: int) -> TokenLogprob:
-        """Log-probability of `token` under the model's own distribution (before sampling filters)."""
-        z = self.logits.astype(np.float64)
-        logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
-        top = []
-        if top_n > 0:
-            idx = np.argpartition(-logp, min(top_n, logp.size - 1))[:top_n]
-            idx = idx[np.argsort(-logp[idx], kind="stable")]
-            top = [(int(i), float(logp[i])) for i in idx]
-        return TokenLogprob(token, float(logp[token]), top)
+
+def token_logprob(logits: np.ndarray, token: int, top_n: int) -> TokenLogprob:
+    """Log-probability of `token` under the model's own distribution (before sampling filters), with
+    the top_n most likely alternatives."""
+    z = logits.astype(np.float64)
+    logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+    top = []
+    if top_n > 0:
+        idx = np.argpartition(-logp, min(top_n, logp.size - 1))[:top_n]
+        idx = idx[np.argsort(-logp[idx], kind="stable")]
+        top = [(int(i), float(logp[i])) for i in idx]
+    return TokenLogprob(token, float(logp[token]), top)
 
 
 def evaluate(model: "EngineModel", seqs: Seq[Sequence]) -> None:

@@ -39,7 +39,15 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = model.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
         prompt = args.prompt
-    for piece in model.generate(prompt, args.num_tokens, eos_token_id=args.eos_id, stream=True, **sampling):
+    speculative = {}
+    if args.draft and args.lookup:
+        raise ValueError("give --draft or --lookup, not both")
+    if args.draft or args.lookup:
+        draft = "lookup" if args.lookup else load(args.draft, n_threads=args.threads, n_ctx=max_seq_len,
+                                                    weights=args.draft_weights)
+        speculative = dict(draft=draft, spec_k=args.spec_k, spec_k_adaptive=args.spec_adaptive)
+    for piece in model.generate(prompt, args.num_tokens, eos_token_id=args.eos_id, stream=True, **sampling,
+                                **speculative):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -129,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     g.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
     g.add_argument("--int8-prefill", dest="int8_prefill", action="store_true", help=INT8_PREFILL_HELP)
+    g.add_argument("--draft", default=None, help="speculative decoding with this draft model (same vocabulary)")
+    g.add_argument("--draft-weights", dest="draft_weights", choices=WEIGHT_TYPES, default=None,
+                   help="convert the draft's weights on load (e.g. --draft MODEL --draft-weights q4_0: a self-draft)")
+    g.add_argument("--lookup", action="store_true", help="speculative decoding with prompt lookup (no draft model)")
+    g.add_argument("--spec-k", dest="spec_k", type=int, default=4, help="tokens drafted per step")
+    g.add_argument("--spec-adaptive", dest="spec_adaptive", action="store_true", help="adapt k to the acceptance")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="measure batched decode throughput (and multi-turn cache reuse)")

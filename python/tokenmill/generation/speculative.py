@@ -1,0 +1,327 @@
+"""Speculative decoding: a drafter proposes up to k tokens, the target checks them all in one
+forward pass, and accepted tokens cost a fraction of a decode step each.
+
+Exactness. The verification pass runs with decode_exact: each of its k+1 rows is computed with the
+arithmetic of a one-token decode step, bit for bit, so greedy speculative output is the target's own
+greedy output, token for token (cache kinds and fp16 rings included: a row reads the ring as it would
+alone). With sampling, drafts are accepted by the rule of Leviathan et al. / Chen et al.:
+
+    accept x_i with probability min(1, p_i(x_i) / q_i(x_i))
+    on the first rejection, draw from max(0, p_i - q_i), renormalised; if all k are accepted and
+    spec_extra_token, draw one more token from p_k
+
+where p_i and q_i are the target's and the drafter's distributions after the same sampler pipeline
+(penalties over the same history, logit bias, temperature, top-k / top-p / min-p / typical-p), so each
+new token has exactly the distribution plain sampling would give it. Prompt lookup drafts are a point
+mass (q = 1 at x): accepted with probability p(x), else drawn from p without x.
+
+Drafters: another model with the same vocabulary (`ModelDrafter`: a smaller model, or the target's
+file loaded with cheaper weights), prompt lookup (`LookupDrafter`: the latest n-gram matched against
+the context, longest first, the most recent occurrence), or both (lookup first, the model when lookup
+finds nothing: spec_lookup_first).
+
+Adaptive k (spec_k_adaptive): +1 after a step whose k drafts were all accepted, -1 after a step with a
+rejection, within [spec_k_min, spec_k_max]. Fallback: when the acceptance over the last 64 proposed
+tokens (measured from 16 on) is below spec_disable_below_accept, the next spec_probe_interval tokens
+are decoded plainly, then drafting resumes with a fresh window."""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import numpy as np
+
+from ..engine.model import EngineModel
+from ..errors import InvalidArgumentError
+from .config import SPECULATIVE_FIELDS, GenerateConfig, SpeculativeConfig
+from .generator import Generator
+from .result import SpeculativeStats
+from .run import Event, Run
+from .sequence import Sequence, check_model, evaluate
+
+if TYPE_CHECKING:
+    from .config import SpeculativeOptions
+
+WINDOW_PROPOSALS = 64   # acceptance is measured over this many recent proposals ...
+MIN_PROPOSALS = 16      # ... from this many on
+
+
+class Draft:
+    """Proposed tokens and, for each, the distribution it was drawn from ((ids, probs)); None means a
+    point mass at the token (greedy drafts, prompt lookup)."""
+
+    __slots__ = ("tokens", "dists")
+
+    def __init__(self, tokens: list[int], dists: Optional[list] = None):
+        self.tokens = tokens
+        self.dists = dists
+
+
+class LookupDrafter:
+    """Prompt lookup: the continuation of the most recent earlier occurrence of the context's last
+    n tokens, for n from ngram_max down to ngram_min. The index of n-grams grows with the context
+    (O(1) per new token) and is rebuilt only when the context changed before its end."""
+
+    def __init__(self, ngram_min: int, ngram_max: int):
+        self.ngram_min, self.ngram_max = ngram_min, ngram_max
+        self._indexed = np.zeros(0, np.int32)   # the context the index describes
+        self._index: dict[bytes, int] = {}      # n-gram bytes -> start of its latest occurrence
+
+    def _update(self, history: np.ndarray) -> None:
+        n_old = len(self._indexed)
+        if len(history) < n_old or not np.array_equal(history[:n_old], self._indexed):
+            self._index.clear()
+            n_old = 0
+        # an n-gram is indexed once a token follows it (ends at p <= len - 2)
+        for end in range(max(n_old - 1, 0), len(history) - 1):
+            for n in range(self.ngram_min, self.ngram_max + 1):
+                start = end - n + 1
+                if start >= 0:
+                    self._index[history[start : end + 1].tobytes()] = start
+        self._indexed = history.copy()
+
+    def propose(self, history: np.ndarray, k: int) -> Draft:
+        self._update(history)
+        L = len(history)
+        for n in range(min(self.ngram_max, L - 1), self.ngram_min - 1, -1):
+            start = self._index.get(history[L - n :].tobytes())
+            if start is not None:
+                return Draft(history[start + n : start + n + k].tolist())
+        return Draft([])
+
+
+class ModelDrafter:
+    """A draft model's own sequence (cache, history, sampler), kept equal to the target's context:
+    it drafts k tokens one decode step at a time, each drawn with the same sampling settings."""
+
+    def __init__(self, model: EngineModel, config: GenerateConfig):
+        self.model = model
+        self.seq = Sequence(model, config)
+        self.greedy = config.sampling.temperature == 0
+
+    def sync(self, history: np.ndarray) -> None:
+        """Makes the draft context equal to `history`, keeping the cached common prefix."""
+        mine = self.seq.history.view()
+        m = min(len(mine), len(history))
+        diff = np.flatnonzero(mine[:m] != history[:m])
+        common = int(diff[0]) if diff.size else m
+        if common < len(mine):
+            self.seq.rollback(len(mine) - common)
+        if len(history) > common:
+            self.seq.extend(history[common:].tolist(), room=0)
+            self.seq.logits = None
+
+    def propose(self, history: np.ndarray, k: int) -> Draft:
+        self.sync(history)
+        seq = self.seq
+        k = min(k, seq.capacity - len(seq.history))
+        tokens, dists = [], None if self.greedy else []
+        for _ in range(k):
+            evaluate(self.model, [seq])
+            if self.greedy:
+                token = seq.sample()
+            else:
+                ids, probs = seq.sampler.distribution(seq.logits, seq.history.view())
+                token = int(seq.sampler.draw(ids, probs))
+                dists.append((ids, probs))
+            tokens.append(token)
+            seq.append(token)
+        return Draft(tokens, dists)
+
+
+class HybridDrafter:
+    """Prompt lookup first; the draft model where lookup finds no match."""
+
+    def __init__(self, lookup: LookupDrafter, model: ModelDrafter):
+        self.lookup, self.model = lookup, model
+
+    def propose(self, history: np.ndarray, k: int) -> Draft:
+        draft = self.lookup.propose(history, k)
+        return draft if draft.tokens else self.model.propose(history, k)
+
+
+def same_vocabulary(target: EngineModel, draft: EngineModel) -> None:
+    """A draft must speak the target's vocabulary: the same size and, where both have tokenizers,
+    the same token strings."""
+    if draft.n_vocab != target.n_vocab:
+        raise InvalidArgumentError(
+            f"the draft model's vocabulary has {draft.n_vocab} tokens, the target's {target.n_vocab}; "
+            "a draft must share the target's vocabulary"
+        )
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        a, b = target.tokenizer.hf.get_vocab(), draft.tokenizer.hf.get_vocab()
+        if a != b:
+            differ = sorted(set(a.items()) ^ set(b.items()))[:3]
+            raise InvalidArgumentError(f"the draft model's tokens differ from the target's (e.g. {differ})")
+
+
+def _prob_of(dist, token: int) -> float:
+    ids, probs = dist
+    hit = np.flatnonzero(ids == token)
+    return float(probs[hit[0]]) if hit.size else 0.0
+
+
+def _residual(p, q, x: int):
+    """max(0, p - q) renormalised, q a distribution (ids, probs) or None for a point mass at x."""
+    ids, probs = p
+    probs = probs.copy()
+    if q is None:
+        probs[ids == x] = 0.0
+    else:
+        q_dense = np.zeros(int(max(ids.max(), q[0].max())) + 1)
+        q_dense[q[0]] = q[1]
+        probs = np.maximum(probs - q_dense[ids], 0.0)
+    total = probs.sum()
+    if total <= 0.0:   # p <= q everywhere: only possible through rounding; p itself is the answer
+        return p
+    return ids, probs / total
+
+
+class SpeculativeGenerator(Generator):
+    """A Generator whose decoding drafts and verifies: the same API (generate, generate_iter,
+    prefill, decode_step, rollback, reset; caches kept across calls), the same results for greedy
+    decoding and the same distribution when sampling. `draft_model` is a Model with the target's
+    vocabulary, or "lookup" for prompt lookup; with a model and spec_lookup_first, lookup is tried
+    first. Statistics: `acceptance_rate` (over the generator's life) and `last.speculative`."""
+
+    def __init__(self, target_model: EngineModel, draft_model: Union[EngineModel, str],
+                 config: Optional[GenerateConfig] = None, **overrides: Any):
+        check_model(target_model)
+        if config is not None and not isinstance(config, GenerateConfig):
+            raise InvalidArgumentError(f"config must be a SpeculativeConfig, got {type(config).__name__}")
+        if config is not None and not isinstance(config, SpeculativeConfig):
+            config = SpeculativeConfig(**{g: getattr(config, g) for g in GenerateConfig.GROUPS})
+        config = (config or SpeculativeConfig()).replace(**overrides)
+        super().__init__(target_model, config)
+        self.spec: SpeculativeOptions = config.speculative
+        lookup = LookupDrafter(self.spec.lookup_ngram_min, self.spec.lookup_ngram_max)
+        if isinstance(draft_model, str):
+            if draft_model != "lookup":
+                raise InvalidArgumentError(f"draft_model must be a Model or 'lookup', got {draft_model!r}")
+            self.drafter = lookup
+        else:
+            check_model(draft_model)
+            same_vocabulary(target_model, draft_model)
+            model_drafter = ModelDrafter(draft_model, config.generation_config())
+            self.drafter = HybridDrafter(lookup, model_drafter) if self.spec.lookup_first else model_drafter
+        self.k = self.spec.k
+        self._window: collections.deque = collections.deque()   # (proposed, accepted) of recent steps
+        self._plain_left = 0                                      # tokens to decode plainly (fallback)
+        self.proposed_total = 0
+        self.accepted_total = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed drafted tokens over every generation of this generator."""
+        return self.accepted_total / self.proposed_total if self.proposed_total else 0.0
+
+    def start(self, input_ids=None, **overrides: Any) -> Run:
+        fixed = sorted(n for n in overrides if n == "speculative" or n in SPECULATIVE_FIELDS)
+        if fixed:
+            raise InvalidArgumentError(f"{', '.join(fixed)} are fixed when the SpeculativeGenerator is created")
+        run = super().start(input_ids, **overrides)
+        run.speculative = SpeculativeStats()
+        return run
+
+    # ---- one step of a run
+    def _step(self, run: Run) -> list[Event]:
+        seq = self._seq
+        if run.limit_reached():
+            return run.step()
+        left = run.max_new_tokens - len(run.tokens) - len(run.held)
+        room = seq.capacity - len(seq.history) - 1
+        k = min(self.k, left - 1 if self.spec.extra_token else left, room - 1)
+        pending = len(seq.history) - seq.cache.n_past
+        if self._plain_left > 0 or k < 1 or seq.logits is not None or pending != 1:
+            return self._plain_step(run)
+        stats: SpeculativeStats = run.speculative
+        t0 = time.perf_counter()
+        draft = self.drafter.propose(seq.history.view(), k)
+        t1 = time.perf_counter()
+        stats.draft_seconds += t1 - t0
+        if not draft.tokens:
+            return self._plain_step(run)
+        events = self._verify(run, draft)
+        stats.verify_seconds += time.perf_counter() - t1
+        return events
+
+    def _plain_step(self, run: Run) -> list[Event]:
+        had_logits = self._seq.logits is not None
+        events = super()._step(run)
+        if not had_logits:
+            run.speculative.plain_tokens += 1
+            if self._plain_left > 0:
+                self._plain_left -= 1
+        return events
+
+    def _verify(self, run: Run, draft: Draft) -> list[Event]:
+        """One target pass over [pending token, drafts]; accepted drafts and one token from the
+        target go through the run as if decoded one by one."""
+        seq, stats, sampler = self._seq, run.speculative, run.sampler
+        tokens = draft.tokens
+        m = len(tokens)
+        L = len(seq.history)
+        rows = self.model.eval(seq.cache, np.concatenate([seq.history.view(L - 1), np.asarray(tokens, np.int32)]),
+                               logits="all", decode_exact=True).logits           # [m + 1, vocab]
+        # the histories rows i see: the context plus the first i drafts (the penalties' input)
+        context = np.concatenate([seq.history.view(), np.asarray(tokens, np.int32)])
+        greedy = run.config.sampling.temperature == 0
+        n, next_token = 0, None
+        for i in range(m):
+            x = tokens[i]
+            if greedy:
+                best = int(sampler.sample(rows[i], context[: L + i]))
+                if best == x:
+                    n += 1
+                    continue
+                next_token = best
+                break
+            p = sampler.distribution(rows[i], context[: L + i])
+            q = draft.dists[i] if draft.dists is not None else None
+            qx = _prob_of(q, x) if q is not None else 1.0
+            if sampler.uniform() * qx < _prob_of(p, x):    # u < min(1, p(x) / q(x))
+                n += 1
+                continue
+            ids, probs = _residual(p, q, x)
+            next_token = int(sampler.draw(ids, probs))
+            break
+        if n == m and self.spec.extra_token:
+            next_token = int(sampler.sample(rows[m], context[: L + m]))
+        # the cache keeps the pending token and the accepted drafts (the last one stays pending when
+        # there is no token after it)
+        seq.cache.truncate(L + n if next_token is not None else L + n - 1)
+        events: list[Event] = []
+        for i in range(n):
+            events += run.push(tokens[i], rows[i])
+            if run.done:
+                break
+        if not run.done and next_token is not None:
+            events += run.push(next_token, rows[n])
+        seq.logits = None
+        seq.cache.truncate(min(seq.cache.n_past, len(seq.history) - 1))
+        self._account(stats, m, n)
+        return events
+
+    def _account(self, stats: SpeculativeStats, proposed: int, accepted: int) -> None:
+        stats.proposed += proposed
+        stats.accepted += accepted
+        stats.steps += 1
+        stats.k_per_step.append(self.k)
+        self.proposed_total += proposed
+        self.accepted_total += accepted
+        spec = self.spec
+        if spec.k_adaptive:
+            if accepted == proposed == self.k:
+                self.k = min(self.k + 1, spec.k_max)
+            elif accepted < proposed:
+                self.k = max(self.k - 1, spec.k_min)
+        self._window.append((proposed, accepted))
+        while sum(p for p, _ in self._window) - self._window[0][0] >= WINDOW_PROPOSALS:
+            self._window.popleft()
+        if spec.disable_below_accept > 0:
+            total = sum(p for p, _ in self._window)
+            if total >= MIN_PROPOSALS and sum(a for _, a in self._window) < spec.disable_below_accept * total:
+                self._plain_left = spec.probe_interval
+                self._window.clear()
