@@ -218,3 +218,24 @@ def test_sampling_distribution_equals_plain_sampling(tiny_pair, drafter, setting
         assert p > 1e-3, f"position {position}: p = {p}"
     pairs = lambda x: x[:, 1] * 1000 + x[:, 2]   # noqa: E731 -- the joint of the 2nd and 3rd tokens
     assert _homogeneous(pairs(plain), pairs(spec)) > 1e-3
+
+
+def test_k_policy_maximises_tokens_per_second():
+    from tokenmill.generation.config import SpeculativeOptions
+    from tokenmill.generation.speculative import KPolicy
+
+    def policy(alpha, fixed, per_row, draft=0.0):
+        p = KPolicy(SpeculativeOptions(k_max=16))
+        for rows in (1, 1, 3, 5, 9, 1):
+            p.observe_pass(rows, fixed + per_row * rows)
+        for _ in range(KPolicy.WARMUP_STEPS):
+            p.observe_step(10, round(10 * alpha), draft * 10)
+        return p
+
+    assert policy(0.9, 0.004, 0.001).choose(16) == 7      # cheap rows, good drafts: long drafts (the optimum)
+    assert policy(0.9, 0.004, 0.004).choose(16) in (1, 2, 3, 4)   # rows as dear as the pass: short ones
+    assert policy(0.1, 0.004, 0.004).choose(16) == 0      # poor drafts: plain decoding
+    assert policy(0.9, 0.004, 0.001, draft=0.004).choose(16) == 0   # a draft as slow as the target
+    assert policy(0.9, 0.004, 0.001).choose(3) <= 3       # never beyond the room left
+    fresh = KPolicy(SpeculativeOptions())
+    assert fresh.choose(16) == KPolicy.PROBE_K and not fresh.has_plain_cost()

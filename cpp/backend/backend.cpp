@@ -17,7 +17,7 @@ std::vector<std::string> built_devices() {
 
 std::unique_ptr<Backend> make_backend(const BackendOptions& options) {
     const std::string& d = options.device;
-    if (d == "cpu") return make_cpu_backend(options.n_threads, options.int8_prefill);
+    if (d == "cpu") return make_cpu_backend(options.n_threads, options.int8_prefill, options.int8_decode);
     if (d == "cuda" || d == "hip") {
         std::string flag = d == "cuda" ? "TOKENMILL_CUDA" : "TOKENMILL_HIP";
         fail(ErrorKind::unsupported, "device '" + d + "' is not built into this tokenmill (devices: cpu); rebuild with " +

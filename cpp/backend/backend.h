@@ -214,6 +214,10 @@ struct BackendOptions {
     // 32-block (llama.cpp's scheme; about twice the float tile's speed, logits move by a few percent
     // of their range), where the CPU has the kernel for it (AVX-512 VNNI); one-token decode stays exact
     bool int8_prefill = false;
+    // decode steps (fewer than 8 rows) do the same with 4-bit weights: x rounded to int8 per block,
+    // about twice the exact kernel's speed at llama.cpp's decode precision (a fast draft model);
+    // rows-as-decode passes stay exact
+    bool int8_decode = false;
 };
 
 // The backend for a device: an unknown device is Error(invalid_arg), a known one this build lacks
@@ -221,6 +225,6 @@ struct BackendOptions {
 std::unique_ptr<Backend> make_backend(const BackendOptions& options);
 // Device names this build has.
 std::vector<std::string> built_devices();
-std::unique_ptr<Backend> make_cpu_backend(int n_threads, bool int8_prefill = false);
+std::unique_ptr<Backend> make_cpu_backend(int n_threads, bool int8_prefill = false, bool int8_decode = false);
 
 }  // namespace tmill

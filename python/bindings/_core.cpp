@@ -69,10 +69,12 @@ DType storage_type(py::handle name) {
     return t;
 }
 
-LoadOptions load_options(py::handle n_threads, py::handle weights, py::handle int8_prefill, py::handle device) {
+LoadOptions load_options(py::handle n_threads, py::handle weights, py::handle int8_prefill, py::handle device,
+                         py::handle int8_decode) {
     LoadOptions options;
     options.backend.n_threads = static_cast<int>(to_int(n_threads, "n_threads", 0, 1 << 16));
     options.backend.int8_prefill = to_bool(int8_prefill, "int8_prefill");
+    options.backend.int8_decode = to_bool(int8_decode, "int8_decode");
     options.backend.device = to_str(device, "device");
     const std::string w = to_str(weights, "weights");
     options.convert = !w.empty();
@@ -360,23 +362,23 @@ PYBIND11_MODULE(_core, mod) {
 
     py::class_<Model, std::shared_ptr<Model>> model(mod, "Model");
     model.def_static("from_gguf", [](py::handle path, py::handle n_threads, py::handle weights, py::handle int8_prefill,
-                                    py::handle device) {
+                                    py::handle device, py::handle int8_decode) {
             const std::string p = to_str(path, "path");
-            LoadOptions options = load_options(n_threads, weights, int8_prefill, device);
+            LoadOptions options = load_options(n_threads, weights, int8_prefill, device, int8_decode);
             py::gil_scoped_release release;
             return Model::from_gguf(p, options);
         }, py::arg("path"), py::arg("n_threads") = 0, py::arg("weights") = "", py::arg("int8_prefill") = false,
-        py::arg("device") = "cpu",
-        "weights: a type every weight matrix is converted to on load (\"\" keeps the file's); int8_prefill: "
-        "4-bit weights meet activations rounded to int8 in prefill; device: where the model runs")
+        py::arg("device") = "cpu", py::arg("int8_decode") = false,
+        "weights: a type every weight matrix is converted to on load (\"\" keeps the file's); int8_prefill / "
+        "int8_decode: 4-bit weights meet activations rounded to int8 in prefill / decode; device: where the model runs")
         .def_static("from_safetensors", [](py::handle files, const HParams& hp, py::handle n_threads, py::handle weights,
-                                           py::handle int8_prefill, py::handle device) {
+                                           py::handle int8_prefill, py::handle device, py::handle int8_decode) {
             std::vector<std::string> paths = strings(files, "files");
-            LoadOptions options = load_options(n_threads, weights, int8_prefill, device);
+            LoadOptions options = load_options(n_threads, weights, int8_prefill, device, int8_decode);
             py::gil_scoped_release release;
             return Model::from_safetensors(paths, hp, options);
         }, py::arg("files"), py::arg("hparams"), py::arg("n_threads") = 0, py::arg("weights") = "",
-           py::arg("int8_prefill") = false, py::arg("device") = "cpu")
+           py::arg("int8_prefill") = false, py::arg("device") = "cpu", py::arg("int8_decode") = false)
         .def_property_readonly("hparams", &Model::hparams)
         .def_property_readonly("n_params", &Model::n_params)
         .def_property_readonly("weight_bytes", &Model::weight_bytes)

@@ -17,6 +17,8 @@ from .text.chat import render_chat
 # Model.generate / chat / generate_batch follow llama.cpp's sampling defaults; GenerateConfig itself
 # follows the seed's (temperature 1, no filters).
 MODEL_SAMPLING_DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05)
+# ... and speculative decoding adapts k to the measured costs (the seed's default is a fixed k)
+MODEL_SPEC_DEFAULTS = dict(spec_k_adaptive=True, spec_k=8)
 
 Prompt = Union[str, Sequence[int]]
 
@@ -29,6 +31,7 @@ def load(
     tokenizer: Union[str, os.PathLike, None] = None,
     weights: Optional[str] = None,
     int8_prefill: bool = False,
+    int8_decode: bool = False,
     device: str = "cpu",
 ) -> "Model":
     """Loads a GGUF file or a Hugging Face directory (config.json + safetensors + tokenizer.json).
@@ -43,11 +46,13 @@ def load(
     more tokens (prompts, batches of 8+ sequences) multiply q4_0 / q4_1 weights by activations rounded
     to int8 per 32-block (about twice the exact path's speed on AVX-512 VNNI CPUs; logits move by a few
     percent of their range, as llama.cpp's do). Single-sequence decode, other weight types and CPUs
-    without VNNI keep the exact float path.
+    without VNNI keep the exact float path. `int8_decode` makes the same trade in decode steps (fewer
+    than 8 rows): about twice the exact speed on 4-bit weights at llama.cpp's decode precision -- a
+    fast draft model for speculative decoding, whose verification stays exact either way.
     `device` chooses the backend: "cpu" (always built); "cuda" / "hip" where tokenmill was built with
     them (an unbuilt one is an UnsupportedModelError saying how to build it)."""
     native_model, tok, p = load_parts(path, n_threads=n_threads, tokenizer=tokenizer, weights=weights,
-                                      int8_prefill=int8_prefill, device=device)
+                                      int8_prefill=int8_prefill, int8_decode=int8_decode, device=device)
     return Model(native_model, tok, p, n_ctx)
 
 
@@ -79,7 +84,8 @@ class Model(EngineModel):
         model usable."""
         self._require_tokenizer()
         if draft is not None:
-            config = SpeculativeConfig(**{**MODEL_SAMPLING_DEFAULTS, "max_new_tokens": max_new_tokens, **kwargs})
+            config = SpeculativeConfig(**{**MODEL_SAMPLING_DEFAULTS, **MODEL_SPEC_DEFAULTS, "max_new_tokens": max_new_tokens,
+                                          **kwargs})
             gen = SpeculativeGenerator(self, draft, config)
         else:
             spec = sorted(k for k in kwargs if k in SPECULATIVE_FIELDS)

@@ -35,11 +35,14 @@ constexpr int kMaxRopeHalf = 512;
 constexpr int64_t kAttentionTile = 64;
 // ... and splits the positions of a query into parts of at least this many when it splits them.
 constexpr int64_t kMinAttentionPart = 128;
+// Rows-as-decode passes run float weight rows against this many tokens per call
+constexpr int kMaxExactTokens = 32;
 
 class CpuBackend final : public Backend {
 public:
-    CpuBackend(int n_threads, bool int8_prefill)
-        : pool_(n_threads), scratch_(static_cast<size_t>(pool_.size())), int8_prefill_(int8_prefill) {}
+    CpuBackend(int n_threads, bool int8_prefill, bool int8_decode)
+        : pool_(n_threads), scratch_(static_cast<size_t>(pool_.size())), int8_prefill_(int8_prefill),
+          int8_decode_(int8_decode) {}
 
     std::string name() const override { return "cpu-" + std::string(cpu::kernels().name); }
     int n_threads() const override { return pool_.size(); }
@@ -119,12 +122,13 @@ public:
         const int64_t cols = items[0].w->cols;
         const cpu::Kernels& kern = cpu::kernels();
         const bool small_batch = T < kPreparedMaxTokens || rows_as_decode_;
-        bool any_prepared = false, any_packed = false, any_tile16 = false, any_tile = false;
+        bool any_prepared = false, any_packed = false, any_tile16 = false, any_tile = false, any_int8 = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
             const Weight& w = *items[i].w;
             const bool packed = uses_packed(kern, w, T), tile16 = uses_tile16(kern, w, T), tile = uses_tile(kern, w, T);
             any_packed |= packed;
+            any_int8 |= packed && uses_int8_decode(kern);
             any_tile16 |= tile16;
             any_tile |= tile;
             any_prepared |= !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
@@ -143,7 +147,8 @@ public:
             xq8_.resize(static_cast<size_t>(4 * T * cols));
             xd8_.resize(static_cast<size_t>(T * nb));
             xsum8_.resize(static_cast<size_t>(T * nb));
-            if (any_tile16) {
+            const bool rounded = any_tile16 || any_int8;
+            if (rounded) {
                 xa_.resize(static_cast<size_t>(T * cols));
                 xsum_rounded_.resize(static_cast<size_t>(T * nb));
             }
@@ -151,7 +156,7 @@ public:
                 for (int64_t t = t0; t < t1; ++t) {
                     int8_t* q = xq8_.data() + 4 * t * cols;
                     kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb);
-                    if (any_tile16)
+                    if (rounded)
                         cpu::first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb);
                 }
             });
@@ -183,8 +188,12 @@ public:
                 const uint8_t* group = packed_group(w, r0);
                 for (int64_t t = 0; t < T; ++t) {
                     float o[8];
-                    kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
-                                     xsum8_.data() + t * nb, cols, o);
+                    if (uses_int8_decode(kern))
+                        kern.dot_packed8_int8(w.type, group, xa_.data() + t * cols, xd8_.data() + t * nb,
+                                              xsum_rounded_.data() + t * nb, cols, o);
+                    else
+                        kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
+                                         xsum8_.data() + t * nb, cols, o);
                     for (int k = 0; k < 8; ++k) out[t * w.rows + r0 + k] = o[k] + bias(r0 + k);
                 }
                 continue;
@@ -193,17 +202,30 @@ public:
             auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
             if (!uses_tile(kern, w, T)) {
                 const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
-                if (!cpu::uses_prepared_x(kern, w.type)) {   // decode (or rows as decode): the stored type
-                    for (int64_t r = r0; r < r1; ++r)
-                        for (int64_t t = 0; t < T; ++t)
-                            out[t * rows + r] = kern.dot_row(w.type, row_ptr(r), x + t * cols, cols) + bias(r);
+                if (!cpu::uses_prepared_x(kern, w.type) && T == 1) {   // decode: straight from the stored type
+                    for (int64_t r = r0; r < r1; ++r) out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
                     continue;
                 }
-                // integer dots; each row stays in L1 while the tokens pass, four per widening (one at a
-                // time when rows must match a decode step's arithmetic)
+                if (!cpu::uses_prepared_x(kern, w.type)) {   // rows as decode: the same arithmetic, per tile
+                    // the unit's rows against every token, in register tiles with dot_row's arithmetic
+                    const void* unit_rows[4];
+                    const float* xs[kMaxExactTokens];
+                    float o[4 * kMaxExactTokens];
+                    for (int64_t r = r0; r < r1; ++r) unit_rows[r - r0] = row_ptr(r);
+                    for (int64_t t0 = 0; t0 < T; t0 += kMaxExactTokens) {
+                        const int nt = static_cast<int>(std::min<int64_t>(kMaxExactTokens, T - t0));
+                        for (int k = 0; k < nt; ++k) xs[k] = x + (t0 + k) * cols;
+                        kern.dot_rows_tokens(w.type, unit_rows, static_cast<int>(r1 - r0), xs, nt, cols, o);
+                        for (int64_t r = r0; r < r1; ++r)
+                            for (int k = 0; k < nt; ++k) out[(t0 + k) * rows + r] = o[(r - r0) * nt + k] + bias(r);
+                    }
+                    continue;
+                }
+                // integer dots; each row stays in L1 while the tokens pass, four per widening (the same
+                // arithmetic per token as one at a time, so rows as decode take this path too)
                 for (int64_t r = r0; r < r1; ++r) {
                     int64_t t = 0;
-                    for (; t + 4 <= T && !rows_as_decode_; t += 4) {
+                    for (; t + 4 <= T; t += 4) {
                         float o[4];
                         kern.dot_row_prepared_x4(w.type, row_ptr(r), xq_.data() + 2 * t * cols, xd_.data() + t * nb,
                                                  xsum_.data() + t * nb, cols, o);
@@ -519,6 +541,11 @@ private:
         return T > 1 && !rows_as_decode_ && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
     }
 
+    // ... with int8 decode, the packed kernel on x rounded to int8 (never in a rows-as-decode pass)
+    bool uses_int8_decode(const cpu::Kernels& kern) const {
+        return int8_decode_ && !rows_as_decode_ && kern.dot_packed8_int8;
+    }
+
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
         return int8_prefill_ && !rows_as_decode_ && T >= kPreparedMaxTokens && w.packed && kern.dot_tile16;
@@ -579,17 +606,18 @@ private:
     bool rows_as_decode_ = false;                      // PassOptions of the running pass
     std::vector<float> xd_, xsum_;
     std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
-    bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (LoadOptions::int8_prefill)
+    bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (BackendOptions::int8_prefill) ...
+    bool int8_decode_;    // ... and in decode (BackendOptions::int8_decode)
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(int n_threads, bool int8_prefill) {
+std::unique_ptr<Backend> make_cpu_backend(int n_threads, bool int8_prefill, bool int8_decode) {
     const int cpus = available_cpus();
     if (n_threads < 0 || n_threads > cpus)
         fail(ErrorKind::invalid_arg, "n_threads must be in [1, " + std::to_string(cpus) + "] (the CPUs this process may use), got " +
                                          std::to_string(n_threads));
-    return std::make_unique<CpuBackend>(n_threads > 0 ? n_threads : default_thread_count(), int8_prefill);
+    return std::make_unique<CpuBackend>(n_threads > 0 ? n_threads : default_thread_count(), int8_prefill, int8_decode);
 }
 
 }  // namespace tmill

@@ -73,9 +73,16 @@ float dot_row_scalar(DType t, const void* row, const float* x, int64_t n) {
     return sum;
 }
 
+void dot_rows_tokens_scalar(DType t, const void* const* rows, int n_rows, const float* const* xs, int n_tokens, int64_t n,
+                            float* out) {
+    for (int r = 0; r < n_rows; ++r)
+        for (int j = 0; j < n_tokens; ++j) out[r * n_tokens + j] = dot_row_scalar(t, rows[r], xs[j], n);
+}
+
 const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
-                      exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dequantize_row, nullptr,
-                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+                      exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dot_rows_tokens_scalar,
+                      dequantize_row, nullptr,
+                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 #if defined(__x86_64__) || defined(__i386__)
 // F16C from cpuid itself: __builtin_cpu_supports does not know it in every compiler (clang 14)

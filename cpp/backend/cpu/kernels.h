@@ -38,6 +38,11 @@ struct Kernels {
     void (*dot_f32_tile)(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out);
     // sum_i row[i] * x[i] for a weight row of type t (n a multiple of the block size)
     float (*dot_row)(DType t, const void* row, const float* x, int64_t n);
+    // out[r * n_tokens + j] = dot_row(t, rows[r], xs[j], n), bit for bit, in register tiles of rows x
+    // vectors that read each weight once per tile from L1 (verifying k drafted tokens costs far less
+    // than k decode steps for float weights)
+    void (*dot_rows_tokens)(DType t, const void* const* rows, int n_rows, const float* const* xs, int n_tokens, int64_t n,
+                            float* out);
     // out[i] = row[i] as float
     void (*dequantize_row)(DType t, const void* row, float* out, int64_t n);
     // Integer path for block-quantized rows: x is prepared once per vector as two int16 parts per
@@ -47,7 +52,8 @@ struct Kernels {
     void (*prepare_x)(const float* x, int64_t n, int16_t* q, float* d, float* sum);
     float (*dot_row_prepared)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
                               int64_t n);
-    // The same for four consecutive prepared vectors (q [4, 2n], d and sum [4, n/32]) -> out[4]
+    // The same for four consecutive prepared vectors (q [4, 2n], d and sum [4, n/32]) -> out[4], each
+    // bit for bit what dot_row_prepared gives it (the row is widened once for all four)
     void (*dot_row_prepared_x4)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
                                 int64_t n, float* out);
     // 4-bit weights (q4_0, q4_1) in groups of eight rows (pack_rows8) against x prepared as four int8
@@ -58,6 +64,10 @@ struct Kernels {
     void (*prepare_x8)(const float* x, int64_t n, int8_t* q, float* d, float* sum);
     void (*dot_packed8)(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                         float* out);
+    // The same group against x rounded to int8 per 32-block (a [n], the first part; d its scales, sum
+    // the block sums of the rounded x): llama.cpp's decode precision, opt-in (int8_decode).
+    void (*dot_packed8_int8)(DType t, const uint8_t* group, const int8_t* a, const float* d, const float* sum, int64_t n,
+                             float* out);
     // The group's eight rows (n values from the group's first block column on) as floats,
     // out[r * out_stride + i], equal to dequantize_row of each row. Null where a level does not pack.
     void (*dequantize_packed8)(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride);

@@ -6,6 +6,9 @@
 #include "core/quants.h"
 #include "backend/cpu/kernels.h"
 
+#include <array>
+#include <utility>
+
 namespace tmill::cpu {
 
 namespace {
@@ -227,6 +230,102 @@ float dot_q4_1(const BlockQ4_1* b, const float* x, int64_t n) {
     return hsum(acc);
 }
 
+// The rows-as-decode tile: R weight rows against NT vectors, each (row, vector) pair accumulated
+// exactly as dot_row accumulates it (the same lanes, steps and reduction), so the results are
+// dot_row's bit for bit, while each loaded weight vector feeds NT FMAs and each x vector R of them.
+template <int R, int NT>
+void dot_f32_tile_exact(const float* const* rows, const float* const* xs, int64_t n, float* out) {
+    __m256 acc[R][NT][4];
+    for (auto& a : acc)
+        for (auto& v : a)
+            for (__m256& r : v) r = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int q = 0; q < 4; ++q)
+            for (int r = 0; r < R; ++r) {
+                const __m256 w = _mm256_loadu_ps(rows[r] + i + 8 * q);
+                for (int t = 0; t < NT; ++t) acc[r][t][q] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs[t] + i + 8 * q), acc[r][t][q]);
+            }
+    for (; i + 8 <= n; i += 8)
+        for (int r = 0; r < R; ++r) {
+            const __m256 w = _mm256_loadu_ps(rows[r] + i);
+            for (int t = 0; t < NT; ++t) acc[r][t][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs[t] + i), acc[r][t][0]);
+        }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t) {
+            float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[r][t][0], acc[r][t][1]), _mm256_add_ps(acc[r][t][2], acc[r][t][3])));
+            for (int64_t k = i; k < n; ++k) sum += rows[r][k] * xs[t][k];
+            out[r * NT + t] = sum;
+        }
+}
+
+template <int R, int NT, bool BF16>
+void dot_16bit_tile_exact(const uint16_t* const* rows, const float* const* xs, int64_t n, float* out) {
+    __m256 acc[R][NT][2];
+    for (auto& a : acc)
+        for (auto& v : a) v[0] = v[1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int h = 0; h < 2; ++h)
+            for (int r = 0; r < R; ++r) {
+                const uint16_t* p = rows[r] + i + 8 * h;
+                const __m256 w = BF16 ? bf16x8_to_ps(p) : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+                for (int t = 0; t < NT; ++t) acc[r][t][h] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xs[t] + i + 8 * h), acc[r][t][h]);
+            }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t) {
+            float sum = hsum(_mm256_add_ps(acc[r][t][0], acc[r][t][1]));
+            for (int64_t k = i; k < n; ++k) sum += (BF16 ? bf16_to_fp32(rows[r][k]) : half(rows[r][k])) * xs[t][k];
+            out[r * NT + t] = sum;
+        }
+}
+
+// f32: 1 row x 3 vectors x 4 accumulators (12 of 16 registers); 16-bit: 2 x 3 x 2 (12)
+constexpr int kExactF32Rows = 1, kExactF32Tokens = 3, kExact16Rows = 2, kExact16Tokens = 3;
+
+using ExactTile = void (*)(const void* const*, const float* const*, int64_t, float*);
+
+template <int R, int NT, int Kind>
+void exact_tile(const void* const* rows, const float* const* xs, int64_t n, float* out) {
+    if constexpr (Kind == 0) dot_f32_tile_exact<R, NT>(reinterpret_cast<const float* const*>(rows), xs, n, out);
+    else if constexpr (Kind == 1) dot_16bit_tile_exact<R, NT, false>(reinterpret_cast<const uint16_t* const*>(rows), xs, n, out);
+    else dot_16bit_tile_exact<R, NT, true>(reinterpret_cast<const uint16_t* const*>(rows), xs, n, out);
+}
+
+template <int Kind, int MaxR, int MaxT>
+struct ExactTiles {
+    template <int... I>
+    static constexpr std::array<ExactTile, MaxR * MaxT> make(std::integer_sequence<int, I...>) {
+        return {&exact_tile<I / MaxT + 1, I % MaxT + 1, Kind>...};
+    }
+    static constexpr std::array<ExactTile, MaxR * MaxT> table = make(std::make_integer_sequence<int, MaxR * MaxT>{});
+};
+
+float dot_row(DType t, const void* row, const float* x, int64_t n);
+
+void dot_rows_tokens(DType t, const void* const* rows, int n_rows, const float* const* xs, int n_tokens, int64_t n,
+                     float* out) {
+    if (t != DType::f32 && t != DType::f16 && t != DType::bf16) {
+        for (int r = 0; r < n_rows; ++r)
+            for (int j = 0; j < n_tokens; ++j) out[r * n_tokens + j] = dot_row(t, rows[r], xs[j], n);
+        return;
+    }
+    const bool f32 = t == DType::f32;
+    const int max_r = f32 ? kExactF32Rows : kExact16Rows, max_t = f32 ? kExactF32Tokens : kExact16Tokens;
+    float tile[kExact16Rows * kExact16Tokens];
+    for (int r0 = 0; r0 < n_rows; r0 += max_r)
+        for (int j0 = 0; j0 < n_tokens; j0 += max_t) {
+            const int nr = std::min(max_r, n_rows - r0), nt = std::min(max_t, n_tokens - j0);
+            const size_t shape = static_cast<size_t>((nr - 1) * max_t + nt - 1);
+            ExactTile k = f32 ? ExactTiles<0, kExactF32Rows, kExactF32Tokens>::table[shape]
+                        : t == DType::f16 ? ExactTiles<1, kExact16Rows, kExact16Tokens>::table[shape]
+                                          : ExactTiles<2, kExact16Rows, kExact16Tokens>::table[shape];
+            k(rows + r0, xs + j0, n, tile);
+            for (int r = 0; r < nr; ++r)
+                for (int j = 0; j < nt; ++j) out[(r0 + r) * n_tokens + j0 + j] = tile[r * nt + j];
+        }
+}
+
 float dot_row(DType t, const void* row, const float* x, int64_t n) {
     switch (t) {
         case DType::f32: return dot_f32(static_cast<const float*>(row), x, n);
@@ -446,8 +545,9 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
     dispatch_prepared<4>(t, row, q, d, sum, n, out);
 }
 
-const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
-                    dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr};
+const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row,
+                    dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
+                    dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

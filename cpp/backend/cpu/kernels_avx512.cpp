@@ -10,6 +10,9 @@
 #include "core/quants.h"
 #include "backend/cpu/kernels.h"
 
+#include <array>
+#include <utility>
+
 namespace tmill::cpu {
 
 namespace {
@@ -228,6 +231,109 @@ float dot_16bit(const uint16_t* w, const float* x, int64_t n) {
     float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     for (; i < n; ++i) sum += scalar_16bit<Load>(w[i]) * x[i];
     return sum;
+}
+
+// The rows-as-decode tile: R weight rows against NT vectors, each (row, vector) pair accumulated
+// exactly as dot_row accumulates it (the same lanes, steps and reduction), so the results are
+// dot_row's bit for bit, while each loaded weight vector feeds NT FMAs and each x vector R of them,
+// all from L1. R and NT are compile-time, so the accumulators stay in registers.
+template <int R, int NT>
+void dot_f32_tile_exact(const float* const* rows, const float* const* xs, int64_t n, float* out) {
+    __m512 acc[R][NT][4];
+    for (auto& a : acc)
+        for (auto& v : a)
+            for (__m512& r : v) r = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64)
+        for (int q = 0; q < 4; ++q)
+            for (int r = 0; r < R; ++r) {
+                const __m512 w = _mm512_loadu_ps(rows[r] + i + 16 * q);
+                for (int t = 0; t < NT; ++t) acc[r][t][q] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs[t] + i + 16 * q), acc[r][t][q]);
+            }
+    for (; i + 16 <= n; i += 16)
+        for (int r = 0; r < R; ++r) {
+            const __m512 w = _mm512_loadu_ps(rows[r] + i);
+            for (int t = 0; t < NT; ++t) acc[r][t][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs[t] + i), acc[r][t][0]);
+        }
+    if (i < n) {
+        const __mmask16 m = tail_mask(n - i);
+        for (int r = 0; r < R; ++r) {
+            const __m512 w = _mm512_maskz_loadu_ps(m, rows[r] + i);
+            for (int t = 0; t < NT; ++t)
+                acc[r][t][1] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, xs[t] + i), acc[r][t][1]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t)
+            out[r * NT + t] = _mm512_reduce_add_ps(
+                _mm512_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]), _mm512_add_ps(acc[r][t][2], acc[r][t][3])));
+}
+
+template <int R, int NT, __m512 (*Load)(const uint16_t*)>
+void dot_16bit_tile_exact(const uint16_t* const* rows, const float* const* xs, int64_t n, float* out) {
+    __m512 acc[R][NT][2];
+    for (auto& a : acc)
+        for (auto& v : a) v[0] = v[1] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int h = 0; h < 2; ++h)
+            for (int r = 0; r < R; ++r) {
+                const __m512 w = Load(rows[r] + i + 16 * h);
+                for (int t = 0; t < NT; ++t) acc[r][t][h] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs[t] + i + 16 * h), acc[r][t][h]);
+            }
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NT; ++t) {
+            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+            for (int64_t k = i; k < n; ++k) sum += scalar_16bit<Load>(rows[r][k]) * xs[t][k];
+            out[r * NT + t] = sum;
+        }
+}
+
+// f32: 2 rows x 3 vectors x 4 accumulators (24 registers); 16-bit: 4 x 3 x 2 (24)
+constexpr int kExactF32Rows = 2, kExactF32Tokens = 3, kExact16Rows = 4, kExact16Tokens = 3;
+
+using ExactTile = void (*)(const void* const*, const float* const*, int64_t, float*);
+
+template <int R, int NT, int Kind>
+void exact_tile(const void* const* rows, const float* const* xs, int64_t n, float* out) {
+    if constexpr (Kind == 0) dot_f32_tile_exact<R, NT>(reinterpret_cast<const float* const*>(rows), xs, n, out);
+    else if constexpr (Kind == 1) dot_16bit_tile_exact<R, NT, f16x16>(reinterpret_cast<const uint16_t* const*>(rows), xs, n, out);
+    else dot_16bit_tile_exact<R, NT, bf16x16>(reinterpret_cast<const uint16_t* const*>(rows), xs, n, out);
+}
+
+// every (rows, vectors) shape up to the maximum, so a partial tile runs as fast as a full one
+template <int Kind, int MaxR, int MaxT>
+struct ExactTiles {
+    template <int... I>
+    static constexpr std::array<ExactTile, MaxR * MaxT> make(std::integer_sequence<int, I...>) {
+        return {&exact_tile<I / MaxT + 1, I % MaxT + 1, Kind>...};
+    }
+    static constexpr std::array<ExactTile, MaxR * MaxT> table = make(std::make_integer_sequence<int, MaxR * MaxT>{});
+};
+
+float dot_row(DType t, const void* row, const float* x, int64_t n);
+
+void dot_rows_tokens(DType t, const void* const* rows, int n_rows, const float* const* xs, int n_tokens, int64_t n,
+                     float* out) {
+    if (t != DType::f32 && t != DType::f16 && t != DType::bf16) {
+        for (int r = 0; r < n_rows; ++r)
+            for (int j = 0; j < n_tokens; ++j) out[r * n_tokens + j] = dot_row(t, rows[r], xs[j], n);
+        return;
+    }
+    const bool f32 = t == DType::f32;
+    const int max_r = f32 ? kExactF32Rows : kExact16Rows, max_t = f32 ? kExactF32Tokens : kExact16Tokens;
+    float tile[kExact16Rows * kExact16Tokens];
+    for (int r0 = 0; r0 < n_rows; r0 += max_r)
+        for (int j0 = 0; j0 < n_tokens; j0 += max_t) {
+            const int nr = std::min(max_r, n_rows - r0), nt = std::min(max_t, n_tokens - j0);
+            const size_t shape = static_cast<size_t>((nr - 1) * max_t + nt - 1);
+            ExactTile k = f32 ? ExactTiles<0, kExactF32Rows, kExactF32Tokens>::table[shape]
+                        : t == DType::f16 ? ExactTiles<1, kExact16Rows, kExact16Tokens>::table[shape]
+                                          : ExactTiles<2, kExact16Rows, kExact16Tokens>::table[shape];
+            k(rows + r0, xs + j0, n, tile);
+            for (int r = 0; r < nr; ++r)
+                for (int j = 0; j < nt; ++j) out[(r0 + r) * n_tokens + j0 + j] = tile[r * nt + j];
+        }
 }
 
 float dot_row(DType t, const void* row, const float* x, int64_t n) {
@@ -461,6 +567,49 @@ void dot_packed8_type(const uint8_t* group, const int8_t* q, const float* d, con
     for (int r = 0; r < 8; ++r) out[r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
 }
 
+// The eight-row group against x rounded to int8 per 32-block (the first part of prepare_x8 alone:
+// llama.cpp's decode precision) -- a quarter of the VPDPBUSD work of the exact kernel above. a [n]
+// the rounded x, d its block scales, sum the block sums of the rounded x.
+template <DType T>
+void dot_packed8_int8_type(const uint8_t* group, const int8_t* a, const float* d, const float* sum, int64_t n,
+                           float* out) {
+    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
+    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                    _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m256 block_sums = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* c = group + i * column;
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+        const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[i])));
+        const __m512i x_lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 32 * i)));
+        const __m512i x_hi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 32 * i + 16)));
+        for (int h = 0; h < 2; ++h) {
+            const __m512i w = _mm512_loadu_si512(c + quants + 64 * h);
+            const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, x_lo), hi, x_hi);
+            acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(row_of_lane[h], scale), acc[h]);
+        }
+        const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        block_sums = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[i]), block_sums);
+    }
+    alignas(64) float lanes[32];
+    alignas(32) float extra[8];
+    _mm512_store_ps(lanes, acc[0]);
+    _mm512_store_ps(lanes + 16, acc[1]);
+    _mm256_store_ps(extra, block_sums);
+    for (int r = 0; r < 8; ++r) out[r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
+}
+
+void dot_packed8_int8(DType t, const uint8_t* group, const int8_t* a, const float* d, const float* sum, int64_t n,
+                      float* out) {
+    if (t == DType::q4_1) dot_packed8_int8_type<DType::q4_1>(group, a, d, sum, n, out);
+    else dot_packed8_int8_type<DType::q4_0>(group, a, d, sum, n, out);
+}
+
 void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                  float* out) {
     if (t == DType::q4_1) dot_packed8_type<DType::q4_1>(group, q, d, sum, n, out);
@@ -590,8 +739,9 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
 }
 
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
-                      exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dequantize, prepare_x, dot_row_prepared,
-                      dot_row_prepared_x4, prepare_x8, dot_packed8, dequantize_packed8, repack16, dot_tile16};
+                      exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
+                      prepare_x, dot_row_prepared,
+                      dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16};
 
 }  // namespace
 

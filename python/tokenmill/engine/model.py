@@ -82,7 +82,7 @@ def _check_file(p: Path) -> None:
 
 
 def load_parts(path: Optional[PathLike], *, n_threads: Optional[int], tokenizer: Optional[PathLike],
-               weights: Optional[str], int8_prefill: bool, device: str):
+               weights: Optional[str], int8_prefill: bool, device: str, int8_decode: bool = False):
     """(native model, tokenizer or None, path) for a GGUF file or an HF directory; see tokenmill.load."""
     if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
         raise InvalidArgumentError(f"n_threads must be a positive integer, got {n_threads!r}")
@@ -93,8 +93,9 @@ def load_parts(path: Optional[PathLike], *, n_threads: Optional[int], tokenizer:
         )
     if weights is not None and weights not in WEIGHT_TYPES:
         raise InvalidArgumentError(f"weights must be one of {', '.join(WEIGHT_TYPES)}, got {weights!r}")
-    if not isinstance(int8_prefill, bool):
-        raise InvalidArgumentError(f"int8_prefill must be True or False, got {int8_prefill!r}")
+    for name, flag in (("int8_prefill", int8_prefill), ("int8_decode", int8_decode)):
+        if not isinstance(flag, bool):
+            raise InvalidArgumentError(f"{name} must be True or False, got {flag!r}")
     if not isinstance(device, str):
         raise InvalidArgumentError(f"device must be a string such as 'cpu', got {device!r}")
     if path is not None and not isinstance(path, (str, os.PathLike)):
@@ -103,7 +104,8 @@ def load_parts(path: Optional[PathLike], *, n_threads: Optional[int], tokenizer:
     p = Path(path) if path is not None else resolve_default()
     if p.is_dir():
         hparams = hf.hparams_from_config(hf.read_config(p))
-        model = native.load_safetensors(hf.safetensors_files(p), hparams, threads, weights or "", int8_prefill, device)
+        model = native.load_safetensors(hf.safetensors_files(p), hparams, threads, weights or "", int8_prefill, device,
+                                        int8_decode)
         tok = tokenizer_from_hf_dir(p)
     elif p.exists():
         _check_file(p)
@@ -112,7 +114,7 @@ def load_parts(path: Optional[PathLike], *, n_threads: Optional[int], tokenizer:
         if magic != b"GGUF":
             raise ModelFormatError(f"'{p}' is neither a GGUF file nor a Hugging Face model directory")
         gguf = native.open_gguf(str(p))
-        model = native.load_gguf(str(p), threads, weights or "", int8_prefill, device)
+        model = native.load_gguf(str(p), threads, weights or "", int8_prefill, device, int8_decode)
         meta = gguf.metadata() if tokenizer is None else {}
         tok = tokenizer_from_gguf_metadata(meta) if "tokenizer.ggml.model" in meta else None
     else:

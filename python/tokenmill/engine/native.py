@@ -66,13 +66,14 @@ def hparams(**fields) -> "_core.HParams":
 
 
 # ---- models, caches, samplers
-def load_gguf(path: str, n_threads: int, weights: str, int8_prefill: bool, device: str) -> "_core.Model":
-    return _core.Model.from_gguf(path, n_threads, weights, int8_prefill, device)
+def load_gguf(path: str, n_threads: int, weights: str, int8_prefill: bool, device: str,
+              int8_decode: bool) -> "_core.Model":
+    return _core.Model.from_gguf(path, n_threads, weights, int8_prefill, device, int8_decode)
 
 
 def load_safetensors(files: Sequence[str], hp: "_core.HParams", n_threads: int, weights: str, int8_prefill: bool,
-                     device: str) -> "_core.Model":
-    return _core.Model.from_safetensors(list(files), hp, n_threads, weights, int8_prefill, device)
+                     device: str, int8_decode: bool) -> "_core.Model":
+    return _core.Model.from_safetensors(list(files), hp, n_threads, weights, int8_prefill, device, int8_decode)
 
 
 def kv_config(k_kind: str, v_kind: str, residual_len: int, fp16_prefix_layers: int, local_window: int):

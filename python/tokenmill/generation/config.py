@@ -266,8 +266,9 @@ class PrefillConfig:
 @dataclass(frozen=True)
 class SpeculativeOptions:
     """Speculative decoding (SpeculativeConfig; see tokenmill.generation.speculative): spec_k tokens
-    drafted per step; spec_k_adaptive moves k within [spec_k_min, spec_k_max] (+1 after a step
-    whose drafts were all accepted, -1 after one with a rejection); spec_method "reject_sampling"
+    drafted per step; spec_k_adaptive chooses k within [spec_k_min, spec_k_max] each step for the
+    most tokens per second by the measured acceptance and costs, decoding plainly when no k pays
+    (see KPolicy); spec_method "reject_sampling"
     (accept a draft x with probability min(1, p(x)/q(x)), on rejection draw from max(0, p - q)
     renormalised: the output distribution is the target's own); spec_extra_token draws one more
     token from the target when all drafts are accepted; below spec_disable_below_accept measured
@@ -283,7 +284,7 @@ class SpeculativeOptions:
     method: str = "reject_sampling"
     extra_token: bool = True
     disable_below_accept: float = 0.0
-    probe_interval: int = 64
+    probe_interval: int = 128
     lookup_ngram_min: int = 2
     lookup_ngram_max: int = 4
     lookup_first: bool = False

@@ -20,8 +20,16 @@ file loaded with cheaper weights), prompt lookup (`LookupDrafter`: the latest n-
 the context, longest first, the most recent occurrence), or both (lookup first, the model when lookup
 finds nothing: spec_lookup_first).
 
-Adaptive k (spec_k_adaptive): +1 after a step whose k drafts were all accepted, -1 after a step with a
-rejection, within [spec_k_min, spec_k_max]. Fallback: when the acceptance over the last 64 proposed
+Adaptive k (spec_k_adaptive, `KPolicy`): each step takes the k in [spec_k_min, spec_k_max] with the
+most expected tokens per second, from what this generator measured: the per-token acceptance alpha, the
+cost of a verification pass of T rows (fitted as a + b*T over recent passes, plain decode steps
+included as T = 1) and the drafter's cost per token:
+
+    E(k) = (1 - alpha^(k+1)) / (1 - alpha)        tokens a step yields (accepted drafts + 1)
+    rate(k) = E(k) / (a + b (k + 1) + k c_draft)   against plain decoding's 1 / (a + b)
+
+and when no k beats plain decoding it decodes plainly for spec_probe_interval tokens, then probes
+again. Without adaptation k stays spec_k. Either way, when the acceptance over the last 64 proposed
 tokens (measured from 16 on) is below spec_disable_below_accept, the next spec_probe_interval tokens
 are decoded plainly, then drafting resumes with a fresh window."""
 
@@ -179,6 +187,58 @@ def _residual(p, q, x: int):
     return ids, probs / total
 
 
+class KPolicy:
+    """The adaptive choice of k (module docstring): exponential averages of the acceptance and of the
+    drafter's cost per token, and a least-squares line through the last passes' (rows, seconds)."""
+
+    WARMUP_STEPS = 3    # speculative steps at PROBE_K before the model of costs is trusted
+    PROBE_K = 2         # drafts of a step that only measures (warm-up, or a probe after plain decoding)
+    HISTORY = 24        # passes the cost line is fitted to
+    DECAY = 0.3         # weight of the newest observation in the averages
+
+    def __init__(self, spec: "SpeculativeOptions"):
+        self.spec = spec
+        self.alpha: Optional[float] = None
+        self.draft_cost = 0.0
+        self.passes: collections.deque = collections.deque(maxlen=self.HISTORY)
+        self.steps = 0
+
+    def observe_pass(self, rows: int, seconds: float) -> None:
+        self.passes.append((rows, seconds))
+
+    def has_plain_cost(self) -> bool:
+        return any(rows == 1 for rows, _ in self.passes)
+
+    def observe_step(self, proposed: int, accepted: int, draft_seconds: float) -> None:
+        rate = accepted / proposed
+        self.alpha = rate if self.alpha is None else (1 - self.DECAY) * self.alpha + self.DECAY * rate
+        per_token = draft_seconds / proposed
+        self.draft_cost = per_token if self.steps == 0 else (1 - self.DECAY) * self.draft_cost + self.DECAY * per_token
+        self.steps += 1
+
+    def _cost_line(self) -> Optional[tuple[float, float]]:
+        rows = np.array([r for r, _ in self.passes], float)
+        secs = np.array([t for _, t in self.passes], float)
+        if len(set(rows)) < 2:
+            return None
+        b, a = np.polyfit(rows, secs, 1)
+        return max(a, 0.0), max(b, 1e-9)
+
+    def choose(self, k_limit: int) -> int:
+        """k for the next step (0: decode plainly), at most k_limit."""
+        line = self._cost_line()
+        if self.steps < self.WARMUP_STEPS or line is None or self.alpha is None:
+            return min(self.PROBE_K, k_limit)
+        a, b = line
+        alpha = min(self.alpha, 0.999)
+        best_k, best_rate = 0, 1.0 / (a + b)   # plain decoding
+        for k in range(self.spec.k_min, min(self.spec.k_max, k_limit) + 1):
+            rate = (1 - alpha ** (k + 1)) / (1 - alpha) / (a + b * (k + 1) + k * self.draft_cost)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+
 class SpeculativeGenerator(Generator):
     """A Generator whose decoding drafts and verifies: the same API (generate, generate_iter,
     prefill, decode_step, rollback, reset; caches kept across calls), the same results for greedy
@@ -207,6 +267,9 @@ class SpeculativeGenerator(Generator):
             model_drafter = ModelDrafter(draft_model, config.generation_config())
             self.drafter = HybridDrafter(lookup, model_drafter) if self.spec.lookup_first else model_drafter
         self.k = self.spec.k
+        self.policy = KPolicy(self.spec)
+        self._backoff = self.spec.probe_interval   # plain tokens before the next probe (doubles while probes fail)
+        self._probe = False
         self._window: collections.deque = collections.deque()   # (proposed, accepted) of recent steps
         self._plain_left = 0                                      # tokens to decode plainly (fallback)
         self.proposed_total = 0
@@ -232,10 +295,24 @@ class SpeculativeGenerator(Generator):
             return run.step()
         left = run.max_new_tokens - len(run.tokens) - len(run.held)
         room = seq.capacity - len(seq.history) - 1
-        k = min(self.k, left - 1 if self.spec.extra_token else left, room - 1)
+        k_limit = min(left - 1 if self.spec.extra_token else left, room - 1)
         pending = len(seq.history) - seq.cache.n_past
-        if self._plain_left > 0 or k < 1 or seq.logits is not None or pending != 1:
+        if self._plain_left > 0 or k_limit < 1 or seq.logits is not None or pending != 1:
             return self._plain_step(run)
+        if self.spec.k_adaptive:
+            if not self.policy.has_plain_cost():   # a plain decode step first: the baseline to beat
+                return self._plain_step(run)
+            if self._probe:   # after a stretch of plain decoding: measure again, cheaply
+                self._probe = False
+                self.k = min(KPolicy.PROBE_K, k_limit)
+            else:
+                self.k = self.policy.choose(k_limit)
+                if self.k == 0:   # no k beats plain decoding: decode plainly, then probe; back off while it fails
+                    self._plain_left, self._probe = self._backoff, True
+                    self._backoff = min(2 * self._backoff, 1024)
+                    return self._plain_step(run)
+                self._backoff = self.spec.probe_interval
+        k = min(self.k, k_limit)
         stats: SpeculativeStats = run.speculative
         t0 = time.perf_counter()
         draft = self.drafter.propose(seq.history.view(), k)
@@ -243,28 +320,33 @@ class SpeculativeGenerator(Generator):
         stats.draft_seconds += t1 - t0
         if not draft.tokens:
             return self._plain_step(run)
-        events = self._verify(run, draft)
+        events = self._verify(run, draft, t1 - t0)
         stats.verify_seconds += time.perf_counter() - t1
         return events
 
     def _plain_step(self, run: Run) -> list[Event]:
-        had_logits = self._seq.logits is not None
+        had_logits, pending = self._seq.logits is not None, len(self._seq.history) - self._seq.cache.n_past
+        t0 = time.perf_counter()
         events = super()._step(run)
         if not had_logits:
             run.speculative.plain_tokens += 1
+            if pending == 1:   # a decode step: the cost of a one-row pass
+                self.policy.observe_pass(1, time.perf_counter() - t0)
             if self._plain_left > 0:
                 self._plain_left -= 1
         return events
 
-    def _verify(self, run: Run, draft: Draft) -> list[Event]:
+    def _verify(self, run: Run, draft: Draft, draft_seconds: float) -> list[Event]:
         """One target pass over [pending token, drafts]; accepted drafts and one token from the
         target go through the run as if decoded one by one."""
         seq, stats, sampler = self._seq, run.speculative, run.sampler
         tokens = draft.tokens
         m = len(tokens)
         L = len(seq.history)
+        t0 = time.perf_counter()
         rows = self.model.eval(seq.cache, np.concatenate([seq.history.view(L - 1), np.asarray(tokens, np.int32)]),
                                logits="all", decode_exact=True).logits           # [m + 1, vocab]
+        self.policy.observe_pass(m + 1, time.perf_counter() - t0)
         # the histories rows i see: the context plus the first i drafts (the penalties' input)
         context = np.concatenate([seq.history.view(), np.asarray(tokens, np.int32)])
         greedy = run.config.sampling.temperature == 0
@@ -301,10 +383,10 @@ class SpeculativeGenerator(Generator):
             events += run.push(next_token, rows[n])
         seq.logits = None
         seq.cache.truncate(min(seq.cache.n_past, len(seq.history) - 1))
-        self._account(stats, m, n)
+        self._account(stats, m, n, draft_seconds)
         return events
 
-    def _account(self, stats: SpeculativeStats, proposed: int, accepted: int) -> None:
+    def _account(self, stats: SpeculativeStats, proposed: int, accepted: int, draft_seconds: float) -> None:
         stats.proposed += proposed
         stats.accepted += accepted
         stats.steps += 1
@@ -312,11 +394,7 @@ class SpeculativeGenerator(Generator):
         self.proposed_total += proposed
         self.accepted_total += accepted
         spec = self.spec
-        if spec.k_adaptive:
-            if accepted == proposed == self.k:
-                self.k = min(self.k + 1, spec.k_max)
-            elif accepted < proposed:
-                self.k = max(self.k - 1, spec.k_min)
+        self.policy.observe_step(proposed, accepted, draft_seconds)
         self._window.append((proposed, accepted))
         while sum(p for p, _ in self._window) - self._window[0][0] >= WINDOW_PROPOSALS:
             self._window.popleft()

@@ -58,6 +58,13 @@ def _bench(args: argparse.Namespace) -> int:
     from ..api import load
     from . import bench
 
+    if args.speculative:
+        from . import spec_bench
+
+        rows = spec_bench.run(args.model, threads=args.threads or 2, new_tokens=args.num_tokens, repeats=args.repeats,
+                              engines=args.engines.split(","), scenarios=args.scenarios.split(","))
+        print(bench.format_table(rows))
+        return 0
     if args.peers:
         return _bench_peers(args)
     model = load(args.model, n_threads=args.threads, weights=args.weights, int8_prefill=args.int8_prefill)
@@ -166,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --peers: random-weight models of this shape (qwen2.5-0.5b), one per --types entry")
     b.add_argument("--random-dir", dest="random_dir", default="bench-models",
                    help="where random models are written (reused when present)")
+    b.add_argument("--speculative", action="store_true",
+                   help="speculative decoding vs plain, and vs llama.cpp's / transformers' prompt lookup")
+    b.add_argument("--scenarios", default="grounded,self-draft,open",
+                   help="with --speculative: grounded (prompt lookup), self-draft (f16 target, q4_0 draft), open")
     b.set_defaults(func=_bench)
 
     c = sub.add_parser("convert", help="rewrite a GGUF with its weights in another type")
