@@ -28,12 +28,13 @@ struct Weight {
     explicit operator bool() const { return data != nullptr; }
 };
 
-// How a forward pass computes. rows_as_decode: every row gets exactly the arithmetic it would get in
-// a pass of its own (a one-token decode step) -- the same kernels and the same summation order, so a
-// speculative verification over k+1 rows reproduces k+1 decode steps bit for bit. Costs some prefill
-// speed (no tiles, no int8 rounding), none for a few rows.
-struct PassOptions {
-    bool rows_as_decode = false;
+// How the rows of a pass are computed (Backend::set_rows_mode; every pass starts with `fast`).
+enum class RowsMode {
+    fast,        // kernels chosen by the row count: prefill tiles for many rows, integer decode kernels for few
+    as_decode,   // each row with exactly the arithmetic of a one-token pass (same kernels, same summation
+                 // order), so verifying k drafted tokens reproduces k decode steps bit for bit
+    invariant,   // each row the same whatever other rows share the pass (prefill tiles for every row), so a
+                 // scheduler's prompt chunks give what the whole prompt alone would
 };
 
 // What a weight is for: multiplied (matmul) or only looked up by rows (an embedding table).
@@ -45,18 +46,29 @@ enum class RopeStyle {
     halves,     // rotate pairs (i, i + d/2): HF layout, GGUF qwen2 ("neox")
 };
 
-// One layer's K or V store: rows of head_dim values in `type`, [n_kv_heads, capacity] rows.
+// One layer's K or V store: rows of head_dim values in `type`. Contiguous: [n_kv_heads, capacity]
+// rows. Paged (blocks set, a KV pool's): position p lives in block blocks[p / block_size], laid out
+// [block][kv head][block_size] rows, so positions are contiguous only within a block.
 struct KVStore {
     DType type = DType::f32;     // f32, f16, bf16, q8_0, q4_0 or nf4
     uint8_t* data = nullptr;
     size_t row_bytes = 0;
-    int64_t capacity = 0;        // rows per KV head
+    int64_t capacity = 0;        // rows per KV head (contiguous)
+    const int32_t* blocks = nullptr;   // paged: the sequence's block table
+    int64_t block_size = 0;
+    int64_t n_heads = 0;               // paged: KV heads per block
 
-    const uint8_t* row(int64_t kv_head, int64_t slot) const {
-        return data + (static_cast<size_t>(kv_head) * static_cast<size_t>(capacity) + static_cast<size_t>(slot)) * row_bytes;
+    size_t index(int64_t kv_head, int64_t pos) const {
+        if (blocks)
+            return (static_cast<size_t>(blocks[pos / block_size]) * static_cast<size_t>(n_heads) + static_cast<size_t>(kv_head)) *
+                       static_cast<size_t>(block_size) + static_cast<size_t>(pos % block_size);
+        return static_cast<size_t>(kv_head) * static_cast<size_t>(capacity) + static_cast<size_t>(pos);
     }
-    uint8_t* row(int64_t kv_head, int64_t slot) {
-        return data + (static_cast<size_t>(kv_head) * static_cast<size_t>(capacity) + static_cast<size_t>(slot)) * row_bytes;
+    const uint8_t* row(int64_t kv_head, int64_t pos) const { return data + index(kv_head, pos) * row_bytes; }
+    uint8_t* row(int64_t kv_head, int64_t pos) { return data + index(kv_head, pos) * row_bytes; }
+    // positions from pos on that follow it contiguously in memory (up to end)
+    int64_t contiguous(int64_t pos, int64_t end) const {
+        return blocks ? std::min(end, (pos / block_size + 1) * block_size) - pos : end - pos;
     }
 };
 
@@ -132,8 +144,11 @@ public:
 
     // --- a forward pass's ops run between begin_pass and end_pass (the CPU holds its kernel level
     // fixed there; a device backend would synchronise its stream at the end)
-    virtual void begin_pass(const PassOptions& options) { (void)options; }
+    virtual void begin_pass() {}
     virtual void end_pass() {}
+    // the arithmetic of the ops that follow, until the next call (attention splits each row's
+    // positions as a lone row would in every mode but fast)
+    virtual void set_rows_mode(RowsMode mode) { (void)mode; }
 
     // --- ops (shapes in comments; T = rows of the batch)
     // out[T, cols] = table[ids[t], :]  (ids host)
@@ -198,7 +213,7 @@ private:
 // A forward pass's ops between begin_pass and end_pass, ended on every exit path.
 class PassScope {
 public:
-    explicit PassScope(Backend& be, const PassOptions& options = {}) : be_(be) { be_.begin_pass(options); }
+    explicit PassScope(Backend& be) : be_(be) { be_.begin_pass(); }
     ~PassScope() { be_.end_pass(); }
     PassScope(const PassScope&) = delete;
     PassScope& operator=(const PassScope&) = delete;

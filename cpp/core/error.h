@@ -15,6 +15,7 @@ enum class ErrorKind {
     io,            // the operating system refused (open, mmap)
     numeric,       // NaN or infinite values where numbers are needed (logits, inputs)
     interrupted,   // the caller asked a running forward pass to stop (Ctrl-C); nothing was changed
+    resource,      // a fixed budget is used up (the KV pool has no free block)
 };
 
 class Error : public std::runtime_error {

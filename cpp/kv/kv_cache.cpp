@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "kv/kv_pool.h"
 #include "model/model.h"
 
 namespace tmill {
@@ -101,14 +102,74 @@ KVCache::KVCache(std::shared_ptr<const Model> model, int64_t capacity, const KVC
     }
 }
 
+KVCache::KVCache(std::shared_ptr<KVPool> pool, int64_t capacity) : capacity_(capacity), pool_(std::move(pool)) {
+    if (!pool_) fail(ErrorKind::invalid_arg, "a paged KV cache needs a pool");
+    if (capacity <= 0 || capacity > (int64_t(1) << 24))
+        fail(ErrorKind::invalid_arg, "KV cache capacity must be in [1, 16777216], got " + std::to_string(capacity));
+    model_ = pool_->model().shared_from_this();
+    config_ = pool_->config();
+}
+
 KVCache::~KVCache() {
     for (uint8_t* p : main_blocks_) model_->backend().free_bytes(p);
     for (uint8_t* p : ring_blocks_) model_->backend().free_bytes(p);
+    for (int32_t b : table_) pool_->release(b);
+}
+
+void KVCache::adopt(const std::vector<int32_t>& blocks, int64_t n_tokens) {
+    Claim claim(*this);
+    if (!pool_) fail(ErrorKind::invalid_arg, "only a paged cache adopts blocks");
+    if (n_past_ != 0 || !table_.empty()) fail(ErrorKind::invalid_arg, "only an empty cache adopts blocks");
+    const int64_t bs = pool_->block_size();
+    if (n_tokens < 0 || n_tokens > static_cast<int64_t>(blocks.size()) * bs || n_tokens > capacity_ ||
+        static_cast<int64_t>(blocks.size()) > (n_tokens + bs - 1) / bs)
+        fail(ErrorKind::invalid_arg, std::to_string(n_tokens) + " tokens do not fill the " + std::to_string(blocks.size()) +
+                                         " blocks given (or exceed the capacity)");
+    std::vector<int32_t> taken;
+    try {
+        for (int32_t b : blocks) {
+            pool_->retain(b);
+            taken.push_back(b);
+        }
+    } catch (...) {
+        for (int32_t b : taken) pool_->release(b);
+        throw;
+    }
+    table_ = blocks;
+    n_past_ = n_tokens;
 }
 
 void KVCache::reserve(int64_t n) {
     if (n > capacity_)
         fail(ErrorKind::context, std::to_string(n) + " tokens exceed the cache's capacity of " + std::to_string(capacity_));
+    if (pool_) {
+        // the block the next write lands in must be this sequence's own (copy a shared one first)
+        const int64_t bs = pool_->block_size();
+        std::vector<int32_t> fresh;
+        auto take = [&]() {
+            int32_t b = pool_->allocate();
+            if (b < 0) {
+                for (int32_t f : fresh) pool_->release(f);
+                fail(ErrorKind::resource, "the KV pool has no free block (" + std::to_string(pool_->n_blocks()) +
+                                              " blocks of " + std::to_string(bs) + " positions)");
+            }
+            fresh.push_back(b);
+            return b;
+        };
+        const size_t tail = static_cast<size_t>(n_past_ / bs);
+        int32_t copy = -1;
+        if (n > n_past_ && n_past_ % bs != 0 && pool_->refcount(table_[tail]) > 1) copy = take();
+        const int64_t need = (n + bs - 1) / bs - static_cast<int64_t>(table_.size());
+        for (int64_t i = 0; i < need; ++i) take();
+        if (copy >= 0) {   // nothing failed: commit
+            pool_->copy_block(table_[tail], copy);
+            pool_->release(table_[tail]);
+            table_[tail] = copy;
+        }
+        table_.insert(table_.end(), fresh.begin() + (copy >= 0 ? 1 : 0), fresh.end());
+        allocated_ = static_cast<int64_t>(table_.size()) * bs;
+        return;
+    }
     if (n <= allocated_) return;
     const int64_t rows = std::min(capacity_, std::max({n, 2 * allocated_, kMinAllocation}));
     const std::vector<LayerLayout> layers = layout(*model_, capacity_, config_);
@@ -147,6 +208,12 @@ void KVCache::truncate(int64_t n) {
                                          std::to_string(n));
     n_past_ = n;
     ring_valid_from_ = std::min(ring_valid_from_, n);   // slots of the kept positions are untouched
+    if (pool_) {   // blocks past the kept positions go back to the pool
+        const size_t keep = static_cast<size_t>((n + pool_->block_size() - 1) / pool_->block_size());
+        for (size_t i = keep; i < table_.size(); ++i) pool_->release(table_[i]);
+        table_.resize(std::min(keep, table_.size()));
+        allocated_ = static_cast<int64_t>(table_.size()) * pool_->block_size();
+    }
 }
 
 KVCache::Claim::Claim(KVCache& cache) : cache_(&cache) {
@@ -159,7 +226,10 @@ KVCache::Claim::~Claim() {
     if (cache_) cache_->claimed_.store(false, std::memory_order_release);
 }
 
-size_t KVCache::bytes() const { return main_bytes_ + ring_bytes_; }
+size_t KVCache::bytes() const {
+    if (pool_) return table_.size() * KVPool::bytes_per_block(*model_, pool_->block_size(), config_);
+    return main_bytes_ + ring_bytes_;
+}
 
 size_t KVCache::bytes_per_token(const Model& model, const KVCacheConfig& config) {
     const HParams& hp = model.hparams();
@@ -177,6 +247,7 @@ size_t KVCache::bytes_for(const Model& model, int64_t capacity, const KVCacheCon
 }
 
 KVLayerView KVCache::layer_view(size_t layer) const {
+    if (pool_) return KVLayerView{pool_->store(layer, false, table_.data()), pool_->store(layer, true, table_.data()), {}, {}, 0, 0};
     return KVLayerView{k_[layer], v_[layer], k_ring_[layer], v_ring_[layer], config_.residual_len, ring_valid_from_};
 }
 

@@ -16,6 +16,7 @@
 namespace tmill {
 
 class Model;
+class KVPool;
 
 struct KVCacheConfig {
     DType k_type = DType::f32;
@@ -38,6 +39,9 @@ public:
     // them); beyond that the cache grows on demand, so a long context costs only what is used.
     KVCache(std::shared_ptr<const Model> model, int64_t capacity, const KVCacheConfig& config = {},
             int64_t reserve = -1);
+    // A paged cache for up to `capacity` tokens whose positions live in the pool's blocks, taken as
+    // tokens arrive (Error(resource) when the pool has none left) and given back on truncate / destruction.
+    KVCache(std::shared_ptr<KVPool> pool, int64_t capacity);
     ~KVCache();
     KVCache(const KVCache&) = delete;
     KVCache& operator=(const KVCache&) = delete;
@@ -47,6 +51,11 @@ public:
     int64_t allocated() const { return allocated_; }   // positions memory is allocated for
     int64_t n_past() const { return n_past_; }
     const KVCacheConfig& config() const { return config_; }
+    bool paged() const { return pool_ != nullptr; }
+    const std::vector<int32_t>& block_table() const { return table_; }
+    // An empty paged cache takes over the first n_tokens positions held by `blocks` (shared: each
+    // gets one more reference), e.g. a cached prompt prefix; writing into a shared block copies it first.
+    void adopt(const std::vector<int32_t>& blocks, int64_t n_tokens);
     // Forget everything after the first n tokens (rollback); n must not exceed n_past. The ring
     // holds kRingSlack more positions than the residual, so a rollback of up to that many tokens
     // reads exactly what it read before; deeper ones read some fp16 positions quantized.
@@ -98,6 +107,8 @@ private:
     std::vector<uint8_t*> main_blocks_, ring_blocks_;   // every allocation, freed with the cache
     size_t main_bytes_ = 0, ring_bytes_ = 0;
     std::atomic<bool> claimed_{false};
+    std::shared_ptr<KVPool> pool_;   // paged: where the blocks live ...
+    std::vector<int32_t> table_;     // ... and which hold this sequence's positions, in order
 };
 
 }  // namespace tmill

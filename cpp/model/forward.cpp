@@ -111,6 +111,8 @@ void Model::validate(const ForwardRequest& req, int64_t& T) const {
                 fail(ErrorKind::invalid_arg, std::string(what) + " row " + std::to_string(r) + " is outside the batch's " +
                                                  std::to_string(T) + " rows");
     };
+    if (req.decode_rows < 0 || req.decode_rows > T)
+        fail(ErrorKind::invalid_arg, "decode_rows must be in [0, " + std::to_string(T) + "], got " + std::to_string(req.decode_rows));
     check_rows(req.logit_rows, req.logits, "logits");
     check_rows(req.hidden_rows, req.hidden, "hidden states");
     for (const LayerRows& lr : req.layer_rows) {
@@ -129,9 +131,8 @@ void Model::forward(const ForwardRequest& req) {
     for (const SequenceInput& in : req.batch) claims.emplace_back(*in.cache);
     for (const SequenceInput& in : req.batch) in.cache->reserve(in.cache->n_past() + in.n);
     ensure_workspace(T);
-    PassOptions options;
-    options.rows_as_decode = req.rows_as_decode;
-    PassScope scope(*backend_, options);
+    PassScope scope(*backend_);
+    backend_->set_rows_mode(default_mode(req));
 
     Pass p(req, T, *backend_,
            AttentionShape{static_cast<int>(hp_.n_head), static_cast<int>(hp_.n_head_kv), static_cast<int>(hp_.head_dim),
@@ -184,10 +185,29 @@ void Model::norm(float* out, const float* in, const Norm& n, int64_t rows) {
     else backend_->rms_norm(out, in, n.weight, rows, hp_.n_embd, hp_.norm_eps);
 }
 
+RowsMode Model::default_mode(const ForwardRequest& req) const {
+    if (req.rows_as_decode) return RowsMode::as_decode;
+    return req.batch_invariant ? RowsMode::invariant : RowsMode::fast;
+}
+
 // The products of one input with several of a layer's projections, then the extensions' additions
-// to each output (the adapter seam).
+// to each output (the adapter seam). A batch-invariant pass computes its decode rows and its prompt
+// rows each with their own arithmetic.
 void Model::project(Pass& p, const MatmulItem* items, const Projection* roles, int n, const float* x, int64_t layer) {
-    backend_->matmul_group(items, n, x, p.T);
+    const int64_t D = p.req.batch_invariant ? std::min(p.req.decode_rows, p.T) : 0;
+    if (D == 0) {
+        backend_->matmul_group(items, n, x, p.T);
+    } else {
+        backend_->set_rows_mode(RowsMode::as_decode);
+        backend_->matmul_group(items, n, x, D);
+        if (D < p.T) {
+            MatmulItem rest[4];
+            for (int i = 0; i < n; ++i) rest[i] = {items[i].out + D * items[i].w->rows, items[i].w};
+            backend_->set_rows_mode(RowsMode::invariant);
+            backend_->matmul_group(rest, n, x + D * items[0].w->cols, p.T - D);
+        }
+        backend_->set_rows_mode(default_mode(p.req));
+    }
     for (const auto& ext : extensions_)
         for (int i = 0; i < n; ++i)
             ext->after_projection(p.ctx, layer, roles[i], x, items[i].w->cols, items[i].out, items[i].w->rows);
@@ -287,7 +307,9 @@ void Model::outputs(Pass& p) {
     auto flush = [&]() {
         const int64_t n = static_cast<int64_t>(chunk.size());
         be.get_rows(ws_.h.get(), table(ws_.out.get(), U), chunk.data(), n);
+        if (req.batch_invariant) be.set_rows_mode(RowsMode::as_decode);   // logits as decode, however many rows
         be.matmul(ws_.logits.get(), ws_.h.get(), output_, n);
+        be.set_rows_mode(default_mode(req));
         for (int64_t j = 0; j < n; ++j)
             for (size_t i : *targets[static_cast<size_t>(j)])
                 be.download(req.logits + static_cast<int64_t>(i) * V, ws_.logits.get() + j * V, static_cast<size_t>(V));

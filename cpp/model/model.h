@@ -54,8 +54,13 @@ struct ForwardRequest {
     std::vector<int64_t> hidden_rows;  // final hidden states (after the output norm) [hidden_rows, n_embd]
     float* hidden = nullptr;
     std::vector<LayerRows> layer_rows;
-    // Every row computed exactly as a one-token pass would compute it (PassOptions::rows_as_decode).
+    // Every row computed exactly as a one-token pass would compute it (RowsMode::as_decode).
     bool rows_as_decode = false;
+    // Every sequence's outputs independent of the rest of the batch and of how its tokens were split into
+    // passes (a scheduler's passes): the first decode_rows rows are decode steps (RowsMode::as_decode), the
+    // rest prompt rows (RowsMode::invariant), and logits rows are computed as decode.
+    bool batch_invariant = false;
+    int64_t decode_rows = 0;
     // Polled between layers; returning true stops the pass with Error(interrupted) and every cache
     // as it was before the call.
     std::function<bool()> interrupted;
@@ -120,6 +125,7 @@ private:
     void embed(Pass& p);
     void norm(float* out, const float* in, const Norm& n, int64_t rows);
     void project(Pass& p, const MatmulItem* items, const Projection* roles, int n, const float* x, int64_t layer);
+    RowsMode default_mode(const ForwardRequest& req) const;
     void attention_block(Pass& p, int64_t l);
     void mlp_block(Pass& p, int64_t l);
     void copy_layer_rows(Pass& p, int64_t layer);

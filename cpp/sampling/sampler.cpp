@@ -79,7 +79,17 @@ void Sampler::apply_penalties(float* logits, const int32_t* history, int64_t n_h
 }
 
 int32_t Sampler::sample(const float* logits, const int32_t* history, int64_t n_history) {
-    const int32_t greedy = filter(logits, history, n_history);
+    static const std::vector<int32_t>* const all = nullptr;
+    return sample_filtered(logits, history, n_history, all);
+}
+
+int32_t Sampler::sample(const float* logits, const int32_t* history, int64_t n_history, const std::vector<int32_t>& allowed) {
+    return sample_filtered(logits, history, n_history, &allowed);
+}
+
+int32_t Sampler::sample_filtered(const float* logits, const int32_t* history, int64_t n_history,
+                                 const std::vector<int32_t>* allowed) {
+    const int32_t greedy = filter(logits, history, n_history, allowed);
     if (greedy >= 0) return greedy;
     std::vector<int32_t>& ids = ids_;
     ids.resize(candidates_.size());
@@ -122,7 +132,8 @@ int32_t Sampler::draw(const int32_t* ids, const double* probs, size_t n) {
     return last;   // rounding left u above the final cumulative sum
 }
 
-int32_t Sampler::filter(const float* logits, const int32_t* history, int64_t n_history) {
+int32_t Sampler::filter(const float* logits, const int32_t* history, int64_t n_history,
+                        const std::vector<int32_t>* allowed) {
     const SamplerParams& p = params_;
     for (int64_t i = 0; i < n_vocab_; ++i)
         if (!std::isfinite(logits[i]))
@@ -131,9 +142,20 @@ int32_t Sampler::filter(const float* logits, const int32_t* history, int64_t n_h
     work_.assign(logits, logits + n_vocab_);
     apply_penalties(work_.data(), history, n_history);
     candidates_.clear();
+    if (allowed) {   // everything outside the allowed set is banned
+        std::vector<float> kept(allowed->size());
+        for (size_t i = 0; i < allowed->size(); ++i) {
+            const int32_t id = (*allowed)[i];
+            if (id < 0 || id >= n_vocab_) fail(ErrorKind::invalid_arg, "an allowed token id is outside the vocabulary");
+            kept[i] = work_[static_cast<size_t>(id)];
+        }
+        std::fill(work_.begin(), work_.end(), -INFINITY);
+        for (size_t i = 0; i < allowed->size(); ++i) work_[static_cast<size_t>((*allowed)[i])] = kept[i];
+    }
     const auto best = std::max_element(work_.begin(), work_.end());
     if (*best == -INFINITY)
-        fail(ErrorKind::invalid_arg, "no token can be sampled: logit_bias bans every token of the vocabulary");
+        fail(ErrorKind::invalid_arg, allowed ? "no token can be sampled: the allowed tokens are all banned"
+                                             : "no token can be sampled: logit_bias bans every token of the vocabulary");
 
     if (p.temperature == 0.0f) return static_cast<int32_t>(best - work_.begin());
 

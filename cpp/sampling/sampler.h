@@ -51,6 +51,8 @@ public:
 
     // Picks the next token from logits [n_vocab] given the tokens so far (for penalties).
     int32_t sample(const float* logits, const int32_t* history, int64_t n_history);
+    // The same with only `allowed` tokens eligible (structured output; the others as if banned).
+    int32_t sample(const float* logits, const int32_t* history, int64_t n_history, const std::vector<int32_t>& allowed);
 
     // The distribution sample() draws from (steps 1-7): tokens and probabilities summing to 1, the
     // most likely first; a greedy sampler gives its token with probability 1. Speculative decoding
@@ -71,8 +73,11 @@ public:
     void apply_penalties(float* logits, const int32_t* history, int64_t n_history) const;
 
 private:
+    int32_t sample_filtered(const float* logits, const int32_t* history, int64_t n_history,
+                            const std::vector<int32_t>* allowed);
     // steps 1-7: the greedy token (temperature 0), or -1 with candidates_ and probs_ filled in
-    int32_t filter(const float* logits, const int32_t* history, int64_t n_history);
+    int32_t filter(const float* logits, const int32_t* history, int64_t n_history,
+                   const std::vector<int32_t>* allowed = nullptr);
 
     SamplerParams params_;
     int64_t n_vocab_;

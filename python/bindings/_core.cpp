@@ -19,6 +19,7 @@
 #include "core/quants.h"
 #include "core/threadpool.h"
 #include "io/gguf.h"
+#include "kv/kv_pool.h"
 #include "model/model.h"
 #include "sampling/sampler.h"
 
@@ -132,7 +133,8 @@ private:
 };
 
 py::tuple forward(Model& m, py::handle caches_obj, py::handle inputs_obj, py::handle logit_spec, py::handle hidden_spec,
-                  py::handle layer_spec, py::handle adapters_obj, py::handle decode_exact) {
+                  py::handle layer_spec, py::handle adapters_obj, py::handle decode_exact, py::handle invariant,
+                  py::handle decode_rows) {
     const HParams& hp = m.hparams();
     if (!py::isinstance<py::list>(caches_obj) && !py::isinstance<py::tuple>(caches_obj))
         bad_arg("caches must be a list of KVCache");
@@ -179,6 +181,8 @@ py::tuple forward(Model& m, py::handle caches_obj, py::handle inputs_obj, py::ha
         for (size_t i = 0; i < slots.size(); ++i) req.batch[i].adapter = static_cast<int32_t>(slots[i]);
     }
     req.rows_as_decode = to_bool(decode_exact, "decode_exact");
+    req.batch_invariant = to_bool(invariant, "batch_invariant");
+    req.decode_rows = to_int(decode_rows, "decode_rows", 0, INT64_MAX);
     req.logit_rows = output_rows(logit_spec, lengths, "logit_rows");
     req.hidden_rows = output_rows(hidden_spec, lengths, "hidden_rows");
     const int64_t L = static_cast<int64_t>(req.logit_rows.size()), H = static_cast<int64_t>(req.hidden_rows.size());
@@ -219,7 +223,11 @@ py::tuple forward(Model& m, py::handle caches_obj, py::handle inputs_obj, py::ha
 }
 
 std::shared_ptr<KVCache> make_cache(py::handle model, py::handle capacity, py::handle config, py::handle reserve) {
-    if (!py::isinstance<Model>(model)) bad_arg("KVCache(model, ...): model must be a tokenmill._core.Model");
+    if (py::isinstance<KVPool>(model)) {   // a paged cache: the pool holds the layout and the memory
+        auto pool = model.cast<std::shared_ptr<KVPool>>();
+        return std::make_shared<KVCache>(pool, to_int(capacity, "capacity", 1, int64_t(1) << 24));
+    }
+    if (!py::isinstance<Model>(model)) bad_arg("KVCache(model, ...): model must be a tokenmill._core.Model or a KVPool");
     if (!py::isinstance<KVCacheConfig>(config)) bad_arg("KVCache(..., config): config must be a KVCacheConfig");
     auto m = model.cast<std::shared_ptr<Model>>();
     const int64_t cap = to_int(capacity, "capacity", 1, int64_t(1) << 24);
@@ -391,12 +399,14 @@ PYBIND11_MODULE(_core, mod) {
         }, py::arg("capacity"), py::arg("config"), "Bytes a full cache of this capacity and configuration holds.")
         .def("forward", &forward, py::arg("caches"), py::arg("inputs"), py::arg("logit_rows") = "last",
              py::arg("hidden_rows") = py::none(), py::arg("layer_rows") = py::none(), py::arg("adapters") = py::none(),
-             py::arg("decode_exact") = false,
+             py::arg("decode_exact") = false, py::arg("batch_invariant") = false, py::arg("decode_rows") = 0,
              "One forward pass over a batch: inputs[i] (token ids, or float embeddings [n, n_embd]) are appended to "
              "caches[i]. Rows are numbered across the batch; logit_rows / hidden_rows / each layer_rows value is "
              "'last' (of each sequence), 'all', None or row indices. Returns (logits [rows, n_vocab] or None, final "
              "hidden states [rows, n_embd] or None, {layer: residual stream [rows, n_embd]}). decode_exact: every row "
-             "computed bit for bit as a one-token pass would (speculative verification). Ctrl-C stops a long "
+             "computed bit for bit as a one-token pass would (speculative verification); batch_invariant: every "
+             "sequence's outputs independent of the rest of the batch, its first decode_rows rows computed as decode "
+             "steps and the rest as prompt rows (a scheduler's passes). Ctrl-C stops a long "
              "pass within milliseconds and leaves every cache as it was.");
     py::class_<ForwardExtension, std::shared_ptr<ForwardExtension>>(mod, "ForwardExtension",
         "Something that joins a model's forward passes (an adapter, a memory layer); made by native modules.");
@@ -438,7 +448,8 @@ PYBIND11_MODULE(_core, mod) {
     py::class_<KVCache, std::shared_ptr<KVCache>> cache(mod, "KVCache");
     cache.def(py::init(&make_cache), py::arg("model"), py::arg("capacity"), py::arg("config") = KVCacheConfig{},
               py::arg("reserve") = -1,
-              "A cache for up to `capacity` tokens; memory for `reserve` of them now (-1: all), the rest on demand.")
+              "A cache for up to `capacity` tokens; memory for `reserve` of them now (-1: all), the rest on demand. "
+              "Given a KVPool instead of a model: a paged cache whose positions live in the pool's blocks.")
         .def_property_readonly("capacity", &KVCache::capacity)
         .def_property_readonly("allocated", &KVCache::allocated)
         .def_property_readonly("n_past", &KVCache::n_past)
@@ -451,7 +462,43 @@ PYBIND11_MODULE(_core, mod) {
             py::gil_scoped_release release;
             c.reserve(tokens);
         }, py::arg("n"), "Allocates memory for n tokens now (n <= capacity).");
+    cache.def_property_readonly("paged", &KVCache::paged)
+        .def_property_readonly("block_table", &KVCache::block_table)
+        .def("adopt", [](KVCache& c, py::handle blocks, py::handle n_tokens) {
+            std::vector<int32_t> b;
+            for (int64_t v : indices(blocks, "blocks")) b.push_back(static_cast<int32_t>(std::min<int64_t>(v, INT32_MAX)));
+            c.adopt(b, to_int(n_tokens, "n_tokens", 0, int64_t(1) << 24));
+        }, py::arg("blocks"), py::arg("n_tokens"), "An empty paged cache takes over n_tokens positions of shared blocks.");
     reject_other_inits(cache, "KVCache");
+    reject_other_calls(cache, "adopt", "KVCache.adopt");
+
+    py::class_<KVPool, std::shared_ptr<KVPool>> pool(mod, "KVPool");
+    pool.def(py::init([](py::handle model, py::handle n_blocks, py::handle block_size, py::handle config) {
+            if (!py::isinstance<Model>(model)) bad_arg("KVPool(model, ...): model must be a tokenmill._core.Model");
+            if (!py::isinstance<KVCacheConfig>(config)) bad_arg("KVPool(..., config): config must be a KVCacheConfig");
+            auto m = model.cast<std::shared_ptr<Model>>();
+            const int64_t n = to_int(n_blocks, "n_blocks", 1, int64_t(1) << 24), bs = to_int(block_size, "block_size", 1, 4096);
+            const KVCacheConfig cfg = config.cast<KVCacheConfig>();
+            py::gil_scoped_release release;
+            return std::make_shared<KVPool>(m, n, bs, cfg);
+        }), py::arg("model"), py::arg("n_blocks"), py::arg("block_size"), py::arg("config") = KVCacheConfig{},
+        "n_blocks blocks of block_size positions of every layer's K and V, shared by paged caches.")
+        .def_property_readonly("n_blocks", &KVPool::n_blocks)
+        .def_property_readonly("block_size", &KVPool::block_size)
+        .def_property_readonly("free_blocks", &KVPool::free_blocks)
+        .def_property_readonly("bytes", &KVPool::bytes)
+        .def("retain", [](KVPool& p, py::handle b) { p.retain(static_cast<int32_t>(to_int(b, "block", 0, INT32_MAX))); },
+             py::arg("block"))
+        .def("release", [](KVPool& p, py::handle b) { p.release(static_cast<int32_t>(to_int(b, "block", 0, INT32_MAX))); },
+             py::arg("block"))
+        .def("refcount", [](const KVPool& p, py::handle b) { return p.refcount(static_cast<int32_t>(to_int(b, "block", 0, INT32_MAX))); },
+             py::arg("block"));
+    reject_other_inits(pool, "KVPool");
+    for (const char* name : {"retain", "release", "refcount"}) reject_other_calls(pool, name, std::string("KVPool.") + name);
+    model.def("kv_block_bytes", [](const Model& m, py::handle block_size, const KVCacheConfig& c) {
+        return KVPool::bytes_per_block(m, to_int(block_size, "block_size", 1, 4096), c);
+    }, py::arg("block_size"), py::arg("config"), "Bytes one KV pool block of this size and configuration takes.");
+    reject_other_calls(model, "kv_block_bytes", "Model.kv_block_bytes");
     reject_other_calls(cache, "truncate", "KVCache.truncate");
     reject_other_calls(cache, "reserve", "KVCache.reserve");
 
@@ -495,7 +542,7 @@ PYBIND11_MODULE(_core, mod) {
     sampler.def(py::init([](const SamplerParams& p, py::handle n_vocab) {
             return std::make_unique<Sampler>(p, to_int(n_vocab, "n_vocab", INT64_MIN, INT64_MAX));
         }), py::arg("params"), py::arg("n_vocab"))
-        .def("sample", [](Sampler& s, py::handle logits_obj, py::handle history_obj) {
+        .def("sample", [](Sampler& s, py::handle logits_obj, py::handle history_obj, py::handle allowed_obj) {
             FloatArray logits = float_array(logits_obj, "logits", 1, false);
             if (logits.shape(0) != s.n_vocab())
                 fail(ErrorKind::invalid_arg, "logits must have the vocabulary size " + std::to_string(s.n_vocab()) +
@@ -520,9 +567,13 @@ PYBIND11_MODULE(_core, mod) {
                 history = converted.data();
                 n = static_cast<int64_t>(converted.size());
             }
+            std::vector<int32_t> allowed;
+            const bool restricted = !allowed_obj.is_none();
+            if (restricted) allowed = token_ids(allowed_obj, s.n_vocab(), "allowed", true);
             py::gil_scoped_release release;
-            return s.sample(logits.data(), history, n);
-        }, py::arg("logits"), py::arg("history"))
+            return restricted ? s.sample(logits.data(), history, n, allowed) : s.sample(logits.data(), history, n);
+        }, py::arg("logits"), py::arg("history"), py::arg("allowed") = py::none(),
+           "The next token; with `allowed`, only those token ids are eligible (structured output).")
         .def("distribution", [](Sampler& s, py::handle logits_obj, py::handle history_obj) {
             FloatArray logits = float_array(logits_obj, "logits", 1, false);
             if (logits.shape(0) != s.n_vocab())

@@ -37,5 +37,10 @@ class UnknownParameterError(TokenmillError, TypeError):
     """A keyword that no function or configuration of tokenmill takes (a misspelt parameter)."""
 
 
+class KVPoolFullError(TokenmillError, RuntimeError):
+    """A KV pool has no free block left, or a request needs more blocks than the whole pool holds
+    (a scheduler makes requests wait for blocks, so only the second reaches its users)."""
+
+
 class ConcurrentUseError(TokenmillError, RuntimeError):
     """An object that serves one caller at a time (a Generator, a KV cache) was used by two at once."""

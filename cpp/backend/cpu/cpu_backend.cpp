@@ -76,13 +76,17 @@ public:
         return vectors_.back().get();
     }
 
-    void begin_pass(const PassOptions& options) override {
+    void begin_pass() override {
         level_.emplace();
-        rows_as_decode_ = options.rows_as_decode;
+        set_rows_mode(RowsMode::fast);
     }
     void end_pass() override {
-        rows_as_decode_ = false;
+        set_rows_mode(RowsMode::fast);
         level_.reset();
+    }
+    void set_rows_mode(RowsMode mode) override {
+        rows_as_decode_ = mode == RowsMode::as_decode;
+        invariant_ = mode == RowsMode::invariant;
     }
 
     void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) override {
@@ -121,7 +125,7 @@ public:
     void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) override {
         const int64_t cols = items[0].w->cols;
         const cpu::Kernels& kern = cpu::kernels();
-        const bool small_batch = T < kPreparedMaxTokens || rows_as_decode_;
+        const bool small_batch = (T < kPreparedMaxTokens && !invariant_) || rows_as_decode_;
         bool any_prepared = false, any_packed = false, any_tile16 = false, any_tile = false, any_int8 = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
@@ -413,7 +417,7 @@ public:
         int64_t pairs = 0;
         for (int s = 0; s < n_segs; ++s) pairs += segs[s].n_rows * shape.n_kv_heads;
         // as decode: each row splits as it would alone (its KV heads are all the pairs)
-        const int64_t split_pairs = rows_as_decode_ ? shape.n_kv_heads : pairs;
+        const int64_t split_pairs = rows_as_decode_ || invariant_ ? shape.n_kv_heads : pairs;
         const int64_t parts_wanted =
             split_pairs >= 4 * pool_.size() ? 1 : (8 * pool_.size() + split_pairs - 1) / split_pairs;
         std::vector<Part> parts;
@@ -521,8 +525,13 @@ private:
     static const float* load_rows(const cpu::Kernels& kern, const KVStore& main, const KVStore& ring, int kvh,
                                   int64_t p0, int64_t p1, int64_t ring_from, int64_t hd, float* buf) {
         const int64_t main_end = ring.data ? std::min(p1, ring_from) : p1;
-        if (main_end == p1 && main.type == DType::f32) return reinterpret_cast<const float*>(main.row(kvh, p0));
-        if (p0 < main_end) kern.dequantize_row(main.type, main.row(kvh, p0), buf, (main_end - p0) * hd);
+        if (main_end == p1 && main.type == DType::f32 && main.contiguous(p0, p1) == p1 - p0)
+            return reinterpret_cast<const float*>(main.row(kvh, p0));
+        for (int64_t p = p0; p < main_end;) {   // runs of contiguous rows (a pool's blocks)
+            const int64_t run = main.contiguous(p, main_end);
+            kern.dequantize_row(main.type, main.row(kvh, p), buf + (p - p0) * hd, run * hd);
+            p += run;
+        }
         for (int64_t p = std::max(p0, main_end); p < p1;) {   // ring slots wrap around
             const int64_t slot = p % ring.capacity, run = std::min(p1 - p, ring.capacity - slot);
             kern.dequantize_row(DType::f16, ring.row(kvh, slot), buf + (p - p0) * hd, run * hd);
@@ -535,9 +544,10 @@ private:
     // tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
     // (Rows as decode: always the kernels of T = 1, each token on its own.)
     bool uses_packed(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
-        return (T < kPreparedMaxTokens || rows_as_decode_) && w.packed && kern.dot_packed8;
+        return ((T < kPreparedMaxTokens && !invariant_) || rows_as_decode_) && w.packed && kern.dot_packed8;
     }
     bool uses_tile(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
+        if (invariant_) return true;
         return T > 1 && !rows_as_decode_ && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
     }
 
@@ -548,7 +558,7 @@ private:
 
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
-        return int8_prefill_ && !rows_as_decode_ && T >= kPreparedMaxTokens && w.packed && kern.dot_tile16;
+        return int8_prefill_ && !rows_as_decode_ && (T >= kPreparedMaxTokens || invariant_) && w.packed && kern.dot_tile16;
     }
 
     // fn(i0, i1) over [0, n) in chunks of kElementChunk across the threads once there is enough work,
@@ -603,7 +613,8 @@ private:
     std::vector<std::unique_ptr<uint8_t[]>> packed_;   // eight-row copies of weights (pack)
     std::vector<std::unique_ptr<float[]>> vectors_;    // uploaded norm weights and biases
     std::optional<cpu::LevelPin> level_;               // held during a pass
-    bool rows_as_decode_ = false;                      // PassOptions of the running pass
+    bool rows_as_decode_ = false;                      // the RowsMode of the ops now running
+    bool invariant_ = false;
     std::vector<float> xd_, xsum_;
     std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
     bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (BackendOptions::int8_prefill) ...

@@ -70,6 +70,49 @@ class KVCache:
         """Allocates memory for n tokens now (n <= capacity)."""
         self.native.reserve(n)
 
+    @property
+    def block_table(self) -> list[int]:
+        """A paged cache's blocks in the pool, in position order."""
+        return list(self.native.block_table)
+
+    def adopt(self, blocks: Sequence[int], n_tokens: int) -> None:
+        """An empty paged cache takes over the first n_tokens positions of shared blocks."""
+        self.native.adopt(list(blocks), n_tokens)
+
+
+class KVPool:
+    """One fixed budget of KV memory in blocks of block_size positions, shared by paged caches
+    (EngineModel.new_paged_cache); blocks are reference-counted, so caches share prompt prefixes."""
+
+    def __init__(self, native_pool, spec: CacheSpec):
+        self.native = native_pool
+        self.spec = spec
+
+    @property
+    def n_blocks(self) -> int:
+        return self.native.n_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.native.block_size
+
+    @property
+    def free_blocks(self) -> int:
+        return self.native.free_blocks
+
+    @property
+    def bytes(self) -> int:
+        return self.native.bytes
+
+    def retain(self, block: int) -> None:
+        self.native.retain(block)
+
+    def release(self, block: int) -> None:
+        self.native.release(block)
+
+    def refcount(self, block: int) -> int:
+        return self.native.refcount(block)
+
 
 def _check_file(p: Path) -> None:
     """A regular file we may read, checked before anything opens it (a FIFO would block)."""
@@ -240,6 +283,20 @@ class EngineModel:
         cap = self.n_ctx if capacity is None else capacity
         return KVCache(native.new_cache(self._native, cap, spec.native(), -1 if reserve is None else reserve), spec)
 
+    def new_pool(self, n_blocks: int, block_size: int = 16, spec: Optional[CacheSpec] = None) -> KVPool:
+        """A KV pool of n_blocks blocks of block_size positions stored as `spec` says (no fp16 ring)."""
+        spec = spec or CacheSpec()
+        return KVPool(native.new_pool(self._native, n_blocks, block_size, spec.native()), spec)
+
+    def pool_blocks(self, budget_mb: float, block_size: int = 16, spec: Optional[CacheSpec] = None) -> int:
+        """How many blocks of block_size positions a budget of budget_mb MB holds."""
+        per_block = self._native.kv_block_bytes(block_size, (spec or CacheSpec()).native())
+        return int(budget_mb * 2**20 // per_block)
+
+    def new_paged_cache(self, pool: KVPool, capacity: Optional[int] = None) -> KVCache:
+        """An empty cache for up to `capacity` tokens (default: the context) living in the pool's blocks."""
+        return KVCache(native.new_cache(pool.native, self.n_ctx if capacity is None else capacity, None, -1), pool.spec)
+
     def kv_bytes_per_token(self, kind: str = "fp32", v_kind: Optional[str] = None, fp16_prefix_layers: int = 0) -> int:
         """Bytes of K and V a cache of this kind stores per token, over all layers."""
         spec = CacheSpec(kind, v_kind or kind, fp16_prefix_layers=fp16_prefix_layers)
@@ -258,18 +315,22 @@ class EngineModel:
         return True
 
     def eval(self, cache: KVCache, inputs, logits="last", hidden=None, layers: Optional[Mapping] = None,
-             decode_exact: bool = False) -> ForwardResult:
+             decode_exact: bool = False, batch_invariant: bool = False, decode_rows: int = 0) -> ForwardResult:
         """Appends `inputs` (token ids, or float embeddings [n, n_embd]) to the cache in one forward
         pass. logits / hidden / each value of layers ({layer: rows}) choose rows: "last", "all",
         None, or row indices. decode_exact: every row's outputs are bit for bit those of feeding
         its token alone (one decode step), e.g. to verify drafted tokens."""
-        return self.eval_batch([cache], [inputs], logits, hidden, layers, decode_exact=decode_exact)
+        return self.eval_batch([cache], [inputs], logits, hidden, layers, decode_exact=decode_exact,
+                               batch_invariant=batch_invariant, decode_rows=decode_rows)
 
     def eval_batch(self, caches: Sequence[KVCache], inputs: Sequence, logits="last", hidden=None,
                    layers: Optional[Mapping] = None, adapters: Optional[Sequence[int]] = None,
-                   decode_exact: bool = False) -> ForwardResult:
+                   decode_exact: bool = False, batch_invariant: bool = False, decode_rows: int = 0) -> ForwardResult:
         """One forward pass over several sequences: inputs[i] is appended to caches[i]; rows are
-        numbered across the batch in order ("last" means the last row of each sequence)."""
+        numbered across the batch in order ("last" means the last row of each sequence).
+        batch_invariant: each sequence's outputs do not depend on the others in the pass, nor on how
+        its tokens were split into passes (the scheduler's mode); its first decode_rows rows are decode
+        steps (one token per sequence, computed as a lone decode step), the rest prompt rows."""
         if isinstance(caches, KVCache) or not isinstance(caches, (list, tuple)):
             raise InvalidArgumentError("caches must be a list of KVCache")
         bad = [i for i, c in enumerate(caches) if not isinstance(c, KVCache)]
@@ -278,7 +339,8 @@ class EngineModel:
         if not isinstance(inputs, (list, tuple)):
             raise InvalidArgumentError("inputs must be a list with one token-id sequence per cache")
         out = native.forward(self._native, [c.native for c in caches], list(inputs), logits, hidden,
-                             dict(layers) if layers is not None else None, adapters, decode_exact)
+                             dict(layers) if layers is not None else None, adapters, decode_exact, batch_invariant,
+                             decode_rows)
         return ForwardResult(*out)
 
     def logits(

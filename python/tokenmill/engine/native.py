@@ -80,8 +80,15 @@ def kv_config(k_kind: str, v_kind: str, residual_len: int, fp16_prefix_layers: i
     return _core.KVCacheConfig(k_kind, v_kind, residual_len, fp16_prefix_layers, local_window)
 
 
-def new_cache(model: "_core.Model", capacity: int, config, reserve: int) -> "_core.KVCache":
-    return _core.KVCache(model, capacity, config, reserve)
+def new_cache(model_or_pool, capacity: int, config, reserve: int) -> "_core.KVCache":
+    """A cache of a model (contiguous, as config says) or of a KVPool (paged; config unused)."""
+    if isinstance(model_or_pool, _core.KVPool):
+        return _core.KVCache(model_or_pool, capacity)
+    return _core.KVCache(model_or_pool, capacity, config, reserve)
+
+
+def new_pool(model: "_core.Model", n_blocks: int, block_size: int, config) -> "_core.KVPool":
+    return _core.KVPool(model, n_blocks, block_size, config)
 
 
 def new_sampler(n_vocab: int, *, temperature: float, top_k: int, top_p: float, min_p: float, typical_p: float,
@@ -103,5 +110,6 @@ def new_sampler(n_vocab: int, *, temperature: float, top_k: int, top_p: float, m
 
 
 def forward(model: "_core.Model", caches: list, inputs: list, logit_rows, hidden_rows, layer_rows,
-            adapters: Optional[Sequence[int]], decode_exact: bool):
-    return model.forward(caches, inputs, logit_rows, hidden_rows, layer_rows, adapters, decode_exact)
+            adapters: Optional[Sequence[int]], decode_exact: bool, batch_invariant: bool = False, decode_rows: int = 0):
+    return model.forward(caches, inputs, logit_rows, hidden_rows, layer_rows, adapters, decode_exact, batch_invariant,
+                         decode_rows)

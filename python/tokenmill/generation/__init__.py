@@ -15,6 +15,7 @@ from .config import (
 )
 from .generator import Generator, generate
 from .result import GenerationResult, SpeculativeStats, TokenLogprob
+from .scheduler import Request, Scheduler, SchedulerConfig
 from .speculative import SpeculativeGenerator
 
 __all__ = [
@@ -26,7 +27,10 @@ __all__ = [
     "GenerationResult",
     "Generator",
     "PrefillConfig",
+    "Request",
     "SamplingConfig",
+    "Scheduler",
+    "SchedulerConfig",
     "SpeculativeConfig",
     "SpeculativeGenerator",
     "SpeculativeOptions",

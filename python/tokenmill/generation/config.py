@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import secrets
@@ -54,7 +55,9 @@ class SamplingConfig:
     """temperature (0 = greedy), top_k (0 = off), top_p, min_p, typical_p, repetition_penalty (HF
     rule) over the last repeat_last_n tokens (-1 = all, prompt included), presence_penalty,
     frequency_penalty, logit_bias {token: bias} (-inf bans a token), seed (None = fresh entropy),
-    logprobs (None, or how many top alternatives to report with each chosen token's log-probability)."""
+    logprobs (None, or how many top alternatives to report with each chosen token's log-probability),
+    json_schema (a dict or its JSON text) or regex: only tokens that keep the output a valid prefix
+    of that JSON / pattern (see tokenmill.generation.constraints)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -68,6 +71,8 @@ class SamplingConfig:
     logit_bias: Optional[Mapping[int, float]] = None
     seed: Optional[int] = None
     logprobs: Optional[int] = None
+    json_schema: Union[Mapping[str, Any], str, None] = None
+    regex: Optional[str] = None
 
     def __post_init__(self):
         _number("temperature", self.temperature, lo=0.0)
@@ -83,6 +88,20 @@ class SamplingConfig:
             _integer("seed", self.seed, 0, 2**64 - 1)
         if self.logprobs is not None:
             _integer("logprobs", self.logprobs, 0, 2**20)
+        if self.json_schema is not None and self.regex is not None:
+            raise InvalidArgumentError("give json_schema or regex, not both")
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise InvalidArgumentError(f"regex must be a string, got {type(self.regex).__name__}")
+        if self.json_schema is not None:
+            if isinstance(self.json_schema, str):
+                try:
+                    parsed = json.loads(self.json_schema)
+                except ValueError as exc:
+                    raise InvalidArgumentError(f"json_schema is not valid JSON: {exc}") from exc
+            else:
+                parsed = self.json_schema
+            if not isinstance(parsed, Mapping):
+                raise InvalidArgumentError("json_schema must be a JSON object (a dict, or its JSON text)")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, Mapping):
                 raise InvalidArgumentError("logit_bias must be a mapping {token_id: bias}")

@@ -10,6 +10,7 @@ from typing import Optional
 from ..errors import TokenmillError
 from ..text.stream import StreamDecoder
 from .config import GenerateConfig
+from .constraints import build_constraint
 from .result import GenerationResult, TokenLogprob
 from .sequence import Sequence, token_logprob
 
@@ -34,6 +35,8 @@ class Run:
         self.texts: list[str] = []
         self.logprobs: Optional[list[TokenLogprob]] = [] if self.top_logprobs is not None else None
         self.speculative = None   # SpeculativeStats when a SpeculativeGenerator drives the run
+        self.constraint = build_constraint(tok, sorted(self.eos) or seq.model.eos_ids,
+                                           config.sampling.json_schema, config.sampling.regex)
         self.finish_reason: Optional[str] = None
         self.prompt_tokens = prompt_tokens
         self.t_start = time.perf_counter()
@@ -55,7 +58,8 @@ class Run:
             self.t_first = time.perf_counter()
         if self.limit_reached():
             return self.finish("length")
-        return self.push(seq.sample(self.sampler), seq.logits)
+        allowed = self.constraint.allowed() if self.constraint is not None else None
+        return self.push(seq.sample(self.sampler, allowed), seq.logits)
 
     def push(self, token: int, logits) -> list[Event]:
         """A new token drawn from `logits` (the next-token logits of the context): EOS, logprobs,
@@ -67,6 +71,8 @@ class Run:
             return self.finish("eos")
         if self.logprobs is not None:
             self.logprobs.append(token_logprob(logits, token, self.top_logprobs))
+        if self.constraint is not None:
+            self.constraint.advance(token)
         seq.append(token)
         piece = self.decoder.push(token) if self.decoder else ""
         if not self.stops:

@@ -79,16 +79,22 @@ class Sequence:
     `capacity` is the context limit (max_seq_len); the cache's memory grows with the history
     instead of being allocated for the whole context up front."""
 
-    def __init__(self, model: EngineModel, config: GenerateConfig, reserve: int = 0):
+    def __init__(self, model: EngineModel, config: GenerateConfig, reserve: int = 0, cache=None):
         check_model(model)
         self.model = model
         self.config = config
         self.capacity = min(config.context.max_seq_len or model.n_ctx, model.n_ctx)
-        self.cache_plan = _cache_plan(model, config, self.capacity)
-        self.q_chunk, local_window = config.prefill.attention_plan(self.capacity)
-        spec = CacheSpec(self.cache_plan.k_kind, self.cache_plan.v_kind, config.cache.residual_len,
-                         config.cache.fp16_prefix_layers, local_window)
-        self.cache = model.new_cache(self.capacity, spec, reserve=min(reserve, self.capacity))
+        if cache is not None:   # a cache from elsewhere (a scheduler's pool): its kinds are the pool's
+            self.cache_plan = CachePlan(cache.spec.k_kind, cache.spec.v_kind, "fixed")
+            self.q_chunk = None
+            self.capacity = min(self.capacity, cache.capacity)
+            self.cache = cache
+        else:
+            self.cache_plan = _cache_plan(model, config, self.capacity)
+            self.q_chunk, local_window = config.prefill.attention_plan(self.capacity)
+            spec = CacheSpec(self.cache_plan.k_kind, self.cache_plan.v_kind, config.cache.residual_len,
+                             config.cache.fp16_prefix_layers, local_window)
+            self.cache = model.new_cache(self.capacity, spec, reserve=min(reserve, self.capacity))
         self.history = TokenBuffer()       # every token in the context, evaluated or not
         self.logits: Optional[np.ndarray] = None   # next-token logits after history (when evaluated)
         self.sampler = model.new_sampler(**config.sampling.sampler_params())
@@ -153,8 +159,9 @@ class Sequence:
         self.logits = None
 
     # ---- sampling
-    def sample(self, sampler=None) -> int:
-        return int((sampler or self.sampler).sample(self.logits, self.history.view()))
+    def sample(self, sampler=None, allowed: Optional[np.ndarray] = None) -> int:
+        """The next token from the sequence's logits (only `allowed` ids eligible, if given)."""
+        return int((sampler or self.sampler).sample(self.logits, self.history.view(), allowed))
 
 
 def token_logprob(logits: np.ndarray, token: int, top_n: int) -> TokenLogprob:

@@ -281,6 +281,9 @@ class SpeculativeGenerator(Generator):
         return self.accepted_total / self.proposed_total if self.proposed_total else 0.0
 
     def start(self, input_ids=None, **overrides: Any) -> Run:
+        config = self.config.replace(**{k: v for k, v in overrides.items() if k not in SPECULATIVE_FIELDS})
+        if config.sampling.json_schema is not None or config.sampling.regex is not None:
+            raise InvalidArgumentError("structured output (json_schema / regex) is not combined with speculative decoding")
         fixed = sorted(n for n in overrides if n == "speculative" or n in SPECULATIVE_FIELDS)
         if fixed:
             raise InvalidArgumentError(f"{', '.join(fixed)} are fixed when the SpeculativeGenerator is created")

@@ -65,6 +65,16 @@ def _bench(args: argparse.Namespace) -> int:
                               engines=args.engines.split(","), scenarios=args.scenarios.split(","))
         print(bench.format_table(rows))
         return 0
+    if args.serve:
+        from . import serve_bench
+
+        rows = serve_bench.run(args.model, threads=args.threads or 2, new_tokens=args.num_tokens,
+                               clients=tuple(int(c) for c in args.clients.split(",")),
+                               requests_per_client=args.requests_per_client, kv_budget_mb=args.kv_budget_mb,
+                               engines=args.engines.replace("llama.cpp", "llama-cpp-python").split(","))
+        print(bench.format_table([r for r in rows if r["clients"] != "prefix"]))
+        print(bench.format_table([r for r in rows if r["clients"] == "prefix"]))
+        return 0
     if args.peers:
         return _bench_peers(args)
     model = load(args.model, n_threads=args.threads, weights=args.weights, int8_prefill=args.int8_prefill)
@@ -99,6 +109,23 @@ def _bench_peers(args: argparse.Namespace) -> int:
                                  depth=depth, repeats=args.repeats, engines=engines, cache_kind=args.cache_kind,
                                  int8_prefill=args.int8_prefill)
             print(bench.format_table(rows), flush=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ..api import load
+    from ..generation import SchedulerConfig
+
+    try:
+        from ..serve import serve
+    except ImportError as exc:
+        raise ValueError(f"the server needs its extra: pip install 'tokenmill[server]' ({exc})") from exc
+    model = load(args.model, n_threads=args.threads, n_ctx=args.max_seq_len, weights=args.weights)
+    config = SchedulerConfig(kv_budget_mb=args.kv_budget_mb, max_batch_tokens=args.max_batch_tokens,
+                             max_running=args.max_running, cache_kind=args.cache_kind)
+    serve(model, host=args.host, port=args.port, model_name=args.model_name, scheduler_config=config,
+          api_key=args.api_key, cors_origins=args.cors_origin or (), max_body_bytes=args.max_body_bytes,
+          max_queue=args.max_queue)
     return 0
 
 
@@ -177,7 +204,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding vs plain, and vs llama.cpp's / transformers' prompt lookup")
     b.add_argument("--scenarios", default="grounded,self-draft,open",
                    help="with --speculative: grounded (prompt lookup), self-draft (f16 target, q4_0 draft), open")
+    b.add_argument("--serve", action="store_true",
+                   help="load benchmark: concurrent streaming clients against tokenmill's and llama-cpp-python's servers")
+    b.add_argument("--clients", default="1,4,16,64", help="with --serve: concurrent client counts")
+    b.add_argument("--requests-per-client", dest="requests_per_client", type=int, default=1,
+                   help="with --serve: requests each client sends one after another")
+    b.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=float, default=256.0,
+                   help="with --serve: tokenmill's KV pool")
     b.set_defaults(func=_bench)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    s.add_argument("--model", help="GGUF file or HF directory (default: SmolLM2-135M-Instruct)")
+    s.add_argument("--model-name", dest="model_name", default=None, help="the model id clients use")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", dest="api_key", default=None, help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--cors-origin", dest="cors_origin", action="append", help="allow browser requests from this origin")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--max-seq-len", dest="max_seq_len", type=int, default=None)
+    s.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
+    s.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=float, default=512.0, help="the KV pool's size")
+    s.add_argument("--max-batch-tokens", dest="max_batch_tokens", type=int, default=512)
+    s.add_argument("--max-running", dest="max_running", type=int, default=64)
+    s.add_argument("--cache-kind", dest="cache_kind", default="fp32", help="KV pool storage: fp32 fp16 bf16 q8 q4 nf4")
+    s.add_argument("--max-queue", dest="max_queue", type=int, default=1024, help="waiting requests before 503")
+    s.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    s.set_defaults(func=_serve)
 
     c = sub.add_parser("convert", help="rewrite a GGUF with its weights in another type")
     c.add_argument("source")
