@@ -219,3 +219,37 @@ def test_int8_prefill_model(wtype, tmp_path):
                                           tokenmill.load(tmp_path, weights=wtype).logits(ids))
     finally:
         _core.set_cpu_level(before)
+
+
+@pytest.mark.skipif("avx512" not in LEVELS, reason="the int8 decode kernel needs AVX-512 VNNI")
+def test_int8_decode_model(default_gguf, smollm):
+    """load(int8_decode=True): one-token steps on 4-bit weights take x rounded to int8 (llama.cpp's
+    decode precision): near the exact logits, and rows computed as decode (a verification pass, a
+    scheduler's batch of decode rows, several tokens per kernel call) are those steps bit for bit."""
+    before = _core.cpu_level()
+    _core.set_cpu_level("avx512")
+    try:
+        fast = tokenmill.load(default_gguf, int8_decode=True)
+        ids = fast.tokenize("The quick brown fox jumps over the lazy dog. " * 6)[:48]
+        assert len(ids) == 48
+        steps, exact_steps = [], []
+        for model, out in ((fast, steps), (smollm, exact_steps)):
+            cache = model.new_cache(64)
+            model.eval(cache, ids[:30])
+            out += [model.eval(cache, [t]).logits[0] for t in ids[30:47]]
+        steps, exact_steps = np.array(steps), np.array(exact_steps)
+        assert 1e-4 < rel_err(steps, exact_steps) < 6e-2
+        assert (steps.argmax(-1) == exact_steps.argmax(-1)).mean() >= 0.9
+        cache = fast.new_cache(64)
+        fast.eval(cache, ids[:30])
+        np.testing.assert_array_equal(fast.eval(cache, ids[30:47], "all", decode_exact=True).logits, steps)
+        # seventeen sequences' decode rows in one pass: each is its own one-token step
+        caches = [fast.new_cache(64) for _ in range(17)]
+        for i, c in enumerate(caches):   # the same history as the steps: a prompt, then i steps
+            fast.eval(c, ids[:30])
+            for t in ids[30:30 + i]:
+                fast.eval(c, [t])
+        rows = fast.eval_batch(caches, [[t] for t in ids[30:47]], "last", batch_invariant=True, decode_rows=17).logits
+        np.testing.assert_array_equal(rows, steps)
+    finally:
+        _core.set_cpu_level(before)

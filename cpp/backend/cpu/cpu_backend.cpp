@@ -190,6 +190,24 @@ public:
                 // one group of eight rows against each token
                 const int64_t r0 = 8 * (u - first_unit[i]);
                 const uint8_t* group = packed_group(w, r0);
+                if (uses_int8_decode(kern) && kern.dot_packed8_int8_tokens && T > 1) {   // tokens share the unpacking
+                    constexpr int NT = cpu::kPackedInt8Tokens;
+                    const int8_t* a[NT];
+                    const float *d[NT], *sum[NT];
+                    float o[8 * NT];
+                    for (int64_t t0 = 0; t0 < T; t0 += NT) {
+                        const int nt = static_cast<int>(std::min<int64_t>(NT, T - t0));
+                        for (int k = 0; k < nt; ++k) {
+                            a[k] = xa_.data() + (t0 + k) * cols;
+                            d[k] = xd8_.data() + (t0 + k) * nb;
+                            sum[k] = xsum_rounded_.data() + (t0 + k) * nb;
+                        }
+                        kern.dot_packed8_int8_tokens(w.type, group, a, d, sum, nt, cols, o);
+                        for (int k = 0; k < nt; ++k)
+                            for (int j = 0; j < 8; ++j) out[(t0 + k) * w.rows + r0 + j] = o[8 * k + j] + bias(r0 + j);
+                    }
+                    continue;
+                }
                 for (int64_t t = 0; t < T; ++t) {
                     float o[8];
                     if (uses_int8_decode(kern))
@@ -462,8 +480,8 @@ public:
                     for (int64_t d = 0; d < hd; ++d) qs[g * hd + d] = qh[d] * shape.scale;
                 }
                 // scores[g, j] = (q_g * scale) . k_j
-                for (int64_t j = part.j0; j < part.j1; j += kAttentionTile) {
-                    const int64_t m = std::min(kAttentionTile, part.j1 - j);
+                for (int64_t j = part.j0, m; j < part.j1; j += m) {
+                    m = tile_rows(kv.k, kv.k_ring, j, part.j1, ring_from);
                     const float* rows = load_rows(kern, kv.k, kv.k_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
                     for (int64_t g = 0; g < group; ++g)
                         kern.rows_dot_f32(rows, m, hd, qs + g * hd, scores + g * n + (j - part.j0));
@@ -476,8 +494,8 @@ public:
                 }
                 // acc[g] = sum_j p[g, j] v_j
                 std::fill(acc, acc + group * hd, 0.0f);
-                for (int64_t j = part.j0; j < part.j1; j += kAttentionTile) {
-                    const int64_t m = std::min(kAttentionTile, part.j1 - j);
+                for (int64_t j = part.j0, m; j < part.j1; j += m) {
+                    m = tile_rows(kv.v, kv.v_ring, j, part.j1, ring_from);
                     const float* rows = load_rows(kern, kv.v, kv.v_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
                     for (int64_t g = 0; g < group; ++g)
                         kern.rows_axpy_f32(acc + g * hd, rows, m, hd, scores + g * n + (j - part.j0));
@@ -520,6 +538,16 @@ public:
     }
 
 private:
+    // How many rows from p0 (before end) one attention tile takes: up to kAttentionTile, but fp32 rows
+    // that can be read in place stop at the end of their block run, so a paged cache is not copied
+    // (the per-row dots and the running sums are the same however the rows are tiled).
+    static int64_t tile_rows(const KVStore& main, const KVStore& ring, int64_t p0, int64_t end, int64_t ring_from) {
+        const int64_t m = std::min(kAttentionTile, end - p0);
+        if (main.type != DType::f32 || (ring.data && p0 >= ring_from)) return m;
+        const int64_t main_end = ring.data ? std::min(p0 + m, ring_from) : p0 + m;
+        return main.contiguous(p0, main_end);
+    }
+
     // Rows [p0, p1) of one KV head as floats [p1 - p0, hd]: fp32 main rows in place, anything else
     // converted into buf; positions from ring_from on come from the fp16 ring.
     static const float* load_rows(const cpu::Kernels& kern, const KVStore& main, const KVStore& ring, int kvh,
@@ -551,10 +579,9 @@ private:
         return T > 1 && !rows_as_decode_ && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
     }
 
-    // ... with int8 decode, the packed kernel on x rounded to int8 (never in a rows-as-decode pass)
-    bool uses_int8_decode(const cpu::Kernels& kern) const {
-        return int8_decode_ && !rows_as_decode_ && kern.dot_packed8_int8;
-    }
+    // ... with int8 decode, the packed kernel on x rounded to int8 (rows as decode too: they must
+    // be what this model's one-token steps compute)
+    bool uses_int8_decode(const cpu::Kernels& kern) const { return int8_decode_ && kern.dot_packed8_int8; }
 
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {

@@ -604,6 +604,75 @@ void dot_packed8_int8_type(const uint8_t* group, const int8_t* a, const float* d
     for (int r = 0; r < 8; ++r) out[r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
 }
 
+// The kernel above for NT tokens: the same operations per token in the same order (the scale
+// permutation commutes with the per-token product, which stays dw * d as above), so every token's
+// eight sums are bit-identical to a call of its own; the nibbles unpack once for all NT.
+template <DType T, int NT>
+void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, const float* const* d,
+                                  const float* const* sum, int64_t n, float* out) {
+    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
+    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                    _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
+    __m512 acc[NT][2];
+    __m256 block_sums[NT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) {
+        acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        block_sums[t] = _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* c = group + i * column;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+        const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        __m512i lo[2], hi[2];
+        for (int h = 0; h < 2; ++h) {
+            const __m512i w = _mm512_loadu_si512(c + quants + 64 * h);
+            lo[h] = _mm512_and_si512(w, low4);
+            hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) {
+            const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[t][i])));
+            const __m512i x_lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a[t] + 32 * i)));
+            const __m512i x_hi =
+                _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a[t] + 32 * i + 16)));
+            for (int h = 0; h < 2; ++h) {
+                const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[h], x_lo), hi[h], x_hi);
+                acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(row_of_lane[h], scale), acc[t][h]);
+            }
+            block_sums[t] = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[t][i]), block_sums[t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) {
+        alignas(64) float lanes[32];
+        alignas(32) float extra[8];
+        _mm512_store_ps(lanes, acc[t][0]);
+        _mm512_store_ps(lanes + 16, acc[t][1]);
+        _mm256_store_ps(extra, block_sums[t]);
+        for (int r = 0; r < 8; ++r)
+            out[8 * t + r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
+    }
+}
+
+template <DType T>
+void dot_packed8_int8_tokens_n(const uint8_t* group, const int8_t* const* a, const float* const* d,
+                               const float* const* sum, int nt, int64_t n, float* out) {
+    switch (nt) {
+        case 4: return dot_packed8_int8_tokens_type<T, 4>(group, a, d, sum, n, out);
+        case 3: return dot_packed8_int8_tokens_type<T, 3>(group, a, d, sum, n, out);
+        case 2: return dot_packed8_int8_tokens_type<T, 2>(group, a, d, sum, n, out);
+        default: return dot_packed8_int8_tokens_type<T, 1>(group, a, d, sum, n, out);
+    }
+}
+
+void dot_packed8_int8_tokens(DType t, const uint8_t* group, const int8_t* const* a, const float* const* d,
+                             const float* const* sum, int nt, int64_t n, float* out) {
+    if (t == DType::q4_1) dot_packed8_int8_tokens_n<DType::q4_1>(group, a, d, sum, nt, n, out);
+    else dot_packed8_int8_tokens_n<DType::q4_0>(group, a, d, sum, nt, n, out);
+}
+
 void dot_packed8_int8(DType t, const uint8_t* group, const int8_t* a, const float* d, const float* sum, int64_t n,
                       float* out) {
     if (t == DType::q4_1) dot_packed8_int8_type<DType::q4_1>(group, a, d, sum, n, out);
@@ -741,7 +810,8 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
-                      dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16};
+                      dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
+                      dot_packed8_int8_tokens};
 
 }  // namespace
 

@@ -54,6 +54,10 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+PEER_ENGINES = "tokenmill,llama.cpp,transformers"
+SERVE_ENGINES = "tokenmill,tokenmill-int8,llama-cpp-python"
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ..api import load
     from . import bench
@@ -62,7 +66,7 @@ def _bench(args: argparse.Namespace) -> int:
         from . import spec_bench
 
         rows = spec_bench.run(args.model, threads=args.threads or 2, new_tokens=args.num_tokens, repeats=args.repeats,
-                              engines=args.engines.split(","), scenarios=args.scenarios.split(","))
+                              engines=(args.engines or PEER_ENGINES).split(","), scenarios=args.scenarios.split(","))
         print(bench.format_table(rows))
         return 0
     if args.serve:
@@ -71,7 +75,7 @@ def _bench(args: argparse.Namespace) -> int:
         rows = serve_bench.run(args.model, threads=args.threads or 2, new_tokens=args.num_tokens,
                                clients=tuple(int(c) for c in args.clients.split(",")),
                                requests_per_client=args.requests_per_client, kv_budget_mb=args.kv_budget_mb,
-                               engines=args.engines.replace("llama.cpp", "llama-cpp-python").split(","))
+                               engines=(args.engines or SERVE_ENGINES).split(","))
         print(bench.format_table([r for r in rows if r["clients"] != "prefix"]))
         print(bench.format_table([r for r in rows if r["clients"] == "prefix"]))
         return 0
@@ -102,7 +106,7 @@ def _bench_peers(args: argparse.Namespace) -> int:
     else:
         source = Path(args.model) if args.model else resolve_default()
         paths = [source] + [peers.requantized(source, t) for t in types]
-    engines = args.engines.split(",")
+    engines = (args.engines or PEER_ENGINES).split(",")
     for path in paths:
         for depth in [int(d) for d in args.depth.split(",")]:
             rows = peers.compare(path, threads=args.threads or 2, prompt_len=args.prompt_len, gen=args.num_tokens,
@@ -120,7 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
         from ..serve import serve
     except ImportError as exc:
         raise ValueError(f"the server needs its extra: pip install 'tokenmill[server]' ({exc})") from exc
-    model = load(args.model, n_threads=args.threads, n_ctx=args.max_seq_len, weights=args.weights)
+    model = load(args.model, n_threads=args.threads, n_ctx=args.max_seq_len, weights=args.weights,
+                 int8_prefill=args.int8, int8_decode=args.int8)
     config = SchedulerConfig(kv_budget_mb=args.kv_budget_mb, max_batch_tokens=args.max_batch_tokens,
                              max_running=args.max_running, cache_kind=args.cache_kind)
     serve(model, host=args.host, port=args.port, model_name=args.model_name, scheduler_config=config,
@@ -191,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--int8-prefill", dest="int8_prefill", action="store_true", help=INT8_PREFILL_HELP)
     b.add_argument("--peers", action="store_true",
                    help="compare with llama.cpp (llama-cpp-python) and transformers on the same GGUF")
-    b.add_argument("--engines", default="tokenmill,llama.cpp,transformers")
+    b.add_argument("--engines", default=None,
+                   help=f"peers to run (default {PEER_ENGINES}; with --serve {SERVE_ENGINES})")
     b.add_argument("--types", default="", help="also benchmark requantized copies, e.g. q8_0,f16")
     b.add_argument("--depth", default="0", help="context depths for --peers, e.g. 0,2048")
     b.add_argument("--cache-kind", dest="cache_kind", default="fp32",
@@ -223,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None)
     s.add_argument("--max-seq-len", dest="max_seq_len", type=int, default=None)
     s.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
+    s.add_argument("--int8", action="store_true",
+                   help="llama.cpp's precision for 4-bit weights: activations rounded to int8 (faster, not exact)")
     s.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=float, default=512.0, help="the KV pool's size")
     s.add_argument("--max-batch-tokens", dest="max_batch_tokens", type=int, default=512)
     s.add_argument("--max-running", dest="max_running", type=int, default=64)

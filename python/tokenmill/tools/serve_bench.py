@@ -1,7 +1,8 @@
 """`tokenmill bench --serve`: a load benchmark of OpenAI-compatible servers on loopback (a benchmark,
 never a test). Each server runs as its own process on the same GGUF with the same threads: tokenmill's
 (`tokenmill serve`) and llama-cpp-python's (`python -m llama_cpp.server`). For 1, 4, 16, 64
-concurrent streaming chat clients, every client sends its requests one after another: a shared
+concurrent streaming chat clients (tokenmill-int8: `tokenmill serve --int8`, activations rounded to
+int8 for 4-bit weights as llama.cpp does), every client sends its requests one after another: a shared
 system prompt of about 150 tokens plus a user turn of its own (about 200 prompt tokens in all), and
 exactly N new tokens (the end-of-sequence tokens biased to -100, as both servers honour logit_bias).
 
@@ -197,20 +198,20 @@ async def prefix_ttft(server: ServerProcess, repeats: int, no_eos: dict) -> tupl
 
 def start_server(engine: str, model_path: Path, threads: int, kv_budget_mb: float, n_ctx: int) -> ServerProcess:
     port = _free_port()
-    if engine == "tokenmill":
+    if engine in ("tokenmill", "tokenmill-int8"):
         argv = [sys.executable, "-m", "tokenmill", "serve", "--model", str(model_path), "--port", str(port),
                 "--threads", str(threads), "--kv-budget-mb", str(kv_budget_mb), "--model-name", "bench"]
-        return ServerProcess(engine, argv, port, "bench")
+        return ServerProcess(engine, argv + ["--int8"] * (engine == "tokenmill-int8"), port, "bench")
     if engine == "llama-cpp-python":
         argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--port", str(port),
                 "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
                 "--model_alias", "bench"]
         return ServerProcess(engine, argv, port, "bench")
-    raise ValueError(f"unknown engine {engine!r} (tokenmill, llama-cpp-python)")
+    raise ValueError(f"unknown engine {engine!r} (tokenmill, tokenmill-int8, llama-cpp-python)")
 
 
 def run(model: Optional[str] = None, *, threads: int = 2, clients: tuple[int, ...] = (1, 4, 16, 64),
-        new_tokens: int = 128, requests_per_client: int = 1, engines=("tokenmill", "llama-cpp-python"),
+        new_tokens: int = 128, requests_per_client: int = 1, engines=("tokenmill", "tokenmill-int8", "llama-cpp-python"),
         kv_budget_mb: float = 256.0, prefix_repeats: int = 5) -> list[dict]:
     from ..api import load
     from ..engine.default_model import resolve_default
