@@ -169,8 +169,9 @@ def test_api_key_is_required_when_set(smollm):
 
 def test_a_client_hanging_up_mid_stream_frees_its_sequence(server, client):
     scheduler = server.app.state.scheduler
-    body = {"model": NAME, "messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True,
-            "ignore_eos": True}   # 400 tokens take seconds: the hang-up comes long before the end
+    # 3000 tokens take over 20 s even alone; a busy machine once let 400 finish before the hang-up arrived
+    body = {"model": NAME, "messages": QUESTION, "max_tokens": 3000, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 6:

@@ -10,6 +10,7 @@
 #include "core/quants.h"
 #include "backend/cpu/kernels.h"
 
+#include <algorithm>
 #include <array>
 #include <utility>
 
@@ -77,8 +78,23 @@ void dot_f32_tile(const float* w, int64_t w_stride, const float* const* xs, int6
             _mm_storeu_ps(out + kTileRows * t + r, reduce4(acc[t][r], acc[t][r + 1], acc[t][r + 2], acc[t][r + 3]));
 }
 
+// Four rows per pass share x's loads and one reduce4. A short last group repeats its last row, so
+// every row's sum has the same arithmetic wherever it falls (attention tiles differ by batch and by
+// cache layout; a row's score must not).
 void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
-    for (int64_t j = 0; j < n_rows; ++j) out[j] = dot_f32(rows + j * d, x, d);
+    for (int64_t j = 0; j < n_rows; j += 4) {
+        const float* r[4];
+        for (int k = 0; k < 4; ++k) r[k] = rows + std::min(j + k, n_rows - 1) * d;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t i = 0; i < d; i += 16) {
+            const __mmask16 m = d - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - i);
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+            for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r[k] + i), xv, acc[k]);
+        }
+        alignas(16) float sums[4];
+        _mm_store_ps(sums, reduce4(acc[0], acc[1], acc[2], acc[3]));
+        for (int k = 0; k < 4 && j + k < n_rows; ++k) out[j + k] = sums[k];
+    }
 }
 
 // y += sum_j w[j] rows[j]: 64 columns at a time stay in four accumulators while the rows stream by
