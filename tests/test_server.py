@@ -214,3 +214,44 @@ def test_models_health_metrics_embeddings_tokenize(smollm, client, server):
     tok = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
     assert tok["tokens"] == smollm.tokenize("Hello world") and tok["count"] == len(tok["tokens"])
     assert httpx.post(server.url + "/detokenize", json={"tokens": tok["tokens"]}).json()["text"] == "Hello world"
+
+
+def _smollm_adapter(directory, r=4, seed=0):
+    """A random PEFT adapter for SmolLM2's shapes (q/v projections of every layer)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for layer in range(30):
+        for proj, n_out in (("q_proj", 576), ("v_proj", 192)):
+            p = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
+            tensors[p + ".lora_A.weight"] = (rng.standard_normal((r, 576)) * 0.2).astype(np.float32)
+            tensors[p + ".lora_B.weight"] = (rng.standard_normal((n_out, r)) * 0.2).astype(np.float32)
+    directory.mkdir()
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"]}))
+    return directory
+
+
+def test_adapters_are_served_as_models(default_gguf, tmp_path):
+    import tokenmill
+
+    model = tokenmill.load(default_gguf)
+    model.load_adapter(_smollm_adapter(tmp_path / "style"), name="style")
+    srv = _Server(create_app(model, model_name=NAME))
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in c.models.list()] == [NAME, "style"]
+        prompt = model.chat_prompt(QUESTION)
+        cfg = GenerateConfig(temperature=0, max_new_tokens=16)
+        want = {None: model.detokenize(Generator(model, cfg).generate(prompt)),
+                "style": model.detokenize(Generator(model, cfg, adapter="style").generate(prompt))}
+        assert want[None] != want["style"]
+        for served, adapter in ((NAME, None), ("style", "style")):
+            out = c.chat.completions.create(model=served, messages=QUESTION, max_tokens=16, temperature=0)
+            assert out.model == served and out.choices[0].message.content == want[adapter]
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="other", messages=QUESTION, max_tokens=2)
+    finally:
+        srv.close()

@@ -114,6 +114,18 @@ struct MatmulItem {
     const Weight* w;
 };
 
+// One low-rank addition of a LoRA adapter to a projection's output, for n_rows consecutive rows:
+// out[n_rows, bt.cols] += scale * (x[n_rows, a.cols] A^T) BT, with A [r, n_in] and BT = B^T [r, n_out]
+// (f32 weights; out and x point at the first row).
+struct LoraItem {
+    float* out;
+    const float* x;
+    const Weight* a;
+    const Weight* bt;
+    float scale;
+    int64_t n_rows;
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -179,6 +191,9 @@ public:
     // in its stored types (after kv_store of the same call)
     virtual void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
                            const AttentionShape& shape) = 0;
+    // the low-rank additions of one projection group (several projections, segments, adapters) as
+    // one unit of work; every row computed alone, with the same arithmetic in every rows mode
+    virtual void lora_add(const LoraItem* items, int n_items) = 0;
 };
 
 // Backend memory of n floats, freed with the owner (workspace buffers).

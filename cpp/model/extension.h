@@ -27,6 +27,13 @@ struct BatchSegment {
     int32_t adapter;    // the adapter slot the sequence asked for; -1: none
 };
 
+// One output of a projection group: out[T, n_out] = W x + b of projection `role`.
+struct ProjectionOutput {
+    Projection role;
+    float* out;
+    int64_t n_out;
+};
+
 struct ForwardContext {
     Backend& backend;
     const std::vector<BatchSegment>& segments;
@@ -36,10 +43,11 @@ struct ForwardContext {
 class ForwardExtension {
 public:
     virtual ~ForwardExtension() = default;
-    // out[T, n_out] holds W x + b of projection p of `layer` for the input x[T, n_in] (backend memory)
-    virtual void after_projection(const ForwardContext& ctx, int64_t layer, Projection p, const float* x, int64_t n_in,
-                                  float* out, int64_t n_out) {
-        (void)ctx, (void)layer, (void)p, (void)x, (void)n_in, (void)out, (void)n_out;
+    // outs[i].out[T, n_out] hold W x + b of a group of `layer`'s projections that share the input
+    // x[T, n_in] (Q/K/V, gate/up, or one alone; backend memory)
+    virtual void after_projections(const ForwardContext& ctx, int64_t layer, const ProjectionOutput* outs, int n,
+                                   const float* x, int64_t n_in) {
+        (void)ctx, (void)layer, (void)outs, (void)n, (void)x, (void)n_in;
     }
     // x[T, n_embd] is the residual stream after `layer` (its attention and MLP added)
     virtual void after_layer(const ForwardContext& ctx, int64_t layer, float* x) { (void)ctx, (void)layer, (void)x; }

@@ -208,9 +208,10 @@ void Model::project(Pass& p, const MatmulItem* items, const Projection* roles, i
         }
         backend_->set_rows_mode(default_mode(p.req));
     }
-    for (const auto& ext : extensions_)
-        for (int i = 0; i < n; ++i)
-            ext->after_projection(p.ctx, layer, roles[i], x, items[i].w->cols, items[i].out, items[i].w->rows);
+    if (extensions_.empty()) return;
+    ProjectionOutput outs[4];
+    for (int i = 0; i < n; ++i) outs[i] = {roles[i], items[i].out, items[i].w->rows};
+    for (const auto& ext : extensions_) ext->after_projections(p.ctx, layer, outs, n, x, items[0].w->cols);
 }
 
 // x += Wo · attn(rope(Wq·h), rope(Wk·h), Wv·h),  h = norm(x)

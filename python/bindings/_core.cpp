@@ -14,6 +14,7 @@
 
 #include "backend/cpu/kernels.h"
 #include "convert.h"
+#include "adapters.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/quants.h"
@@ -418,6 +419,7 @@ PYBIND11_MODULE(_core, mod) {
             py::gil_scoped_release release;
             m.remove_extension(ext.get());
         }, py::arg("extension").none(false));
+    register_adapters(mod);
     reject_other_calls(model, "add_extension", "Model.add_extension");
     reject_other_calls(model, "remove_extension", "Model.remove_extension");
     reject_other_static_calls(model, "from_gguf", "Model.from_gguf");

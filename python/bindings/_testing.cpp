@@ -71,9 +71,15 @@ public:
                               WeightUse::matmul);
     }
 
-    void after_projection(const ForwardContext& ctx, int64_t layer, Projection p, const float* x, int64_t n_in, float* out,
-                          int64_t n_out) override {
-        if (layer != layer_ || p != proj_) return;
+    void after_projections(const ForwardContext& ctx, int64_t layer, const ProjectionOutput* outs, int n, const float* x,
+                           int64_t n_in) override {
+        if (layer != layer_) return;
+        for (int i = 0; i < n; ++i)
+            if (outs[i].role == proj_) add(ctx, x, n_in, outs[i].out, outs[i].n_out);
+    }
+
+private:
+    void add(const ForwardContext& ctx, const float* x, int64_t n_in, float* out, int64_t n_out) {
         if (n_in != a_.cols || n_out != b_.rows) fail(ErrorKind::invalid_arg, "LowRankAdd: shapes do not match the projection");
         Backend& be = ctx.backend;
         for (const BatchSegment& seg : ctx.segments) {
@@ -85,7 +91,6 @@ public:
         }
     }
 
-private:
     // the weights' host bytes live with the extension (the CPU backend uses them in place)
     const uint8_t* host(const float* data, size_t n) {
         host_.emplace_back(reinterpret_cast<const uint8_t*>(data), reinterpret_cast<const uint8_t*>(data + n));

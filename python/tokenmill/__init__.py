@@ -45,10 +45,14 @@ from .generation import (
 )
 from .text.chat import ChatTemplateError
 from .text.tokenizer import Tokenizer
+from .engine.adapters import AdapterInfo
+from .tools.export import export_to_gguf, quantize_full_model
+from .tools.merge import merge_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterInfo",
     "CacheConfig",
     "CacheSpec",
     "ChatTemplateError",
@@ -79,8 +83,11 @@ __all__ = [
     "UnknownParameterError",
     "UnsupportedModelError",
     "errors",
+    "export_to_gguf",
     "generate",
     "load",
     "load_tokenizer",
+    "merge_adapter",
     "pull",
+    "quantize_full_model",
 ]

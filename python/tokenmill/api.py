@@ -73,7 +73,7 @@ class Model(EngineModel):
 
         Keywords are GenerateConfig fields (temperature, top_k, top_p, min_p, typical_p,
         repetition_penalty, presence_penalty, frequency_penalty, repeat_last_n, logit_bias, seed,
-        stop, eos_token_id, ignore_eos, max_seq_len, context_overflow, logprobs); the sampling
+        stop, eos_token_id, ignore_eos, max_seq_len, context_overflow, logprobs, adapter); the sampling
         defaults here are llama.cpp's (temperature 0.8, top_k 40, top_p 0.95, min_p 0.05).
         stream=True returns an iterator of text pieces that never split a UTF-8 character;
         details=True returns a GenerationResult (text, token ids, finish reason, timings, logprobs).

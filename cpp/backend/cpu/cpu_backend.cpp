@@ -11,6 +11,7 @@
 #include "core/quants.h"
 #include "core/threadpool.h"
 #include "backend/cpu/kernels.h"
+#include "backend/cpu/lora.h"
 
 namespace tmill {
 
@@ -498,7 +499,7 @@ public:
                     m = tile_rows(kv.v, kv.v_ring, j, part.j1, ring_from);
                     const float* rows = load_rows(kern, kv.v, kv.v_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
                     for (int64_t g = 0; g < group; ++g)
-                        kern.rows_axpy_f32(acc + g * hd, rows, m, hd, scores + g * n + (j - part.j0));
+                        kern.rows_axpy_f32(acc + g * hd, rows, m, hd, hd, scores + g * n + (j - part.j0));
                 }
                 for (int64_t g = 0; g < group; ++g) {
                     if (split) {
@@ -536,6 +537,8 @@ public:
             }
         });
     }
+
+    void lora_add(const LoraItem* items, int n_items) override { cpu::lora_add(pool_, lora_u_, items, n_items); }
 
 private:
     // How many rows from p0 (before end) one attention tile takes: up to kAttentionTile, but fp32 rows
@@ -644,6 +647,7 @@ private:
     bool invariant_ = false;
     std::vector<float> xd_, xsum_;
     std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
+    std::vector<float> lora_u_;     // LoRA: scale * A x of every row of a projection group
     bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (BackendOptions::int8_prefill) ...
     bool int8_decode_;    // ... and in decode (BackendOptions::int8_decode)
 };

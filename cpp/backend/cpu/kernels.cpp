@@ -33,9 +33,9 @@ void rows_dot_f32_scalar(const float* rows, int64_t n_rows, int64_t d, const flo
     for (int64_t j = 0; j < n_rows; ++j) out[j] = dot_f32_scalar(rows + j * d, x, d);
 }
 
-void rows_axpy_f32_scalar(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w) {
+void rows_axpy_f32_scalar(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
     for (int64_t j = 0; j < n_rows; ++j)
-        for (int64_t i = 0; i < d; ++i) y[i] += w[j] * rows[j * d + i];
+        for (int64_t i = 0; i < d; ++i) y[i] += w[j] * rows[j * stride + i];
 }
 
 float exp_sum_scalar(float* x, int64_t n, float shift) {

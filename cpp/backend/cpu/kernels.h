@@ -25,8 +25,9 @@ struct Kernels {
     float (*dot_f32)(const float* a, const float* b, int64_t n);
     // Attention: out[j] = rows[j, :] . x for rows [n_rows, d] (scores of one query) ...
     void (*rows_dot_f32)(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out);
-    // ... y[d] += sum_j w[j] * rows[j, :] (the weighted sum of values) ...
-    void (*rows_axpy_f32)(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w);
+    // ... y[d] += sum_j w[j] * rows[j, :] for rows `stride` floats apart (the weighted sum of values;
+    // each column's sum runs over j in order, so a split of the columns changes no value) ...
+    void (*rows_axpy_f32)(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w);
     // ... and x[i] = exp(x[i] - shift), returning sum_i x[i] (softmax numerators)
     float (*exp_sum)(float* x, int64_t n, float shift);
     // gate[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i]

@@ -73,25 +73,25 @@ void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, 
 }
 
 // y += sum_j w[j] rows[j]: 64 columns at a time stay in eight accumulators while the rows stream by
-void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w) {
+void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
     int64_t c = 0;
     for (; c + 64 <= d; c += 64) {
         __m256 acc[8];
         for (int k = 0; k < 8; ++k) acc[k] = _mm256_loadu_ps(y + c + 8 * k);
         for (int64_t j = 0; j < n_rows; ++j) {
             __m256 wj = _mm256_set1_ps(w[j]);
-            const float* r = rows + j * d + c;
+            const float* r = rows + j * stride + c;
             for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r + 8 * k), acc[k]);
         }
         for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + c + 8 * k, acc[k]);
     }
     for (; c + 8 <= d; c += 8) {
         __m256 acc = _mm256_loadu_ps(y + c);
-        for (int64_t j = 0; j < n_rows; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(rows + j * d + c), acc);
+        for (int64_t j = 0; j < n_rows; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(rows + j * stride + c), acc);
         _mm256_storeu_ps(y + c, acc);
     }
     for (; c < d; ++c)
-        for (int64_t j = 0; j < n_rows; ++j) y[c] += w[j] * rows[j * d + c];
+        for (int64_t j = 0; j < n_rows; ++j) y[c] += w[j] * rows[j * stride + c];
 }
 
 // exp(x) = 2^k * exp(r), k = round(x / ln 2), r = x - k ln 2 in [-ln2/2, ln2/2] (ln 2 split in two

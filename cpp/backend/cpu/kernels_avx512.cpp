@@ -98,14 +98,14 @@ void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, 
 }
 
 // y += sum_j w[j] rows[j]: 64 columns at a time stay in four accumulators while the rows stream by
-void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, const float* w) {
+void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
     int64_t c = 0;
     for (; c + 64 <= d; c += 64) {
         __m512 acc[4];
         for (int k = 0; k < 4; ++k) acc[k] = _mm512_loadu_ps(y + c + 16 * k);
         for (int64_t j = 0; j < n_rows; ++j) {
             __m512 wj = _mm512_set1_ps(w[j]);
-            const float* r = rows + j * d + c;
+            const float* r = rows + j * stride + c;
             for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 16 * k), acc[k]);
         }
         for (int k = 0; k < 4; ++k) _mm512_storeu_ps(y + c + 16 * k, acc[k]);
@@ -114,7 +114,7 @@ void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, const
         __mmask16 m = d - c >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - c);
         __m512 acc = _mm512_maskz_loadu_ps(m, y + c);
         for (int64_t j = 0; j < n_rows; ++j)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_maskz_loadu_ps(m, rows + j * d + c), acc);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_maskz_loadu_ps(m, rows + j * stride + c), acc);
         _mm512_mask_storeu_ps(y + c, m, acc);
     }
 }

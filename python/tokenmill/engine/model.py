@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import ContextOverflowError, InvalidArgumentError, ModelFileError, ModelFormatError, TokenmillError
 from ..text.tokenizer import Tokenizer, tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
 from . import hf, native
+from .adapters import AdapterInfo, AdapterRegistry, AdapterSpec
 from .cache import CacheSpec
 from .default_model import resolve_default
 
@@ -201,6 +202,7 @@ class EngineModel:
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         self.n_ctx = min(n_ctx, train_ctx) if n_ctx else train_ctx
+        self._adapters = AdapterRegistry(native_model)
 
     def __repr__(self) -> str:
         hp = self.hparams
@@ -315,13 +317,16 @@ class EngineModel:
         return True
 
     def eval(self, cache: KVCache, inputs, logits="last", hidden=None, layers: Optional[Mapping] = None,
-             decode_exact: bool = False, batch_invariant: bool = False, decode_rows: int = 0) -> ForwardResult:
+             decode_exact: bool = False, batch_invariant: bool = False, decode_rows: int = 0,
+             adapter: AdapterSpec = None) -> ForwardResult:
         """Appends `inputs` (token ids, or float embeddings [n, n_embd]) to the cache in one forward
         pass. logits / hidden / each value of layers ({layer: rows}) choose rows: "last", "all",
         None, or row indices. decode_exact: every row's outputs are bit for bit those of feeding
-        its token alone (one decode step), e.g. to verify drafted tokens."""
-        return self.eval_batch([cache], [inputs], logits, hidden, layers, decode_exact=decode_exact,
-                               batch_invariant=batch_invariant, decode_rows=decode_rows)
+        its token alone (one decode step), e.g. to verify drafted tokens. adapter: a loaded adapter's
+        name, a {name: scale} mix, or None (the base model); the cache must hold only tokens computed
+        with the same choice."""
+        return self.eval_batch([cache], [inputs], logits, hidden, layers, adapters=[self.adapter_slot(adapter)],
+                               decode_exact=decode_exact, batch_invariant=batch_invariant, decode_rows=decode_rows)
 
     def eval_batch(self, caches: Sequence[KVCache], inputs: Sequence, logits="last", hidden=None,
                    layers: Optional[Mapping] = None, adapters: Optional[Sequence[int]] = None,
@@ -330,7 +335,8 @@ class EngineModel:
         numbered across the batch in order ("last" means the last row of each sequence).
         batch_invariant: each sequence's outputs do not depend on the others in the pass, nor on how
         its tokens were split into passes (the scheduler's mode); its first decode_rows rows are decode
-        steps (one token per sequence, computed as a lone decode step), the rest prompt rows."""
+        steps (one token per sequence, computed as a lone decode step), the rest prompt rows.
+        adapters: one adapter slot per sequence (adapter_slot; -1 the base model)."""
         if isinstance(caches, KVCache) or not isinstance(caches, (list, tuple)):
             raise InvalidArgumentError("caches must be a list of KVCache")
         bad = [i for i, c in enumerate(caches) if not isinstance(c, KVCache)]
@@ -352,12 +358,13 @@ class EngineModel:
         cache_kind_v: Optional[str] = None,
         residual_len: int = 0,
         fp16_prefix_layers: int = 0,
+        adapter: AdapterSpec = None,
     ) -> np.ndarray:
         """Logits for every position: float32 [len(ids), n_vocab], teacher-forced.
 
         The tokens go `chunk` at a time (default: all at once) through a KV cache of `cache_kind`
         (`cache_kind_v` for V if different): with chunk=1 every position reads quantized K and V,
-        as decoding does, which is what cache-quality evaluations need."""
+        as decoding does, which is what cache-quality evaluations need. adapter: as in eval."""
         ids = np.asarray(self.check_ids(ids, "ids"), dtype=np.int32)
         if ids.size == 0:
             raise InvalidArgumentError("ids must be a non-empty 1-D sequence of token ids")
@@ -368,12 +375,36 @@ class EngineModel:
         spec = CacheSpec(cache_kind, cache_kind_v or cache_kind, residual_len, fp16_prefix_layers)
         cache = self.new_cache(int(ids.size), spec)
         step = chunk or ids.size
-        parts = [self.eval(cache, ids[i : i + step], "all").logits for i in range(0, ids.size, step)]
+        parts = [self.eval(cache, ids[i : i + step], "all", adapter=adapter).logits for i in range(0, ids.size, step)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def new_sampler(self, **params):
         """A native sampler over this vocabulary (see tokenmill.generation.config.SamplingConfig)."""
         return native.new_sampler(self.n_vocab, **params)
+
+    # ---- adapters
+    def load_adapter(self, path: PathLike, name: Optional[str] = None, scale: float = 1.0) -> AdapterInfo:
+        """Loads a LoRA adapter (a PEFT directory or a llama.cpp GGUF LoRA file) under `name` (default:
+        the file or directory name); `scale` is what a request naming it alone applies. The base
+        weights are untouched: requests choose an adapter, a mix or none (`adapter=`); the adapter's
+        weights are kept in f32."""
+        return self._adapters.load(path, name, scale)
+
+    def unload_adapter(self, name: str) -> None:
+        self._adapters.unload(name)
+
+    @property
+    def adapters(self) -> dict[str, AdapterInfo]:
+        """name -> AdapterInfo of every loaded adapter."""
+        return self._adapters.infos()
+
+    def adapter_key(self, adapter: AdapterSpec) -> tuple:
+        """A request's adapter choice as sorted (name, scale) pairs (() = the base model); checks it."""
+        return self._adapters.canonical(adapter)
+
+    def adapter_slot(self, adapter: AdapterSpec) -> int:
+        """The native slot for an adapter choice (eval_batch's `adapters`); -1 is the base model."""
+        return self._adapters.slot(adapter)
 
     # ---- extensions (adapters, memory layers)
     def add_extension(self, extension) -> None:

@@ -50,6 +50,19 @@ def open_gguf(path: str) -> "_core.GGUFFile":
     return _core.GGUFFile(path)
 
 
+def open_safetensors(path: str) -> "_core.SafetensorsFile":
+    """A safetensors file: .metadata(), .tensors() (name -> (dtype, shape)), .read(name) as float32."""
+    return _core.SafetensorsFile(path)
+
+
+def new_lora_adapter(model: "_core.Model") -> "_core.LoraAdapter":
+    return _core.LoraAdapter(model)
+
+
+def new_lora_set() -> "_core.LoraSet":
+    return _core.LoraSet()
+
+
 def quantize(type_name: str, x) -> bytes:
     return _core.quantize(type_name, x)
 

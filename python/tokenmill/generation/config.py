@@ -325,12 +325,33 @@ class SpeculativeOptions:
 
 SPEC_METHODS = ("reject_sampling",)
 
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """adapter: the LoRA adapter(s) the model computes with (Model.load_adapter): a loaded adapter's
+    name, a {name: scale} mix, or None (the base model)."""
+
+    adapter: Union[str, Mapping[str, float], None] = None
+
+    def __post_init__(self):
+        a = self.adapter
+        if a is None or (isinstance(a, str) and a):
+            return
+        if not isinstance(a, Mapping) or not a:
+            raise InvalidArgumentError(f"adapter must be a name, a non-empty {{name: scale}} mapping or None, got {a!r}")
+        for name, scale in a.items():
+            if not isinstance(name, str) or not name:
+                raise InvalidArgumentError(f"adapter names must be non-empty strings, got {name!r}")
+            _number(f"the scale of adapter {name!r}", scale)
+        object.__setattr__(self, "adapter", dict(a))
+
 GROUPS = {
     "sampling": SamplingConfig,
     "stopping": StoppingConfig,
     "context": ContextConfig,
     "cache": CacheConfig,
     "prefill": PrefillConfig,
+    "model": ModelOptions,
 }
 _PREFIX = {"cache": "cache_", "prefill": "decode_", "speculative": "spec_"}
 
@@ -359,7 +380,7 @@ def unknown_parameter(name: str, known) -> UnknownParameterError:
 
 class GenerateConfig:
     """Generation settings (names follow the seed `GenerateConfig`): the groups `sampling`,
-    `stopping`, `context`, `cache` and `prefill`, each field also readable and settable (through
+    `stopping`, `context`, `cache`, `prefill` and `model` (the adapter), each field also readable and settable (through
     `replace` or the constructor) by its flat seed name."""
 
     GROUPS = GROUPS

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..engine.model import EngineModel
 
 # fields that shape the KV cache, fixed once a Generator exists
-_CACHE_SHAPING = ("cache", "prefill")
+_CACHE_SHAPING = ("cache", "prefill", "model")
 
 
 class Generator:
@@ -123,7 +123,7 @@ class Generator:
 
     def start(self, input_ids=None, **overrides: Any) -> Run:
         """Checks the call and appends its input (errors surface here, before any iteration)."""
-        fixed = sorted(k for k in overrides if k.startswith(("cache_", "decode_")) or k == "max_seq_len"
+        fixed = sorted(k for k in overrides if k.startswith(("cache_", "decode_")) or k in ("max_seq_len", "adapter")
                        or k in _CACHE_SHAPING)
         if fixed:
             raise InvalidArgumentError(

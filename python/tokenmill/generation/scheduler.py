@@ -89,6 +89,7 @@ class Request:
         self._aqueue: Optional[asyncio.Queue] = asyncio.Queue() if loop is not None else None
         self._done = threading.Event()
         self.cancelled = False
+        self.adapter_slot = -1   # the model's slot for config.adapter (set at submission)
 
     # ---- scheduler side
     def _put(self, item) -> None:
@@ -163,22 +164,23 @@ class _Slot:
 
 
 class _PrefixCache:
-    """Full prompt blocks kept in the pool after their sequence is done, keyed by the tokens of the
-    whole prefix up to them. Each entry holds one reference to its block."""
+    """Full prompt blocks kept in the pool after their sequence is done, keyed by the adapter slot
+    that computed them and the tokens of the whole prefix up to them. Each entry holds one
+    reference to its block."""
 
     def __init__(self, pool):
         self.pool = pool
         self.entries: collections.OrderedDict[bytes, int] = collections.OrderedDict()   # LRU first
 
     @staticmethod
-    def _keys(tokens: Seq[int], block_size: int, n_blocks: int) -> list[bytes]:
-        arr = np.asarray(tokens[: n_blocks * block_size], dtype=np.int32)
-        return [arr[: (i + 1) * block_size].tobytes() for i in range(n_blocks)]
+    def _keys(tokens: Seq[int], block_size: int, n_blocks: int, adapter: int) -> list[bytes]:
+        arr = np.concatenate([[adapter], np.asarray(tokens[: n_blocks * block_size])]).astype(np.int32)
+        return [arr[: 1 + (i + 1) * block_size].tobytes() for i in range(n_blocks)]
 
-    def lookup(self, tokens: Seq[int], block_size: int) -> list[int]:
+    def lookup(self, tokens: Seq[int], block_size: int, adapter: int = -1) -> list[int]:
         """Blocks of the longest cached prefix of tokens (whole blocks), most recently used now."""
         blocks = []
-        for key in self._keys(tokens, block_size, len(tokens) // block_size):
+        for key in self._keys(tokens, block_size, len(tokens) // block_size, adapter):
             b = self.entries.get(key)
             if b is None:
                 break
@@ -186,9 +188,9 @@ class _PrefixCache:
             self.entries.move_to_end(key)
         return blocks
 
-    def add(self, tokens: Seq[int], table: Seq[int], block_size: int) -> None:
+    def add(self, tokens: Seq[int], table: Seq[int], block_size: int, adapter: int = -1) -> None:
         n = min(len(tokens) // block_size, len(table))
-        for key, block in zip(self._keys(tokens, block_size, n), table[:n]):
+        for key, block in zip(self._keys(tokens, block_size, n, adapter), table[:n]):
             if key not in self.entries:
                 self.pool.retain(block)
                 self.entries[key] = block
@@ -260,12 +262,14 @@ class Scheduler:
             from ..errors import ContextOverflowError
 
             raise ContextOverflowError(f"the prompt needs {len(ids)} tokens (+1 to generate) but max_seq_len is {capacity}")
+        adapter_slot = self.model.adapter_slot(config.model.adapter)   # checked now, before anything queues
         slots, requests = [], []
         for i in range(n):
             cfg = config
             if i and config.sampling.seed is not None:
                 cfg = config.replace(seed=(config.sampling.seed + i) % 2**64)
             req = Request(next(self._ids), ids, cfg, loop)
+            req.adapter_slot = adapter_slot
             slot = _Slot(req, i, slots[0] if i else None)
             if i:
                 slots[0].followers.append(slot)
@@ -397,7 +401,7 @@ class Scheduler:
                 shared = slot.leader.prompt_blocks
                 n_shared = slot.prompt_len
             else:
-                shared = self.prefix.lookup(req.prompt, bs) if self.config.prefix_cache else []
+                shared = self.prefix.lookup(req.prompt, bs, req.adapter_slot) if self.config.prefix_cache else []
                 n_shared = min(len(shared) * bs, len(req.prompt) - 1)
                 shared = shared[: self._blocks_for(n_shared)]
             available = self.pool.free_blocks + self.prefix.evictable() - self._outstanding()
@@ -461,7 +465,8 @@ class Scheduler:
         n_decode = sum(len(rows) for _, rows, d in batch if d)
         try:
             out = self.model.eval_batch([s.seq.cache for s, _, _ in batch], [rows for _, rows, _ in batch],
-                                        logits=logit_rows, batch_invariant=self.config.batch_invariant,
+                                        logits=logit_rows, adapters=[s.seq.adapter_slot for s, _, _ in batch],
+                                        batch_invariant=self.config.batch_invariant,
                                         decode_rows=n_decode if self.config.batch_invariant else 0).logits
         except KeyboardInterrupt:
             raise
@@ -480,7 +485,7 @@ class Scheduler:
                     self.pool.retain(block)
             if not slot.registered and slot.seq.cache.n_past >= slot.prompt_len:
                 if self.config.prefix_cache:
-                    self.prefix.add(slot.req.prompt, slot.seq.cache.block_table, self.config.block_size)
+                    self.prefix.add(slot.req.prompt, slot.seq.cache.block_table, self.config.block_size, slot.req.adapter_slot)
                 slot.registered = True
             self._advance(slot)
 

@@ -95,6 +95,7 @@ class Sequence:
             spec = CacheSpec(self.cache_plan.k_kind, self.cache_plan.v_kind, config.cache.residual_len,
                              config.cache.fp16_prefix_layers, local_window)
             self.cache = model.new_cache(self.capacity, spec, reserve=min(reserve, self.capacity))
+        self.adapter_slot = model.adapter_slot(config.model.adapter)   # the cache holds K/V computed with it
         self.history = TokenBuffer()       # every token in the context, evaluated or not
         self.logits: Optional[np.ndarray] = None   # next-token logits after history (when evaluated)
         self.sampler = model.new_sampler(**config.sampling.sampler_params())
@@ -190,7 +191,9 @@ def evaluate(model: "EngineModel", seqs: Seq[Sequence]) -> None:
         long = [s for s in todo if s.q_chunk and len(s.history) - s.cache.n_past > s.q_chunk]
         if not long:
             break
-        model.eval_batch([s.cache for s in long], [s.pending(s.q_chunk) for s in long], logits=None)
-    logits = model.eval_batch([s.cache for s in todo], [s.pending() for s in todo], logits="last").logits
+        model.eval_batch([s.cache for s in long], [s.pending(s.q_chunk) for s in long], logits=None,
+                         adapters=[s.adapter_slot for s in long])
+    logits = model.eval_batch([s.cache for s in todo], [s.pending() for s in todo], logits="last",
+                              adapters=[s.adapter_slot for s in todo]).logits
     for s, row in zip(todo, logits):
         s.logits = row

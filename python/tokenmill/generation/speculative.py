@@ -102,11 +102,13 @@ class LookupDrafter:
 
 class ModelDrafter:
     """A draft model's own sequence (cache, history, sampler), kept equal to the target's context:
-    it drafts k tokens one decode step at a time, each drawn with the same sampling settings."""
+    it drafts k tokens one decode step at a time, each drawn with the same sampling settings. The
+    draft runs its base weights: the target's adapter is the target's (verification keeps the
+    output the target's own either way)."""
 
     def __init__(self, model: EngineModel, config: GenerateConfig):
         self.model = model
-        self.seq = Sequence(model, config)
+        self.seq = Sequence(model, config.replace(adapter=None))
         self.greedy = config.sampling.temperature == 0
 
     def sync(self, history: np.ndarray) -> None:
@@ -347,8 +349,8 @@ class SpeculativeGenerator(Generator):
         m = len(tokens)
         L = len(seq.history)
         t0 = time.perf_counter()
-        rows = self.model.eval(seq.cache, np.concatenate([seq.history.view(L - 1), np.asarray(tokens, np.int32)]),
-                               logits="all", decode_exact=True).logits           # [m + 1, vocab]
+        rows = self.model.eval_batch([seq.cache], [np.concatenate([seq.history.view(L - 1), np.asarray(tokens, np.int32)])],
+                                     logits="all", adapters=[seq.adapter_slot], decode_exact=True).logits   # [m + 1, vocab]
         self.policy.observe_pass(m + 1, time.perf_counter() - t0)
         # the histories rows i see: the context plus the first i drafts (the penalties' input)
         context = np.concatenate([seq.history.view(), np.asarray(tokens, np.int32)])

@@ -175,10 +175,22 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
                                       request.url.path)
         return await call_next(request)
 
-    def check_model(requested: str) -> None:
-        if requested != name:
-            raise P.ApiError(404, f"the model '{requested}' does not exist; this server has '{name}'", "model",
-                             "model_not_found", kind="not_found")
+    def check_model(requested: str) -> Optional[str]:
+        """The adapter a request's `model` names: None for the base model, else a loaded adapter's name
+        (served as a model of its own, as vLLM serves LoRA adapters)."""
+        if requested == name:
+            return None
+        if requested in model.adapters:
+            return requested
+        served = ", ".join([name, *model.adapters])
+        raise P.ApiError(404, f"the model '{requested}' does not exist; this server has {served}", "model",
+                         "model_not_found", kind="not_found")
+
+    def model_card(model_id: str) -> dict:
+        card = {"id": model_id, "object": "model", "created": 0, "owned_by": "tokenmill"}
+        if model_id != name:
+            card["parent"] = name
+        return card
 
     def admit() -> None:
         if state["closing"]:
@@ -280,16 +292,16 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "tokenmill"}]}
+        return {"object": "list", "data": [model_card(m) for m in [name, *model.adapters]]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model_info(model_id: str):
         check_model(model_id)
-        return {"id": name, "object": "model", "created": 0, "owned_by": "tokenmill"}
+        return model_card(model_id)
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatRequest):
-        check_model(body.model)
+        adapter = check_model(body.model)
         admit()
         messages = P.chat_messages(body.messages)
         try:
@@ -299,29 +311,29 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         config = P.generate_config(body, len(ids), model.n_ctx, model.n_vocab,
                                    max_tokens=body.max_completion_tokens or body.max_tokens, logprobs=logprobs,
-                                   json_schema=P.response_schema(body.response_format))
+                                   json_schema=P.response_schema(body.response_format)).replace(adapter=adapter)
         rid, created = P.new_id("chatcmpl"), int(time.time())
         reqs = await submit(ids, config, body.n)
         metrics.prompt_tokens.inc(len(ids))
         if not body.stream:
             res = await results(reqs)
             metrics.requests.labels("/v1/chat/completions", "200").inc()
-            return P.chat_response(rid, name, len(ids), res, model.tokenizer)
+            return P.chat_response(rid, body.model, len(ids), res, model.tokenizer)
 
         def chunk(i, piece, finish, start=False):
             if start:
-                return P.chat_chunk(rid, name, created, i, {"role": "assistant", "content": ""})
+                return P.chat_chunk(rid, body.model, created, i, {"role": "assistant", "content": ""})
             if finish is not None:
-                return P.chat_chunk(rid, name, created, i, {}, finish)
-            return P.chat_chunk(rid, name, created, i, {"content": piece})
+                return P.chat_chunk(rid, body.model, created, i, {}, finish)
+            return P.chat_chunk(rid, body.model, created, i, {"content": piece})
 
-        usage_of = (lambda done: {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+        usage_of = (lambda done: {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                                   "choices": [], "usage": P.usage(len(ids), done)}) if body.include_usage() else None
         return StreamingResponse(stream(reqs, chunk, usage_of, "/v1/chat/completions"), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest):
-        check_model(body.model)
+        adapter = check_model(body.model)
         admit()
         if body.echo or body.suffix:
             raise P.ApiError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix")
@@ -342,7 +354,7 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
             if not ids:
                 raise P.ApiError(400, "prompt must not be empty", "prompt")
             config = P.generate_config(body, len(ids), model.n_ctx, model.n_vocab, max_tokens=body.max_tokens or 16,
-                                       logprobs=body.logprobs)
+                                       logprobs=body.logprobs).replace(adapter=adapter)
             all_reqs.append(await submit(ids, config, body.n))
             lengths.append(len(ids))
             metrics.prompt_tokens.inc(len(ids))
@@ -351,24 +363,24 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
             for reqs in all_reqs:
                 res = await results(reqs)
                 used += res
-                choices += P.completion_response(rid, name, 0, res, model.tokenizer, base=len(choices))["choices"]
+                choices += P.completion_response(rid, body.model, 0, res, model.tokenizer, base=len(choices))["choices"]
             metrics.requests.labels("/v1/completions", "200").inc()
-            return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices,
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
                     "usage": P.usage(sum(lengths) * body.n, used)}
         reqs = all_reqs[0]
 
         def chunk(i, piece, finish, start=False):
             if start:
                 return None
-            return P.completion_chunk(rid, name, created, i, piece or "", finish)
+            return P.completion_chunk(rid, body.model, created, i, piece or "", finish)
 
-        usage_of = (lambda done: {"id": rid, "object": "text_completion", "created": created, "model": name,
+        usage_of = (lambda done: {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                                   "choices": [], "usage": P.usage(lengths[0], done)}) if body.include_usage() else None
         return StreamingResponse(stream(reqs, chunk, usage_of, "/v1/completions"), media_type="text/event-stream")
 
     @app.post("/v1/embeddings")
     async def embeddings(body: P.EmbeddingRequest):
-        check_model(body.model)
+        adapter = check_model(body.model)
         admit()
         inputs = body.input
         if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
@@ -385,7 +397,7 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
         def embed():   # mean of the final hidden states, unit length
             out = []
             for ids in token_lists:
-                hidden = model.eval(model.new_cache(len(ids)), ids, logits=None, hidden="all").hidden
+                hidden = model.eval(model.new_cache(len(ids)), ids, logits=None, hidden="all", adapter=adapter).hidden
                 v = hidden.mean(axis=0)
                 v = (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
                 # base64: the float32 bytes, little-endian, as the OpenAI client asks by default
@@ -396,7 +408,7 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
         vectors = await asyncio.get_running_loop().run_in_executor(None, embed)
         n_tokens = sum(len(t) for t in token_lists)
         metrics.requests.labels("/v1/embeddings", "200").inc()
-        return {"object": "list", "model": name,
+        return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 

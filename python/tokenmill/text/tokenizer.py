@@ -18,15 +18,15 @@ from ..jsonfile import read_json_object
 
 # Pre-tokenizer split rules named by `tokenizer.ggml.pre` (the regexes are the published ones of
 # each model family's tokenizer).
-_LLAMA3_SPLIT = (
+LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_QWEN2_SPLIT = (
+QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _PRE_SPLITS = {
-    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"], _LLAMA3_SPLIT),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT),
+    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"], LLAMA3_SPLIT),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], QWEN2_SPLIT),
 }
 # Families whose tokenizer isolates every digit before the GPT-2 byte-level rule (StarCoder-style,
 # as SmolLM2's own tokenizer.json does).

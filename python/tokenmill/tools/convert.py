@@ -40,15 +40,11 @@ def add_matrix(writer, name: str, data: np.ndarray, wtype: str) -> None:
                           raw_dtype=getattr(gguf.GGMLQuantizationType, wtype.upper()))
 
 
-def convert_gguf(src: str | Path, dst: str | Path, wtype: str) -> Path:
-    """Writes `src` to `dst` with every 2-D weight in `wtype`."""
-    if wtype not in TARGETS:
-        raise InvalidArgumentError(f"type must be one of {', '.join(TARGETS)}, got {wtype!r}")
+def copy_metadata(src: Path, dst: Path):
+    """A gguf.GGUFWriter for dst holding every metadata key of src with its type (tensors to add)."""
     import gguf
     from gguf import GGUFValueType as T
 
-    src, dst = Path(src), Path(dst)
-    parsed = native.open_gguf(str(src))   # validates the file before anything is written
     reader = gguf.GGUFReader(str(src))
     arch = _field_value(reader.fields["general.architecture"], T)
     writer = gguf.GGUFWriter(str(dst), arch)
@@ -60,6 +56,17 @@ def convert_gguf(src: str | Path, dst: str | Path, wtype: str) -> Path:
             writer.add_key_value(key, value, T.ARRAY, sub_type=field.types[1])
         else:
             writer.add_key_value(key, value, field.types[0])
+    return writer
+
+
+def convert_gguf(src: str | Path, dst: str | Path, wtype: str) -> Path:
+    """Writes `src` to `dst` with every 2-D weight in `wtype`."""
+    if wtype not in TARGETS:
+        raise InvalidArgumentError(f"type must be one of {', '.join(TARGETS)}, got {wtype!r}")
+
+    src, dst = Path(src), Path(dst)
+    parsed = native.open_gguf(str(src))   # validates the file before anything is written
+    writer = copy_metadata(src, dst)
     for name, _type, shape, _offset, _nbytes in parsed.tensors():
         data = parsed.dequantize(name)
         block = _BLOCK.get(wtype, 1)
