@@ -9,6 +9,7 @@ import json
 
 import gguf
 import numpy as np
+import peft  # test extras: the reference, never optional
 import pytest
 import torch
 
@@ -19,8 +20,6 @@ from tokenmill.tools.export import export_to_gguf
 from tokenmill.tools.merge import merge_adapter
 
 from gguf_util import permute_for_gguf, write_tiny_gguf
-
-peft = pytest.importorskip("peft")
 
 PROMPT = [3, 17, 101, 45, 9, 250, 77, 12, 190, 5, 66, 31, 140, 8, 222, 19]
 # arch, rank, target modules, rsLoRA
@@ -34,11 +33,11 @@ CASES = [
 ]
 
 
-def _peft_model(hf_model, arch, r, targets, rslora, seed=0, **extra):
+def _peft_model(hf_model, arch, r, targets, rslora, seed=0):
     torch.manual_seed(seed)
     targets = list(targets) if isinstance(targets, tuple) else targets
     cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_rslora=rslora, init_lora_weights=False,
-                          fan_in_fan_out=arch == "gpt2", **extra)
+                          fan_in_fan_out=arch == "gpt2")
     pm = peft.get_peft_model(copy.deepcopy(hf_model), cfg).eval()
     with torch.no_grad():   # B is random but small, so the adapter moves logits without swamping them
         for name, p in pm.named_parameters():

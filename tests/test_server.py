@@ -10,17 +10,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx  # test extras (with fastapi, openai, uvicorn): a missing one must fail, not skip
 import jsonschema
 import numpy as np
+import openai
 import pytest
+import uvicorn
 
-pytest.importorskip("fastapi")
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
-from tokenmill import GenerateConfig, Generator  # noqa: E402
-from tokenmill.serve import create_app  # noqa: E402
+from tokenmill import GenerateConfig, Generator
+from tokenmill.serve import create_app
 
 NAME = "smollm2"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

@@ -20,23 +20,33 @@ constexpr int64_t kMinParallelMacs = 1 << 14;   // smaller calls stay on the cal
 
 const float* floats(const Weight& w) { return reinterpret_cast<const float*>(w.data); }
 
-// index of the item that holds unit u, given each item's first unit
-int item_of(const std::vector<int64_t>& first, int64_t u) {
-    return static_cast<int>(std::upper_bound(first.begin(), first.end(), u) - first.begin()) - 1;
+// Where a unit of a region falls: item i, row t of it, and the unit's index k within that row, given
+// each item's first unit and units per row (per_row(item)).
+struct Unit {
+    size_t i;
+    int64_t t, k;
+};
+template <typename PerRow>
+Unit unit_at(const std::vector<int64_t>& first, int64_t unit, const PerRow& per_row) {
+    const size_t i = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), unit) - first.begin()) - 1;
+    const int64_t local = unit - first[i], n = per_row(i);
+    return {i, local / n, local % n};
 }
 }  // namespace
 
 void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, int n_items) {
     const Kernels& kern = kernels();
     const size_t n = static_cast<size_t>(n_items);
+    auto row_groups = [&](size_t i) { return (items[i].a->rows + kRowsPerUnit - 1) / kRowsPerUnit; };
+    auto column_chunks = [&](size_t i) { return (items[i].bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit; };
     std::vector<int64_t> u_offset(n + 1, 0), first_a(n + 1, 0), first_b(n + 1, 0);
     int64_t macs = 0;
     for (size_t i = 0; i < n; ++i) {
         const LoraItem& it = items[i];
         const int64_t r = it.a->rows;
         u_offset[i + 1] = u_offset[i] + (it.n_rows * r + 15) / 16 * 16;   // own cache lines
-        first_a[i + 1] = first_a[i] + it.n_rows * ((r + kRowsPerUnit - 1) / kRowsPerUnit);
-        first_b[i + 1] = first_b[i] + it.n_rows * ((it.bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit);
+        first_a[i + 1] = first_a[i] + it.n_rows * row_groups(i);
+        first_b[i + 1] = first_b[i] + it.n_rows * column_chunks(i);
         macs += it.n_rows * r * (it.a->cols + it.bt->cols);
     }
     if (static_cast<int64_t>(u.size()) < u_offset[n]) u.resize(static_cast<size_t>(u_offset[n]));
@@ -47,25 +57,22 @@ void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, in
 
     region(first_a[n], [&](int64_t u0, int64_t u1, int) {
         for (int64_t unit = u0; unit < u1; ++unit) {
-            const int i = item_of(first_a, unit);
-            const LoraItem& it = items[i];
-            const int64_t r = it.a->rows, n_in = it.a->cols, groups = (r + kRowsPerUnit - 1) / kRowsPerUnit;
-            const int64_t local = unit - first_a[static_cast<size_t>(i)], t = local / groups;
-            const int64_t j0 = (local % groups) * kRowsPerUnit, nj = std::min(kRowsPerUnit, r - j0);
-            float* ut = u.data() + u_offset[static_cast<size_t>(i)] + t * r + j0;
+            const Unit at = unit_at(first_a, unit, row_groups);
+            const LoraItem& it = items[at.i];
+            const int64_t r = it.a->rows, n_in = it.a->cols, t = at.t;
+            const int64_t j0 = at.k * kRowsPerUnit, nj = std::min(kRowsPerUnit, r - j0);
+            float* ut = u.data() + u_offset[at.i] + t * r + j0;
             kern.rows_dot_f32(floats(*it.a) + j0 * n_in, nj, n_in, it.x + t * n_in, ut);
             for (int64_t j = 0; j < nj; ++j) ut[j] *= it.scale;
         }
     });
     region(first_b[n], [&](int64_t u0, int64_t u1, int) {
         for (int64_t unit = u0; unit < u1; ++unit) {
-            const int i = item_of(first_b, unit);
-            const LoraItem& it = items[i];
-            const int64_t r = it.a->rows, n_out = it.bt->cols, chunks = (n_out + kColumnsPerUnit - 1) / kColumnsPerUnit;
-            const int64_t local = unit - first_b[static_cast<size_t>(i)], t = local / chunks;
-            const int64_t c0 = (local % chunks) * kColumnsPerUnit, nc = std::min(kColumnsPerUnit, n_out - c0);
-            kern.rows_axpy_f32(it.out + t * n_out + c0, floats(*it.bt) + c0, r, nc, n_out,
-                               u.data() + u_offset[static_cast<size_t>(i)] + t * r);
+            const Unit at = unit_at(first_b, unit, column_chunks);
+            const LoraItem& it = items[at.i];
+            const int64_t r = it.a->rows, n_out = it.bt->cols, t = at.t;
+            const int64_t c0 = at.k * kColumnsPerUnit, nc = std::min(kColumnsPerUnit, n_out - c0);
+            kern.rows_axpy_f32(it.out + t * n_out + c0, floats(*it.bt) + c0, r, nc, n_out, u.data() + u_offset[at.i] + t * r);
         }
     });
 }

@@ -89,7 +89,7 @@ class _Pairs:
         self.hp, self.source, self.items = model_hp, source, {}
         # the model's Q/K rows are in GGUF llama order when it rotates adjacent pairs
         self.permute = adjacent_source != (model_hp.rope_style == native.RopeStyle.adjacent)
-        self.ranks, self.params = set(), 0
+        self.ranks = set()
 
     def add(self, layer: int, projections: tuple, a: np.ndarray, b: np.ndarray, scale: float, what: str):
         if a.ndim != 2 or b.ndim != 2:

@@ -6,6 +6,7 @@ uses the `gguf` package."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -59,23 +60,35 @@ def copy_metadata(src: Path, dst: Path):
     return writer
 
 
-def convert_gguf(src: str | Path, dst: str | Path, wtype: str) -> Path:
-    """Writes `src` to `dst` with every 2-D weight in `wtype`."""
-    if wtype not in TARGETS:
-        raise InvalidArgumentError(f"type must be one of {', '.join(TARGETS)}, got {wtype!r}")
-
-    src, dst = Path(src), Path(dst)
-    parsed = native.open_gguf(str(src))   # validates the file before anything is written
-    writer = copy_metadata(src, dst)
-    for name, _type, shape, _offset, _nbytes in parsed.tensors():
-        data = parsed.dequantize(name)
-        block = _BLOCK.get(wtype, 1)
-        if len(shape) == 2 and shape[0] % block == 0:
-            add_matrix(writer, name, data, wtype)
-        else:
-            writer.add_tensor(name, data.astype(np.float32))
+def finish(writer) -> None:
+    """Writes a gguf.GGUFWriter's header, metadata and tensors, and closes it."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def rewrite_gguf(src: Path, dst: Path, type_of: Callable[[str], str],
+                 change: Optional[Callable[[str, np.ndarray], None]] = None) -> Path:
+    """Writes `src` to `dst` tensor by tensor: each dequantized (and edited in place by `change(name,
+    data)`), 2-D weights stored as `type_of(their type)` where their rows fit its blocks, the rest f32."""
+    parsed = native.open_gguf(str(src))   # validates the file before anything is written
+    writer = copy_metadata(src, dst)
+    for name, type_name, shape, _offset, _nbytes in parsed.tensors():
+        data = parsed.dequantize(name)
+        if change is not None:
+            change(name, data)
+        target = type_of(type_name)
+        if len(shape) == 2 and shape[0] % _BLOCK.get(target, 1) == 0:
+            add_matrix(writer, name, data, target)
+        else:
+            writer.add_tensor(name, data.astype(np.float32))
+    finish(writer)
     return dst
+
+
+def convert_gguf(src: str | Path, dst: str | Path, wtype: str) -> Path:
+    """Writes `src` to `dst` with every 2-D weight in `wtype`."""
+    if wtype not in TARGETS:
+        raise InvalidArgumentError(f"type must be one of {', '.join(TARGETS)}, got {wtype!r}")
+    return rewrite_gguf(Path(src), Path(dst), lambda _type: wtype)

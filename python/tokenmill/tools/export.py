@@ -85,7 +85,7 @@ def _gpt2_tensors(w: dict, hp) -> dict:
     return out
 
 
-def _add_hparams(writer, hp, config: dict, wtype: str) -> None:
+def _add_hparams(writer, hp, wtype: str) -> None:
     writer.add_context_length(hp.n_ctx_train)
     writer.add_embedding_length(hp.n_embd)
     writer.add_block_count(hp.n_layer)
@@ -178,7 +178,7 @@ def export_to_gguf(hf_dir: PathLike, out: PathLike, type: str = "f16") -> Path:
     f32). Returns the path."""
     import gguf
 
-    from .convert import add_matrix
+    from .convert import add_matrix, finish
 
     if type not in WEIGHT_TYPES:
         raise InvalidArgumentError(f"type must be one of {', '.join(WEIGHT_TYPES)}, got {type!r}")
@@ -193,7 +193,7 @@ def export_to_gguf(hf_dir: PathLike, out: PathLike, type: str = "f16") -> Path:
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
     writer.add_name(config.get("_name_or_path") or directory.name)
-    _add_hparams(writer, hp, config, type)
+    _add_hparams(writer, hp, type)
     _add_tokenizer(writer, directory, hp)
     for name, data in tensors.items():
         data = np.ascontiguousarray(data, np.float32)
@@ -202,10 +202,7 @@ def export_to_gguf(hf_dir: PathLike, out: PathLike, type: str = "f16") -> Path:
             add_matrix(writer, name, data, type if fits else "f16")
         else:
             writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     tmp.replace(out)
     return out
 

@@ -127,10 +127,8 @@ def _merge_hf(base: Path, pairs: dict, hp, out: Path, wtype: Optional[str]) -> P
 
 
 def _merge_gguf(base: Path, pairs: dict, hp, out: Path, wtype: Optional[str]) -> Path:
-    from .convert import add_matrix, copy_metadata
+    from .convert import rewrite_gguf
 
-    parsed = native.open_gguf(str(base))
-    writer = copy_metadata(base, out)
     deltas = _deltas(pairs)
     by_tensor = {}
     qd, kd = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
@@ -140,24 +138,17 @@ def _merge_gguf(base: Path, pairs: dict, hp, out: Path, wtype: Optional[str]) ->
             by_tensor.setdefault(f"blk.{layer}.attn_qkv.weight", []).append((off, delta))
         else:
             by_tensor.setdefault(f"blk.{layer}.{_GGUF_NAMES[proj]}.weight", []).append((0, delta))
-    names = {t[0]: t for t in parsed.tensors()}
-    missing = sorted(set(by_tensor) - set(names))
+    names = {t[0] for t in native.open_gguf(str(base)).tensors()}
+    missing = sorted(set(by_tensor) - names)
     if missing:
         raise ModelFormatError(f"{base} has no tensor {missing[0]} for the adapter")
-    for name, type_name, shape, _offset, _nbytes in parsed.tensors():
-        data = parsed.dequantize(name)
+
+    def add_delta(name: str, data: np.ndarray) -> None:
         for off, delta in by_tensor.get(name, ()):
             data[off : off + delta.shape[0]] += delta
-        target = wtype or (type_name if type_name in WEIGHT_TYPES else "f32")
-        if len(shape) == 2 and (target in ("f32", "f16", "bf16") or shape[0] % 32 == 0):
-            add_matrix(writer, name, data, target)
-        else:
-            writer.add_tensor(name, data.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+
+    return rewrite_gguf(base, out, lambda type_name: wtype or (type_name if type_name in WEIGHT_TYPES else "f32"),
+                        add_delta)
 
 
 def merge_adapter(base: PathLike, adapter: PathLike, out: PathLike, type: Optional[str] = None) -> Path:
