@@ -102,6 +102,22 @@ def test_prefix_cache_reuses_a_prompt_and_n_shares_it(smollm):
         s.close()
 
 
+def test_requests_arriving_together_share_the_prompt_prefix_in_flight(smollm):
+    prompts = _prompts(smollm, 12)
+    sched = Scheduler(smollm, kv_budget_mb=128, max_batch_tokens=64)   # the first prompt takes several chunks
+    requests = [sched.submit(p, GREEDY)[0] for p in prompts]
+    sched.run_until_done()
+    common = len(SYSTEM) // 8   # far fewer tokens than the system prompt has
+    assert sched.stats["prefix_waits"] >= 11 and sched.stats["prefix_tokens"] >= 11 * common
+    assert sched.stats["prompt_rows"] < sum(map(len, prompts)) - 11 * common
+    cold = Scheduler(smollm, kv_budget_mb=128, prefix_cache=False)
+    reference = [cold.submit(p, GREEDY)[0] for p in prompts]
+    cold.run_until_done()
+    assert [r.wait().token_ids for r in requests] == [r.wait().token_ids for r in reference]
+    sched.close()
+    cold.close()
+
+
 def test_memory_stays_within_the_pool_and_every_request_completes(smollm):
     prompts = _prompts(smollm, 12)
     config = GenerateConfig(temperature=0, max_new_tokens=40, ignore_eos=True)

@@ -11,6 +11,8 @@ shares), so a running sequence never meets a full pool: requests wait instead, a
 preempted or recomputed. Prefix caching: full blocks of finished prompts stay in the pool, keyed by
 their tokens, and a request whose prompt starts with them adopts them instead of recomputing them
 (least recently used ones are evicted when blocks run short); `n` completions of one prompt share it.
+A request whose prompt shares whole blocks with a prompt still being computed waits for it (usually
+one step) rather than computing the same blocks beside it.
 
 Exactness (batch_invariant, the default): decode rows are computed with the arithmetic of a lone
 decode step and prompt rows with the prefill kernels whatever their number, so a request's tokens are
@@ -240,7 +242,8 @@ class Scheduler:
         self._ids = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._closing = False
-        self.stats = collections.Counter()   # steps, rows, decode_rows, prompt_rows, prefix_tokens, requests, cancelled
+        # steps, rows, decode_rows, prompt_rows, prefix_tokens, prefix_waits, requests, cancelled
+        self.stats = collections.Counter()
 
     # ---- submission
     def submit(self, prompt, config: Optional[GenerateConfig] = None, n: int = 1, *,
@@ -379,8 +382,34 @@ class Scheduler:
     def _outstanding(self) -> int:
         return sum(max(s.worst_blocks - len(s.seq.cache.block_table), 0) for s in self._running)
 
+    def _prefix_in_flight(self, req: Request, cached_blocks: int) -> bool:
+        """Whether a running prompt not yet in the prefix cache shares more whole blocks with req's
+        prompt than the cache holds: then req waits a step or two and adopts them instead of
+        computing them again (requests that arrive together with one system prompt share it)."""
+        bs = self.config.block_size
+        usable = (len(req.prompt) - 1) // bs
+        if usable <= cached_blocks:
+            return False
+        mine = np.asarray(req.prompt[: usable * bs])
+        for other in self._running:
+            if other.registered or other.req.adapter_slot != req.adapter_slot or other.leader is not None:
+                continue
+            theirs = np.asarray(other.req.prompt[: usable * bs])
+            n = min(len(mine), len(theirs))
+            differ = np.flatnonzero(mine[:n] != theirs[:n])
+            if (int(differ[0]) if differ.size else n) // bs > cached_blocks:
+                return True
+        return False
+
     def _admit(self) -> None:
         bs = self.config.block_size
+        deferred: list[_Slot] = []   # waiting for a prefix that a running prompt is computing
+        try:
+            self._admit_from_queue(bs, deferred)
+        finally:
+            self._waiting.extendleft(reversed(deferred))
+
+    def _admit_from_queue(self, bs: int, deferred: list) -> None:
         while self._waiting and len(self._running) < self.config.max_running:
             slot = self._waiting[0]
             req = slot.req
@@ -402,6 +431,10 @@ class Scheduler:
                 n_shared = slot.prompt_len
             else:
                 shared = self.prefix.lookup(req.prompt, bs, req.adapter_slot) if self.config.prefix_cache else []
+                if self.config.prefix_cache and self._prefix_in_flight(req, len(shared)):
+                    deferred.append(self._waiting.popleft())
+                    self.stats["prefix_waits"] += 1
+                    continue
                 n_shared = min(len(shared) * bs, len(req.prompt) - 1)
                 shared = shared[: self._blocks_for(n_shared)]
             available = self.pool.free_blocks + self.prefix.evictable() - self._outstanding()
@@ -476,6 +509,12 @@ class Scheduler:
                 self._retire(slot, exc)
             return
         self.stats.update(steps=1, rows=row, decode_rows=n_decode, prompt_rows=row - n_decode)
+        if self.config.prefix_cache:   # a long prompt's finished blocks are shareable before its last chunk
+            for slot, _, is_decode in batch:
+                cache = slot.seq.cache
+                if not is_decode and not slot.registered and slot.leader is None and cache.n_past < slot.prompt_len:
+                    self.prefix.add(slot.req.prompt[: cache.n_past], cache.block_table, self.config.block_size,
+                                    slot.req.adapter_slot)
         for slot, logits in zip(owners, out):
             slot.seq.logits = logits
             if slot.seq.cache.n_past >= slot.prompt_len and slot.prompt_logits is None and slot.followers:
