@@ -191,19 +191,21 @@ public:
                 // one group of eight rows against each token
                 const int64_t r0 = 8 * (u - first_unit[i]);
                 const uint8_t* group = packed_group(w, r0);
-                if (uses_int8_decode(kern) && kern.dot_packed8_int8_tokens && T > 1) {   // tokens share the unpacking
-                    constexpr int NT = cpu::kPackedInt8Tokens;
+                const bool int8 = uses_int8_decode(kern);
+                const auto tokens_kernel = int8 ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens;
+                if (tokens_kernel && T > 1) {   // tokens share the unpacking
+                    constexpr int NT = cpu::kPackedTokens;
                     const int8_t* a[NT];
                     const float *d[NT], *sum[NT];
                     float o[8 * NT];
                     for (int64_t t0 = 0; t0 < T; t0 += NT) {
                         const int nt = static_cast<int>(std::min<int64_t>(NT, T - t0));
                         for (int k = 0; k < nt; ++k) {
-                            a[k] = xa_.data() + (t0 + k) * cols;
+                            a[k] = int8 ? xa_.data() + (t0 + k) * cols : xq8_.data() + 4 * (t0 + k) * cols;
                             d[k] = xd8_.data() + (t0 + k) * nb;
-                            sum[k] = xsum_rounded_.data() + (t0 + k) * nb;
+                            sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t0 + k) * nb;
                         }
-                        kern.dot_packed8_int8_tokens(w.type, group, a, d, sum, nt, cols, o);
+                        tokens_kernel(w.type, group, a, d, sum, nt, cols, o);
                         for (int k = 0; k < nt; ++k)
                             for (int j = 0; j < 8; ++j) out[(t0 + k) * w.rows + r0 + j] = o[8 * k + j] + bias(r0 + j);
                     }

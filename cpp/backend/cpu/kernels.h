@@ -80,14 +80,19 @@ struct Kernels {
     void (*repack16)(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out);
     void (*dot_tile16)(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
                        const float* const* sum, float* out);
-    // dot_packed8_int8 for nt <= kPackedInt8Tokens tokens at once (a[k], d[k], sum[k] token k's), one
+    // dot_packed8_int8 for nt <= kPackedTokens tokens at once (a[k], d[k], sum[k] token k's), one
     // unpacking of the group feeding every token; out[8 k + r] has exactly dot_packed8_int8's bits,
     // so batched decode rows equal one-token steps. Null where a level has none.
     void (*dot_packed8_int8_tokens)(DType t, const uint8_t* group, const int8_t* const* a, const float* const* d,
                                     const float* const* sum, int nt, int64_t n, float* out);
+    // dot_packed8 for nt <= kPackedTokens tokens at once (q[k], d[k], sum[k] token k's prepare_x8
+    // output), the group unpacked once for all of them; out[8 k + r] has exactly dot_packed8's bits
+    // (batched exact decode rows). Null where a level has none.
+    void (*dot_packed8_tokens)(DType t, const uint8_t* group, const int8_t* const* q, const float* const* d,
+                               const float* const* sum, int nt, int64_t n, float* out);
 };
 
-constexpr int kPackedInt8Tokens = 4;
+constexpr int kPackedTokens = 4;
 
 // From prepare_x8's output (q [4n], d [n / 32]), what the int8 prefill kernel reads: the first parts
 // alone, a[n] (x rounded to int8), and their block sums d[b] * sum(a of block b) -> sums[n / 32].

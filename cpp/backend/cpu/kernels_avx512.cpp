@@ -536,51 +536,79 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum) {
     }
 }
 
-// One group (eight rows) against one prepared x. Per block column, each half of the group is one
-// 64-byte register: four rows of 16 quant bytes, so int32 lane l belongs to row l / 4 and x's 16
-// bytes are broadcast to every 128-bit lane. Parts pair up in int32 as a * 2^7 + b and c * 2^7 + e
-// (at most 2^21 in magnitude, exact), the pairs meet in float.
+// One group (eight rows) against NT prepared x's (q[t], d[t], sum[t] token t's). Per block column,
+// each half of the group is one 64-byte register: four rows of 16 quant bytes, so int32 lane l
+// belongs to row l / 4 and x's 16 bytes are broadcast to every 128-bit lane. Parts pair up in int32
+// as a * 2^7 + b and c * 2^7 + e (at most 2^21 in magnitude, exact), the pairs meet in float.
 //   row r: sum_j w_j x_j = dw_r * d * 2^-7 * (S_ab + S_ce * 2^-14) + (q4_0: -8 dw_r, q4_1: m_r) * sum_j x_j
-template <DType T>
-void dot_packed8_type(const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
-                      float* out) {
+// The nibbles unpack once for all NT tokens; each token's operations are those of NT = 1 in the same
+// order, so a token's eight sums have the same bits however many tokens share the call.
+template <DType T, int NT>
+void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const float* const* d,
+                             const float* const* sum, int64_t n, float* out) {
     constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
     const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                                     _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
     const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m256 block_sums = _mm256_setzero_ps();   // per row: sum_i (-8 dw or m) * sum(x of block i)
+    __m512 acc[NT][2];
+    __m256 block_sums[NT];   // per row: sum_i (-8 dw or m) * sum(x of block i)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) {
+        acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        block_sums[t] = _mm256_setzero_ps();
+    }
     for (int64_t i = 0; i < n / 32; ++i) {
         const uint8_t* c = group + i * column;
         _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-        const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[i] * (1.0f / 128.0f))));
-        const int8_t* xb = q + i * 128;
-        __m512i xs[8];   // each part's x[0..15] and x[16..31], in all four lanes
-        for (int k = 0; k < 8; ++k)
-            xs[k] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16 * k)));
-        for (int h = 0; h < 2; ++h) {
-            const __m512i w = _mm512_loadu_si512(c + quants + 64 * h);
-            const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-            auto pair = [&](int k) {   // parts k and k + 1 as part_k * 2^7 + part_k+1
-                __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xs[2 * k]), hi, xs[2 * k + 1]);
-                s = _mm512_slli_epi32(s, 7);
-                return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo, xs[2 * k + 2]), hi, xs[2 * k + 3]);
-            };
-            const __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair(2)), low_pair, _mm512_cvtepi32_ps(pair(0)));
-            acc[h] = _mm512_fmadd_ps(s, _mm512_permutexvar_ps(row_of_lane[h], scale), acc[h]);
-        }
         const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
                                                 : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
-        block_sums = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[i]), block_sums);
+        __m512i lo[2], hi[2];
+        for (int h = 0; h < 2; ++h) {
+            const __m512i w = _mm512_loadu_si512(c + quants + 64 * h);
+            lo[h] = _mm512_and_si512(w, low4);
+            hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) {
+            const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[t][i] * (1.0f / 128.0f))));
+            const int8_t* xb = q[t] + i * 128;
+            __m512i xs[8];   // each part's x[0..15] and x[16..31], in all four lanes
+            for (int k = 0; k < 8; ++k)
+                xs[k] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16 * k)));
+            for (int h = 0; h < 2; ++h) {
+                auto pair = [&](int k) {   // parts k and k + 1 as part_k * 2^7 + part_k+1
+                    __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[h], xs[2 * k]), hi[h], xs[2 * k + 1]);
+                    s = _mm512_slli_epi32(s, 7);
+                    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo[h], xs[2 * k + 2]), hi[h], xs[2 * k + 3]);
+                };
+                const __m512 sp = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair(2)), low_pair, _mm512_cvtepi32_ps(pair(0)));
+                acc[t][h] = _mm512_fmadd_ps(sp, _mm512_permutexvar_ps(row_of_lane[h], scale), acc[t][h]);
+            }
+            block_sums[t] = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[t][i]), block_sums[t]);
+        }
     }
-    alignas(64) float lanes[32];
-    alignas(32) float extra[8];
-    _mm512_store_ps(lanes, acc[0]);
-    _mm512_store_ps(lanes + 16, acc[1]);
-    _mm256_store_ps(extra, block_sums);
-    for (int r = 0; r < 8; ++r) out[r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
+    for (int t = 0; t < NT; ++t) {
+        alignas(64) float lanes[32];
+        alignas(32) float extra[8];
+        _mm512_store_ps(lanes, acc[t][0]);
+        _mm512_store_ps(lanes + 16, acc[t][1]);
+        _mm256_store_ps(extra, block_sums[t]);
+        for (int r = 0; r < 8; ++r)
+            out[8 * t + r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
+    }
+}
+
+template <DType T>
+void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const float* const* d, const float* const* sum,
+                          int nt, int64_t n, float* out) {
+    switch (nt) {
+        case 4: return dot_packed8_tokens_type<T, 4>(group, q, d, sum, n, out);
+        case 3: return dot_packed8_tokens_type<T, 3>(group, q, d, sum, n, out);
+        case 2: return dot_packed8_tokens_type<T, 2>(group, q, d, sum, n, out);
+        default: return dot_packed8_tokens_type<T, 1>(group, q, d, sum, n, out);
+    }
 }
 
 // The eight-row group against x rounded to int8 per 32-block (the first part of prepare_x8 alone:
@@ -697,8 +725,15 @@ void dot_packed8_int8(DType t, const uint8_t* group, const int8_t* a, const floa
 
 void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                  float* out) {
-    if (t == DType::q4_1) dot_packed8_type<DType::q4_1>(group, q, d, sum, n, out);
-    else dot_packed8_type<DType::q4_0>(group, q, d, sum, n, out);   // callers check packable8 first
+    // callers check packable8 first
+    if (t == DType::q4_1) dot_packed8_tokens_type<DType::q4_1, 1>(group, &q, &d, &sum, n, out);
+    else dot_packed8_tokens_type<DType::q4_0, 1>(group, &q, &d, &sum, n, out);
+}
+
+void dot_packed8_tokens(DType t, const uint8_t* group, const int8_t* const* q, const float* const* d,
+                        const float* const* sum, int nt, int64_t n, float* out) {
+    if (t == DType::q4_1) dot_packed8_tokens_n<DType::q4_1>(group, q, d, sum, nt, n, out);
+    else dot_packed8_tokens_n<DType::q4_0>(group, q, d, sum, nt, n, out);
 }
 
 // One group's rows as floats: per block column, the eight scales (and minimums) convert in one
@@ -827,7 +862,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
-                      dot_packed8_int8_tokens};
+                      dot_packed8_int8_tokens, dot_packed8_tokens};
 
 }  // namespace
 
