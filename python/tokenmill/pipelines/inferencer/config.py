@@ -70,7 +70,7 @@ class InferencerConfig:
     repetition_penalty: float = 1.0
     seed: Optional[int] = 0
     output_path: str = "inferencer_output.jsonl"
-    batch_size: int = 16
+    batch_size: int = 32
     n_threads: Optional[int] = None
     cache_kind: str = "fp32"
     int8: bool = False
