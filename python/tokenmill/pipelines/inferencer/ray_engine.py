@@ -18,14 +18,11 @@ started with num_workers x threads_per_worker CPUs for the actors plus one for r
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 from ...errors import ConfigError
 from .config import InferencerConfig
 from .progress import Progress
-
-if TYPE_CHECKING:
-    from .inferencer import Inferencer
 
 ROW = "__tokenmill_row"   # the row-number column added to the dataset
 
@@ -40,13 +37,13 @@ def _import_ray():
 
 
 class RowGenerator:
-    """A Ray Data actor: one tokenmill model; each batch of rows -> their output rows (as JSON)."""
+    """A Ray Data actor: one tokenmill model; each batch of rows -> their output rows (as JSON).
+    `inferencer_cls` is the driver's Inferencer class, so a subclass's prompt formatting runs on
+    the workers too."""
 
-    def __init__(self, config: dict):
-        from .inferencer import Inferencer
-
+    def __init__(self, config: dict, inferencer_cls: type):
         cfg = InferencerConfig(**config)
-        self.inferencer = Inferencer(config=cfg, progress=False)
+        self.inferencer = inferencer_cls(config=cfg, progress=False)
         self.inferencer.load_model_and_tokenizer(n_threads=cfg.threads_per_worker)
 
     def __call__(self, table):
@@ -60,7 +57,7 @@ class RowGenerator:
         return {ROW: [r.index for r in prepared], "record": [json.dumps(r, ensure_ascii=False) for r in records]}
 
 
-def run_on_ray(inferencer: "Inferencer", rows: list, start_row: int,
+def run_on_ray(inferencer, rows: list, start_row: int,
                on_row: Optional[Callable[[dict], None]] = None) -> list[dict]:
     """Generates `rows` (rows start_row.. of the dataset) on Ray Data; returns their output rows in
     order (and hands each to on_row as it arrives)."""
@@ -79,7 +76,8 @@ def run_on_ray(inferencer: "Inferencer", rows: list, start_row: int,
         ctx.enable_progress_bars = False
         ds = ray.data.from_items([{ROW: start_row + i, "row": json.dumps(r, ensure_ascii=False)}
                                   for i, r in enumerate(rows)])
-        ds = ds.map_batches(RowGenerator, fn_constructor_kwargs={"config": cfg.as_dict()}, batch_size=cfg.batch_size,
+        actor_args = {"config": cfg.as_dict(), "inferencer_cls": type(inferencer)}
+        ds = ds.map_batches(RowGenerator, fn_constructor_kwargs=actor_args, batch_size=cfg.batch_size,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.num_workers),
                             num_cpus=cfg.threads_per_worker)
         progress = Progress(len(rows), enabled=inferencer.progress, stream=inferencer.log)
