@@ -120,6 +120,15 @@ def test_level_dequantize_is_exact(level, wtype):
                                   _core.dequantize(wtype, row, x.size))
 
 
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+def test_level_gelu_erf_against_float64(level):
+    x = np.concatenate([np.linspace(-12, 12, 4001), np.random.default_rng(3).standard_normal(997) * 4]).astype(np.float32)
+    want = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float64))).numpy()   # 0.5 x (1 + erf(x / sqrt 2))
+    got = _testing.gelu_erf_active(x)
+    assert np.abs(got - want).max() < 2e-6 * max(1.0, np.abs(x).max() / 4)
+    assert np.all(np.abs(got - want) <= 1e-6 + 2e-7 * np.abs(x))   # absolute error of erf times |x| / 2
+
+
 def test_unknown_or_missing_level_is_an_error():
     with pytest.raises(tokenmill.InvalidArgumentError, match="unknown CPU level"):
         _core.set_cpu_level("sse9")

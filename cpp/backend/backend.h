@@ -99,6 +99,7 @@ struct AttentionSegment {
     int64_t n_past;      // tokens already in its cache (the new ones go at n_past..)
     int64_t window;      // attend to at most this many latest positions; <= 0: unlimited
     KVLayerView kv;
+    bool causal = true;  // false: every row attends to all of the segment's positions (encoders)
 };
 
 struct AttentionShape {
@@ -183,6 +184,8 @@ public:
     virtual void swiglu(float* gate, const float* up, int64_t n) = 0;
     // x[n] = gelu(x), tanh approximation (GPT-2)
     virtual void gelu(float* x, int64_t n) = 0;
+    // x[n] = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), exact GELU (BERT)
+    virtual void gelu_erf(float* x, int64_t n) = 0;
     // writes k, v [T, n_kv_heads * head_dim] of every segment into its cache at n_past.. (quantized
     // to the stores' types, and in fp16 into the ring where there is one)
     virtual void kv_store(const float* k, const float* v, const AttentionSegment* segs, int n_segs,

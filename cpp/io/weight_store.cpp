@@ -52,6 +52,34 @@ HfName map_hf_name(const std::string& arch, std::string hf) {
         {"mlp.c_fc.weight", "ffn_up.weight"},         {"mlp.c_fc.bias", "ffn_up.bias"},
         {"mlp.c_proj.weight", "ffn_down.weight"},     {"mlp.c_proj.bias", "ffn_down.bias"},
     };
+    // BERT encoders, to the names llama.cpp's GGUF files use for them
+    static const std::pair<const char*, const char*> bert_layer[] = {
+        {"attention.self.query.weight", "attn_q.weight"},         {"attention.self.query.bias", "attn_q.bias"},
+        {"attention.self.key.weight", "attn_k.weight"},           {"attention.self.key.bias", "attn_k.bias"},
+        {"attention.self.value.weight", "attn_v.weight"},         {"attention.self.value.bias", "attn_v.bias"},
+        {"attention.output.dense.weight", "attn_output.weight"},  {"attention.output.dense.bias", "attn_output.bias"},
+        {"attention.output.LayerNorm.weight", "attn_output_norm.weight"},
+        {"attention.output.LayerNorm.bias", "attn_output_norm.bias"},
+        {"intermediate.dense.weight", "ffn_up.weight"},           {"intermediate.dense.bias", "ffn_up.bias"},
+        {"output.dense.weight", "ffn_down.weight"},               {"output.dense.bias", "ffn_down.bias"},
+        {"output.LayerNorm.weight", "layer_output_norm.weight"},  {"output.LayerNorm.bias", "layer_output_norm.bias"},
+    };
+    if (arch == "bert") {
+        if (hf.rfind("bert.", 0) == 0) hf = hf.substr(5);
+        if (hf == "embeddings.word_embeddings.weight") return {"token_embd.weight", false};
+        if (hf == "embeddings.position_embeddings.weight") return {"position_embd.weight", false};
+        if (hf == "embeddings.token_type_embeddings.weight") return {"token_types.weight", false};
+        if (hf == "embeddings.LayerNorm.weight") return {"token_embd_norm.weight", false};
+        if (hf == "embeddings.LayerNorm.bias") return {"token_embd_norm.bias", false};
+        const std::string prefix = "encoder.layer.";
+        if (hf.rfind(prefix, 0) != 0) return {"", false};   // the pooler, position_ids
+        size_t dot = hf.find('.', prefix.size());
+        if (dot == std::string::npos) return {"", false};
+        const std::string rest = hf.substr(dot + 1);
+        for (const auto& [from, to] : bert_layer)
+            if (rest == from) return {"blk." + hf.substr(prefix.size(), dot - prefix.size()) + "." + to, false};
+        return {"", false};
+    }
     bool gpt2 = arch == "gpt2";
     if (gpt2) {
         if (hf.rfind("transformer.", 0) == 0) hf = hf.substr(12);

@@ -13,6 +13,7 @@ const ArchSpec kArchs[] = {
     {"mistral", NormKind::rms, MlpKind::swiglu, PositionKind::rope, false},
     {"qwen2", NormKind::rms, MlpKind::swiglu, PositionKind::rope, false},
     {"gpt2", NormKind::layer, MlpKind::gelu, PositionKind::learned, true},
+    {"bert", NormKind::layer, MlpKind::gelu_erf, PositionKind::learned, false, true},
 };
 
 }  // namespace

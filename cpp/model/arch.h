@@ -4,6 +4,8 @@
 // kind of part, one more case in the block that uses it.
 //   llama  (Llama, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU, optional QKV bias
 //   gpt2                                  : LayerNorm, learned positions, fused QKV, GELU, biases
+//   bert   (BERT, MiniLM encoders)        : post-LayerNorm, learned positions + token type 0, exact GELU,
+//                                           bidirectional attention, no LM head (hidden states only)
 #pragma once
 
 #include <cstdint>
@@ -15,7 +17,7 @@
 namespace tmill {
 
 enum class NormKind { rms, layer };        // x / rms(x) * w   |  (x - mean) / std * w + b
-enum class MlpKind { swiglu, gelu };       // down(silu(gate(h)) * up(h))  |  down(gelu(up(h)))
+enum class MlpKind { swiglu, gelu, gelu_erf };   // down(silu(gate(h)) * up(h)) | down(gelu(up(h))), tanh | erf
 enum class PositionKind { rope, learned }; // rotate Q and K  |  add position_embd[pos] to x
 
 struct ArchSpec {
@@ -24,6 +26,8 @@ struct ArchSpec {
     MlpKind mlp;
     PositionKind positions;
     bool fused_qkv;   // one [q + k + v, n_embd] projection (GPT-2's c_attn), split at load
+    bool encoder = false;   // BERT's layout: embeddings normed, each block's norm after its residual add,
+                            // no final norm, attention over the whole sequence, no LM head
 };
 
 // The spec of an architecture name, or null when it is not supported.

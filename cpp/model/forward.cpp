@@ -113,6 +113,8 @@ void Model::validate(const ForwardRequest& req, int64_t& T) const {
     };
     if (req.decode_rows < 0 || req.decode_rows > T)
         fail(ErrorKind::invalid_arg, "decode_rows must be in [0, " + std::to_string(T) + "], got " + std::to_string(req.decode_rows));
+    if (spec_->encoder && !req.logit_rows.empty())
+        fail(ErrorKind::invalid_arg, "this " + hp_.arch + " model is an encoder: it has no logits (ask for hidden states)");
     check_rows(req.logit_rows, req.logits, "logits");
     check_rows(req.hidden_rows, req.hidden, "hidden states");
     for (const LayerRows& lr : req.layer_rows) {
@@ -141,7 +143,7 @@ void Model::forward(const ForwardRequest& req) {
     for (const SequenceInput& in : req.batch) {
         const int64_t n_past = in.cache->n_past();
         for (int64_t i = 0; i < in.n; ++i) p.pos[static_cast<size_t>(row + i)] = static_cast<int32_t>(n_past + i);
-        p.segs.push_back({row, in.n, n_past, attention_window(*in.cache), {}});
+        p.segs.push_back({row, in.n, n_past, attention_window(*in.cache), {}, !spec_->encoder});
         p.batch.push_back({row, in.n, n_past, in.cache, in.adapter});
         row += in.n;
     }
@@ -164,7 +166,8 @@ void Model::forward(const ForwardRequest& req) {
     for (const SequenceInput& in : req.batch) in.cache->advance(in.n);
 }
 
-// x[T, E] = token embeddings (or the given embeddings) (+ learned positions)
+// x[T, E] = token embeddings (or the given embeddings) (+ learned positions) (encoders: + token type 0,
+// then normed)
 void Model::embed(Pass& p) {
     Backend& be = *backend_;
     const int64_t E = hp_.n_embd;
@@ -178,6 +181,12 @@ void Model::embed(Pass& p) {
         be.get_rows(ws_.h.get(), pos_embd_, p.pos.data(), p.T);
         be.add(ws_.x.get(), ws_.h.get(), p.T * E);
     }
+    if (type_embd_) {
+        const std::vector<int32_t> type0(static_cast<size_t>(p.T), 0);
+        be.get_rows(ws_.h.get(), type_embd_, type0.data(), p.T);
+        be.add(ws_.x.get(), ws_.h.get(), p.T * E);
+    }
+    if (spec_->encoder) norm(ws_.x.get(), ws_.x.get(), embd_norm_, p.T);
 }
 
 void Model::norm(float* out, const float* in, const Norm& n, int64_t rows) {
@@ -215,14 +224,15 @@ void Model::project(Pass& p, const MatmulItem* items, const Projection* roles, i
 }
 
 // x += Wo · attn(rope(Wq·h), rope(Wk·h), Wv·h),  h = norm(x)
+// (encoders, post-norm: h = x, and x = norm(x + Wo · attn(...)))
 void Model::attention_block(Pass& p, int64_t l) {
     Backend& be = *backend_;
     const Layer& L = layers_[static_cast<size_t>(l)];
     float *x = ws_.x.get(), *h = ws_.h.get(), *q = ws_.q.get(), *k = ws_.k.get(), *v = ws_.v.get(), *att = ws_.att.get();
-    norm(h, x, L.attn_norm, p.T);
+    if (!spec_->encoder) norm(h, x, L.attn_norm, p.T);
     const MatmulItem qkv[] = {{q, &L.wq}, {k, &L.wk}, {v, &L.wv}};
     const Projection qkv_roles[] = {Projection::q, Projection::k, Projection::v};
-    project(p, qkv, qkv_roles, 3, h, l);
+    project(p, qkv, qkv_roles, 3, spec_->encoder ? x : h, l);
     if (spec_->positions == PositionKind::rope) {
         be.rope(q, p.T, p.shape.n_heads, p.shape.head_dim, p.pos.data(), hp_.rope_theta, hp_.rope_style);
         be.rope(k, p.T, p.shape.n_kv_heads, p.shape.head_dim, p.pos.data(), hp_.rope_theta, hp_.rope_style);
@@ -234,29 +244,34 @@ void Model::attention_block(Pass& p, int64_t l) {
     const Projection o_role[] = {Projection::o};
     project(p, o, o_role, 1, att, l);
     be.add(x, h, p.T * hp_.n_embd);
+    if (spec_->encoder) norm(x, x, L.attn_norm, p.T);
 }
 
 // x += W_down · act(h),  h = norm(x);  act = silu(W_gate h) * (W_up h)  or  gelu(W_up h)
+// (encoders, post-norm: h = x, and x = norm(x + W_down · act(h)))
 void Model::mlp_block(Pass& p, int64_t l) {
     Backend& be = *backend_;
     const Layer& L = layers_[static_cast<size_t>(l)];
     float *x = ws_.x.get(), *h = ws_.h.get(), *a = ws_.ff_a.get(), *b = ws_.ff_b.get();
-    norm(h, x, L.ffn_norm, p.T);
+    if (!spec_->encoder) norm(h, x, L.ffn_norm, p.T);
+    const float* in = spec_->encoder ? x : h;
     if (spec_->mlp == MlpKind::swiglu) {
         const MatmulItem gate_up[] = {{a, &L.w_gate}, {b, &L.w_up}};
         const Projection roles[] = {Projection::gate, Projection::up};
-        project(p, gate_up, roles, 2, h, l);
+        project(p, gate_up, roles, 2, in, l);
         be.swiglu(a, b, p.T * hp_.n_ff);
     } else {
         const MatmulItem up[] = {{a, &L.w_up}};
         const Projection role[] = {Projection::up};
-        project(p, up, role, 1, h, l);
-        be.gelu(a, p.T * hp_.n_ff);
+        project(p, up, role, 1, in, l);
+        if (spec_->mlp == MlpKind::gelu_erf) be.gelu_erf(a, p.T * hp_.n_ff);
+        else be.gelu(a, p.T * hp_.n_ff);
     }
     const MatmulItem down[] = {{h, &L.w_down}};
     const Projection down_role[] = {Projection::down};
     project(p, down, down_role, 1, a, l);
     be.add(x, h, p.T * hp_.n_embd);
+    if (spec_->encoder) norm(x, x, L.ffn_norm, p.T);
 }
 
 // The residual stream's requested rows at depth `layer` (before decoder layer `layer` runs).
@@ -293,8 +308,12 @@ void Model::outputs(Pass& p) {
         w.row_stride = static_cast<size_t>(E) * sizeof(float);
         return w;
     };
-    be.get_rows(ws_.h.get(), table(ws_.x.get(), p.T), rows.data(), U);   // h[U, E]
-    norm(ws_.out.get(), ws_.h.get(), output_norm_, U);               // out[U, E]
+    if (spec_->encoder) {   // post-norm: the last block's norm was the final one
+        be.get_rows(ws_.out.get(), table(ws_.x.get(), p.T), rows.data(), U);   // out[U, E]
+    } else {
+        be.get_rows(ws_.h.get(), table(ws_.x.get(), p.T), rows.data(), U);    // h[U, E]
+        norm(ws_.out.get(), ws_.h.get(), output_norm_, U);                // out[U, E]
+    }
     for (size_t i = 0; i < req.hidden_rows.size(); ++i)
         be.download(req.hidden + static_cast<int64_t>(i) * E, ws_.out.get() + slot[req.hidden_rows[i]] * E,
                     static_cast<size_t>(E));

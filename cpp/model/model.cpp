@@ -146,20 +146,30 @@ void Model::build() {
     tok_embd_ = weight("token_embd.weight", V, E, true, WeightUse::rows);
     if (spec.positions == PositionKind::learned)
         pos_embd_ = weight("position_embd.weight", hp_.n_ctx_train, E, true, WeightUse::rows);
-    output_norm_.weight = vector("output_norm.weight", E);
-    output_norm_.bias = layer_norm ? vector("output_norm.bias", E) : nullptr;
-    output_ = hp_.tied_embeddings ? Weight{} : weight("output.weight", V, E, false);
-    if (!output_) output_ = weight("token_embd.weight", V, E);   // tied: the table again, as a matrix
+    if (spec.encoder) {   // hidden states only: embeddings normed, no final norm, no LM head
+        const TensorRef* types = weights_.find("token_types.weight");
+        if (types) type_embd_ = weight("token_types.weight", types->shape.size() == 2 ? types->shape[1] : 0, E, true,
+                                       WeightUse::rows);
+        embd_norm_.weight = vector("token_embd_norm.weight", E);
+        embd_norm_.bias = vector("token_embd_norm.bias", E);
+    } else {
+        output_norm_.weight = vector("output_norm.weight", E);
+        output_norm_.bias = layer_norm ? vector("output_norm.bias", E) : nullptr;
+        output_ = hp_.tied_embeddings ? Weight{} : weight("output.weight", V, E, false);
+        if (!output_) output_ = weight("token_embd.weight", V, E);   // tied: the table again, as a matrix
+    }
 
     layers_.resize(static_cast<size_t>(hp_.n_layer));
     for (int64_t l = 0; l < hp_.n_layer; ++l) {
         Layer& L = layers_[static_cast<size_t>(l)];
         const std::string p = "blk." + std::to_string(l) + ".";
-        L.attn_norm.weight = vector(p + "attn_norm.weight", E);
-        L.ffn_norm.weight = vector(p + "ffn_norm.weight", E);
+        const std::string attn_norm = spec.encoder ? "attn_output_norm" : "attn_norm";
+        const std::string ffn_norm = spec.encoder ? "layer_output_norm" : "ffn_norm";
+        L.attn_norm.weight = vector(p + attn_norm + ".weight", E);
+        L.ffn_norm.weight = vector(p + ffn_norm + ".weight", E);
         if (layer_norm) {
-            L.attn_norm.bias = vector(p + "attn_norm.bias", E);
-            L.ffn_norm.bias = vector(p + "ffn_norm.bias", E);
+            L.attn_norm.bias = vector(p + attn_norm + ".bias", E);
+            L.ffn_norm.bias = vector(p + ffn_norm + ".bias", E);
         }
         if (spec.fused_qkv) {
             // the fused projection's row blocks are Q, K and V: three matrices for the backend

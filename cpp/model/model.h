@@ -95,7 +95,7 @@ public:
 private:
     struct Norm { const float* weight = nullptr; const float* bias = nullptr; };
     struct Layer {
-        Norm attn_norm, ffn_norm;
+        Norm attn_norm, ffn_norm;    // encoders: the norms after the attention and MLP residual adds
         Weight wq, wk, wv, wo;       // a fused QKV projection is split into wq, wk, wv at load
         Weight w_gate, w_up, w_down; // w_gate absent for a GELU MLP
     };
@@ -137,7 +137,8 @@ private:
     LoadOptions options_;
     std::unique_ptr<Backend> backend_;
     Weight tok_embd_, pos_embd_, output_;
-    Norm output_norm_;
+    Weight type_embd_;           // encoders: token type embeddings (type 0 is added to every row)
+    Norm output_norm_, embd_norm_;   // embd_norm_: encoders' norm of the embeddings
     std::vector<Layer> layers_;
 
     std::mutex forward_mutex_;   // one forward pass at a time per model (the pool is not reentrant)

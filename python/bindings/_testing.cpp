@@ -143,6 +143,15 @@ PYBIND11_MODULE(_testing, mod) {
         return out;
     }, py::arg("type"), py::arg("data"), py::arg("n"), "Dequantization by the active CPU level's kernel.");
 
+    mod.def("gelu_erf_active", [](py::handle x_obj) {
+        FloatArray x = float_array(x_obj, "x", 1, false);
+        FloatArray out(static_cast<int64_t>(x.size()));
+        std::copy(x.data(), x.data() + x.size(), out.mutable_data());
+        cpu::LevelPin pin;
+        cpu::kernels().gelu_erf(out.mutable_data(), static_cast<int64_t>(x.size()));
+        return out;
+    }, py::arg("x"), "The exact GELU by the active CPU level's kernel.");
+
     mod.def("dot_row", [](py::handle type, py::bytes data, py::handle x_obj, bool prepared) {
         std::string_view view = data;
         FloatArray x = float_array(x_obj, "x", 1, false);

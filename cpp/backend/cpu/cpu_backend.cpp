@@ -26,6 +26,11 @@ constexpr int64_t kPreparedMaxTokens = 8;
 // int8) in L2. Chunks are the outer loop, so every row tile of a chunk finds that part of x already
 // there. (Not 1024: 4 KiB row strides ran ~5 % slower; 1,024 columns go as 2 x 512, 2,048 as 3 x 704.)
 constexpr int64_t kPrefillColumnChunk = 960;
+// ... and more tokens than this go through a matmul in (near-equal) blocks of at most this many, so
+// that chunk of x (256 x 960 floats, 960 KiB) is still in L2 when the next row tile reads it: an
+// encoder batch of 4,096 rows otherwise streams x from memory once per row tile (MiniLM, 2 cores:
+// 5.8k -> 10.7k tokens/s). Each token's arithmetic is the same in any block.
+constexpr int64_t kTokenBlock = 256;
 // Element-wise ops split across threads only from this many elements on, in chunks of kElementChunk
 // (a multiple of every vector width).
 constexpr int64_t kMinParallelElements = 1 << 15;
@@ -125,6 +130,15 @@ public:
     // prefill kernel, 8 for packed decode, the level's tile height for the float tile, else 4.
     void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) override {
         const int64_t cols = items[0].w->cols;
+        if (T > kTokenBlock) {   // activations meet the weights a block of tokens at a time
+            const int64_t n_blocks = (T + kTokenBlock - 1) / kTokenBlock, block = (T + n_blocks - 1) / n_blocks;
+            std::vector<MatmulItem> part(items, items + n_items);
+            for (int64_t t0 = 0; t0 < T; t0 += block) {
+                for (int i = 0; i < n_items; ++i) part[i].out = items[i].out + t0 * items[i].w->rows;
+                matmul_group(part.data(), n_items, x + t0 * cols, std::min(block, T - t0));
+            }
+            return;
+        }
         const cpu::Kernels& kern = cpu::kernels();
         const bool small_batch = (T < kPreparedMaxTokens && !invariant_) || rows_as_decode_;
         bool any_prepared = false, any_packed = false, any_tile16 = false, any_tile = false, any_int8 = false;
@@ -401,6 +415,11 @@ public:
         });
     }
 
+    void gelu_erf(float* x, int64_t n) override {
+        const cpu::Kernels& kern = cpu::kernels();
+        for_elements(n, [&](int64_t i0, int64_t i1) { kern.gelu_erf(x + i0, i1 - i0); });
+    }
+
     void kv_store(const float* k, const float* v, const AttentionSegment* segs, int n_segs,
                   const AttentionShape& shape) override {
         const int64_t hd = shape.head_dim, kv_width = shape.n_kv_heads * hd;
@@ -446,7 +465,7 @@ public:
         for (int s = 0; s < n_segs; ++s) {
             const AttentionSegment& seg = segs[s];
             for (int64_t t = 0; t < seg.n_rows; ++t) {
-                const int64_t pos = seg.n_past + t;
+                const int64_t pos = seg.causal ? seg.n_past + t : seg.n_past + seg.n_rows - 1;   // last position seen
                 const int64_t start = seg.window > 0 ? std::max<int64_t>(0, pos - seg.window + 1) : 0;
                 const int64_t n = pos + 1 - start;
                 const int64_t len = std::max<int64_t>(kMinAttentionPart, (n + parts_wanted - 1) / parts_wanted);

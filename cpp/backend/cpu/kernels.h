@@ -90,6 +90,9 @@ struct Kernels {
     // (batched exact decode rows). Null where a level has none.
     void (*dot_packed8_tokens)(DType t, const uint8_t* group, const int8_t* const* q, const float* const* d,
                                const float* const* sum, int nt, int64_t n, float* out);
+    // x[i] = 0.5 x (1 + erf(x / sqrt 2)), the exact GELU (std::erf in scalar code; the vector levels
+    // evaluate erfc by Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7 on erf)
+    void (*gelu_erf)(float* x, int64_t n);
 };
 
 constexpr int kPackedTokens = 4;

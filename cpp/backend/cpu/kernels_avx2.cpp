@@ -132,6 +132,34 @@ float exp_sum(float* x, int64_t n, float shift) {
     return sum;
 }
 
+// 1 + erf(z) for z = x / sqrt 2: with t = 1 / (1 + p |z|), erfc(|z|) = t P(t) exp(-z^2) (A&S 7.1.26),
+// and 1 + erf(z) = erfc(|z|) for z < 0 (no cancellation), 2 - erfc(|z|) otherwise.
+inline __m256 one_plus_erf(__m256 x) {
+    const __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.7071067811865476f));
+    const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), z);
+    const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+    __m256 p = _mm256_set1_ps(1.061405429f);
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+    const __m256 erfc = _mm256_mul_ps(_mm256_mul_ps(p, t), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a))));
+    const __m256 negative = _mm256_cmp_ps(z, _mm256_setzero_ps(), _CMP_LT_OQ);
+    return _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), erfc), erfc, negative);
+}
+
+void gelu_erf(float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), one_plus_erf(v)));
+    }
+    for (; i < n; ++i) {   // the last few through the same formula, one lane at a time
+        float tail[8] = {x[i]};
+        x[i] = 0.5f * x[i] * _mm256_cvtss_f32(one_plus_erf(_mm256_loadu_ps(tail)));
+    }
+}
+
 void swiglu(float* gate, const float* up, int64_t n) {
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     int64_t i = 0;
@@ -547,7 +575,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
 
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row,
                     dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
-                    dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+                    dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf};
 
 }  // namespace
 

@@ -11,7 +11,7 @@ from ..errors import ModelFormatError, UnsupportedModelError
 from ..jsonfile import read_json_object
 from . import native
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")
+SUPPORTED = ("llama", "mistral", "qwen2", "gpt2", "bert")
 
 
 def read_config(directory: Path) -> dict:
@@ -70,6 +70,23 @@ def hparams_from_config(config: dict):
         hp.norm_eps = _get(config, "layer_norm_epsilon", float, 1e-5)
         hp.rope_style = native.RopeStyle.none
         hp.tied_embeddings = True
+        return hp
+    if model_type == "bert":
+        act = config.get("hidden_act", "gelu")
+        if act != "gelu":
+            raise UnsupportedModelError(f"BERT activation '{act}' is not supported (gelu is)")
+        positions = config.get("position_embedding_type", "absolute")
+        if positions != "absolute":
+            raise UnsupportedModelError(f"BERT position embeddings '{positions}' are not supported (absolute are)")
+        hp.n_vocab = _get(config, "vocab_size")
+        hp.n_embd = _get(config, "hidden_size")
+        hp.n_layer = _get(config, "num_hidden_layers")
+        hp.n_head = hp.n_head_kv = _get(config, "num_attention_heads")
+        hp.head_dim = hp.n_embd // hp.n_head if hp.n_head > 0 else 0
+        hp.n_ff = _get(config, "intermediate_size")
+        hp.n_ctx_train = _get(config, "max_position_embeddings")
+        hp.norm_eps = _get(config, "layer_norm_eps", float, 1e-12)
+        hp.rope_style = native.RopeStyle.none
         return hp
 
     hp.n_vocab = _get(config, "vocab_size")

@@ -173,6 +173,10 @@ class Tokenizer:
     """Text <-> token ids, with the model's special tokens and chat template."""
 
     def __init__(self, tok: HFTokenizer, bos_id=None, eos_ids: Sequence[int] = (), chat_template=None):
+        # a tokenizer.json may carry padding and truncation for training batches: ids here are the whole
+        # text, unpadded (embed() truncates as sentence-transformers does, on a copy of its own)
+        tok.no_padding()
+        tok.no_truncation()
         self.hf = tok
         self.bos_id = bos_id
         self.eos_ids = list(eos_ids)
