@@ -59,6 +59,19 @@ def load(
 class Model(EngineModel):
     """A loaded model with its tokenizer. Thread-safe: forward passes are serialised natively."""
 
+    _embedder = None   # made on the first embed()
+
+    def embed(self, texts: Sequence[str], pooling: Optional[str] = None, normalize: Optional[bool] = None,
+              batch_tokens: int = 4096):
+        """Embeddings of texts, numpy float32 [len(texts), n_embd]: encoders (BERT family) and decoders
+        (final hidden states). pooling "mean", "cls" or "last" and normalize (L2) default to what a
+        sentence-transformers directory says, else mean and True. See tokenmill.rag.embeddings."""
+        if self._embedder is None:
+            from .rag.embeddings import Embedder
+
+            self._embedder = Embedder(self)
+        return self._embedder.embed(texts, pooling, normalize, batch_tokens)
+
     def generate(
         self,
         prompt: Prompt,

@@ -106,6 +106,12 @@ def _bench(args: argparse.Namespace) -> int:
         if args.export:
             print(bench.format_table(lora_bench.run_export(args.export, args.threads or 2, args.num_tokens)))
         return 0
+    if args.rag:
+        from . import rag_bench
+
+        print(bench.format_table(rag_bench.run(args.rag, args.model, args.threads or 2,
+                                               rerank_queries=args.rerank_queries)))
+        return 0
     if args.inferencer:
         from . import infer_bench
 
@@ -290,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode with random r=16 LoRA adapters (one, and four in one batch) against none")
     b.add_argument("--export", default=None, metavar="HF_DIR",
                    help="export HF_DIR to GGUF (f16, q8_0) and check llama-cpp-python decodes tokenmill's greedy tokens")
+    b.add_argument("--rag", default=None, metavar="EMBEDDER_DIR",
+                   help="retrieval on stdlib docstrings: MiniLM dense, BM25, dense + reranking by --model; embedding speed "
+                        "vs sentence-transformers")
+    b.add_argument("--rerank-queries", dest="rerank_queries", type=int, default=None,
+                   help="with --rag: queries the decoder reranks (default: all)")
     b.add_argument("--inferencer", action="store_true",
                    help="the batch Inferencer on real questions vs one-row loops (tokenmill, llama.cpp, transformers) and Ray")
     b.add_argument("--rows", type=int, default=200, help="with --inferencer: questions to answer")
