@@ -71,7 +71,7 @@ CASES = [
     ("model_safetensors_not_list", "_core.Model.from_safetensors('x', hp)", IAE),
     ("model_safetensors_empty", "_core.Model.from_safetensors([], hp)", MFE),
     ("model_safetensors_none_hp", "_core.Model.from_safetensors([P['hf_weights']], None)", IAE),
-    ("model_safetensors_unknown_arch", "hp.arch = 'bert'; _core.Model.from_safetensors([P['hf_weights']], hp)", UNS),
+    ("model_safetensors_unknown_arch", "hp.arch = 't5'; _core.Model.from_safetensors([P['hf_weights']], hp)", UNS),
     ("model_safetensors_zero_head_dim", "hp.head_dim = 0; _core.Model.from_safetensors([P['hf_weights']], hp)", MFE),
     ("model_add_extension_none", "nat.add_extension(None)", IAE),
     ("model_kv_bytes_wrong_type", "nat.kv_bytes_per_token('q8')", IAE),

@@ -116,10 +116,10 @@ def test_unknown_architecture_is_named(tmp_path):
     w.close()
     with pytest.raises(tokenmill.UnsupportedModelError, match="'mamba' is not supported"):
         tokenmill.load(path)
-    hf_dir = tmp_path / "bert"
+    hf_dir = tmp_path / "t5"
     hf_dir.mkdir()
-    (hf_dir / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(tokenmill.UnsupportedModelError, match="'bert' is not supported"):
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(tokenmill.UnsupportedModelError, match="'t5' is not supported"):
         tokenmill.load(hf_dir)
 
 

