@@ -231,3 +231,43 @@ def test_rag_cli_indexes_saves_and_answers(tmp_path, default_gguf):
     assert done.returncode == 0, done.stderr
     assert "Pacific" in done.stdout and done.stderr.splitlines()[0].startswith("  [ocean.txt#0]")
     assert len(Index.load(tmp_path / "ix")) == 4
+
+
+CAESAR_DOCS = [
+    "Julius Caesar was a Roman general and statesman. He was assassinated on the Ides of March in 44 BC by a group "
+    "of senators led by Brutus and Cassius.",
+    "Honey bees live in colonies with a single queen, thousands of workers and a few drones. Workers gather nectar.",
+    "The Roman Senate met in the Curia. On the Ides of March, Caesar was stabbed twenty-three times at a meeting.",
+]
+
+
+def test_token_logprobs_in_chunks_are_one_teacher_forced_pass(smollm, monkeypatch):
+    import tokenmill.rag.compress as compress
+
+    ids = smollm.tokenize(CAESAR_DOCS[0], add_special_tokens=False)
+    whole = smollm.logits(ids)   # [n, vocab] in one pass
+    want = [0.0] + [float(whole[i, ids[i + 1]] - np.log(np.exp(whole[i].astype(np.float64)).sum())) for i in range(len(ids) - 1)]
+    monkeypatch.setattr(compress, "CHUNK", 7)   # many chunks on one cache
+    np.testing.assert_allclose(compress.token_logprobs(smollm, [], ids), want, atol=2e-4)
+
+
+@pytest.mark.parametrize("method", ["contrastive", "ppl"])
+def test_compress_prompt_keeps_the_budget_in_order_and_drops_irrelevant_documents(smollm, method):
+    from tokenmill.rag import compress_prompt
+
+    question = "Who led the senators who killed Caesar?"
+    for rate in (0.5, 0.33):
+        out = compress_prompt(smollm, CAESAR_DOCS, question, rate=rate, method=method)
+        total = sum(len(smollm.tokenize(d, add_special_tokens=False)) for d in CAESAR_DOCS)
+        assert out.stats["original_tokens"] == total and out.stats["kept_tokens"] == round(rate * total)
+        assert 1 not in out.stats["documents_kept"]   # the bees go first
+        context = [t for i in out.stats["documents_kept"] for t in smollm.tokenize(CAESAR_DOCS[i], add_special_tokens=False)]
+        it = iter(context)
+        assert all(t in it for t in out.kept_ids)   # a subsequence, in order
+        assert out.stats["forward_tokens"] == len(context) * (2 if method == "contrastive" else 1)
+    assert compress_prompt(smollm, CAESAR_DOCS, question, rate=1.0).stats["kept_tokens"] == total
+    for bad in (dict(rate=0), dict(rate=1.5), dict(method="lingua")):
+        with pytest.raises(InvalidArgumentError):
+            compress_prompt(smollm, CAESAR_DOCS, question, **bad)
+    with pytest.raises(InvalidArgumentError, match="non-empty list"):
+        compress_prompt(smollm, [], question)

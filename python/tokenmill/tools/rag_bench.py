@@ -119,3 +119,59 @@ def run(embedder_dir: str, decoder_path: Optional[str], threads: int, rerank_dep
         out.append(dict(method="embedding speed", queries="", recall_at_1="", recall_at_5="",
                         note=f"tokenmill {len(docs) / tm_s:.1f} docs/s (sentence-transformers not installed)"))
     return out
+
+
+def run_compression(decoder_path: Optional[str], threads: int, n_examples: int = 30, n_docs: int = 4,
+                    rates=(0.5, 0.33)) -> list[dict]:
+    """compress_prompt on the docstring task: the context is the gold function's source among n_docs - 1
+    others, the question asks what the function does, and the gold span is its docstring's first
+    sentence (written by the stdlib's authors). Reported: kept-token ratio, prompt tokens/time of the
+    answer's prefill against the full context (compression time included), and the gold span's mean
+    NLL under no context, the full context and each rate."""
+    from ..api import load
+    from ..rag import compress_prompt
+
+    queries, docs = docstring_task()
+    model = load(decoder_path, n_threads=threads)
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(docs), size=min(n_examples, len(docs)), replace=False)
+
+    def gold_nll(context: str, name: str, gold: str) -> tuple[float, float, int]:
+        prefix = model.tokenize((context + "\n\n" if context else "") + f"In one sentence, the function {name}: ")
+        target = model.tokenize(gold, add_special_tokens=False)
+        cache = model.new_cache(len(prefix) + len(target))
+        t = time.perf_counter()
+        logits = model.eval(cache, prefix + target, logits=list(range(len(prefix) - 1, len(prefix) + len(target) - 1))).logits
+        seconds = time.perf_counter() - t
+        top = logits.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(logits - top, dtype=np.float64).sum(axis=1)) + top[:, 0]
+        return float(-(logits[np.arange(len(target)), target] - lse).mean()), seconds, len(prefix)
+
+    rows = {key: {"nll": [], "seconds": [], "tokens": [], "compress": []} for key in ("none", "full", *rates)}
+    for i in picks:
+        name = re.match(r"def (\w+)", docs[i]).group(1) if docs[i].startswith("def ") else "it"
+        others = [j for j in rng.choice(len(docs), size=n_docs + 2, replace=False) if j != i][: n_docs - 1]
+        context_docs = [docs[j][:800] for j in [i, *others]]
+        rng.shuffle(context_docs)
+        question = f"What does the function {name} do?"
+        for key in rows:
+            t = time.perf_counter()
+            if key == "none":
+                context = ""
+            elif key == "full":
+                context = "\n\n".join(context_docs)
+            else:
+                context = compress_prompt(model, context_docs, question, rate=key).text
+            spent = time.perf_counter() - t
+            nll, seconds, tokens = gold_nll(context, name, queries[i])
+            for field_name, value in (("nll", nll), ("seconds", seconds), ("tokens", tokens), ("compress", spent)):
+                rows[key][field_name].append(value)
+    full = rows["full"]
+    out = []
+    for key, r in rows.items():
+        out.append(dict(context=f"rate {key}" if isinstance(key, float) else key, examples=len(picks),
+                        prompt_tokens=float(np.mean(r["tokens"])),
+                        prompt_vs_full=float(np.mean(r["tokens"]) / np.mean(full["tokens"])),
+                        prefill_s=float(np.mean(r["seconds"])), compress_s=float(np.mean(r["compress"])),
+                        gold_nll=float(np.mean(r["nll"]))))
+    return out
