@@ -8,5 +8,5 @@ from .index import Index, chunk_text
 from .pipeline import Answer, Pipeline, read_documents
 from .rerank import rerank, score_documents
 
-__all__ = ["Answer", "CompressedPrompt", "compress_prompt", "Embedder", "Index", "Pipeline", "SentenceConfig", "chunk_text", "read_documents", "rerank",
-           "score_documents"]
+__all__ = ["Answer", "CompressedPrompt", "Embedder", "Index", "Pipeline", "SentenceConfig", "chunk_text",
+           "compress_prompt", "read_documents", "rerank", "score_documents"]
