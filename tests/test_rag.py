@@ -203,6 +203,11 @@ def test_pipeline_retrieves_reranks_and_answers(smollm, minilm, tmp_path):
     assert set(answer.timings) == {"retrieve", "generate"}
     reranked = Pipeline(smollm, embedder=minilm, top_k=1, rerank_depth=4, index=rag.index, max_new_tokens=8)
     assert reranked.ask("Who created Python?").sources[0][0] == "python#0"
+    lingua = Pipeline(smollm, embedder=minilm, top_k=3, index=rag.index, max_new_tokens=24, compression="lingua", rate=0.5)
+    short = lingua.ask("What is the capital of France?")
+    assert "compress" in short.timings and short.sources[0][0] == "france#0" and len(short.sources) <= 3
+    with pytest.raises(InvalidArgumentError, match="compression must be one of"):
+        Pipeline(smollm, compression="clara")
     with pytest.raises(InvalidArgumentError, match="384-dimensional vectors but the embedder makes 576"):
         Pipeline(smollm, index=rag.index)   # the generator as embedder: another dimension
     with pytest.raises(ContextOverflowError):
@@ -265,6 +270,7 @@ def test_compress_prompt_keeps_the_budget_in_order_and_drops_irrelevant_document
         it = iter(context)
         assert all(t in it for t in out.kept_ids)   # a subsequence, in order
         assert out.stats["forward_tokens"] == len(context) * (2 if method == "contrastive" else 1)
+        assert len(out.pieces) == len(out.stats["documents_kept"]) and out.text == "\n\n".join(out.pieces)
     assert compress_prompt(smollm, CAESAR_DOCS, question, rate=1.0).stats["kept_tokens"] == total
     for bad in (dict(rate=0), dict(rate=1.5), dict(method="lingua")):
         with pytest.raises(InvalidArgumentError):

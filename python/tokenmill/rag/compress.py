@@ -34,9 +34,10 @@ CHUNK = 256   # tokens per forward pass (logits for all of them at once)
 
 @dataclass
 class CompressedPrompt:
-    text: str
+    text: str                    # the kept documents' pieces, joined by blank lines
     kept_ids: list[int]
     stats: dict = field(default_factory=dict)
+    pieces: list[str] = field(default_factory=list)   # one per kept document, in stats["documents_kept"] order
 
 
 def token_logprobs(model: "EngineModel", prefix: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
@@ -101,4 +102,4 @@ def compress_prompt(model: "EngineModel", context_docs: Sequence[str], question:
     stats = {"original_tokens": total, "kept_tokens": len(kept_ids), "ratio": len(kept_ids) / total if total else 1.0,
              "documents_kept": kept_docs, "seconds": time.perf_counter() - t0,
              "forward_tokens": len(context) * (1 if method == "ppl" else 2)}
-    return CompressedPrompt("\n\n".join(pieces), kept_ids, stats)
+    return CompressedPrompt("\n\n".join(pieces), kept_ids, stats, pieces)

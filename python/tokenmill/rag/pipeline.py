@@ -62,13 +62,26 @@ def read_documents(source: Union[str, Path]) -> dict[str, str]:
     raise FileNotFoundError(f"no such file or folder: {path}")
 
 
+COMPRESSIONS = ("none", "lingua")
+
+
 class Pipeline:
     """Retrieval-augmented generation over one Index (module docstring). `rerank_depth` > 0 reranks
-    that many retrieved chunks by query likelihood under the generator before keeping top_k."""
+    that many retrieved chunks by query likelihood under the generator before keeping top_k.
+    compression="lingua" shortens the retrieved chunks to `rate` of their tokens with compress_prompt
+    (scored by `compressor`, default the generator) before the generator reads them."""
 
     def __init__(self, generator, embedder=None, top_k: int = 4, chunk_tokens: int = 200, overlap: int = 32,
                  rerank_depth: int = 0, index: Optional[Index] = None, max_new_tokens: int = 256,
-                 system_prompt: str = SYSTEM_PROMPT, progress: Optional[bool] = None):
+                 system_prompt: str = SYSTEM_PROMPT, progress: Optional[bool] = None, compression: str = "none",
+                 rate: float = 0.5, compressor=None):
+        if compression not in COMPRESSIONS:
+            raise InvalidArgumentError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"
+                                       " (CLaRa compression needs a CLaRa checkpoint, not supported yet)")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise InvalidArgumentError(f"rate must be in (0, 1], got {rate!r}")
+        self.compression, self.rate = compression, rate
+        self.compressor = compressor if compressor is not None else generator
         for name, value, lo in (("top_k", top_k, 1), ("chunk_tokens", chunk_tokens, 8), ("overlap", overlap, 0),
                                 ("rerank_depth", rerank_depth, 0), ("max_new_tokens", max_new_tokens, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -128,8 +141,9 @@ class Pipeline:
             timings["rerank"] = time.perf_counter() - t1
         return hits[: self.top_k], timings
 
-    def prompt(self, question: str, sources: Sequence[tuple[str, Any]]) -> list[int]:
-        docs = "\n\n".join(f"[{n}] {self.index.text(doc_id)}" for n, (doc_id, _) in enumerate(sources, 1))
+    def prompt(self, question: str, sources: Sequence[tuple[str, Any]], texts: Optional[Sequence[str]] = None) -> list[int]:
+        texts = texts if texts is not None else [self.index.text(doc_id) for doc_id, _ in sources]
+        docs = "\n\n".join(f"[{n}] {text}" for n, text in enumerate(texts, 1))
         user = f"Documents:\n{docs}\n\nQuestion: {question.strip()}"
         tok = self.generator.tokenizer
         if tok is not None and tok.chat_template:
@@ -142,10 +156,22 @@ class Pipeline:
         fewer chunks are given when all top_k would not fit the context."""
         sources, timings = self.retrieve(question)
         budget = self.generator.n_ctx - self.max_new_tokens
-        ids = self.prompt(question, sources)
+
+        def build(chosen):
+            texts = None
+            if self.compression == "lingua":
+                from .compress import compress_prompt
+
+                t = time.perf_counter()
+                out = compress_prompt(self.compressor, [self.index.text(i) for i, _ in chosen], question, rate=self.rate)
+                timings["compress"] = time.perf_counter() - t
+                kept = out.stats["documents_kept"]
+                chosen, texts = [chosen[i] for i in kept], out.pieces
+            return chosen, self.prompt(question, chosen, texts)
+
+        sources, ids = build(sources)
         while len(ids) > budget and len(sources) > 1:
-            sources = sources[:-1]
-            ids = self.prompt(question, sources)
+            sources, ids = build(sources[:-1])
         if len(ids) > budget:
             raise ContextOverflowError(f"the question and one chunk take {len(ids)} tokens; the context leaves "
                                        f"{budget} before max_new_tokens={self.max_new_tokens}")
