@@ -20,6 +20,31 @@ QTYPES = {
 }
 
 
+# types tokenmill reads and converts at load; K-quants are written as random blocks scaled to the
+# tensor's spread (the gguf package has no K-quant quantizer), q5_0 / q5_1 by its quantizer
+READ_ONLY_TYPES = {
+    "q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1,
+    "q2_k": gguf.GGMLQuantizationType.Q2_K, "q3_k": gguf.GGMLQuantizationType.Q3_K,
+    "q4_k": gguf.GGMLQuantizationType.Q4_K, "q5_k": gguf.GGMLQuantizationType.Q5_K,
+    "q6_k": gguf.GGMLQuantizationType.Q6_K,
+}
+# byte offsets of each block's f16 scale fields
+F16_FIELDS = {"q5_0": [0], "q5_1": [0, 2], "q2_k": [80, 82], "q3_k": [108], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+# a field value giving weights of about unit spread per unit of it
+UNIT_SCALE = {"q2_k": 0.5, "q3_k": 0.12, "q4_k": 0.01, "q5_k": 0.005, "q6_k": 0.03}
+
+
+def random_blocks(wtype: str, n_blocks: int, spread: float, rng) -> np.ndarray:
+    qtype = READ_ONLY_TYPES[wtype]
+    _, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
+    for i, off in enumerate(F16_FIELDS[wtype]):
+        scale = spread * UNIT_SCALE[wtype] * (1.0 if i == 0 else 0.5)
+        halves = (np.abs(rng.standard_normal(n_blocks)) * scale).astype(np.float16)
+        raw[:, off:off + 2] = halves.view(np.uint8).reshape(n_blocks, 2)
+    return raw
+
+
 def permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF (rotate halves) row order -> llama.cpp (rotate adjacent pairs) row order."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -96,8 +121,13 @@ def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32"):
     dequantized = {}
     for name, (array, n_head) in tensors.items():
         data = permute_for_gguf(array, n_head) if n_head else array
-        qtype = QTYPES[wtype] if data.ndim == 2 else QTYPES["f32"]
-        if qtype == QTYPES["f32"]:
+        qtype = {**QTYPES, **READ_ONLY_TYPES}[wtype] if data.ndim == 2 else QTYPES["f32"]
+        if wtype in READ_ONLY_TYPES and data.ndim == 2 and wtype not in ("q5_0", "q5_1"):
+            block = gguf.GGML_QUANT_SIZES[qtype][0]
+            raw = random_blocks(wtype, data.size // block, float(data.std()), np.random.default_rng(data.size))
+            w.add_tensor(name, raw.reshape(data.shape[0], -1), raw_dtype=qtype)
+            back = gguf.quants.dequantize(raw, qtype).reshape(data.shape)
+        elif qtype == QTYPES["f32"]:
             w.add_tensor(name, data)
             back = data
         elif qtype == QTYPES["f16"]:

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/kquants.h"
 
 namespace tmill {
 
@@ -108,6 +109,7 @@ void dequantize_row(DType t, const void* row, float* out, int64_t n) {
             return;
         }
         default:
+            if (dequantizes_only(t)) return dequantize_row_extra(t, row, out, n);
             fail(ErrorKind::unsupported, "cannot compute with tensor type " + dtype_name(t));
     }
 }

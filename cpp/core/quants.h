@@ -19,7 +19,8 @@ inline float bf16_to_fp32(uint16_t h) {
     return f;
 }
 
-// out[n] = row (n elements of type t, n a multiple of the block size); t must be runnable.
+// out[n] = row (n elements of type t, n a multiple of the block size); t runnable, or one of the
+// types read only to be converted (kquants.h).
 void dequantize_row(DType t, const void* row, float* out, int64_t n);
 
 // Quantizes n floats (a multiple of 32) into blocks of t (q8_0, q4_0, q4_1, nf4, f16, bf16, f32).

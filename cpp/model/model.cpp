@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "core/kquants.h"
 #include "core/quants.h"
 
 namespace tmill {
@@ -51,8 +52,18 @@ Model::Model(HParams hp, WeightStore weights, const LoadOptions& options)
 Model::~Model() = default;   // the workspace goes back to the backend before the backend goes
 
 const TensorRef* Model::converted(const std::string& name, const TensorRef& t, int64_t rows, int64_t cols) {
-    const DType to = options_.weight_type;
-    if (!options_.convert || t.type == to || cols % dtype_info(to).block_size != 0) return &t;
+    // types read but not computed with (K-quants, q5_*) become f16 unless a weight type was asked for
+    const bool must = !dtype_info(t.type).runnable;
+    const DType to = options_.convert ? options_.weight_type : DType::f16;
+    if ((!options_.convert && !must) || t.type == to) return &t;
+    if (cols % dtype_info(to).block_size != 0) {
+        if (!must) return &t;
+        return converted_to(name, t, rows, cols, DType::f16);
+    }
+    return converted_to(name, t, rows, cols, to);
+}
+
+const TensorRef* Model::converted_to(const std::string& name, const TensorRef& t, int64_t rows, int64_t cols, DType to) {
     // row by row through float: the same numbers `tokenmill convert` writes
     std::vector<uint8_t> bytes(row_bytes(to, cols) * static_cast<size_t>(rows));
     std::vector<float> row(static_cast<size_t>(cols));
@@ -73,7 +84,7 @@ static const TensorRef& matrix_ref(const WeightStore& ws, const std::string& nam
                                                           : std::to_string(t->shape.size()) + " dims") +
                                     "], expected [" + std::to_string(rows) + ", " + std::to_string(cols) + "] in '" +
                                     ws.source + "'");
-    if (!dtype_info(t->type).runnable)
+    if (!dtype_info(t->type).runnable && !dequantizes_only(t->type))
         fail(ErrorKind::unsupported, "tensor '" + name + "' has type " + dtype_name(t->type) +
                                          ", which the engine cannot compute with yet");
     return *t;
@@ -108,7 +119,7 @@ std::vector<float> Model::host_vector(const std::string& name, int64_t n, bool r
     for (int64_t d : t->shape) count *= d;
     if (count != n) fail(ErrorKind::format, "tensor '" + name + "' has " + std::to_string(count) +
                                                 " elements, expected " + std::to_string(n));
-    if (!dtype_info(t->type).runnable)
+    if (!dtype_info(t->type).runnable && !dequantizes_only(t->type))
         fail(ErrorKind::unsupported, "tensor '" + name + "' has type " + dtype_name(t->type));
     std::vector<float> out(static_cast<size_t>(n));
     dequantize_row(t->type, t->data, out.data(), n);

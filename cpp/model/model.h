@@ -114,7 +114,9 @@ private:
     Weight weight_rows(const std::string& name, const TensorRef& t, int64_t row0, int64_t rows, int64_t cols,
                        WeightUse use = WeightUse::matmul);
     // replaces a weight matrix by a copy in options_.weight_type (rows whose length fits its blocks)
+    // (and a type the engine only reads, K-quants and q5_*, by a copy in f16 when no type was asked for)
     const TensorRef* converted(const std::string& name, const TensorRef& t, int64_t rows, int64_t cols);
+    const TensorRef* converted_to(const std::string& name, const TensorRef& t, int64_t rows, int64_t cols, DType to);
     std::vector<float> host_vector(const std::string& name, int64_t n, bool required);
     const float* vector(const std::string& name, int64_t n, bool required = true);
     void ensure_workspace(int64_t T);

@@ -17,6 +17,7 @@
 #include "adapters.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/kquants.h"
 #include "core/quants.h"
 #include "core/threadpool.h"
 #include "io/gguf.h"
@@ -293,7 +294,7 @@ PYBIND11_MODULE(_core, mod) {
             const std::string name = to_str(name_obj, "name");
             const GGUFTensorInfo* t = f.find_tensor(name);
             if (!t) fail(ErrorKind::invalid_arg, "no tensor named '" + name + "'");
-            if (!dtype_info(t->type).runnable)
+            if (!dtype_info(t->type).runnable && !dequantizes_only(t->type))
                 fail(ErrorKind::unsupported, "tensor '" + name + "' has type " + dtype_name(t->type) + ", which cannot be dequantized yet");
             std::vector<int64_t> shape(t->shape.rbegin(), t->shape.rend());
             FloatArray out(shape);
@@ -325,7 +326,9 @@ PYBIND11_MODULE(_core, mod) {
     }, py::arg("type"), py::arg("x"), "The reference quantization of x (1-D float) into blocks of `type`.");
     reject_other_calls(mod, "quantize", "quantize");
     mod.def("dequantize", [](py::handle type, py::bytes data, py::handle n_obj) {
-        DType t = storage_type(type);
+        const std::string name = to_str(type, "type");
+        const DType parsed = dtype_from_name(name);
+        DType t = dequantizes_only(parsed) ? parsed : storage_type(type);   // storage types, and the read-only ones
         const int64_t n = to_int(n_obj, "n", 0, int64_t(1) << 40);
         std::string_view view = data;
         if (n % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, n))
