@@ -5,6 +5,7 @@ permuted so that RoPE rotates adjacent pairs."""
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import gguf
 import numpy as np
@@ -95,7 +96,7 @@ def _gpt2_tensors(sd: dict, cfg):
     return out
 
 
-def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32"):
+def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32", extra: Optional[dict] = None):
     """Writes hf_model as GGUF with 2-D weights in `wtype` (norms and biases stay f32) and returns a
     copy of hf_model whose weights are the dequantized GGUF weights: the exact reference."""
     cfg = hf_model.config
@@ -138,6 +139,8 @@ def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32"):
             w.add_tensor(name, q, raw_dtype=qtype)
             back = gguf.quants.dequantize(q, qtype).reshape(data.shape)
         dequantized[name] = unpermute_from_gguf(back, n_head) if n_head else back
+    for name, array in (extra or {}).items():   # written as given (f32), e.g. rope_freqs.weight
+        w.add_tensor(name, np.asarray(array, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

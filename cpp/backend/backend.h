@@ -175,9 +175,10 @@ public:
     // out[T, n] = (x - mean) / std * weight + bias
     virtual void layer_norm(float* out, const float* x, const float* weight, const float* bias, int64_t T,
                             int64_t n, float eps) = 0;
-    // rotates x[T, n_heads * head_dim] in place at positions pos[T] (host)
+    // rotates x[T, n_heads * head_dim] in place at positions pos[T] (host); pair i turns at
+    // theta^(-2i/head_dim) / freq_factors[i] (freq_factors null: 1, as in Llama 3's rope scaling)
     virtual void rope(float* x, int64_t T, int n_heads, int head_dim, const int32_t* pos, float theta,
-                      RopeStyle style) = 0;
+                      RopeStyle style, const float* freq_factors = nullptr) = 0;
     // x[n] += y[n]
     virtual void add(float* x, const float* y, int64_t n) = 0;
     // gate[n] = silu(gate) * up

@@ -1,6 +1,7 @@
 #include "model/arch.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "core/error.h"
 
@@ -55,6 +56,13 @@ void validate_hparams(const HParams& hp, const std::string& source) {
         bad("norm epsilon " + std::to_string(hp.norm_eps));
     if (!(hp.rope_theta > 0.0f) || !std::isfinite(hp.rope_theta)) bad("rope theta " + std::to_string(hp.rope_theta));
     if (hp.sliding_window < 0 || hp.sliding_window > big) bad("sliding window " + std::to_string(hp.sliding_window));
+    if (!hp.rope_freq_factors.empty()) {
+        if (static_cast<int64_t>(hp.rope_freq_factors.size()) != hp.head_dim / 2)
+            bad(std::to_string(hp.rope_freq_factors.size()) + " rope frequency factors for head dimension " +
+                std::to_string(hp.head_dim));
+        for (float f : hp.rope_freq_factors)
+            if (!(f > 0.0f) || !std::isfinite(f)) bad("rope frequency factor " + std::to_string(f));
+    }
 }
 
 HParams hparams_from_gguf(const GGUFFile& f) {
@@ -88,6 +96,12 @@ HParams hparams_from_gguf(const GGUFFile& f) {
             if (st->type == GGUFType::string && st->str != "none")
                 fail(ErrorKind::unsupported, "rope scaling '" + st->str + "' is not supported");
         hp.sliding_window = f.get_int_or(a + "attention.sliding_window", 0);
+        if (const GGUFTensorInfo* freqs = f.find_tensor("rope_freqs.weight")) {   // llama.cpp's Llama 3 rope scaling
+            if (freqs->type != DType::f32 || freqs->shape.size() != 1 || freqs->shape[0] != hp.head_dim / 2)
+                fail(ErrorKind::format, "rope_freqs.weight must be f32 [head_dim / 2]");
+            hp.rope_freq_factors.resize(static_cast<size_t>(freqs->shape[0]));
+            std::memcpy(hp.rope_freq_factors.data(), freqs->data, hp.rope_freq_factors.size() * sizeof(float));
+        }
     }
     const GGUFTensorInfo* embd = f.find_tensor("token_embd.weight");
     if (!embd || embd->shape.size() != 2)

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "backend/backend.h"
 #include "io/gguf.h"
@@ -49,6 +50,7 @@ struct HParams {
     float rope_theta = 10000.0f;
     RopeStyle rope_style = RopeStyle::halves;
     int64_t sliding_window = 0;   // 0: full attention
+    std::vector<float> rope_freq_factors;   // [head_dim / 2] divisors of each pair's frequency (Llama 3); empty: none
     bool tied_embeddings = false;
 };
 

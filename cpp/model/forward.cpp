@@ -234,8 +234,9 @@ void Model::attention_block(Pass& p, int64_t l) {
     const Projection qkv_roles[] = {Projection::q, Projection::k, Projection::v};
     project(p, qkv, qkv_roles, 3, spec_->encoder ? x : h, l);
     if (spec_->positions == PositionKind::rope) {
-        be.rope(q, p.T, p.shape.n_heads, p.shape.head_dim, p.pos.data(), hp_.rope_theta, hp_.rope_style);
-        be.rope(k, p.T, p.shape.n_kv_heads, p.shape.head_dim, p.pos.data(), hp_.rope_theta, hp_.rope_style);
+        const float* factors = hp_.rope_freq_factors.empty() ? nullptr : hp_.rope_freq_factors.data();
+        be.rope(q, p.T, p.shape.n_heads, p.shape.head_dim, p.pos.data(), hp_.rope_theta, hp_.rope_style, factors);
+        be.rope(k, p.T, p.shape.n_kv_heads, p.shape.head_dim, p.pos.data(), hp_.rope_theta, hp_.rope_style, factors);
     }
     for (size_t s = 0; s < p.segs.size(); ++s) p.segs[s].kv = p.req.batch[s].cache->layer_view(static_cast<size_t>(l));
     be.kv_store(k, v, p.segs.data(), static_cast<int>(p.segs.size()), p.shape);

@@ -368,6 +368,14 @@ PYBIND11_MODULE(_core, mod) {
         if (!py::isinstance<RopeStyle>(v)) bad_arg("rope_style must be a tokenmill._core.RopeStyle");
         h.rope_style = v.cast<RopeStyle>();
     });
+    hparams.def_property("rope_freq_factors", [](const HParams& h) { return h.rope_freq_factors; },
+                         [](HParams& h, py::handle v) {
+                             if (!py::isinstance<py::sequence>(v) || py::isinstance<py::str>(v))
+                                 bad_arg("rope_freq_factors must be a sequence of numbers");
+                             std::vector<float> out;
+                             for (py::handle item : py::iter(v)) out.push_back(to_float(item, "rope_freq_factors"));
+                             h.rope_freq_factors = std::move(out);
+                         });
     hparams.def_property("tied_embeddings", [](const HParams& h) { return h.tied_embeddings; },
                          [](HParams& h, py::handle v) { h.tied_embeddings = to_bool(v, "tied_embeddings"); });
     reject_other_inits(hparams, "HParams");

@@ -368,7 +368,7 @@ public:
     }
 
     void rope(float* x, int64_t T, int n_heads, int head_dim, const int32_t* pos, float theta,
-              RopeStyle style) override {
+              RopeStyle style, const float* freq_factors) override {
         if (style == RopeStyle::none) return;
         const int half = head_dim / 2;
         for_rows(T, int64_t{n_heads} * head_dim, [&](int64_t t) {
@@ -376,6 +376,7 @@ public:
             // angle_i = pos * theta^(-2i/d), computed in float like the reference implementations
             for (int i = 0; i < half; ++i) {
                 float inv_freq = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+                if (freq_factors) inv_freq /= freq_factors[i];
                 float angle = static_cast<float>(pos[t]) * inv_freq;
                 cs[2 * i] = static_cast<float>(std::cos(static_cast<double>(angle)));
                 cs[2 * i + 1] = static_cast<float>(std::sin(static_cast<double>(angle)));

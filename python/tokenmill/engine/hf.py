@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 from ..errors import ModelFormatError, UnsupportedModelError
 from ..jsonfile import read_json_object
@@ -32,16 +33,50 @@ def _get(config: dict, key: str, kind=int, default=None):
     return kind(value)
 
 
-def _rope_theta(config: dict) -> float:
-    # transformers 5 moved rope settings into `rope_parameters`; older configs have rope_theta / rope_scaling
+def _rope_settings(config: dict) -> tuple[dict, Optional[dict]]:
+    """(rope parameters, the llama3 scaling block or None). transformers 5 moved rope settings into
+    `rope_parameters`; older configs have rope_theta / rope_scaling."""
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
+    llama3 = None
     for block in (params, scaling):
         if not isinstance(block, dict):
             raise ModelFormatError(f"config.json rope settings must be an object, got {block!r}")
         rope_type = block.get("rope_type", block.get("type", "default"))
-        if rope_type not in (None, "default"):
-            raise UnsupportedModelError(f"RoPE scaling '{rope_type}' is not supported")
+        if rope_type == "llama3":
+            llama3 = block
+        elif rope_type not in (None, "default"):
+            raise UnsupportedModelError(f"RoPE scaling '{rope_type}' is not supported (default and llama3 are)")
+    return params, llama3
+
+
+def llama3_freq_factors(block: dict, theta: float, head_dim: int) -> list[float]:
+    """Per rotary pair, what Llama 3's rope scaling divides the frequency by: 1 for short wavelengths
+    (under original_max_position_embeddings / high_freq_factor), `factor` for long ones (over the same
+    / low_freq_factor), a smooth blend between -- in float32, as transformers computes them."""
+    import numpy as np
+
+    try:
+        factor = float(block["factor"])
+        low, high = float(block["low_freq_factor"]), float(block["high_freq_factor"])
+        old_ctx = float(block["original_max_position_embeddings"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelFormatError("llama3 rope scaling needs numeric factor, low_freq_factor, high_freq_factor and "
+                               "original_max_position_embeddings") from None
+    if not (factor > 0 and high > low > 0 and old_ctx > 0):
+        raise ModelFormatError(f"llama3 rope scaling values out of range: {block}")
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))).astype(np.float32)
+    wavelen = np.float32(2 * math.pi) / inv
+    scaled = np.where(wavelen > old_ctx / low, inv / np.float32(factor), inv).astype(np.float32)
+    smooth = ((old_ctx / wavelen - low) / (high - low)).astype(np.float32)
+    blended = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+    scaled = np.where(medium, blended, scaled).astype(np.float32)
+    return (inv / scaled).astype(np.float32).tolist()
+
+
+def _rope_theta(config: dict) -> float:
+    params, _ = _rope_settings(config)
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
         raise ModelFormatError(f"config.json rope_theta must be a positive finite number, got {theta!r}")
@@ -100,6 +135,9 @@ def hparams_from_config(config: dict):
     hp.n_ctx_train = _get(config, "max_position_embeddings")
     hp.norm_eps = _get(config, "rms_norm_eps", float, 1e-6)
     hp.rope_theta = _rope_theta(config)
+    _, llama3 = _rope_settings(config)
+    if llama3 is not None:
+        hp.rope_freq_factors = llama3_freq_factors(llama3, hp.rope_theta, hp.head_dim)
     hp.rope_style = native.RopeStyle.halves
     hp.tied_embeddings = bool(config.get("tie_word_embeddings", False))
     if config.get("hidden_act", "silu") != "silu":
