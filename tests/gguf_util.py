@@ -117,6 +117,10 @@ def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32", extra: Option
         w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count(cfg.num_attention_heads)
         w.add_head_count_kv(cfg.num_key_value_heads)
+        head_dim = getattr(cfg, "head_dim", None)
+        if head_dim and head_dim != cfg.hidden_size // cfg.num_attention_heads:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
     dequantized = {}

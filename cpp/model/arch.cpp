@@ -13,6 +13,7 @@ const ArchSpec kArchs[] = {
     {"llama", NormKind::rms, MlpKind::swiglu, PositionKind::rope, false},
     {"mistral", NormKind::rms, MlpKind::swiglu, PositionKind::rope, false},
     {"qwen2", NormKind::rms, MlpKind::swiglu, PositionKind::rope, false},
+    {"qwen3", NormKind::rms, MlpKind::swiglu, PositionKind::rope, false, false, true},
     {"gpt2", NormKind::layer, MlpKind::gelu, PositionKind::learned, true},
     {"bert", NormKind::layer, MlpKind::gelu_erf, PositionKind::learned, false, true},
 };
@@ -86,8 +87,8 @@ HParams hparams_from_gguf(const GGUFFile& f) {
     } else {
         hp.rope_theta = static_cast<float>(f.get_real_or(a + "rope.freq_base", 10000.0));
         // llama.cpp's converter permutes llama Q/K rows so that RoPE rotates adjacent pairs;
-        // qwen2 keeps the HF layout (rotate halves).
-        hp.rope_style = hp.arch == "qwen2" ? RopeStyle::halves : RopeStyle::adjacent;
+        // qwen2 and qwen3 keep the HF layout (rotate halves).
+        hp.rope_style = hp.arch == "qwen2" || hp.arch == "qwen3" ? RopeStyle::halves : RopeStyle::adjacent;
         int64_t rope_dim = f.get_int_or(a + "rope.dimension_count", hp.head_dim);
         if (rope_dim != hp.head_dim)
             fail(ErrorKind::unsupported, "partial rotary embeddings (rope dimension " + std::to_string(rope_dim) +

@@ -3,6 +3,7 @@
 // chosen by the family's ArchSpec, so a new family is a new table entry plus, where it brings a new
 // kind of part, one more case in the block that uses it.
 //   llama  (Llama, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU, optional QKV bias
+//   qwen3                                 : the same with per-head RMSNorm of Q and K
 //   gpt2                                  : LayerNorm, learned positions, fused QKV, GELU, biases
 //   bert   (BERT, MiniLM encoders)        : post-LayerNorm, learned positions + token type 0, exact GELU,
 //                                           bidirectional attention, no LM head (hidden states only)
@@ -29,6 +30,7 @@ struct ArchSpec {
     bool fused_qkv;   // one [q + k + v, n_embd] projection (GPT-2's c_attn), split at load
     bool encoder = false;   // BERT's layout: embeddings normed, each block's norm after its residual add,
                             // no final norm, attention over the whole sequence, no LM head
+    bool qk_norm = false;   // RMSNorm of each query and key head (weights [head_dim]) before RoPE (Qwen3)
 };
 
 // The spec of an architecture name, or null when it is not supported.

@@ -233,6 +233,10 @@ void Model::attention_block(Pass& p, int64_t l) {
     const MatmulItem qkv[] = {{q, &L.wq}, {k, &L.wk}, {v, &L.wv}};
     const Projection qkv_roles[] = {Projection::q, Projection::k, Projection::v};
     project(p, qkv, qkv_roles, 3, spec_->encoder ? x : h, l);
+    if (spec_->qk_norm) {   // every head's query and key normed on its own, in place
+        be.rms_norm(q, q, L.q_norm.weight, p.T * p.shape.n_heads, p.shape.head_dim, hp_.norm_eps);
+        be.rms_norm(k, k, L.k_norm.weight, p.T * p.shape.n_kv_heads, p.shape.head_dim, hp_.norm_eps);
+    }
     if (spec_->positions == PositionKind::rope) {
         const float* factors = hp_.rope_freq_factors.empty() ? nullptr : hp_.rope_freq_factors.data();
         be.rope(q, p.T, p.shape.n_heads, p.shape.head_dim, p.pos.data(), hp_.rope_theta, hp_.rope_style, factors);

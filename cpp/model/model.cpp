@@ -197,6 +197,10 @@ void Model::build() {
             L.wv = weight(p + "attn_v.weight", KD, E);
         }
         L.wo = weight(p + "attn_output.weight", E, QD);
+        if (spec.qk_norm) {
+            L.q_norm.weight = vector(p + "attn_q_norm.weight", hp_.head_dim);
+            L.k_norm.weight = vector(p + "attn_k_norm.weight", hp_.head_dim);
+        }
         if (spec.mlp == MlpKind::swiglu) L.w_gate = weight(p + "ffn_gate.weight", F, E);
         L.w_up = weight(p + "ffn_up.weight", F, E);
         L.w_down = weight(p + "ffn_down.weight", E, F);

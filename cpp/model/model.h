@@ -98,6 +98,7 @@ private:
         Norm attn_norm, ffn_norm;    // encoders: the norms after the attention and MLP residual adds
         Weight wq, wk, wv, wo;       // a fused QKV projection is split into wq, wk, wv at load
         Weight w_gate, w_up, w_down; // w_gate absent for a GELU MLP
+        Norm q_norm, k_norm;         // qk-norm families: [head_dim] weights shared by every head
     };
     // Activations of a pass of up to `rows` tokens (backend memory).
     struct Workspace {

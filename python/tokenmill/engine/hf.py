@@ -12,7 +12,7 @@ from ..errors import ModelFormatError, UnsupportedModelError
 from ..jsonfile import read_json_object
 from . import native
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gpt2", "bert")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
 
 
 def read_config(directory: Path) -> dict:
@@ -144,7 +144,9 @@ def hparams_from_config(config: dict):
         raise UnsupportedModelError(f"activation '{config.get('hidden_act')}' is not supported (silu is)")
     if model_type == "mistral":
         hp.sliding_window = _get(config, "sliding_window") if config.get("sliding_window") is not None else 0
-    if model_type == "qwen2" and config.get("use_sliding_window"):
+    if model_type == "qwen3" and config.get("attention_bias"):
+        raise UnsupportedModelError("Qwen3 with attention_bias is not supported")
+    if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
         raise UnsupportedModelError("Qwen2 per-layer sliding-window attention is not supported")
     return hp
 
