@@ -43,6 +43,7 @@ HfName map_hf_name(const std::string& arch, std::string hf) {
         {"mlp.down_proj.weight", "ffn_down.weight"},      {"mlp.gate_proj.bias", "ffn_gate.bias"},
         {"mlp.up_proj.bias", "ffn_up.bias"},              {"mlp.down_proj.bias", "ffn_down.bias"},
         {"self_attn.q_norm.weight", "attn_q_norm.weight"}, {"self_attn.k_norm.weight", "attn_k_norm.weight"},
+        {"self_attn.qkv_proj.weight", "attn_qkv.weight"},  {"mlp.gate_up_proj.weight", "ffn_up.weight"},   // Phi-3
     };
     // GPT-2 uses Conv1D, whose weights are stored [in, out]: those are transposed on load.
     static const std::pair<const char*, const char*> gpt2_layer[] = {

@@ -14,6 +14,7 @@ const ArchSpec kArchs[] = {
     {"mistral", NormKind::rms, MlpKind::swiglu, PositionKind::rope, false},
     {"qwen2", NormKind::rms, MlpKind::swiglu, PositionKind::rope, false},
     {"qwen3", NormKind::rms, MlpKind::swiglu, PositionKind::rope, false, false, true},
+    {"phi3", NormKind::rms, MlpKind::swiglu, PositionKind::rope, true, false, false, true},
     {"gpt2", NormKind::layer, MlpKind::gelu, PositionKind::learned, true},
     {"bert", NormKind::layer, MlpKind::gelu_erf, PositionKind::learned, false, true},
 };
@@ -87,8 +88,8 @@ HParams hparams_from_gguf(const GGUFFile& f) {
     } else {
         hp.rope_theta = static_cast<float>(f.get_real_or(a + "rope.freq_base", 10000.0));
         // llama.cpp's converter permutes llama Q/K rows so that RoPE rotates adjacent pairs;
-        // qwen2 and qwen3 keep the HF layout (rotate halves).
-        hp.rope_style = hp.arch == "qwen2" || hp.arch == "qwen3" ? RopeStyle::halves : RopeStyle::adjacent;
+        // qwen2, qwen3 and phi3 keep the HF layout (rotate halves).
+        hp.rope_style = hp.arch == "llama" || hp.arch == "mistral" ? RopeStyle::adjacent : RopeStyle::halves;
         int64_t rope_dim = f.get_int_or(a + "rope.dimension_count", hp.head_dim);
         if (rope_dim != hp.head_dim)
             fail(ErrorKind::unsupported, "partial rotary embeddings (rope dimension " + std::to_string(rope_dim) +

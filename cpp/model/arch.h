@@ -4,6 +4,7 @@
 // kind of part, one more case in the block that uses it.
 //   llama  (Llama, Mistral, Qwen2, SmolLM2): RMSNorm, RoPE, GQA, SwiGLU, optional QKV bias
 //   qwen3                                 : the same with per-head RMSNorm of Q and K
+//   phi3   (Phi-3 mini / medium)          : the same with fused QKV and fused gate/up projections
 //   gpt2                                  : LayerNorm, learned positions, fused QKV, GELU, biases
 //   bert   (BERT, MiniLM encoders)        : post-LayerNorm, learned positions + token type 0, exact GELU,
 //                                           bidirectional attention, no LM head (hidden states only)
@@ -31,6 +32,7 @@ struct ArchSpec {
     bool encoder = false;   // BERT's layout: embeddings normed, each block's norm after its residual add,
                             // no final norm, attention over the whole sequence, no LM head
     bool qk_norm = false;   // RMSNorm of each query and key head (weights [head_dim]) before RoPE (Qwen3)
+    bool fused_gate_up = false;   // one [gate + up, n_embd] projection (Phi-3's gate_up_proj), split at load
 };
 
 // The spec of an architecture name, or null when it is not supported.

@@ -201,8 +201,17 @@ void Model::build() {
             L.q_norm.weight = vector(p + "attn_q_norm.weight", hp_.head_dim);
             L.k_norm.weight = vector(p + "attn_k_norm.weight", hp_.head_dim);
         }
-        if (spec.mlp == MlpKind::swiglu) L.w_gate = weight(p + "ffn_gate.weight", F, E);
-        L.w_up = weight(p + "ffn_up.weight", F, E);
+        if (spec.fused_gate_up) {   // rows [0, F) gate, [F, 2F) up
+            const std::string name = p + "ffn_up.weight";
+            const TensorRef* t = weights_.find(name);
+            if (!t) fail(ErrorKind::format, "model '" + source() + "' lacks tensor '" + name + "'");
+            const TensorRef& fused = matrix_ref(weights_, name, t, 2 * F, E);
+            L.w_gate = weight_rows(name, fused, 0, F, E);
+            L.w_up = weight_rows(name, fused, F, F, E);
+        } else {
+            if (spec.mlp == MlpKind::swiglu) L.w_gate = weight(p + "ffn_gate.weight", F, E);
+            L.w_up = weight(p + "ffn_up.weight", F, E);
+        }
         L.w_down = weight(p + "ffn_down.weight", E, F);
     }
 }

@@ -12,7 +12,7 @@ from ..errors import ModelFormatError, UnsupportedModelError
 from ..jsonfile import read_json_object
 from . import native
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "bert")
 
 
 def read_config(directory: Path) -> dict:
@@ -142,8 +142,13 @@ def hparams_from_config(config: dict):
     hp.tied_embeddings = bool(config.get("tie_word_embeddings", False))
     if config.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"activation '{config.get('hidden_act')}' is not supported (silu is)")
-    if model_type == "mistral":
+    if model_type in ("mistral", "phi3"):
         hp.sliding_window = _get(config, "sliding_window") if config.get("sliding_window") is not None else 0
+    if model_type == "phi3":
+        params, _ = _rope_settings(config)
+        partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise UnsupportedModelError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported")
     if model_type == "qwen3" and config.get("attention_bias"):
         raise UnsupportedModelError("Qwen3 with attention_bias is not supported")
     if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
