@@ -1,5 +1,8 @@
 #include "io/weight_store.h"
 
+#include <utility>
+#include <vector>
+
 #include "core/error.h"
 #include "core/quants.h"
 #include "io/safetensors.h"
@@ -31,8 +34,23 @@ namespace {
 // Tensor names in HF checkpoints -> GGUF-style names. Returns "" for tensors we ignore.
 struct HfName { std::string name; bool transpose; };
 
-HfName map_hf_name(const std::string& arch, std::string hf) {
-    static const std::pair<const char*, const char*> llama_layer[] = {
+using NameTable = std::vector<std::pair<const char*, const char*>>;
+
+// How a family names its tensors: a prefix some checkpoints put in front of everything, whole-model
+// tensors, and the per-layer ones under layer_prefix + index + ".".
+struct HfLayout {
+    const char* strip;
+    NameTable globals;
+    const char* layer_prefix;
+    NameTable layer;
+    bool conv1d;   // GPT-2's Conv1D stores weights [in, out]: they are transposed on load
+};
+
+const HfLayout& hf_layout(const std::string& arch) {
+    static const HfLayout llama{"", {
+        {"model.embed_tokens.weight", "token_embd.weight"}, {"model.norm.weight", "output_norm.weight"},
+        {"lm_head.weight", "output.weight"},
+    }, "model.layers.", {
         {"input_layernorm.weight", "attn_norm.weight"},
         {"self_attn.q_proj.weight", "attn_q.weight"},     {"self_attn.q_proj.bias", "attn_q.bias"},
         {"self_attn.k_proj.weight", "attn_k.weight"},     {"self_attn.k_proj.bias", "attn_k.bias"},
@@ -44,18 +62,25 @@ HfName map_hf_name(const std::string& arch, std::string hf) {
         {"mlp.up_proj.bias", "ffn_up.bias"},              {"mlp.down_proj.bias", "ffn_down.bias"},
         {"self_attn.q_norm.weight", "attn_q_norm.weight"}, {"self_attn.k_norm.weight", "attn_k_norm.weight"},
         {"self_attn.qkv_proj.weight", "attn_qkv.weight"},  {"mlp.gate_up_proj.weight", "ffn_up.weight"},   // Phi-3
-    };
-    // GPT-2 uses Conv1D, whose weights are stored [in, out]: those are transposed on load.
-    static const std::pair<const char*, const char*> gpt2_layer[] = {
+    }, false};
+    static const HfLayout gpt2{"transformer.", {
+        {"wte.weight", "token_embd.weight"}, {"wpe.weight", "position_embd.weight"},
+        {"ln_f.weight", "output_norm.weight"}, {"ln_f.bias", "output_norm.bias"}, {"lm_head.weight", "output.weight"},
+    }, "h.", {
         {"ln_1.weight", "attn_norm.weight"},          {"ln_1.bias", "attn_norm.bias"},
         {"attn.c_attn.weight", "attn_qkv.weight"},    {"attn.c_attn.bias", "attn_qkv.bias"},
         {"attn.c_proj.weight", "attn_output.weight"}, {"attn.c_proj.bias", "attn_output.bias"},
         {"ln_2.weight", "ffn_norm.weight"},           {"ln_2.bias", "ffn_norm.bias"},
         {"mlp.c_fc.weight", "ffn_up.weight"},         {"mlp.c_fc.bias", "ffn_up.bias"},
         {"mlp.c_proj.weight", "ffn_down.weight"},     {"mlp.c_proj.bias", "ffn_down.bias"},
-    };
-    // BERT encoders, to the names llama.cpp's GGUF files use for them
-    static const std::pair<const char*, const char*> bert_layer[] = {
+    }, true};
+    // BERT encoders, to the names llama.cpp's GGUF files use for them (the pooler is not read)
+    static const HfLayout bert{"bert.", {
+        {"embeddings.word_embeddings.weight", "token_embd.weight"},
+        {"embeddings.position_embeddings.weight", "position_embd.weight"},
+        {"embeddings.token_type_embeddings.weight", "token_types.weight"},
+        {"embeddings.LayerNorm.weight", "token_embd_norm.weight"}, {"embeddings.LayerNorm.bias", "token_embd_norm.bias"},
+    }, "encoder.layer.", {
         {"attention.self.query.weight", "attn_q.weight"},         {"attention.self.query.bias", "attn_q.bias"},
         {"attention.self.key.weight", "attn_k.weight"},           {"attention.self.key.bias", "attn_k.bias"},
         {"attention.self.value.weight", "attn_v.weight"},         {"attention.self.value.bias", "attn_v.bias"},
@@ -65,50 +90,26 @@ HfName map_hf_name(const std::string& arch, std::string hf) {
         {"intermediate.dense.weight", "ffn_up.weight"},           {"intermediate.dense.bias", "ffn_up.bias"},
         {"output.dense.weight", "ffn_down.weight"},               {"output.dense.bias", "ffn_down.bias"},
         {"output.LayerNorm.weight", "layer_output_norm.weight"},  {"output.LayerNorm.bias", "layer_output_norm.bias"},
-    };
-    if (arch == "bert") {
-        if (hf.rfind("bert.", 0) == 0) hf = hf.substr(5);
-        if (hf == "embeddings.word_embeddings.weight") return {"token_embd.weight", false};
-        if (hf == "embeddings.position_embeddings.weight") return {"position_embd.weight", false};
-        if (hf == "embeddings.token_type_embeddings.weight") return {"token_types.weight", false};
-        if (hf == "embeddings.LayerNorm.weight") return {"token_embd_norm.weight", false};
-        if (hf == "embeddings.LayerNorm.bias") return {"token_embd_norm.bias", false};
-        const std::string prefix = "encoder.layer.";
-        if (hf.rfind(prefix, 0) != 0) return {"", false};   // the pooler, position_ids
-        size_t dot = hf.find('.', prefix.size());
-        if (dot == std::string::npos) return {"", false};
-        const std::string rest = hf.substr(dot + 1);
-        for (const auto& [from, to] : bert_layer)
-            if (rest == from) return {"blk." + hf.substr(prefix.size(), dot - prefix.size()) + "." + to, false};
-        return {"", false};
-    }
-    bool gpt2 = arch == "gpt2";
-    if (gpt2) {
-        if (hf.rfind("transformer.", 0) == 0) hf = hf.substr(12);
-        if (hf == "wte.weight") return {"token_embd.weight", false};
-        if (hf == "wpe.weight") return {"position_embd.weight", false};
-        if (hf == "ln_f.weight") return {"output_norm.weight", false};
-        if (hf == "ln_f.bias") return {"output_norm.bias", false};
-        if (hf == "lm_head.weight") return {"output.weight", false};
-    } else {
-        if (hf == "model.embed_tokens.weight") return {"token_embd.weight", false};
-        if (hf == "model.norm.weight") return {"output_norm.weight", false};
-        if (hf == "lm_head.weight") return {"output.weight", false};
-    }
-    const std::string prefix = gpt2 ? "h." : "model.layers.";
+    }, false};
+    return arch == "gpt2" ? gpt2 : arch == "bert" ? bert : llama;
+}
+
+HfName map_hf_name(const std::string& arch, std::string hf) {
+    const HfLayout& layout = hf_layout(arch);
+    const std::string strip = layout.strip;
+    if (!strip.empty() && hf.rfind(strip, 0) == 0) hf = hf.substr(strip.size());
+    for (const auto& [from, to] : layout.globals)
+        if (hf == from) return {to, false};
+    const std::string prefix = layout.layer_prefix;
     if (hf.rfind(prefix, 0) != 0) return {"", false};
     size_t dot = hf.find('.', prefix.size());
     if (dot == std::string::npos) return {"", false};
-    std::string index = hf.substr(prefix.size(), dot - prefix.size());
-    std::string rest = hf.substr(dot + 1);
-    if (gpt2) {
-        for (const auto& [from, to] : gpt2_layer)
-            if (rest == from) return {"blk." + index + "." + to, rest.find(".weight") != std::string::npos &&
-                                                                     rest.rfind("ln_", 0) != 0};
-    } else {
-        for (const auto& [from, to] : llama_layer)
-            if (rest == from) return {"blk." + index + "." + to, false};
-    }
+    const std::string index = hf.substr(prefix.size(), dot - prefix.size());
+    const std::string rest = hf.substr(dot + 1);
+    for (const auto& [from, to] : layout.layer)
+        if (rest == from)
+            return {"blk." + index + "." + to,
+                    layout.conv1d && rest.find(".weight") != std::string::npos && rest.rfind("ln_", 0) != 0};
     return {"", false};
 }
 
