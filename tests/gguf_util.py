@@ -96,6 +96,22 @@ def _gpt2_tensors(sd: dict, cfg):
     return out
 
 
+def add_llama_like_keys(w: gguf.GGUFWriter, cfg) -> None:
+    """The hyper-parameter keys of a RoPE decoder (llama, qwen, phi3...) from its HF config."""
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim and head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
+
+
 def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32", extra: Optional[dict] = None):
     """Writes hf_model as GGUF with 2-D weights in `wtype` (norms and biases stay f32) and returns a
     copy of hf_model whose weights are the dequantized GGUF weights: the exact reference."""
@@ -111,18 +127,7 @@ def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32", extra: Option
         w.add_head_count(cfg.n_head)
         w.add_layer_norm_eps(cfg.layer_norm_epsilon)
     else:
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        head_dim = getattr(cfg, "head_dim", None)
-        if head_dim and head_dim != cfg.hidden_size // cfg.num_attention_heads:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
+        add_llama_like_keys(w, cfg)
     dequantized = {}
     for name, (array, n_head) in tensors.items():
         data = permute_for_gguf(array, n_head) if n_head else array

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import tokenmill
+from gguf_util import add_llama_like_keys
 
 
 def _phi3(sliding_window=None):
@@ -23,14 +24,7 @@ def _phi3(sliding_window=None):
 def _write_gguf(model, path):
     cfg, sd = model.config, {k: v.numpy() for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), "phi3")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
+    add_llama_like_keys(w, cfg)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .rerank import score_documents
+from .rerank import log_softmax_at, score_documents
 
 if TYPE_CHECKING:
     from ..engine.model import EngineModel
@@ -50,10 +50,7 @@ def token_logprobs(model: "EngineModel", prefix: Sequence[int], tokens: Sequence
         piece = ids[start:start + CHUNK]
         logits = model.eval(cache, piece, logits="all").logits           # predicts ids[start + 1 .. start + len]
         nxt = np.array(ids[start + 1:start + len(piece) + 1])
-        n = len(nxt)
-        top = logits[:n].max(axis=1, keepdims=True)
-        lse = np.log(np.exp(logits[:n] - top, dtype=np.float64).sum(axis=1)) + top[:, 0]
-        out[start + 1:start + 1 + n] = logits[np.arange(n), nxt] - lse
+        out[start + 1:start + 1 + len(nxt)] = log_softmax_at(logits[:len(nxt)], nxt)
     return out[len(prefix):]
 
 

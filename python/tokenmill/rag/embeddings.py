@@ -78,7 +78,6 @@ class Embedder:
     def __init__(self, model: "EngineModel"):
         tok = model._require_tokenizer()
         self.model = model
-        self.encoder = model.hparams.arch == "bert"
         source = Path(model.path)
         self.sentence = sentence_config(source) if source.is_dir() else SentenceConfig()
         limit = self.sentence.max_seq_length or model.n_ctx

@@ -19,7 +19,8 @@ METHODS = ("query_likelihood", "lingua")
 LINGUA_STATEMENT = " We can get the answer to this question in the given documents."
 
 
-def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log softmax(logits[i])[targets[i]] for every row i (float64 sums)."""
     top = logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(logits - top, dtype=np.float64).sum(axis=1)) + top[:, 0]
     return logits[np.arange(len(targets)), targets] - lse
@@ -59,7 +60,7 @@ def score_documents(model: "EngineModel", question: str, documents: Sequence[str
         caches = [model.new_cache(len(full)) for _, full in batch]
         logits = model.eval_batch(caches, [full for _, full in batch], logits=logit_rows).logits
         targets = np.array([t for _ in batch for t in q])
-        logp = _log_softmax_at(logits, targets).reshape(len(batch), len(q))
+        logp = log_softmax_at(logits, targets).reshape(len(batch), len(q))
         scores[start:end] = logp.mean(axis=1)
         start = end
     return scores

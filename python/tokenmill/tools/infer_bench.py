@@ -75,9 +75,9 @@ def run(model_path, threads: int, rows: int, new_tokens: int, batch_size: int, p
         prompts = [inf.prompt_ids(r["question"], None) for r in data]
         expected = [r["predicted_answer"] for r in local]
 
-        def loop(name, generate, n):
+        def loop(name, generate, n, inputs=prompts):   # inputs[i]: row i's prompt as this engine takes it
             t = time.perf_counter()
-            texts = [generate(p) for p in prompts[:n]]
+            texts = [generate(p) for p in inputs[:n]]
             seconds = time.perf_counter() - t
             same = sum(a == b for a, b in zip(texts, expected)) / n
             out.append(dict(engine=name, rows=n, seconds=seconds, rows_per_s=_rows_per_s(n, seconds), tok_per_s=0.0,
@@ -104,13 +104,11 @@ def run(model_path, threads: int, rows: int, new_tokens: int, batch_size: int, p
                                                                    dtype=torch.float32).eval()
             hf_tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             pipe = transformers.pipeline("text-generation", model=hf, tokenizer=hf_tok, device="cpu")
-            texts = [model.detokenize(p) for p in prompts]
+            def hf_generate(text):
+                return pipe(text, max_new_tokens=new_tokens, do_sample=False, return_full_text=False)[0]["generated_text"]
 
-            def hf_generate(p):
-                i = prompts.index(p)
-                return pipe(texts[i], max_new_tokens=new_tokens, do_sample=False, return_full_text=False)[0]["generated_text"]
-
-            loop("transformers pipeline, one row at a time", hf_generate, peer_rows)
+            loop("transformers pipeline, one row at a time", hf_generate, peer_rows,
+                 [model.detokenize(p) for p in prompts[:peer_rows]])
         if "ray" in engines:
             ray_cfg = cfg.replace(engine="ray", num_workers=2, threads_per_worker=max(1, threads // 2),
                                   output_path=str(Path(tmp) / "ray.jsonl"))

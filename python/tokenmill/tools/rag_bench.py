@@ -130,6 +130,7 @@ def run_compression(decoder_path: Optional[str], threads: int, n_examples: int =
     NLL under no context, the full context and each rate."""
     from ..api import load
     from ..rag import compress_prompt
+    from ..rag.rerank import log_softmax_at
 
     queries, docs = docstring_task()
     model = load(decoder_path, n_threads=threads)
@@ -143,9 +144,7 @@ def run_compression(decoder_path: Optional[str], threads: int, n_examples: int =
         t = time.perf_counter()
         logits = model.eval(cache, prefix + target, logits=list(range(len(prefix) - 1, len(prefix) + len(target) - 1))).logits
         seconds = time.perf_counter() - t
-        top = logits.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(logits - top, dtype=np.float64).sum(axis=1)) + top[:, 0]
-        return float(-(logits[np.arange(len(target)), target] - lse).mean()), seconds, len(prefix)
+        return float(-log_softmax_at(logits, np.array(target)).mean()), seconds, len(prefix)
 
     rows = {key: {"nll": [], "seconds": [], "tokens": [], "compress": []} for key in ("none", "full", *rates)}
     for i in picks:

@@ -188,9 +188,9 @@ class Inferencer:
         self.load_model_and_tokenizer()
         cfg = self.config
         records: list[dict] = []
-        fits = [r for r in processed if len(r.prompt_ids) < cfg.max_sequence_length]
         if not processed:
             return records
+        fits = [r for r in processed if len(r.prompt_ids) < cfg.max_sequence_length]
         sched = self._scheduler(fits) if fits else None
         progress = Progress(len(processed), enabled=self.progress, stream=self.log)
         pending: collections.deque = collections.deque()   # [row, request or None, submitted at, seconds]
