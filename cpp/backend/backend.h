@@ -127,6 +127,40 @@ struct LoraItem {
     int64_t n_rows;
 };
 
+// Memory cross-attention (memory-augmented models): a fixed table of memory slots' keys and values
+// for one memory layer, laid out [n_kv_heads][n_slots] rows of head_dim values, each row f32, or
+// int8 / int4 (two per byte, low nibble first) times its own f32 scale.
+enum class MemoryQuant { f32, int8, int4 };
+struct MemoryTable {
+    MemoryQuant quant = MemoryQuant::f32;
+    int64_t n_slots = 0;
+    int n_kv_heads = 0;
+    int head_dim = 0;
+    const uint8_t* k = nullptr;   // [n_kv_heads * n_slots] rows
+    const uint8_t* v = nullptr;
+    const float* k_scale = nullptr;   // [n_kv_heads * n_slots] (int8 / int4)
+    const float* v_scale = nullptr;
+    size_t row_bytes() const {
+        return quant == MemoryQuant::f32 ? static_cast<size_t>(head_dim) * 4
+                                         : quant == MemoryQuant::int8 ? static_cast<size_t>(head_dim)
+                                                                      : static_cast<size_t>(head_dim + 1) / 2;
+    }
+};
+// What one row attends to: groups, each one softmax over the slots of its spans, whose outputs are
+// summed with the groups' weights. A span is a chapter: slots [slot0, slot0 + n_slots) whose keys and
+// values are scaled by kv_scale (the chapter's routing weight). (host memory)
+struct MemorySpan {
+    int64_t slot0, n_slots;
+    float kv_scale;
+};
+struct MemoryGroup {
+    int32_t span0, n_spans;
+    float weight;
+};
+struct MemoryRoute {
+    int32_t group0, n_groups;
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -198,6 +232,13 @@ public:
     // the low-rank additions of one projection group (several projections, segments, adapters) as
     // one unit of work; every row computed alone, with the same arithmetic in every rows mode
     virtual void lora_add(const LoraItem* items, int n_items) = 0;
+    // out[T, n_heads * head_dim] = for each row t and head h (kv head h / (n_heads / n_kv_heads)):
+    //   sum over groups g of routes[t]: g.weight * sum_j p_j * s_j V_j,
+    //   p = softmax over g's slots j of scale * s_j * (q_th . K_j),  s_j = kv_scale of j's span
+    // (routes, groups, spans host memory); every row computed alone, the same in every rows mode
+    virtual void memory_attention(float* out, const float* q, int64_t T, const MemoryRoute* routes,
+                                  const MemoryGroup* groups, const MemorySpan* spans, const MemoryTable& table,
+                                  const AttentionShape& shape) = 0;
 };
 
 // Backend memory of n floats, freed with the owner (workspace buffers).

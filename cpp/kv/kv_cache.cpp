@@ -207,6 +207,7 @@ void KVCache::truncate(int64_t n) {
         fail(ErrorKind::invalid_arg, "cannot truncate a cache of " + std::to_string(n_past_) + " tokens to " +
                                          std::to_string(n));
     n_past_ = n;
+    for (auto& entry : states_) entry.second->truncate(n);
     ring_valid_from_ = std::min(ring_valid_from_, n);   // slots of the kept positions are untouched
     if (pool_) {   // blocks past the kept positions go back to the pool
         const size_t keep = static_cast<size_t>((n + pool_->block_size() - 1) / pool_->block_size());
@@ -256,6 +257,22 @@ void KVCache::discard_write(int64_t n_new) {
     advance(n_new);   // the ring slots the call reached count as overwritten ...
     n_past_ = kept;   // ... but none of its tokens is kept
     ring_valid_from_ = std::min(ring_valid_from_, kept);
+    for (auto& entry : states_) entry.second->truncate(kept);
+}
+
+SequenceState* KVCache::sequence_state(uint64_t key) const {
+    for (auto& entry : states_)
+        if (entry.first == key) return entry.second.get();
+    return nullptr;
+}
+
+void KVCache::set_sequence_state(uint64_t key, std::unique_ptr<SequenceState> state) const {
+    for (auto& entry : states_)
+        if (entry.first == key) {
+            entry.second = std::move(state);
+            return;
+        }
+    states_.emplace_back(key, std::move(state));
 }
 
 void KVCache::advance(int64_t n_new) {

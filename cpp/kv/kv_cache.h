@@ -33,6 +33,14 @@ struct KVCacheConfig {
 DType kv_type_from_name(const std::string& name);
 std::string kv_type_name(DType t);
 
+// What an extension keeps per sequence beside its cached positions (a memory layer's routing
+// history), cut back with them: on truncate, and when a forward pass fails after writing.
+class SequenceState {
+public:
+    virtual ~SequenceState() = default;
+    virtual void truncate(int64_t n_positions) = 0;   // keep what belongs to the first n positions
+};
+
 class KVCache {
 public:
     // A cache for up to `capacity` tokens. Memory for `reserve` tokens is allocated now (-1: all of
@@ -64,6 +72,10 @@ public:
     // Makes room for n tokens (n <= capacity): the stores grow (at least doubling), cached rows are
     // copied, and a failed allocation leaves the cache as it was.
     void reserve(int64_t n);
+    // An extension's state for this sequence (key: the extension's id), or null; set during a forward
+    // pass, which holds the cache's claim.
+    SequenceState* sequence_state(uint64_t key) const;
+    void set_sequence_state(uint64_t key, std::unique_ptr<SequenceState> state) const;
     // the memory this cache holds now
     size_t bytes() const;
     // bytes per cached token of the main stores (the ring is a fixed extra) ...
@@ -107,6 +119,7 @@ private:
     std::vector<uint8_t*> main_blocks_, ring_blocks_;   // every allocation, freed with the cache
     size_t main_bytes_ = 0, ring_bytes_ = 0;
     std::atomic<bool> claimed_{false};
+    mutable std::vector<std::pair<uint64_t, std::unique_ptr<SequenceState>>> states_;
     std::shared_ptr<KVPool> pool_;   // paged: where the blocks live ...
     std::vector<int32_t> table_;     // ... and which hold this sequence's positions, in order
 };

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "backend/backend.h"
@@ -38,6 +39,9 @@ struct ForwardContext {
     Backend& backend;
     const std::vector<BatchSegment>& segments;
     int64_t n_rows;     // T, all sequences together
+    // items[i].out[T, rows] = x[T, cols] W_i^T + b for all T rows, with the arithmetic the model uses
+    // for its own projections in this pass (decode rows as decode steps, prompt rows batch-invariant)
+    std::function<void(const MatmulItem* items, int n, const float* x)> matmul;
 };
 
 class ForwardExtension {

@@ -31,7 +31,7 @@ const char* projection_name(Projection p) {
 
 struct Model::Pass {
     Pass(const ForwardRequest& r, int64_t rows, Backend& be, const AttentionShape& s)
-        : req(r), T(rows), pos(static_cast<size_t>(rows)), shape(s), ctx{be, batch, rows} {}
+        : req(r), T(rows), pos(static_cast<size_t>(rows)), shape(s), ctx{be, batch, rows, {}} {}
 
     const ForwardRequest& req;
     int64_t T;
@@ -139,6 +139,7 @@ void Model::forward(const ForwardRequest& req) {
     Pass p(req, T, *backend_,
            AttentionShape{static_cast<int>(hp_.n_head), static_cast<int>(hp_.n_head_kv), static_cast<int>(hp_.head_dim),
                           1.0f / std::sqrt(static_cast<float>(hp_.head_dim))});
+    p.ctx.matmul = [this, &p](const MatmulItem* items, int n, const float* x) { project_rows(p, items, n, x); };
     int64_t row = 0;
     for (const SequenceInput& in : req.batch) {
         const int64_t n_past = in.cache->n_past();
@@ -199,10 +200,9 @@ RowsMode Model::default_mode(const ForwardRequest& req) const {
     return req.batch_invariant ? RowsMode::invariant : RowsMode::fast;
 }
 
-// The products of one input with several of a layer's projections, then the extensions' additions
-// to each output (the adapter seam). A batch-invariant pass computes its decode rows and its prompt
-// rows each with their own arithmetic.
-void Model::project(Pass& p, const MatmulItem* items, const Projection* roles, int n, const float* x, int64_t layer) {
+// The products of one input with several weights for every row of the pass. A batch-invariant pass
+// computes its decode rows and its prompt rows each with their own arithmetic.
+void Model::project_rows(Pass& p, const MatmulItem* items, int n, const float* x) {
     const int64_t D = p.req.batch_invariant ? std::min(p.req.decode_rows, p.T) : 0;
     if (D == 0) {
         backend_->matmul_group(items, n, x, p.T);
@@ -217,6 +217,11 @@ void Model::project(Pass& p, const MatmulItem* items, const Projection* roles, i
         }
         backend_->set_rows_mode(default_mode(p.req));
     }
+}
+
+// A layer's projections of one input, then the extensions' additions to each output (the adapter seam).
+void Model::project(Pass& p, const MatmulItem* items, const Projection* roles, int n, const float* x, int64_t layer) {
+    project_rows(p, items, n, x);
     if (extensions_.empty()) return;
     ProjectionOutput outs[4];
     for (int i = 0; i < n; ++i) outs[i] = {roles[i], items[i].out, items[i].w->rows};

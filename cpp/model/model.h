@@ -79,6 +79,7 @@ public:
     const HParams& hparams() const { return hp_; }
     const ArchSpec& spec() const { return *spec_; }
     Backend& backend() const { return *backend_; }
+    std::shared_ptr<Backend> shared_backend() const { return backend_; }
     size_t weight_bytes() const;
     int64_t n_params() const;
     const std::string& source() const { return weights_.source; }
@@ -127,6 +128,7 @@ private:
     void validate(const ForwardRequest& req, int64_t& T) const;
     void embed(Pass& p);
     void norm(float* out, const float* in, const Norm& n, int64_t rows);
+    void project_rows(Pass& p, const MatmulItem* items, int n, const float* x);
     void project(Pass& p, const MatmulItem* items, const Projection* roles, int n, const float* x, int64_t layer);
     RowsMode default_mode(const ForwardRequest& req) const;
     void attention_block(Pass& p, int64_t l);
@@ -138,7 +140,7 @@ private:
     const ArchSpec* spec_;
     WeightStore weights_;
     LoadOptions options_;
-    std::unique_ptr<Backend> backend_;
+    std::shared_ptr<Backend> backend_;   // shared with extensions whose buffers may outlive the model
     Weight tok_embd_, pos_embd_, output_;
     Weight type_embd_;           // encoders: token type embeddings (type 0 is added to every row)
     Norm output_norm_, embd_norm_;   // embd_norm_: encoders' norm of the embeddings

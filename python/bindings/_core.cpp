@@ -15,6 +15,7 @@
 #include "backend/cpu/kernels.h"
 #include "convert.h"
 #include "adapters.h"
+#include "memory.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/kquants.h"
@@ -431,6 +432,7 @@ PYBIND11_MODULE(_core, mod) {
             m.remove_extension(ext.get());
         }, py::arg("extension").none(false));
     register_adapters(mod);
+    register_memory(mod);
     reject_other_calls(model, "add_extension", "Model.add_extension");
     reject_other_calls(model, "remove_extension", "Model.remove_extension");
     reject_other_static_calls(model, "from_gguf", "Model.from_gguf");

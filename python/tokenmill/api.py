@@ -33,6 +33,7 @@ def load(
     int8_prefill: bool = False,
     int8_decode: bool = False,
     device: str = "cpu",
+    memory: Union[str, os.PathLike, None] = None,
 ) -> "Model":
     """Loads a GGUF file or a Hugging Face directory (config.json + safetensors + tokenizer.json).
 
@@ -50,10 +51,20 @@ def load(
     than 8 rows): about twice the exact speed on 4-bit weights at llama.cpp's decode precision -- a
     fast draft model for speculative decoding, whose verification stays exact either way.
     `device` chooses the backend: "cpu" (always built); "cuda" / "hip" where tokenmill was built with
-    them (an unbuilt one is an UnsupportedModelError saying how to build it)."""
+    them (an unbuilt one is an UnsupportedModelError saying how to build it).
+    `memory` adds memory layers (memory-augmented models, `tokenmill.memory`): a memory-transformer
+    checkpoint directory (config.yaml + model.safetensors); a GGUF that carries its memory (written by
+    tokenmill.memory.export_to_gguf) gets it without this argument."""
     native_model, tok, p = load_parts(path, n_threads=n_threads, tokenizer=tokenizer, weights=weights,
                                       int8_prefill=int8_prefill, int8_decode=int8_decode, device=device)
-    return Model(native_model, tok, p, n_ctx)
+    model = Model(native_model, tok, p, n_ctx)
+    if memory is not None:
+        model.attach_memory(memory)
+    elif os.path.isfile(p) and str(p).endswith(".gguf"):
+        from .engine.memory import gguf_has_memory
+        if gguf_has_memory(p):
+            model.attach_memory(p)
+    return model
 
 
 class Model(EngineModel):

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/memory_attention.h"
 #include "core/error.h"
 #include "core/quants.h"
 #include "core/threadpool.h"
@@ -561,6 +562,10 @@ public:
     }
 
     void lora_add(const LoraItem* items, int n_items) override { cpu::lora_add(pool_, lora_u_, items, n_items); }
+    void memory_attention(float* out, const float* q, int64_t T, const MemoryRoute* routes, const MemoryGroup* groups,
+                          const MemorySpan* spans, const MemoryTable& table, const AttentionShape& shape) override {
+        cpu::memory_attention(pool_, memory_scratch_, out, q, T, routes, groups, spans, table, shape);
+    }
 
 private:
     // How many rows from p0 (before end) one attention tile takes: up to kAttentionTile, but fp32 rows
@@ -670,6 +675,7 @@ private:
     std::vector<float> xd_, xsum_;
     std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
     std::vector<float> lora_u_;     // LoRA: scale * A x of every row of a projection group
+    std::vector<std::vector<float>> memory_scratch_;   // memory attention: one buffer per thread
     bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (BackendOptions::int8_prefill) ...
     bool int8_decode_;    // ... and in decode (BackendOptions::int8_decode)
 };

@@ -203,6 +203,7 @@ class EngineModel:
             raise InvalidArgumentError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         self.n_ctx = min(n_ctx, train_ctx) if n_ctx else train_ctx
         self._adapters = AdapterRegistry(native_model)
+        self.memory = None   # the memory layers (engine.memory.AttachedMemory), once attached
 
     def __repr__(self) -> str:
         hp = self.hparams
@@ -405,6 +406,30 @@ class EngineModel:
     def adapter_slot(self, adapter: AdapterSpec) -> int:
         """The native slot for an adapter choice (eval_batch's `adapters`); -1 is the base model."""
         return self._adapters.slot(adapter)
+
+    # ---- memory layers (memory-augmented models)
+    def attach_memory(self, source: PathLike):
+        """Adds the memory layers of a trainer checkpoint directory (config.yaml + model.safetensors)
+        or of a GGUF written by tokenmill.memory.export_to_gguf; returns them (also `self.memory`).
+        Caches that already hold tokens cannot continue under memory (their positions lack its state)."""
+        from .memory import attach_from_directory, attach_from_gguf
+
+        if self.memory is not None:
+            raise InvalidArgumentError(f"the model already has memory layers (from '{self.memory.source}')")
+        p = Path(source)
+        mem = attach_from_directory(self, p) if p.is_dir() else attach_from_gguf(self, p)
+        if mem is None:
+            raise ModelFormatError(f"'{p}' holds no memory layers")
+        self.add_extension(mem.native)
+        self.memory = mem
+        return mem
+
+    def set_routing(self, strategy: str, top_k: Optional[int] = None, window_size: Optional[int] = None) -> None:
+        """Chooses how the memory layers route chapters from now on: "sequence", "rolling", "token" or
+        "hybrid", with top_k routed chapters and the rolling window (None keeps the current value)."""
+        if self.memory is None:
+            raise InvalidArgumentError("the model has no memory layers (tokenmill.load(base, memory=DIR))")
+        self.memory.set_routing(strategy, top_k, window_size)
 
     # ---- extensions (adapters, memory layers)
     def add_extension(self, extension) -> None:

@@ -63,6 +63,10 @@ def new_lora_set() -> "_core.LoraSet":
     return _core.LoraSet()
 
 
+def new_memory_layers(model: "_core.Model", **options) -> "_core.MemoryLayers":
+    return _core.MemoryLayers(model, **options)
+
+
 def quantize(type_name: str, x) -> bytes:
     return _core.quantize(type_name, x)
 
