@@ -50,10 +50,12 @@ from .engine.adapters import AdapterInfo
 from .tools.export import export_to_gguf, quantize_full_model
 from .tools.merge import merge_adapter
 from .pipelines.inferencer import ConfigManager, Inferencer, InferencerConfig
+from . import memory
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "memory",
     "AdapterInfo",
     "CacheConfig",
     "CacheSpec",

@@ -284,6 +284,7 @@ class AttachedMemory:
         hp = model.hparams
         s = settings
         self.settings, self.tensors, self.source = s, dict(tensors), source
+        self.n_embd = hp.n_embd
         self.native = native.new_memory_layers(
             model.native, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads, head_dim=s.head_dim, n_slots=s.num_memory_tokens,
             n_chapters=s.num_chapters if s.use_chapters else 0, n_shared=s.num_shared_chapters,
@@ -311,7 +312,8 @@ class AttachedMemory:
             if s.use_chapters:
                 router = _require(tensors, f"routers.{layer}.router.weight", (s.num_chapters, E))
                 bias_name = f"routers.{layer}.router.bias"
-                bias = _require(tensors, bias_name, (s.num_chapters,)) if bias_name in tensors else np.zeros(s.num_chapters, np.float32)
+                bias = (_require(tensors, bias_name, (s.num_chapters,)) if bias_name in tensors
+                        else np.zeros(s.num_chapters, np.float32))
                 self.routers[layer] = (np.asarray(router, np.float32), np.asarray(bias, np.float32))
             self.native.add_layer(layer, norm, q, o, k, v, router, bias)
         if s.memory_quant_bits != 32:

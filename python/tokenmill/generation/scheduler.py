@@ -228,6 +228,13 @@ class Scheduler:
         self.model = model
         base = config or SchedulerConfig()
         self.config = SchedulerConfig(**{**base.__dict__, **overrides}) if overrides else base
+        # routed memory layers keep per-sequence routing state: positions adopted from another cache
+        # lack it, and sequence / hybrid routing is decided by a prompt's first pass, so every prompt
+        # is computed by its own sequence in one pass
+        memory = getattr(model, "memory", None)
+        self._whole_prompts = memory is not None and memory.routed
+        if self._whole_prompts and self.config.prefix_cache:
+            self.config = SchedulerConfig(**{**self.config.__dict__, "prefix_cache": False})
         cfg = self.config
         n_blocks = model.pool_blocks(cfg.kv_budget_mb, cfg.block_size, cfg.spec)
         if n_blocks < 1:
@@ -273,9 +280,10 @@ class Scheduler:
                 cfg = config.replace(seed=(config.sampling.seed + i) % 2**64)
             req = Request(next(self._ids), ids, cfg, loop)
             req.adapter_slot = adapter_slot
-            slot = _Slot(req, i, slots[0] if i else None)
-            if i:
-                slots[0].followers.append(slot)
+            leader = slots[0] if i and not self._whole_prompts else None
+            slot = _Slot(req, i, leader)
+            if leader is not None:
+                leader.followers.append(slot)
             slots.append(slot)
             requests.append(req)
         with self._wake:
@@ -476,6 +484,10 @@ class Scheduler:
                 continue
             n_past = seq.cache.n_past
             if n_past < slot.prompt_len:
+                if self._whole_prompts and slot.prompt_len - n_past > budget:
+                    if decode or prompt:
+                        continue   # the next step has room for it
+                    budget = slot.prompt_len - n_past
                 rows = seq.history.view(n_past, min(slot.prompt_len, n_past + budget))
                 prompt.append((slot, rows, False))
                 budget -= len(rows)

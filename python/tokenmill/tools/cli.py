@@ -107,6 +107,11 @@ def _bench(args: argparse.Namespace) -> int:
         if args.export:
             print(bench.format_table(lora_bench.run_export(args.export, args.threads or 2, args.num_tokens)))
         return 0
+    if args.memory:
+        from . import memory_bench
+
+        print(bench.format_table(memory_bench.run(args.model, args.threads or 2, args.num_tokens, args.repeats)))
+        return 0
     if args.compress:
         from . import rag_bench
 
@@ -326,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rag", default=None, metavar="EMBEDDER_DIR",
                    help="retrieval on stdlib docstrings: MiniLM dense, BM25, dense + reranking by --model; embedding speed "
                         "vs sentence-transformers")
+    b.add_argument("--memory", action="store_true",
+                   help="decode with random memory layers (2 layers, 8 chapters x 256 slots, top-2) per routing strategy "
+                        "and storage, against none")
     b.add_argument("--compress", action="store_true",
                    help="training-free prompt compression on the docstring task: kept tokens, prefill time, gold-span NLL")
     b.add_argument("--rerank-queries", dest="rerank_queries", type=int, default=None,

@@ -41,8 +41,9 @@ def add_matrix(writer, name: str, data: np.ndarray, wtype: str) -> None:
                           raw_dtype=getattr(gguf.GGMLQuantizationType, wtype.upper()))
 
 
-def copy_metadata(src: Path, dst: Path):
-    """A gguf.GGUFWriter for dst holding every metadata key of src with its type (tensors to add)."""
+def copy_metadata(src: Path, dst: Path, drop_prefix: Optional[str] = None):
+    """A gguf.GGUFWriter for dst holding every metadata key of src with its type (tensors to add),
+    less those starting with drop_prefix."""
     import gguf
     from gguf import GGUFValueType as T
 
@@ -51,6 +52,8 @@ def copy_metadata(src: Path, dst: Path):
     writer = gguf.GGUFWriter(str(dst), arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in ("general.architecture", "general.alignment", "general.file_type"):
+            continue
+        if drop_prefix and key.startswith(drop_prefix):
             continue
         value = _field_value(field, T)
         if field.types[0] == T.ARRAY:
@@ -69,12 +72,20 @@ def finish(writer) -> None:
 
 
 def rewrite_gguf(src: Path, dst: Path, type_of: Callable[[str], str],
-                 change: Optional[Callable[[str, np.ndarray], None]] = None) -> Path:
+                 change: Optional[Callable[[str, np.ndarray], None]] = None,
+                 skip: Optional[Callable[[str], bool]] = None, drop_keys: Optional[str] = None,
+                 extra: Optional[Callable[[object], None]] = None) -> Path:
     """Writes `src` to `dst` tensor by tensor: each dequantized (and edited in place by `change(name,
-    data)`), 2-D weights stored as `type_of(their type)` where their rows fit its blocks, the rest f32."""
+    data)`), 2-D weights stored as `type_of(their type)` where their rows fit its blocks, the rest f32.
+    skip(name): tensors left out; drop_keys: a prefix of metadata keys left out; extra(writer) adds
+    keys and tensors of its own."""
     parsed = native.open_gguf(str(src))   # validates the file before anything is written
-    writer = copy_metadata(src, dst)
+    writer = copy_metadata(src, dst, drop_keys)
+    if extra is not None:
+        extra(writer)
     for name, type_name, shape, _offset, _nbytes in parsed.tensors():
+        if skip is not None and skip(name):
+            continue
         data = parsed.dequantize(name)
         if change is not None:
             change(name, data)
