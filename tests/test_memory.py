@@ -257,17 +257,23 @@ def test_adopted_prefix_without_routing_state_is_refused(memory_models):
     assert second.n_past == 4
 
 
-def test_seed_generate_api_on_the_default_model(default_gguf, tmp_path):
-    """tokenmill.memory.generate / generate_batch on SmolLM2 with random memory after 2 layers."""
+@pytest.fixture(scope="module")
+def smol_memory(default_gguf, tmp_path_factory):
+    """SmolLM2 with random memory after 2 layers, and its checkpoint directory."""
     from types import SimpleNamespace
 
-    base = tokenmill.load(default_gguf)
-    hp = base.hparams
+    hp = tokenmill.load(default_gguf).hparams
     cfg = SimpleNamespace(hidden_size=hp.n_embd, num_hidden_layers=hp.n_layer, num_attention_heads=hp.n_head,
                           num_key_value_heads=hp.n_head_kv)
     section = dict(CHAPTERED, num_memory_tokens=64, memory_layer_indices=[3, 20], routing_strategy_inference="hybrid")
-    ckpt = write_checkpoint(tmp_path / "smol", cfg, section, random_memory(cfg, section, seed=1))
-    model = tokenmill.load(default_gguf, memory=ckpt)
+    ckpt = write_checkpoint(tmp_path_factory.mktemp("smol"), cfg, section, random_memory(cfg, section, seed=1))
+    return tokenmill.load(default_gguf, memory=ckpt), ckpt
+
+
+def test_seed_generate_api_on_the_default_model(smol_memory, smollm):
+    """tokenmill.memory.generate / generate_batch on SmolLM2 with random memory after 2 layers."""
+    model, _ = smol_memory
+    base = smollm
     prompt = "The capital of France is"
     greedy = tokenmill.memory.generate(model, None, prompt, max_new_tokens=8, do_sample=False)
     assert greedy == model.generate(prompt, max_new_tokens=8, temperature=0, top_k=0, top_p=1.0, min_p=0.0)
@@ -285,3 +291,29 @@ def test_seed_generate_api_on_the_default_model(default_gguf, tmp_path):
     assert sampled[0] == sampled[1]
     with pytest.raises(InvalidArgumentError, match="cuda"):
         tokenmill.memory.generate(model, None, prompt, device="cuda")
+
+
+def test_speculative_lookup_keeps_greedy_output(memory_models):
+    from tokenmill import SpeculativeConfig, SpeculativeGenerator
+
+    model, *_ = memory_models["qwen2-lowrank-shared"]
+    prompt = IDS[:6] * 3   # repeats, so prompt lookup drafts something
+    for strategy in ("hybrid", "token", "rolling"):
+        model.set_routing(strategy)
+        plain = Generator(model, GenerateConfig(temperature=0, max_new_tokens=12, ignore_eos=True)).generate(prompt)
+        spec = SpeculativeGenerator(model, "lookup", SpeculativeConfig(temperature=0, max_new_tokens=12, ignore_eos=True,
+                                                                     spec_k=4))
+        assert list(spec.generate(prompt)) == list(plain)
+    model.set_routing("hybrid")
+
+
+def test_cli_generate_with_memory(smol_memory, default_gguf, capsys):
+    from tokenmill.tools.cli import main
+
+    model, ckpt = smol_memory
+    rc = main(["generate", "--model", str(default_gguf), "--memory", str(ckpt), "--routing", "token", "--temp", "0",
+               "--num-tokens", "8", "--prompt", "The capital of France is"])
+    assert rc in (0, None)
+    want = tokenmill.memory.generate(model, None, "The capital of France is", max_new_tokens=8, do_sample=False,
+                                     routing="token")
+    assert capsys.readouterr().out.strip() == want.strip()

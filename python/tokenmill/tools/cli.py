@@ -52,7 +52,9 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.step is not None:
         raise ValueError("--step needs --run-name")
     model = load(model_path, n_threads=args.threads, n_ctx=max_seq_len, tokenizer=tokenizer, weights=args.weights,
-                 int8_prefill=args.int8_prefill)
+                 int8_prefill=args.int8_prefill, memory=args.memory)
+    if args.routing:
+        model.set_routing(args.routing)
     sampling = dict(
         temperature=args.temp,
         top_k=args.top_k,
@@ -294,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spec-adaptive", dest="spec_adaptive", action="store_true", help="adapt k to the acceptance")
     g.add_argument("--lora", action="append", metavar="[NAME=]PATH[:SCALE]",
                    help="apply a LoRA adapter (PEFT directory or GGUF LoRA), repeatable: all of them are applied")
+    g.add_argument("--memory", default=None, metavar="DIR",
+                   help="memory layers from a memory-transformer checkpoint (config.yaml + model.safetensors)")
+    g.add_argument("--routing", choices=("sequence", "rolling", "token", "hybrid"), default=None,
+                   help="the memory layers' routing strategy (default: the checkpoint's)")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("bench", help="measure batched decode throughput (and multi-turn cache reuse)")
