@@ -207,6 +207,8 @@ def test_pipeline_retrieves_reranks_and_answers(smollm, minilm, tmp_path):
     short = lingua.ask("What is the capital of France?")
     assert "compress" in short.timings and short.sources[0][0] == "france#0" and len(short.sources) <= 3
     with pytest.raises(InvalidArgumentError, match="compression must be one of"):
+        Pipeline(smollm, compression="zip")
+    with pytest.raises(InvalidArgumentError, match="needs a tokenmill.rag.Clara"):
         Pipeline(smollm, compression="clara")
     with pytest.raises(InvalidArgumentError, match="384-dimensional vectors but the embedder makes 576"):
         Pipeline(smollm, index=rag.index)   # the generator as embedder: another dimension

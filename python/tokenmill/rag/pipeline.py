@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from ..errors import ContextOverflowError, InvalidArgumentError
+from .clara import Clara
 from .index import Index, chunk_text
 from .rerank import rerank
 
@@ -62,22 +63,30 @@ def read_documents(source: Union[str, Path]) -> dict[str, str]:
     raise FileNotFoundError(f"no such file or folder: {path}")
 
 
-COMPRESSIONS = ("none", "lingua")
+COMPRESSIONS = ("none", "lingua", "clara")
 
 
 class Pipeline:
     """Retrieval-augmented generation over one Index (module docstring). `rerank_depth` > 0 reranks
     that many retrieved chunks by query likelihood under the generator before keeping top_k.
     compression="lingua" shortens the retrieved chunks to `rate` of their tokens with compress_prompt
-    (scored by `compressor`, default the generator) before the generator reads them."""
+    (scored by `compressor`, default the generator) before the generator reads them; compression="clara"
+    takes a tokenmill.rag.Clara as the generator, which reads the chunks as its compressed vectors
+    (cached on disk when the Clara has a cache_dir)."""
 
     def __init__(self, generator, embedder=None, top_k: int = 4, chunk_tokens: int = 200, overlap: int = 32,
                  rerank_depth: int = 0, index: Optional[Index] = None, max_new_tokens: int = 256,
                  system_prompt: str = SYSTEM_PROMPT, progress: Optional[bool] = None, compression: str = "none",
                  rate: float = 0.5, compressor=None):
         if compression not in COMPRESSIONS:
-            raise InvalidArgumentError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}"
-                                       " (CLaRa compression needs a CLaRa checkpoint, not supported yet)")
+            raise InvalidArgumentError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+        self.clara = None
+        if compression == "clara":
+            if not isinstance(generator, Clara):
+                raise InvalidArgumentError("compression='clara' needs a tokenmill.rag.Clara as the generator (Clara.load)")
+            self.clara, generator = generator, generator.model
+        elif isinstance(generator, Clara):
+            raise InvalidArgumentError("a Clara generator needs compression='clara'")
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
             raise InvalidArgumentError(f"rate must be in (0, 1], got {rate!r}")
         self.compression, self.rate = compression, rate
@@ -155,6 +164,14 @@ class Pipeline:
         """Retrieves, builds the prompt and generates (greedy unless generate_kwargs say otherwise);
         fewer chunks are given when all top_k would not fit the context."""
         sources, timings = self.retrieve(question)
+        if self.clara is not None:
+            t = time.perf_counter()
+            max_new = generate_kwargs.pop("max_new_tokens", self.max_new_tokens)
+            if generate_kwargs:
+                raise InvalidArgumentError(f"CLaRa decodes greedily; {', '.join(generate_kwargs)} do not apply")
+            text = self.clara.generate_from_text([question], [[self.index.text(i) for i, _ in sources]], max_new)[0]
+            timings["generate"] = time.perf_counter() - t
+            return Answer(text.strip(), sources, timings)
         budget = self.generator.n_ctx - self.max_new_tokens
 
         def build(chosen):

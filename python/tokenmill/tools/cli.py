@@ -206,6 +206,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_clara(args: argparse.Namespace) -> int:
+    from .convert_clara import convert_clara
+
+    print(convert_clara(args.source, args.target))
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_adapter
 
@@ -244,11 +251,18 @@ def _rag(args: argparse.Namespace) -> int:
     from ..api import load
     from ..rag import Index, Pipeline
 
-    generator = load(args.model, n_threads=args.threads)
+    if args.compression == "clara":
+        from ..rag import Clara
+
+        if not args.clara:
+            raise ValueError("--compression clara needs --clara DIR (a converted CLaRa folder; --model is its base)")
+        generator = Clara.load(args.clara, base=args.model, n_threads=args.threads, cache_dir=args.clara_cache)
+    else:
+        generator = load(args.model, n_threads=args.threads)
     embedder = load(args.embedder, n_threads=args.threads) if args.embedder else None
     index = Index.load(args.index) if args.index and (Path(args.index) / "index.json").exists() else None
     rag = Pipeline(generator, embedder, top_k=args.top_k, rerank_depth=args.rerank, index=index,
-                   max_new_tokens=args.num_tokens)
+                   max_new_tokens=args.num_tokens, compression=args.compression, rate=args.rate)
     if args.docs:
         rag.add_documents(args.docs)
     if args.index:
@@ -385,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--type", required=True, choices=WEIGHT_TYPES)
     c.set_defaults(func=_convert)
 
+    cc = sub.add_parser("convert-clara", help="a released CLaRa folder (torch pickles) into safetensors + PEFT adapters")
+    cc.add_argument("source", help="the CLaRa folder: config.json, adapters.pth, decoder_first_last_layers.pth")
+    cc.add_argument("target", help="the converted folder (tokenmill.rag.Clara.load reads it)")
+    cc.set_defaults(func=_convert_clara)
+
     mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model's weights (W + s B A)")
     mg.add_argument("base", help="the base model: an HF directory or a GGUF file")
     mg.add_argument("adapter", help="a PEFT adapter directory or a GGUF LoRA file")
@@ -415,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", dest="top_k", type=int, default=4)
     r.add_argument("--rerank", type=int, default=0, metavar="DEPTH", help="rerank this many chunks by query likelihood")
     r.add_argument("--num-tokens", "--num_tokens", dest="num_tokens", type=int, default=256)
+    r.add_argument("--compression", choices=("none", "lingua", "clara"), default="none",
+                   help="lingua: compress the retrieved chunks to --rate of their tokens; clara: a CLaRa model reads "
+                        "them as compressed vectors (--clara)")
+    r.add_argument("--rate", type=float, default=0.5, help="with --compression lingua: the kept share of tokens")
+    r.add_argument("--clara", default=None, metavar="DIR", help="a converted CLaRa folder (tokenmill convert-clara)")
+    r.add_argument("--clara-cache", dest="clara_cache", default=None, metavar="DIR",
+                   help="keep CLaRa's compressed documents here (compressed once per document)")
     r.add_argument("--threads", type=int, default=None)
     r.set_defaults(func=_rag)
 
