@@ -63,11 +63,56 @@ def test_gguf_tokenizer_kinds_match_transformers(tmp_path, default_gguf, arch, p
         assert ours.encode("Hello")[0] == 1
 
 
-def test_sentencepiece_gguf_is_a_clear_error(tmp_path, default_gguf):
-    path = tmp_path / "spm.gguf"
-    _copy_tokenizer_gguf(default_gguf, path, "llama", {"tokenizer.ggml.model": "llama"})
-    with pytest.raises(tokenmill.UnsupportedModelError, match="'llama' is not supported.*tokenizer.json"):
+def test_unknown_gguf_tokenizer_model_is_a_clear_error(tmp_path, default_gguf):
+    path = tmp_path / "wp.gguf"
+    _copy_tokenizer_gguf(default_gguf, path, "llama", {"tokenizer.ggml.model": "bert"})
+    with pytest.raises(tokenmill.UnsupportedModelError, match="'bert' is not supported.*tokenizer.json"):
         tokenmill.load_tokenizer(path)
+
+
+def _spm_gguf(path, add_space_prefix=True):
+    """A Llama-2-style SentencePiece vocabulary (pieces with scores, byte fallback tokens) learned from a
+    small corpus: every piece of up to 6 characters that occurs, scored by frequency."""
+    import collections
+
+    corpus = ("the quick brown fox jumps over the lazy dog; then the other fox sleeps. " * 3 +
+              "tokenizers merge pieces by score, the best first: merging, merged, merge.")
+    text = "\u2581" + corpus.replace(" ", "\u2581")
+    counts = collections.Counter(text[i:i + n] for n in range(2, 7) for i in range(len(text) - n + 1))
+    pieces = [p for p, c in counts.most_common(300) if c > 1]
+    chars = sorted(set(text))
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + chars + pieces
+    scores = [0.0] * 259 + [-1000.0 - i for i in range(len(chars))] + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(chars) + len(pieces))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_space_prefix(add_space_prefix)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_sentencepiece_gguf_matches_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = _spm_gguf(tmp_path / "spm.gguf")
+    ours = tokenmill.load_tokenizer(path)
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for s in ["the quick brown fox", "  two leading spaces", "merging merged tokenizers", "ünïcode → bytes 東京",
+              "the\nfox\tsleeps", "", "x"]:
+        assert ours.encode(s) == ref.encode(s), s
+        assert ours.decode(ours.encode(s), skip_special_tokens=True) == ref.decode(ref.encode(s), skip_special_tokens=True)
+    assert ours.encode("the fox")[:1] == [1]   # BOS, as add_bos_token says
+    assert any(t >= 3 and t < 259 for t in ours.encode("東"))   # byte fallback
 
 
 def test_tokenizer_json_directory(tmp_path, smollm):

@@ -219,6 +219,10 @@ public:
     virtual void swiglu(float* gate, const float* up, int64_t n) = 0;
     // x[n] = gelu(x), tanh approximation (GPT-2)
     virtual void gelu(float* x, int64_t n) = 0;
+    // gate[n] = gelu(gate) * up, tanh approximation (Gemma's GeGLU)
+    virtual void geglu(float* gate, const float* up, int64_t n) = 0;
+    // x[n] *= s
+    virtual void scale(float* x, float s, int64_t n) = 0;
     // x[n] = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), exact GELU (BERT)
     virtual void gelu_erf(float* x, int64_t n) = 0;
     // writes k, v [T, n_kv_heads * head_dim] of every segment into its cache at n_past.. (quantized

@@ -63,6 +63,22 @@ const HfLayout& hf_layout(const std::string& arch) {
         {"self_attn.q_norm.weight", "attn_q_norm.weight"}, {"self_attn.k_norm.weight", "attn_k_norm.weight"},
         {"self_attn.qkv_proj.weight", "attn_qkv.weight"},  {"mlp.gate_up_proj.weight", "ffn_up.weight"},   // Phi-3
     }, false};
+    // Gemma 3: post_attention_layernorm norms the attention's output (llama's name for the MLP's input
+    // norm), pre_feedforward_layernorm is the MLP's input norm
+    static const HfLayout gemma3{"", {
+        {"model.embed_tokens.weight", "token_embd.weight"}, {"model.norm.weight", "output_norm.weight"},
+        {"lm_head.weight", "output.weight"},
+    }, "model.layers.", {
+        {"input_layernorm.weight", "attn_norm.weight"},
+        {"self_attn.q_proj.weight", "attn_q.weight"},      {"self_attn.k_proj.weight", "attn_k.weight"},
+        {"self_attn.v_proj.weight", "attn_v.weight"},      {"self_attn.o_proj.weight", "attn_output.weight"},
+        {"self_attn.q_norm.weight", "attn_q_norm.weight"}, {"self_attn.k_norm.weight", "attn_k_norm.weight"},
+        {"post_attention_layernorm.weight", "post_attention_norm.weight"},
+        {"pre_feedforward_layernorm.weight", "ffn_norm.weight"},
+        {"post_feedforward_layernorm.weight", "post_ffw_norm.weight"},
+        {"mlp.gate_proj.weight", "ffn_gate.weight"},       {"mlp.up_proj.weight", "ffn_up.weight"},
+        {"mlp.down_proj.weight", "ffn_down.weight"},
+    }, false};
     static const HfLayout gpt2{"transformer.", {
         {"wte.weight", "token_embd.weight"}, {"wpe.weight", "position_embd.weight"},
         {"ln_f.weight", "output_norm.weight"}, {"ln_f.bias", "output_norm.bias"}, {"lm_head.weight", "output.weight"},
@@ -91,7 +107,7 @@ const HfLayout& hf_layout(const std::string& arch) {
         {"output.dense.weight", "ffn_down.weight"},               {"output.dense.bias", "ffn_down.bias"},
         {"output.LayerNorm.weight", "layer_output_norm.weight"},  {"output.LayerNorm.bias", "layer_output_norm.bias"},
     }, false};
-    return arch == "gpt2" ? gpt2 : arch == "bert" ? bert : llama;
+    return arch == "gpt2" ? gpt2 : arch == "bert" ? bert : arch == "gemma3" ? gemma3 : llama;
 }
 
 HfName map_hf_name(const std::string& arch, std::string hf) {

@@ -17,6 +17,7 @@ const ArchSpec kArchs[] = {
     {"phi3", NormKind::rms, MlpKind::swiglu, PositionKind::rope, true, false, false, true},
     {"gpt2", NormKind::layer, MlpKind::gelu, PositionKind::learned, true},
     {"bert", NormKind::layer, MlpKind::gelu_erf, PositionKind::learned, false, true},
+    {"gemma3", NormKind::rms, MlpKind::geglu, PositionKind::rope, false, false, true, false, true, true},
 };
 
 }  // namespace
@@ -58,6 +59,11 @@ void validate_hparams(const HParams& hp, const std::string& source) {
         bad("norm epsilon " + std::to_string(hp.norm_eps));
     if (!(hp.rope_theta > 0.0f) || !std::isfinite(hp.rope_theta)) bad("rope theta " + std::to_string(hp.rope_theta));
     if (hp.sliding_window < 0 || hp.sliding_window > big) bad("sliding window " + std::to_string(hp.sliding_window));
+    if (!hp.local_layers.empty() && static_cast<int64_t>(hp.local_layers.size()) != hp.n_layer)
+        bad(std::to_string(hp.local_layers.size()) + " local / global layer flags for " + std::to_string(hp.n_layer) + " layers");
+    if (hp.rope_theta_local < 0.0f || !std::isfinite(hp.rope_theta_local)) bad("local rope theta " + std::to_string(hp.rope_theta_local));
+    if (hp.attn_scale < 0.0f || !std::isfinite(hp.attn_scale)) bad("attention scale " + std::to_string(hp.attn_scale));
+    if (!std::isfinite(hp.norm_offset)) bad("norm offset");
     if (!hp.rope_freq_factors.empty()) {
         if (static_cast<int64_t>(hp.rope_freq_factors.size()) != hp.head_dim / 2)
             bad(std::to_string(hp.rope_freq_factors.size()) + " rope frequency factors for head dimension " +
@@ -90,6 +96,10 @@ HParams hparams_from_gguf(const GGUFFile& f) {
         // llama.cpp's converter permutes llama Q/K rows so that RoPE rotates adjacent pairs;
         // qwen2, qwen3 and phi3 keep the HF layout (rotate halves).
         hp.rope_style = hp.arch == "llama" || hp.arch == "mistral" ? RopeStyle::adjacent : RopeStyle::halves;
+        if (hp.arch == "gemma3") {   // as llama.cpp reads Gemma 3: every sixth layer global, local RoPE base 1e4
+            for (int64_t l = 0; l < hp.n_layer; ++l) hp.local_layers.push_back((l + 1) % 6 != 0);
+            hp.rope_theta_local = 10000.0f;
+        }
         int64_t rope_dim = f.get_int_or(a + "rope.dimension_count", hp.head_dim);
         if (rope_dim != hp.head_dim)
             fail(ErrorKind::unsupported, "partial rotary embeddings (rope dimension " + std::to_string(rope_dim) +

@@ -8,6 +8,9 @@
 //   gpt2                                  : LayerNorm, learned positions, fused QKV, GELU, biases
 //   bert   (BERT, MiniLM encoders)        : post-LayerNorm, learned positions + token type 0, exact GELU,
 //                                           bidirectional attention, no LM head (hidden states only)
+//   gemma3                                : RMSNorm before and after attention and MLP, GeGLU, qk-norm,
+//                                           embeddings times sqrt(n_embd), local sliding-window layers
+//                                           with their own RoPE base between global ones
 #pragma once
 
 #include <cstdint>
@@ -20,7 +23,8 @@
 namespace tmill {
 
 enum class NormKind { rms, layer };        // x / rms(x) * w   |  (x - mean) / std * w + b
-enum class MlpKind { swiglu, gelu, gelu_erf };   // down(silu(gate(h)) * up(h)) | down(gelu(up(h))), tanh | erf
+// down(silu(gate(h)) * up(h)) | down(gelu(up(h))), tanh | erf | down(gelu_tanh(gate(h)) * up(h))
+enum class MlpKind { swiglu, gelu, gelu_erf, geglu };
 enum class PositionKind { rope, learned }; // rotate Q and K  |  add position_embd[pos] to x
 
 struct ArchSpec {
@@ -33,6 +37,8 @@ struct ArchSpec {
                             // no final norm, attention over the whole sequence, no LM head
     bool qk_norm = false;   // RMSNorm of each query and key head (weights [head_dim]) before RoPE (Qwen3)
     bool fused_gate_up = false;   // one [gate + up, n_embd] projection (Phi-3's gate_up_proj), split at load
+    bool sandwich_norms = false;  // each block's output normed before its residual add (Gemma's post norms)
+    bool embed_scale = false;     // token embeddings times sqrt(n_embd) (Gemma)
 };
 
 // The spec of an architecture name, or null when it is not supported.
@@ -56,6 +62,12 @@ struct HParams {
     int64_t sliding_window = 0;   // 0: full attention
     std::vector<float> rope_freq_factors;   // [head_dim / 2] divisors of each pair's frequency (Llama 3); empty: none
     bool tied_embeddings = false;
+    float attn_scale = 0.0f;          // attention logits' scale; 0: head_dim^-0.5 (Gemma: query_pre_attn_scalar^-0.5)
+    // Per layer, 1 where the layer is local (sliding_window, rope_theta_local) and 0 where it is global
+    // (full attention, rope_theta); empty: every layer uses sliding_window and rope_theta (Mistral).
+    std::vector<int32_t> local_layers;
+    float rope_theta_local = 0.0f;    // local layers' RoPE base; 0: rope_theta
+    float norm_offset = 0.0f;         // added to every norm weight at load (Gemma's HF weights: 1 + w)
 };
 
 // The architecture's spec; Error(unsupported) naming the supported ones otherwise.

@@ -136,9 +136,9 @@ void Model::forward(const ForwardRequest& req) {
     PassScope scope(*backend_);
     backend_->set_rows_mode(default_mode(req));
 
+    const float scale = hp_.attn_scale > 0.0f ? hp_.attn_scale : 1.0f / std::sqrt(static_cast<float>(hp_.head_dim));
     Pass p(req, T, *backend_,
-           AttentionShape{static_cast<int>(hp_.n_head), static_cast<int>(hp_.n_head_kv), static_cast<int>(hp_.head_dim),
-                          1.0f / std::sqrt(static_cast<float>(hp_.head_dim))});
+           AttentionShape{static_cast<int>(hp_.n_head), static_cast<int>(hp_.n_head_kv), static_cast<int>(hp_.head_dim), scale});
     p.ctx.matmul = [this, &p](const MatmulItem* items, int n, const float* x) { project_rows(p, items, n, x); };
     int64_t row = 0;
     for (const SequenceInput& in : req.batch) {
@@ -175,8 +175,12 @@ void Model::embed(Pass& p) {
     for (size_t s = 0; s < p.req.batch.size(); ++s) {
         const SequenceInput& in = p.req.batch[s];
         float* dst = ws_.x.get() + p.segs[s].row0 * E;
-        if (in.tokens) be.get_rows(dst, tok_embd_, in.tokens, in.n);
-        else be.upload(dst, in.embeds, static_cast<size_t>(in.n * E));
+        if (in.tokens) {
+            be.get_rows(dst, tok_embd_, in.tokens, in.n);
+            if (spec_->embed_scale) be.scale(dst, std::sqrt(static_cast<float>(E)), in.n * E);   // given embeddings are not
+        } else {
+            be.upload(dst, in.embeds, static_cast<size_t>(in.n * E));
+        }
     }
     if (spec_->positions == PositionKind::learned) {
         be.get_rows(ws_.h.get(), pos_embd_, p.pos.data(), p.T);
@@ -242,17 +246,26 @@ void Model::attention_block(Pass& p, int64_t l) {
         be.rms_norm(q, q, L.q_norm.weight, p.T * p.shape.n_heads, p.shape.head_dim, hp_.norm_eps);
         be.rms_norm(k, k, L.k_norm.weight, p.T * p.shape.n_kv_heads, p.shape.head_dim, hp_.norm_eps);
     }
+    // interleaved families: a local layer has the sliding window and its own RoPE base, a global one neither
+    const bool local = !hp_.local_layers.empty() && hp_.local_layers[static_cast<size_t>(l)];
+    const bool global = !hp_.local_layers.empty() && !local;
     if (spec_->positions == PositionKind::rope) {
         const float* factors = hp_.rope_freq_factors.empty() ? nullptr : hp_.rope_freq_factors.data();
-        be.rope(q, p.T, p.shape.n_heads, p.shape.head_dim, p.pos.data(), hp_.rope_theta, hp_.rope_style, factors);
-        be.rope(k, p.T, p.shape.n_kv_heads, p.shape.head_dim, p.pos.data(), hp_.rope_theta, hp_.rope_style, factors);
+        const float theta = local && hp_.rope_theta_local > 0.0f ? hp_.rope_theta_local : hp_.rope_theta;
+        be.rope(q, p.T, p.shape.n_heads, p.shape.head_dim, p.pos.data(), theta, hp_.rope_style, factors);
+        be.rope(k, p.T, p.shape.n_kv_heads, p.shape.head_dim, p.pos.data(), theta, hp_.rope_style, factors);
     }
-    for (size_t s = 0; s < p.segs.size(); ++s) p.segs[s].kv = p.req.batch[s].cache->layer_view(static_cast<size_t>(l));
+    for (size_t s = 0; s < p.segs.size(); ++s) {
+        const KVCache& cache = *p.req.batch[s].cache;
+        p.segs[s].kv = cache.layer_view(static_cast<size_t>(l));
+        p.segs[s].window = global ? cache.config().local_window : attention_window(cache);
+    }
     be.kv_store(k, v, p.segs.data(), static_cast<int>(p.segs.size()), p.shape);
     be.attention(att, q, p.segs.data(), static_cast<int>(p.segs.size()), p.shape);
     const MatmulItem o[] = {{h, &L.wo}};
     const Projection o_role[] = {Projection::o};
     project(p, o, o_role, 1, att, l);
+    if (spec_->sandwich_norms) norm(h, h, L.post_attn_norm, p.T);
     be.add(x, h, p.T * hp_.n_embd);
     if (spec_->encoder) norm(x, x, L.attn_norm, p.T);
 }
@@ -265,11 +278,12 @@ void Model::mlp_block(Pass& p, int64_t l) {
     float *x = ws_.x.get(), *h = ws_.h.get(), *a = ws_.ff_a.get(), *b = ws_.ff_b.get();
     if (!spec_->encoder) norm(h, x, L.ffn_norm, p.T);
     const float* in = spec_->encoder ? x : h;
-    if (spec_->mlp == MlpKind::swiglu) {
+    if (spec_->mlp == MlpKind::swiglu || spec_->mlp == MlpKind::geglu) {
         const MatmulItem gate_up[] = {{a, &L.w_gate}, {b, &L.w_up}};
         const Projection roles[] = {Projection::gate, Projection::up};
         project(p, gate_up, roles, 2, in, l);
-        be.swiglu(a, b, p.T * hp_.n_ff);
+        if (spec_->mlp == MlpKind::swiglu) be.swiglu(a, b, p.T * hp_.n_ff);
+        else be.geglu(a, b, p.T * hp_.n_ff);
     } else {
         const MatmulItem up[] = {{a, &L.w_up}};
         const Projection role[] = {Projection::up};
@@ -280,6 +294,7 @@ void Model::mlp_block(Pass& p, int64_t l) {
     const MatmulItem down[] = {{h, &L.w_down}};
     const Projection down_role[] = {Projection::down};
     project(p, down, down_role, 1, a, l);
+    if (spec_->sandwich_norms) norm(h, h, L.post_ffn_norm, p.T);
     be.add(x, h, p.T * hp_.n_embd);
     if (spec_->encoder) norm(x, x, L.ffn_norm, p.T);
 }

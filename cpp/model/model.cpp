@@ -128,6 +128,9 @@ std::vector<float> Model::host_vector(const std::string& name, int64_t n, bool r
 
 const float* Model::vector(const std::string& name, int64_t n, bool required) {
     std::vector<float> host = host_vector(name, n, required);
+    const std::string suffix = "norm.weight";
+    if (hp_.norm_offset != 0.0f && name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
+        for (float& v : host) v += hp_.norm_offset;
     return host.empty() ? nullptr : backend_->upload_vector(host.data(), host.size());
 }
 
@@ -197,6 +200,10 @@ void Model::build() {
             L.wv = weight(p + "attn_v.weight", KD, E);
         }
         L.wo = weight(p + "attn_output.weight", E, QD);
+        if (spec.sandwich_norms) {
+            L.post_attn_norm.weight = vector(p + "post_attention_norm.weight", E);
+            L.post_ffn_norm.weight = vector(p + "post_ffw_norm.weight", E);
+        }
         if (spec.qk_norm) {
             L.q_norm.weight = vector(p + "attn_q_norm.weight", hp_.head_dim);
             L.k_norm.weight = vector(p + "attn_k_norm.weight", hp_.head_dim);
@@ -209,7 +216,7 @@ void Model::build() {
             L.w_gate = weight_rows(name, fused, 0, F, E);
             L.w_up = weight_rows(name, fused, F, F, E);
         } else {
-            if (spec.mlp == MlpKind::swiglu) L.w_gate = weight(p + "ffn_gate.weight", F, E);
+            if (spec.mlp == MlpKind::swiglu || spec.mlp == MlpKind::geglu) L.w_gate = weight(p + "ffn_gate.weight", F, E);
             L.w_up = weight(p + "ffn_up.weight", F, E);
         }
         L.w_down = weight(p + "ffn_down.weight", E, F);

@@ -100,6 +100,7 @@ private:
         Weight wq, wk, wv, wo;       // a fused QKV projection is split into wq, wk, wv at load
         Weight w_gate, w_up, w_down; // w_gate absent for a GELU MLP
         Norm q_norm, k_norm;         // qk-norm families: [head_dim] weights shared by every head
+        Norm post_attn_norm, post_ffn_norm;   // sandwich-norm families: the blocks' outputs normed
     };
     // Activations of a pass of up to `rows` tokens (backend memory).
     struct Workspace {

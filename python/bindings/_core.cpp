@@ -379,6 +379,15 @@ PYBIND11_MODULE(_core, mod) {
                          });
     hparams.def_property("tied_embeddings", [](const HParams& h) { return h.tied_embeddings; },
                          [](HParams& h, py::handle v) { h.tied_embeddings = to_bool(v, "tied_embeddings"); });
+    checked_field(hparams, "attn_scale", &HParams::attn_scale, float_conv);
+    checked_field(hparams, "rope_theta_local", &HParams::rope_theta_local, float_conv);
+    checked_field(hparams, "norm_offset", &HParams::norm_offset, float_conv);
+    hparams.def_property("local_layers", [](const HParams& h) { return h.local_layers; }, [](HParams& h, py::handle v) {
+        if (!py::isinstance<py::sequence>(v) || py::isinstance<py::str>(v)) bad_arg("local_layers must be a sequence of 0 / 1");
+        std::vector<int32_t> out;
+        for (py::handle item : py::iter(v)) out.push_back(to_bool(item, "local_layers") ? 1 : 0);
+        h.local_layers = std::move(out);
+    });
     reject_other_inits(hparams, "HParams");
 
     py::class_<Model, std::shared_ptr<Model>> model(mod, "Model");

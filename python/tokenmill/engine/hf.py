@@ -12,7 +12,7 @@ from ..errors import ModelFormatError, UnsupportedModelError
 from ..jsonfile import read_json_object
 from . import native
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "bert")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gpt2", "bert")
 
 
 def read_config(directory: Path) -> dict:
@@ -83,6 +83,67 @@ def _rope_theta(config: dict) -> float:
     return float(theta)
 
 
+def _gemma3_rope(config: dict) -> tuple[float, float]:
+    """(global RoPE base, local RoPE base): transformers 5 keeps one rope block per layer type."""
+    params = config.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        blocks = {kind: params.get(kind) or {} for kind in ("full_attention", "sliding_attention")}
+    else:
+        if config.get("rope_scaling"):
+            blocks = {"full_attention": config["rope_scaling"]}
+        else:
+            blocks = {}
+        blocks = {"full_attention": {**blocks.get("full_attention", {}), "rope_theta": config.get("rope_theta", 1e6)},
+                  "sliding_attention": {"rope_theta": config.get("rope_local_base_freq", 10000.0)}}
+    for kind, block in blocks.items():
+        rope_type = block.get("rope_type", block.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise UnsupportedModelError(f"Gemma 3 RoPE scaling '{rope_type}' ({kind} layers) is not supported (default is)")
+    thetas = []
+    for kind, default in (("full_attention", 1e6), ("sliding_attention", 1e4)):
+        theta = blocks[kind].get("rope_theta", default)
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+            raise ModelFormatError(f"config.json {kind} rope_theta must be a positive number, got {theta!r}")
+        thetas.append(float(theta))
+    return thetas[0], thetas[1]
+
+
+def _gemma3_hparams(config: dict, hp):
+    """Gemma 3 (text): sandwich norms with (1 + w) weights, GeGLU, qk-norm, sqrt(hidden)-scaled
+    embeddings, local sliding-window layers (their own RoPE base) between global ones."""
+    hp.arch = "gemma3"
+    act = config.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise UnsupportedModelError(f"Gemma 3 activation '{act}' is not supported (gelu_pytorch_tanh is)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention", "attention_bias"):
+        if config.get(key):
+            raise UnsupportedModelError(f"Gemma 3 with {key}={config[key]!r} is not supported")
+    hp.n_vocab = _get(config, "vocab_size")
+    hp.n_embd = _get(config, "hidden_size")
+    hp.n_layer = _get(config, "num_hidden_layers")
+    hp.n_head = _get(config, "num_attention_heads")
+    hp.n_head_kv = _get(config, "num_key_value_heads", int, hp.n_head)
+    hp.head_dim = _get(config, "head_dim", int, hp.n_embd // hp.n_head if hp.n_head > 0 else 0)
+    hp.n_ff = _get(config, "intermediate_size")
+    hp.n_ctx_train = _get(config, "max_position_embeddings")
+    hp.norm_eps = _get(config, "rms_norm_eps", float, 1e-6)
+    hp.rope_theta, hp.rope_theta_local = _gemma3_rope(config)
+    hp.rope_style = native.RopeStyle.halves
+    hp.tied_embeddings = bool(config.get("tie_word_embeddings", True))
+    hp.sliding_window = _get(config, "sliding_window", int, 4096)
+    kinds = config.get("layer_types")
+    if kinds is None:
+        pattern = _get(config, "sliding_window_pattern", int, 6)
+        kinds = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(hp.n_layer)]
+    if not isinstance(kinds, list) or len(kinds) != hp.n_layer or any(k not in ("sliding_attention", "full_attention")
+                                                                         for k in kinds):
+        raise ModelFormatError(f"config.json layer_types must list sliding_attention / full_attention per layer, got {kinds!r}")
+    hp.local_layers = [k == "sliding_attention" for k in kinds]
+    hp.attn_scale = _get(config, "query_pre_attn_scalar", float, hp.head_dim) ** -0.5
+    hp.norm_offset = 1.0   # Gemma's RMSNorm multiplies by (1 + w); the GGUF converter stores w + 1 instead
+    return hp
+
+
 def hparams_from_config(config: dict):
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
@@ -91,6 +152,8 @@ def hparams_from_config(config: dict):
         )
     hp = native.hparams()
     hp.arch = model_type
+    if model_type == "gemma3_text":
+        return _gemma3_hparams(config, hp)
     if model_type == "gpt2":
         act = config.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):

@@ -11,7 +11,7 @@ import numpy as np
 
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from ..errors import InvalidArgumentError, ModelFormatError, UnsupportedModelError
 from ..jsonfile import read_json_object
@@ -32,6 +32,15 @@ _PRE_SPLITS = {
 # as SmolLM2's own tokenizer.json does).
 _PRE_DIGITS = {"smollm", "starcoder", "refact", "codeshell"}
 _PRE_GPT2 = {"gpt2", "gpt-2", "default"}
+
+# Gemma's turn format, for Gemma GGUF files that carry no template (a system message opens the first
+# user turn, as Gemma's own template does)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{% set ns.system = m['content'] ~ '\n\n' %}{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ (ns.system ~ m['content']) | trim }}<end_of_turn>\n{% set ns.system = '' %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
 
 _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
@@ -61,43 +70,104 @@ def _text(value) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
+def _spm_merges(tokens: list, rank: dict) -> list:
+    """The merges a SentencePiece BPE vocabulary implies: every split of a token into two tokens, best
+    merged token first (rank: lower is better), a longer left piece first within one token."""
+    vocab = set(tokens)
+    pairs = []
+    for token in tokens:
+        for cut in range(len(token) - 1, 0, -1):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                pairs.append((rank[token], left, right))
+    pairs.sort(key=lambda p: p[0])
+    return [(left, right) for _, left, right in pairs]
+
+
+def _sentencepiece_model(meta: dict, tokens: list, gemma: bool):
+    """llama.cpp's `llama` vocabulary (SentencePiece BPE: byte fallback, pieces merged best score
+    first) as a tokenizers BPE. Gemma files store tokens of several spaces as spaces (looked up as
+    "▁"s) and their scores do not follow the merge order, the file order does (as transformers reads
+    them); the others rank merges by score."""
+    if gemma:
+        tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
+        rank = {}
+        for i, t in enumerate(tokens):
+            rank.setdefault(t, i)
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if not isinstance(scores, list) or len(scores) != len(tokens):
+            raise ModelFormatError("the GGUF SentencePiece vocabulary lacks tokenizer.ggml.scores")
+        rank = {}
+        for i in sorted(range(len(tokens)), key=lambda i: -float(scores[i])):
+            rank.setdefault(tokens[i], len(rank))
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    unk_token = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
+    return models.BPE(vocab=vocab, merges=_spm_merges(tokens, rank), fuse_unk=True, byte_fallback=True,
+                      unk_token=unk_token), tokens
+
+
+def _sentencepiece_text(tok: HFTokenizer, meta: dict, gemma: bool) -> None:
+    """Spaces as "▁" (with a leading one for add_space_prefix vocabularies, as llama.cpp does)."""
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", not gemma))
+    if gemma:
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                     split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix and not gemma else []))
+
+
 def tokenizer_from_gguf_metadata(meta: dict) -> "Tokenizer":
-    """Builds the tokenizer described by GGUF `tokenizer.ggml.*` metadata."""
+    """Builds the tokenizer described by GGUF `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`) or
+    SentencePiece BPE (`llama`: Llama 2, Mistral, Gemma, Phi-3)."""
     kind = _text(meta.get("tokenizer.ggml.model", b""))
     if not kind:
         raise ModelFormatError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise UnsupportedModelError(
-            f"GGUF tokenizer model '{kind}' is not supported (byte-level BPE 'gpt2' is); "
+            f"GGUF tokenizer model '{kind}' is not supported (byte-level BPE 'gpt2' and SentencePiece 'llama' are); "
             "pass a tokenizer.json with tokenizer=..."
         )
     tokens = [_text(t) for t in meta.get("tokenizer.ggml.tokens", [])]
     merges = meta.get("tokenizer.ggml.merges")
-    if not tokens or not isinstance(merges, list):
+    if not tokens or (kind == "gpt2" and not isinstance(merges, list)):
         raise ModelFormatError("the GGUF tokenizer lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if not isinstance(types, list) or len(types) != len(tokens):
         raise ModelFormatError("tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)
-    pairs = []
-    for m in merges:
-        parts = _text(m).split(" ", 1)
-        if len(parts) != 2:
-            raise ModelFormatError(f"malformed BPE merge {m!r} in the GGUF tokenizer")
-        pairs.append((parts[0], parts[1]))
+    arch = _text(meta.get("general.architecture", b""))
 
     try:
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-        tok.pre_tokenizer = _byte_level_pre_tokenizer(_text(meta.get("tokenizer.ggml.pre", b"default")))
-        tok.decoder = decoders.ByteLevel()
+        if kind == "llama":
+            model, tokens = _sentencepiece_model(meta, tokens, gemma=arch.startswith("gemma"))
+            tok = HFTokenizer(model)
+            _sentencepiece_text(tok, meta, gemma=arch.startswith("gemma"))
+        else:
+            vocab = {}
+            for i, t in enumerate(tokens):
+                vocab.setdefault(t, i)
+            pairs = []
+            for m in merges:
+                parts = _text(m).split(" ", 1)
+                if len(parts) != 2:
+                    raise ModelFormatError(f"malformed BPE merge {m!r} in the GGUF tokenizer")
+                pairs.append((parts[0], parts[1]))
+            tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+            tok.pre_tokenizer = _byte_level_pre_tokenizer(_text(meta.get("tokenizer.ggml.pre", b"default")))
+            tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens(
             [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _TOKEN_CONTROL]
         )
         tok.add_tokens(
             [AddedToken(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == _TOKEN_USER_DEFINED]
         )
+    except ModelFormatError:
+        raise
     except Exception as exc:  # the tokenizers library raises plain Exceptions for a vocabulary it rejects
         raise ModelFormatError(f"the GGUF tokenizer is malformed: {exc}") from exc
 
@@ -114,10 +184,15 @@ def tokenizer_from_gguf_metadata(meta: dict) -> "Tokenizer":
     except Exception as exc:
         raise ModelFormatError(f"the GGUF tokenizer's special tokens are malformed: {exc}") from exc
     template = meta.get("tokenizer.chat_template")
+    if template is None and arch.startswith("gemma"):
+        template = GEMMA_TEMPLATE
+    eos_ids = [eos] if eos is not None else []
+    if arch.startswith("gemma") and "<end_of_turn>" in tokens:   # a chat turn ends there
+        eos_ids.append(tokens.index("<end_of_turn>"))
     return Tokenizer(
         tok,
         bos_id=bos,
-        eos_ids=[eos] if eos is not None else [],
+        eos_ids=eos_ids,
         chat_template=_text(template) if template is not None else None,
     )
 

@@ -206,6 +206,13 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _perplexity(args: argparse.Namespace) -> int:
+    from . import bench, perplexity
+
+    print(bench.format_table(perplexity.run(args).rows()))
+    return 0
+
+
 def _convert_clara(args: argparse.Namespace) -> int:
     from .convert_clara import convert_clara
 
@@ -398,6 +405,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("target")
     c.add_argument("--type", required=True, choices=WEIGHT_TYPES)
     c.set_defaults(func=_convert)
+
+    pp = sub.add_parser("perplexity", help="perplexity over a text in windows, and KL / top-1 agreement against a base model")
+    pp.add_argument("model", help="GGUF file or HF directory")
+    pp.add_argument("--text", required=True, help="a UTF-8 text file")
+    pp.add_argument("--ctx", type=int, default=512, help="window length in tokens (its second half is scored)")
+    pp.add_argument("--kl-base", dest="kl_base", default=None, help="a base model to compare the logits with")
+    pp.add_argument("--kv-kind", dest="kv_kind", default="fp32", help="the model's KV cache kind (fp32, fp16, q8, q4, ...)")
+    pp.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the model's weights on load")
+    pp.add_argument("--max-windows", dest="max_windows", type=int, default=None, help="score at most this many windows")
+    pp.add_argument("--threads", type=int, default=None)
+    pp.set_defaults(func=_perplexity)
 
     cc = sub.add_parser("convert-clara", help="a released CLaRa folder (torch pickles) into safetensors + PEFT adapters")
     cc.add_argument("source", help="the CLaRa folder: config.json, adapters.pth, decoder_first_last_layers.pth")
