@@ -34,7 +34,8 @@ class PerplexityReport:
                     {"metric": "mean KL(base || model)", "value": self.mean_kl},
                     {"metric": "99th percentile KL", "value": self.p99_kl},
                     {"metric": "top-1 agreement", "value": self.top1_agreement}]
-        return out + [{"metric": "windows x scored tokens", "value": f"{self.windows} x {self.scored_tokens // max(self.windows, 1)}"}]
+        per_window = self.scored_tokens // max(self.windows, 1)
+        return out + [{"metric": "windows x scored tokens", "value": f"{self.windows} x {per_window}"}]
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
