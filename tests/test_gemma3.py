@@ -65,6 +65,8 @@ def test_unsupported_gemma3_settings_are_named(tiny_gemma3, tmp_path):
         (broken / "config.json").write_text(json.dumps(cfg))
         with pytest.raises(tokenmill.UnsupportedModelError, match=str(value)):
             tokenmill.load(broken)
+    with pytest.raises(tokenmill.UnsupportedModelError, match="not gemma3"):
+        tokenmill.export_to_gguf(d, tmp_path / "out.gguf")
 
 
 @pytest.fixture(scope="module")

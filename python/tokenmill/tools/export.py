@@ -187,6 +187,8 @@ def export_to_gguf(hf_dir: PathLike, out: PathLike, type: str = "f16") -> Path:
         raise InvalidArgumentError(f"'{directory}' is not a Hugging Face model directory")
     config = hf.read_config(directory)
     hp = hf.hparams_from_config(config)
+    if hp.arch not in GGUF_ARCH:
+        raise UnsupportedModelError(f"export to GGUF supports {', '.join(sorted(GGUF_ARCH))} models, not {hp.arch}")
     arch = GGUF_ARCH[hp.arch]
     w = _read_weights(directory)
     tensors = _gpt2_tensors(w, hp) if hp.arch == "gpt2" else _llama_tensors(w, hp, permute=arch == "llama")
