@@ -111,15 +111,13 @@ def _sentencepiece_model(meta: dict, tokens: list, gemma: bool):
 
 
 def _sentencepiece_text(tok: HFTokenizer, meta: dict, gemma: bool) -> None:
-    """Spaces as "▁" (with a leading one for add_space_prefix vocabularies, as llama.cpp does)."""
+    """Spaces as "▁"; add_space_prefix vocabularies (Llama 2, Mistral, Phi-3) also put one "▁" before
+    the text and after every special token, as llama.cpp does (so "  hi" is "▁▁▁hi")."""
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", not gemma))
-    if gemma:
-        tok.normalizer = normalizers.Replace(" ", "\u2581")
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
-                                                     split=False)
+    replace = normalizers.Replace(" ", "\u2581")
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prefix else replace
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix and not gemma else []))
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
 
 
 def tokenizer_from_gguf_metadata(meta: dict) -> "Tokenizer":
