@@ -2,6 +2,8 @@
 pre-tokenizer kind; tokenizer.json directories; chat templates from tokenizer_config.json."""
 
 import json
+import warnings
+from pathlib import Path
 
 import gguf
 import pytest
@@ -146,3 +148,17 @@ def test_chat_template_errors_are_typed(smollm):
         render_chat("{{ raise_exception('roles must alternate') }}", [{"role": "user", "content": "x"}])
     with pytest.raises(ChatTemplateError, match="does not compile"):
         render_chat("{% for %}", [{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("pre", ["deepseek-llm", "deepseek-coder", "falcon"])
+def test_multi_rule_pre_tokenizers_match_llama_cpp(tmp_path, default_gguf, pre):
+    """The ids llama.cpp gives (recorded from llama-cpp-python, tests/data) for the default vocabulary
+    under these pre-tokenizers, which transformers' GGUF reader does not know."""
+    recorded = json.loads((Path(__file__).parent / "data" / "llama_cpp_pre_tokenizer_ids.json").read_text(encoding="utf-8"))
+    path = tmp_path / f"{pre}.gguf"
+    _copy_tokenizer_gguf(default_gguf, path, "llama", {"tokenizer.ggml.pre": pre})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a known pre-tokenizer: no fallback warning
+        ours = tokenmill.load_tokenizer(path)
+    for text, ids in recorded["ids"][pre].items():
+        assert ours.encode(text, add_special_tokens=False) == ids, text

@@ -28,6 +28,20 @@ _PRE_SPLITS = {
     **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"], LLAMA3_SPLIT),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], QWEN2_SPLIT),
 }
+# Families whose pre-tokenizer is several rules applied one after another (each splits the pieces the
+# previous ones left), as llama.cpp runs them.
+_DEEPSEEK_LETTERS = (   # the cased letters; code points that NFC would change are escaped
+    "A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅ"
+    "ὐ-ὗὙὛὝὟ-\u1f7dᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ"
+    "-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃"
+)
+_CJK = "[一-龥ࠀ-一가-퟿]+"
+_GPT2_RULE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_PRE_SEQUENCES = {
+    "deepseek-llm": ["[\r\n]", f"\\s?[{_DEEPSEEK_LETTERS}]+", "\\s?[!-/:-~！-／：-～‘-‟　-。]+", "\\s+$", _CJK, "\\p{N}+"],
+    "deepseek-coder": ["[\r\n]", "\\s?\\p{L}+", "\\s?\\p{P}+", _CJK, "\\p{N}"],
+    "falcon": ["[\\p{P}\\$\\+<=>\\^~\\|`]+", _GPT2_RULE, "[0-9][0-9][0-9]"],
+}
 # Families whose tokenizer isolates every digit before the GPT-2 byte-level rule (StarCoder-style,
 # as SmolLM2's own tokenizer.json does).
 _PRE_DIGITS = {"smollm", "starcoder", "refact", "codeshell"}
@@ -47,6 +61,11 @@ _TOKEN_USER_DEFINED = 4
 
 
 def _byte_level_pre_tokenizer(pre: str):
+    if pre in _PRE_SEQUENCES:
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in _PRE_SEQUENCES[pre]]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
     if pre in _PRE_SPLITS:
         return pre_tokenizers.Sequence(
             [
