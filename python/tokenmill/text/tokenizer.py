@@ -139,15 +139,40 @@ def _sentencepiece_text(tok: HFTokenizer, meta: dict, gemma: bool) -> None:
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
 
 
+def _wordpiece(tok_list: list, meta: dict):
+    """llama.cpp's `bert` vocabulary back as WordPiece: its converter writes word-initial pieces with a
+    leading "▁" and continuation pieces bare ("##" dropped); [BRACKETED] tokens stay as they are. Text
+    is normalised as BERT's own tokenizer does (lower case, accents stripped, CJK characters split)."""
+    pieces = []
+    for t in tok_list:
+        if t.startswith("\u2581"):
+            pieces.append(t[1:])
+        elif t.startswith("[") and t.endswith("]"):
+            pieces.append(t)
+        else:
+            pieces.append("##" + t)
+    vocab = {}
+    for i, t in enumerate(pieces):
+        vocab.setdefault(t, i)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    unk_token = pieces[unk] if isinstance(unk, int) and 0 <= unk < len(pieces) else "[UNK]"
+    tok = HFTokenizer(models.WordPiece(vocab=vocab, unk_token=unk_token, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok, pieces
+
+
 def tokenizer_from_gguf_metadata(meta: dict) -> "Tokenizer":
-    """Builds the tokenizer described by GGUF `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`) or
-    SentencePiece BPE (`llama`: Llama 2, Mistral, Gemma, Phi-3)."""
+    """Builds the tokenizer described by GGUF `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`),
+    SentencePiece BPE (`llama`: Llama 2, Mistral, Gemma, Phi-3) or WordPiece (`bert`)."""
     kind = _text(meta.get("tokenizer.ggml.model", b""))
     if not kind:
         raise ModelFormatError("the GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
-    if kind not in ("gpt2", "llama"):
+    if kind not in ("gpt2", "llama", "bert"):
         raise UnsupportedModelError(
-            f"GGUF tokenizer model '{kind}' is not supported (byte-level BPE 'gpt2' and SentencePiece 'llama' are); "
+            f"GGUF tokenizer model '{kind}' is not supported (byte-level BPE 'gpt2', SentencePiece 'llama' and "
+            "WordPiece 'bert' are); "
             "pass a tokenizer.json with tokenizer=..."
         )
     tokens = [_text(t) for t in meta.get("tokenizer.ggml.tokens", [])]
@@ -160,7 +185,9 @@ def tokenizer_from_gguf_metadata(meta: dict) -> "Tokenizer":
     arch = _text(meta.get("general.architecture", b""))
 
     try:
-        if kind == "llama":
+        if kind == "bert":
+            tok, tokens = _wordpiece(tokens, meta)
+        elif kind == "llama":
             model, tokens = _sentencepiece_model(meta, tokens, gemma=arch.startswith("gemma"))
             tok = HFTokenizer(model)
             _sentencepiece_text(tok, meta, gemma=arch.startswith("gemma"))
