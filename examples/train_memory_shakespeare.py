@@ -9,7 +9,8 @@ Not part of CI (it needs torch + transformers and minutes of CPU). Usage:
 
 The torch model is the trainer's math written here: after each chosen decoder layer,
 h = h + o(MemXAttn(q(RMSNorm(h)), the chapters a router picks from the mean of h)), o zero-initialised;
-only the memory's parameters train (AdamW), the base stays frozen. Passages are 128 tokens; every tenth
+only the memory's parameters train (AdamW, with the trainer's load-balance loss on the routers), the
+base stays frozen. Passages are 128 tokens; every tenth
 is held out."""
 
 from __future__ import annotations
@@ -52,11 +53,16 @@ class Memory(torch.nn.Module):
         for o in self.o.values():
             torch.nn.init.zeros_(o.weight)   # wo_init_zero: training starts from the base model
 
+    aux = 0.0   # the load-balance terms of the last forward pass
+
     def forward(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         L = str(layer)
         B, S, E = h.shape
         probs = torch.softmax(self.router[L](h.mean(1)), -1)             # sequence routing [B, C]
         w, idx = torch.topk(probs, self.k, -1)
+        # load balance (the trainer's use_load_balance_loss): C * sum_c (share of picks of c) * (mean prob of c)
+        picks = torch.zeros_like(probs).scatter_(1, idx, 1.0).mean(0) / self.k
+        self.aux = self.aux + self.C * (picks * probs.mean(0)).sum()
         w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
         tpc = self.bank.shape[0] // self.C
         chapters = self.bank.view(self.C, tpc, E)[idx]                    # [B, k, tpc, E]
@@ -106,6 +112,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("memory-checkpoint"))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--balance", type=float, default=0.01, help="load-balance loss coefficient (the trainer's default)")
     args = ap.parse_args()
 
     from tokenmill.engine.default_model import resolve_default
@@ -130,9 +137,10 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     while time.time() - start < args.minutes * 60:
         batch = torch.tensor([train[j] for j in rng.choice(len(train), args.batch, replace=False)])
+        memory.aux = 0.0
         loss = hf(batch, labels=batch).loss
         opt.zero_grad()
-        loss.backward()
+        (loss + args.balance * memory.aux).backward()
         opt.step()
         step += 1
         if step % 10 == 0:
