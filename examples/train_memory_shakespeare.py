@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import save_file
 
 import tokenmill
+from tokenmill.generation.cache_plan import log_softmax
 
 SECTION = dict(num_memory_tokens=512, memory_layer_placement="custom", memory_layer_indices=[22, 26],
                memory_sharing="shared", use_chapters=True, num_chapters=8, top_k_chapters=2, num_shared_chapters=0,
@@ -97,9 +98,7 @@ def perplexity(model, chunks, strategy: str = "sequence") -> float:
         model.set_routing(strategy)
     nll, n = 0.0, 0
     for ids in chunks:
-        logits = model.eval(model.new_cache(len(ids)), ids, logits="all").logits.astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        logp = log_softmax(model.eval(model.new_cache(len(ids)), ids, logits="all").logits)
         nll -= logp[np.arange(len(ids) - 1), ids[1:]].sum()
         n += len(ids) - 1
     return math.exp(nll / n)

@@ -25,6 +25,8 @@ namespace tmill {
 enum class NormKind { rms, layer };        // x / rms(x) * w   |  (x - mean) / std * w + b
 // down(silu(gate(h)) * up(h)) | down(gelu(up(h))), tanh | erf | down(gelu_tanh(gate(h)) * up(h))
 enum class MlpKind { swiglu, gelu, gelu_erf, geglu };
+// whether the MLP has a gate projection (swiglu, geglu)
+inline bool gated(MlpKind k) { return k == MlpKind::swiglu || k == MlpKind::geglu; }
 enum class PositionKind { rope, learned }; // rotate Q and K  |  add position_embd[pos] to x
 
 struct ArchSpec {

@@ -144,7 +144,7 @@ void Model::forward(const ForwardRequest& req) {
     for (const SequenceInput& in : req.batch) {
         const int64_t n_past = in.cache->n_past();
         for (int64_t i = 0; i < in.n; ++i) p.pos[static_cast<size_t>(row + i)] = static_cast<int32_t>(n_past + i);
-        p.segs.push_back({row, in.n, n_past, attention_window(*in.cache), {}, !spec_->encoder});
+        p.segs.push_back({row, in.n, n_past, 0, {}, !spec_->encoder});   // window and KV view: per layer
         p.batch.push_back({row, in.n, n_past, in.cache, in.adapter});
         row += in.n;
     }
@@ -278,7 +278,7 @@ void Model::mlp_block(Pass& p, int64_t l) {
     float *x = ws_.x.get(), *h = ws_.h.get(), *a = ws_.ff_a.get(), *b = ws_.ff_b.get();
     if (!spec_->encoder) norm(h, x, L.ffn_norm, p.T);
     const float* in = spec_->encoder ? x : h;
-    if (spec_->mlp == MlpKind::swiglu || spec_->mlp == MlpKind::geglu) {
+    if (gated(spec_->mlp)) {
         const MatmulItem gate_up[] = {{a, &L.w_gate}, {b, &L.w_up}};
         const Projection roles[] = {Projection::gate, Projection::up};
         project(p, gate_up, roles, 2, in, l);

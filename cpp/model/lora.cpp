@@ -20,8 +20,8 @@ std::pair<int64_t, int64_t> projection_shape(const Model& m, Projection p) {
         case Projection::k:
         case Projection::v: return {E, KD};
         case Projection::o: return {QD, E};
-        case Projection::gate: return m.spec().mlp == MlpKind::swiglu || m.spec().mlp == MlpKind::geglu ? std::pair<int64_t, int64_t>{E, hp.n_ff}
-                                                                      : std::pair<int64_t, int64_t>{0, 0};
+        case Projection::gate: return gated(m.spec().mlp) ? std::pair<int64_t, int64_t>{E, hp.n_ff}
+                                                          : std::pair<int64_t, int64_t>{0, 0};
         case Projection::up: return {E, hp.n_ff};
         case Projection::down: return {hp.n_ff, E};
     }

@@ -216,7 +216,7 @@ void Model::build() {
             L.w_gate = weight_rows(name, fused, 0, F, E);
             L.w_up = weight_rows(name, fused, F, F, E);
         } else {
-            if (spec.mlp == MlpKind::swiglu || spec.mlp == MlpKind::geglu) L.w_gate = weight(p + "ffn_gate.weight", F, E);
+            if (gated(spec.mlp)) L.w_gate = weight(p + "ffn_gate.weight", F, E);
             L.w_up = weight(p + "ffn_up.weight", F, E);
         }
         L.w_down = weight(p + "ffn_down.weight", E, F);

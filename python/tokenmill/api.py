@@ -128,15 +128,19 @@ class Model(EngineModel):
         return self.generate(self.chat_prompt(messages), max_new_tokens, **kwargs)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        return self._require_tokenizer().encode(self.chat_text(messages, add_generation_prompt), add_special_tokens=False)
+
+    def chat_text(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> str:
+        """The conversation rendered by the model's chat template (extra: template variables)."""
         tok = self._require_tokenizer()
-        text = render_chat(
+        return render_chat(
             tok.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=tok.token_text(tok.bos_id) or "" if tok.bos_id is not None else "",
             eos_token=tok.token_text(tok.eos_ids[0]) or "" if tok.eos_ids else "",
+            **extra,
         )
-        return tok.encode(text, add_special_tokens=False)
 
     def generate_batch(
         self,

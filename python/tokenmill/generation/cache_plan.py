@@ -109,7 +109,8 @@ def calibration_text() -> str:
 # quality metrics
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """log-probabilities over the last axis, in float64."""
     z = z.astype(np.float64)
     m = z.max(axis=-1, keepdims=True)
     return z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
@@ -118,7 +119,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 def compare_logits(base: np.ndarray, cand: np.ndarray, targets: np.ndarray) -> dict:
     """Quality of candidate logits [n, vocab] against base logits for the next tokens `targets`:
     NLLs, delta NLL, PPL ratio, mean KL(base || cand) and top-1 agreement."""
-    lb, lc = _log_softmax(base), _log_softmax(cand)
+    lb, lc = log_softmax(base), log_softmax(cand)
     idx = np.arange(len(targets))
     nll_b = float(-lb[idx, targets].mean())
     nll_c = float(-lc[idx, targets].mean())

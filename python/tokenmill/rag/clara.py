@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import InvalidArgumentError, ModelFileError, ModelFormatError
-from ..text.chat import ChatTemplateError, render_chat
+from ..text.chat import ChatTemplateError
 
 PathLike = Union[str, os.PathLike]
 SPECIAL_FILE = "special_embeddings.safetensors"
@@ -230,15 +230,11 @@ class Clara:
 
     # ---- decoding
     def _render(self, system: str, user: str) -> str:
-        tok = self.model.tokenizer
-        args = dict(add_generation_prompt=True, enable_thinking=False,
-                    bos_token=tok.token_text(tok.bos_id) or "" if tok.bos_id is not None else "",
-                    eos_token=tok.token_text(tok.eos_ids[0]) or "" if tok.eos_ids else "")
         try:
-            return render_chat(tok.chat_template, [{"role": "system", "content": system},
-                                                   {"role": "user", "content": user}], **args)
+            return self.model.chat_text([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                        enable_thinking=False)
         except ChatTemplateError:   # templates without a system role (Mistral v0.2): fold it into the user turn
-            return render_chat(tok.chat_template, [{"role": "user", "content": system + "\n" + user}], **args)
+            return self.model.chat_text([{"role": "user", "content": system + "\n" + user}], enable_thinking=False)
 
     def _decoder_inputs(self, prompt: str, vectors: np.ndarray) -> list:
         """The prompt's passes: text as token ids, added tokens as their rows, the k-th memory token of

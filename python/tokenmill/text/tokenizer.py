@@ -89,6 +89,21 @@ def _text(value) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
+def _first_ids(tokens: list) -> dict:
+    """token -> the id of its first occurrence (a vocabulary may list a string twice)."""
+    ids = {}
+    for i, t in enumerate(tokens):
+        ids.setdefault(t, i)
+    return ids
+
+
+def _token_id(meta: dict, key: str, n_tokens: int):
+    """The token id a metadata key names, or None where it is absent or out of range."""
+    value = meta.get(key)
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n_tokens
+    return int(value) if ok else None
+
+
 def _spm_merges(tokens: list, rank: dict) -> list:
     """The merges a SentencePiece BPE vocabulary implies: every split of a token into two tokens, best
     merged token first (rank: lower is better), a longer left piece first within one token."""
@@ -110,9 +125,7 @@ def _sentencepiece_model(meta: dict, tokens: list, gemma: bool):
     them); the others rank merges by score."""
     if gemma:
         tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in tokens]
-        rank = {}
-        for i, t in enumerate(tokens):
-            rank.setdefault(t, i)
+        rank = _first_ids(tokens)
     else:
         scores = meta.get("tokenizer.ggml.scores")
         if not isinstance(scores, list) or len(scores) != len(tokens):
@@ -120,13 +133,9 @@ def _sentencepiece_model(meta: dict, tokens: list, gemma: bool):
         rank = {}
         for i in sorted(range(len(tokens)), key=lambda i: -float(scores[i])):
             rank.setdefault(tokens[i], len(rank))
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok, i)
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
-    unk_token = tokens[unk] if isinstance(unk, int) and 0 <= unk < len(tokens) else None
-    return models.BPE(vocab=vocab, merges=_spm_merges(tokens, rank), fuse_unk=True, byte_fallback=True,
-                      unk_token=unk_token), tokens
+    unk = _token_id(meta, "tokenizer.ggml.unknown_token_id", len(tokens))
+    return models.BPE(vocab=_first_ids(tokens), merges=_spm_merges(tokens, rank), fuse_unk=True, byte_fallback=True,
+                      unk_token=tokens[unk] if unk is not None else None), tokens
 
 
 def _sentencepiece_text(tok: HFTokenizer, meta: dict, gemma: bool) -> None:
@@ -151,12 +160,9 @@ def _wordpiece(tok_list: list, meta: dict):
             pieces.append(t)
         else:
             pieces.append("##" + t)
-    vocab = {}
-    for i, t in enumerate(pieces):
-        vocab.setdefault(t, i)
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
-    unk_token = pieces[unk] if isinstance(unk, int) and 0 <= unk < len(pieces) else "[UNK]"
-    tok = HFTokenizer(models.WordPiece(vocab=vocab, unk_token=unk_token, max_input_chars_per_word=100))
+    unk = _token_id(meta, "tokenizer.ggml.unknown_token_id", len(pieces))
+    tok = HFTokenizer(models.WordPiece(vocab=_first_ids(pieces), unk_token=pieces[unk] if unk is not None else "[UNK]",
+                                       max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
@@ -192,16 +198,13 @@ def tokenizer_from_gguf_metadata(meta: dict) -> "Tokenizer":
             tok = HFTokenizer(model)
             _sentencepiece_text(tok, meta, gemma=arch.startswith("gemma"))
         else:
-            vocab = {}
-            for i, t in enumerate(tokens):
-                vocab.setdefault(t, i)
             pairs = []
             for m in merges:
                 parts = _text(m).split(" ", 1)
                 if len(parts) != 2:
                     raise ModelFormatError(f"malformed BPE merge {m!r} in the GGUF tokenizer")
                 pairs.append((parts[0], parts[1]))
-            tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+            tok = HFTokenizer(models.BPE(vocab=_first_ids(tokens), merges=pairs, fuse_unk=False, byte_fallback=False))
             tok.pre_tokenizer = _byte_level_pre_tokenizer(_text(meta.get("tokenizer.ggml.pre", b"default")))
             tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens(
@@ -215,12 +218,8 @@ def tokenizer_from_gguf_metadata(meta: dict) -> "Tokenizer":
     except Exception as exc:  # the tokenizers library raises plain Exceptions for a vocabulary it rejects
         raise ModelFormatError(f"the GGUF tokenizer is malformed: {exc}") from exc
 
-    def token_id(key):
-        value = meta.get(key)
-        ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(tokens)
-        return int(value) if ok else None
-
-    bos, eos = token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id")
+    bos = _token_id(meta, "tokenizer.ggml.bos_token_id", len(tokens))
+    eos = _token_id(meta, "tokenizer.ggml.eos_token_id", len(tokens))
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     try:

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..engine.cache import CacheSpec
+from ..generation.cache_plan import log_softmax
 from ..errors import InvalidArgumentError
 
 
@@ -38,12 +39,6 @@ class PerplexityReport:
         return out + [{"metric": "windows x scored tokens", "value": f"{self.windows} x {per_window}"}]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 def _windows(model, text: str, ctx: int, max_windows: Optional[int]) -> list:
     tok = model.tokenizer
     ids = model.tokenize(text, add_special_tokens=False)
@@ -57,7 +52,7 @@ def _windows(model, text: str, ctx: int, max_windows: Optional[int]) -> list:
 
 def _window_logp(model, ids: list, spec: CacheSpec) -> np.ndarray:
     """log-probabilities [len(ids) - 1, vocab] of each next token of a window."""
-    return _log_softmax(model.eval(model.new_cache(len(ids), spec), ids, logits="all").logits[:-1])
+    return log_softmax(model.eval(model.new_cache(len(ids), spec), ids, logits="all").logits[:-1])
 
 
 def perplexity(model, text: str, ctx: int = 512, base=None, kv_kind: str = "fp32",
