@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/hd.h"
 
 namespace tmill {
 
@@ -58,14 +59,14 @@ struct KVStore {
     int64_t block_size = 0;
     int64_t n_heads = 0;               // paged: KV heads per block
 
-    size_t index(int64_t kv_head, int64_t pos) const {
+    TM_HD size_t index(int64_t kv_head, int64_t pos) const {
         if (blocks)
             return (static_cast<size_t>(blocks[pos / block_size]) * static_cast<size_t>(n_heads) + static_cast<size_t>(kv_head)) *
                        static_cast<size_t>(block_size) + static_cast<size_t>(pos % block_size);
         return static_cast<size_t>(kv_head) * static_cast<size_t>(capacity) + static_cast<size_t>(pos);
     }
-    const uint8_t* row(int64_t kv_head, int64_t pos) const { return data + index(kv_head, pos) * row_bytes; }
-    uint8_t* row(int64_t kv_head, int64_t pos) { return data + index(kv_head, pos) * row_bytes; }
+    TM_HD const uint8_t* row(int64_t kv_head, int64_t pos) const { return data + index(kv_head, pos) * row_bytes; }
+    TM_HD uint8_t* row(int64_t kv_head, int64_t pos) { return data + index(kv_head, pos) * row_bytes; }
     // positions from pos on that follow it contiguously in memory (up to end)
     int64_t contiguous(int64_t pos, int64_t end) const {
         return blocks ? std::min(end, (pos / block_size + 1) * block_size) - pos : end - pos;
@@ -81,14 +82,15 @@ struct KVLayerView {
     int64_t residual = 0;          // newest positions read from the ring
     int64_t ring_valid_from = 0;   // positions from here on have an intact ring slot (before this call)
 
-    bool has_ring() const { return k_ring.data != nullptr; }
+    TM_HD bool has_ring() const { return k_ring.data != nullptr; }
     // First position the query at `pos` reads from the ring, in a call that writes positions up to
     // n_end: its newest `residual` positions, where their slots are intact (not reused by a later
     // position of the same call, nor invalid from before). Per query position, so a row of a batch
     // reads exactly what it would read if it were decoded alone.
-    int64_t ring_from(int64_t pos, int64_t n_end) const {
+    TM_HD int64_t ring_from(int64_t pos, int64_t n_end) const {
         if (!has_ring()) return pos + 1;
-        return std::max({pos + 1 - residual, ring_valid_from, n_end - k_ring.capacity});
+        const int64_t from = pos + 1 - residual > ring_valid_from ? pos + 1 - residual : ring_valid_from;
+        return from > n_end - k_ring.capacity ? from : n_end - k_ring.capacity;
     }
 };
 
@@ -140,7 +142,7 @@ struct MemoryTable {
     const uint8_t* v = nullptr;
     const float* k_scale = nullptr;   // [n_kv_heads * n_slots] (int8 / int4)
     const float* v_scale = nullptr;
-    size_t row_bytes() const {
+    TM_HD size_t row_bytes() const {
         return quant == MemoryQuant::f32 ? static_cast<size_t>(head_dim) * 4
                                          : quant == MemoryQuant::int8 ? static_cast<size_t>(head_dim)
                                                                       : static_cast<size_t>(head_dim + 1) / 2;
@@ -287,7 +289,7 @@ private:
 };
 
 struct BackendOptions {
-    std::string device = "cpu";   // "cpu"; "cuda" / "hip" where built with them
+    std::string device = "cpu";   // "cpu"; "cuda" / "hip" (or "cuda:1": a device index) where built with them
     int n_threads = 0;            // CPU threads; 0 = physical cores
     // forward passes of 8+ tokens multiply 4-bit weights by activations rounded to int8 per
     // 32-block (llama.cpp's scheme; about twice the float tile's speed, logits move by a few percent
@@ -305,5 +307,9 @@ std::unique_ptr<Backend> make_backend(const BackendOptions& options);
 // Device names this build has.
 std::vector<std::string> built_devices();
 std::unique_ptr<Backend> make_cpu_backend(int n_threads, bool int8_prefill = false, bool int8_decode = false);
+// The GPU backends (cuda/, built with TOKENMILL_CUDA; the same sources for AMD with TOKENMILL_HIP):
+// the device of that index; none there is Error(unsupported), a runtime failure Error(device).
+std::unique_ptr<Backend> make_cuda_backend(int device_index);
+std::unique_ptr<Backend> make_hip_backend(int device_index);
 
 }  // namespace tmill

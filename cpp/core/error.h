@@ -16,6 +16,7 @@ enum class ErrorKind {
     numeric,       // NaN or infinite values where numbers are needed (logits, inputs)
     interrupted,   // the caller asked a running forward pass to stop (Ctrl-C); nothing was changed
     resource,      // a fixed budget is used up (the KV pool has no free block)
+    device,        // the GPU runtime failed (out of device memory, a launch error, a lost device)
 };
 
 class Error : public std::runtime_error {

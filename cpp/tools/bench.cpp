@@ -36,6 +36,7 @@ struct Options {
     int reps = 5;
     bool json = false;
     bool int8_prefill = false;   // -i8p 1: LoadOptions::int8_prefill
+    std::string device = "cpu";  // -dev cuda|hip|cpu: BackendOptions::device
 };
 
 std::vector<std::string> parse_names(const char* s) {
@@ -55,7 +56,7 @@ std::vector<int> parse_list(const char* s) {
 [[noreturn]] void usage() {
     std::fprintf(stderr,
                  "usage: tokenmill-bench -m MODEL.gguf [-p N,..] [-n N,..] [-t THREADS,..] [-d DEPTH,..] [-r REPS] "
-                 "[-ctk KIND,..] [-ctv KIND,..] [-i8p 0|1] [-o md|json]\n");
+                 "[-ctk KIND,..] [-ctv KIND,..] [-i8p 0|1] [-dev cpu|cuda|hip] [-o md|json]\n");
     std::exit(2);
 }
 
@@ -75,6 +76,7 @@ Options parse(int argc, char** argv) {
         else if (a == "-ctv") o.cache_v = parse_names(v);
         else if (a == "-o") o.json = std::string(v) == "json";
         else if (a == "-i8p") o.int8_prefill = std::atoi(v) != 0;
+        else if (a == "-dev") o.device = v;
         else usage();
     }
     if (o.model.empty() || o.reps < 1 || o.cache_k.empty()) usage();
@@ -134,6 +136,7 @@ int main(int argc, char** argv) {
             LoadOptions load;
             load.backend.n_threads = threads;
             load.backend.int8_prefill = o.int8_prefill;
+            load.backend.device = o.device;
             auto model = Model::from_gguf(o.model, load);
             std::string name = o.model.substr(o.model.find_last_of('/') + 1);
             double size_mib = static_cast<double>(model->weight_bytes()) / (1 << 20);

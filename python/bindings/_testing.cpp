@@ -48,6 +48,45 @@ DType check_row(py::handle type, std::string_view row, int64_t n) {
     return t;
 }
 
+// A backend (the CPU's or a device's) and the buffers an op test moves to and from it; the buffers
+// go back before the backend does.
+struct OpRunner {
+    std::unique_ptr<Backend> be;
+    std::vector<BackendBuffer> buffers;
+
+    OpRunner(const std::string& device, int n_threads) {
+        BackendOptions options;
+        options.device = device;
+        options.n_threads = n_threads;
+        be = make_backend(options);
+    }
+    ~OpRunner() {
+        buffers.clear();
+        for (uint8_t* p : byte_buffers) be->free_bytes(p);
+    }
+    float* floats(size_t n) {
+        buffers.emplace_back(*be, std::max<size_t>(n, 1));
+        return buffers.back().get();
+    }
+    float* put(const float* host, size_t n) {
+        float* p = floats(n);
+        be->upload(p, host, n);
+        return p;
+    }
+    uint8_t* bytes(size_t n) {
+        byte_buffers.push_back(be->alloc_bytes(std::max<size_t>(n, 1)));
+        return byte_buffers.back();
+    }
+    std::vector<uint8_t*> byte_buffers;
+};
+
+RowsMode rows_mode_of(const std::string& mode) {
+    if (mode == "fast") return RowsMode::fast;
+    if (mode == "as_decode") return RowsMode::as_decode;
+    if (mode == "invariant") return RowsMode::invariant;
+    fail(ErrorKind::invalid_arg, "unknown rows mode '" + mode + "' (fast, as_decode, invariant)");
+}
+
 Projection projection_of(py::handle name) {
     const std::string n = to_str(name, "projection");
     for (Projection p : {Projection::q, Projection::k, Projection::v, Projection::o, Projection::gate, Projection::up,
@@ -254,7 +293,7 @@ PYBIND11_MODULE(_testing, mod) {
 
     mod.def("attention", [](py::handle q_obj, py::handle k_obj, py::handle v_obj, int n_heads, int n_kv_heads,
                             const std::string& k_kind, const std::string& v_kind, int64_t window, int64_t ring,
-                            int n_threads) {
+                            int n_threads, const std::string& device) {
         FloatArray q = float_array(q_obj, "q", 2, true), k = float_array(k_obj, "k", 2, true), v = float_array(v_obj, "v", 2, true);
         const int64_t T = q.shape(0), N = k.shape(0);
         if (n_heads <= 0 || n_kv_heads <= 0 || n_heads % n_kv_heads != 0 || T <= 0 || T > N ||
@@ -268,40 +307,190 @@ PYBIND11_MODULE(_testing, mod) {
         cfg.v_type = kv_type_from_name(v_kind);
         cfg.validate(hd, 1);
         if (ring < 0 || ring > N) fail(ErrorKind::invalid_arg, "attention: ring must be in [0, N]");
-        std::vector<std::vector<uint8_t>> memory;
-        auto store = [&](DType type, int64_t rows) {
-            KVStore st;
-            if (rows == 0) return st;
-            st.type = type;
-            st.capacity = rows;
-            st.row_bytes = row_bytes(type, hd);
-            memory.emplace_back(st.row_bytes * static_cast<size_t>(rows * n_kv_heads));
-            st.data = memory.back().data();
-            return st;
-        };
-        KVLayerView kv{store(cfg.k_type, N), store(cfg.v_type, N), store(DType::f16, ring), store(DType::f16, ring), ring, 0};
         FloatArray out({T, static_cast<int64_t>(q.shape(1))});
         {
             py::gil_scoped_release release;
-            auto be = make_cpu_backend(n_threads);
+            OpRunner run(device, n_threads);
+            Backend* be = run.be.get();
+            auto store = [&](DType type, int64_t rows) {
+                KVStore st;
+                if (rows == 0) return st;
+                st.type = type;
+                st.capacity = rows;
+                st.row_bytes = row_bytes(type, hd);
+                st.data = run.bytes(st.row_bytes * static_cast<size_t>(rows * n_kv_heads));
+                return st;
+            };
+            KVLayerView kv{store(cfg.k_type, N), store(cfg.v_type, N), store(DType::f16, ring), store(DType::f16, ring), ring, 0};
+            const float* qd = run.put(q.data(), q.size());
+            const float* kd = run.put(k.data(), k.size());
+            const float* vd = run.put(v.data(), v.size());
+            float* od = run.floats(out.size());
             PassScope pass(*be);
             const AttentionShape shape{n_heads, n_kv_heads, static_cast<int>(hd), 1.0f / std::sqrt(static_cast<float>(hd))};
             // the first N - T rows as an earlier call, then the last T with their queries
             if (N > T) {
                 AttentionSegment past{0, N - T, 0, window, kv};
-                be->kv_store(k.data(), v.data(), &past, 1, shape);
+                be->kv_store(kd, vd, &past, 1, shape);
                 kv.ring_valid_from = std::max<int64_t>(0, N - T - ring);
             }
             AttentionSegment seg{0, T, N - T, window, kv};
             const size_t skip = static_cast<size_t>((N - T) * n_kv_heads * hd);
-            be->kv_store(k.data() + skip, v.data() + skip, &seg, 1, shape);
-            be->attention(out.mutable_data(), q.data(), &seg, 1, shape);
+            be->kv_store(kd + skip, vd + skip, &seg, 1, shape);
+            be->attention(od, qd, &seg, 1, shape);
+            be->download(out.mutable_data(), od, out.size());
         }
         return out;
     }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("k_kind") = "fp32",
        py::arg("v_kind") = "fp32", py::arg("window") = 0, py::arg("ring") = 0, py::arg("n_threads") = 1,
-       "The CPU backend's causal attention of the last T of N positions, K and V stored in the given kinds "
+       py::arg("device") = "cpu",
+       "A backend's (the CPU's by default) causal attention of the last T of N positions, K and V stored in the given kinds "
        "(the newest `ring` positions in fp16), as the kernels run it inside a model.");
+
+    mod.def("backend_matmul", [](const std::string& device, py::handle type, py::bytes data, int64_t rows,
+                                 py::handle x_obj, const std::string& mode, py::object bias_obj) {
+        FloatArray x = float_array(x_obj, "x", 2, false);
+        const int64_t T = x.shape(0), cols = x.shape(1);
+        std::string_view view = data;
+        DType t = type_of(type);
+        if (rows <= 0 || T <= 0 || cols % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, cols) * static_cast<size_t>(rows))
+            fail(ErrorKind::invalid_arg, "backend_matmul: rows x cols of the type expected");
+        std::vector<float> bias;
+        if (!bias_obj.is_none()) {
+            FloatArray b = float_array(bias_obj, "bias", 1, false);
+            if (static_cast<int64_t>(b.size()) != rows) fail(ErrorKind::invalid_arg, "backend_matmul: bias must have `rows` values");
+            bias.assign(b.data(), b.data() + b.size());
+        }
+        const RowsMode m = rows_mode_of(mode);
+        FloatArray out({T, rows});
+        py::gil_scoped_release release;
+        OpRunner run(device, 1);
+        const Weight w = run.be->upload_weight(t, rows, cols, reinterpret_cast<const uint8_t*>(view.data()),
+                                               bias.empty() ? nullptr : bias.data(), WeightUse::matmul);
+        const float* xd = run.put(x.data(), x.size());
+        float* od = run.floats(out.size());
+        PassScope pass(*run.be);
+        run.be->set_rows_mode(m);
+        run.be->matmul(od, xd, w, T);
+        run.be->download(out.mutable_data(), od, out.size());
+        return out;
+    }, py::arg("device"), py::arg("type"), py::arg("rows"), py::arg("n_rows"), py::arg("x"), py::arg("mode") = "fast",
+       py::arg("bias") = py::none(), "x [T, cols] times stored rows (n_rows of `type`) on a backend, in a rows mode.");
+
+    mod.def("backend_get_rows", [](const std::string& device, py::handle type, py::bytes data, int64_t rows, int64_t cols,
+                                   const std::vector<int32_t>& ids) {
+        std::string_view view = data;
+        DType t = type_of(type);
+        if (rows <= 0 || cols % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, cols) * static_cast<size_t>(rows))
+            fail(ErrorKind::invalid_arg, "backend_get_rows: rows x cols of the type expected");
+        for (int32_t id : ids)
+            if (id < 0 || id >= rows) fail(ErrorKind::invalid_arg, "backend_get_rows: id out of range");
+        const int64_t T = static_cast<int64_t>(ids.size());
+        FloatArray out({T, cols});
+        py::gil_scoped_release release;
+        OpRunner run(device, 1);
+        const Weight w = run.be->upload_weight(t, rows, cols, reinterpret_cast<const uint8_t*>(view.data()), nullptr, WeightUse::rows);
+        float* od = run.floats(out.size());
+        PassScope pass(*run.be);
+        run.be->get_rows(od, w, ids.data(), T);
+        run.be->download(out.mutable_data(), od, out.size());
+        return out;
+    }, py::arg("device"), py::arg("type"), py::arg("rows"), py::arg("n_rows"), py::arg("n_cols"), py::arg("ids"),
+       "Embedding rows looked up on a backend.");
+
+    mod.def("backend_op", [](const std::string& device, const std::string& op, py::handle x_obj, py::object y_obj,
+                             py::object weight_obj, py::object bias_obj, float value) {
+        FloatArray x = float_array(x_obj, "x", 2, false);
+        const int64_t T = x.shape(0), n = x.shape(1);
+        auto optional = [&](py::object o, const char* what, int64_t size, int ndim) {
+            std::vector<float> v;
+            if (o.is_none()) return v;
+            FloatArray a = float_array(o, what, ndim, false);
+            if (static_cast<int64_t>(a.size()) != size) fail(ErrorKind::invalid_arg, std::string("backend_op: wrong size of ") + what);
+            v.assign(a.data(), a.data() + a.size());
+            return v;
+        };
+        const std::vector<float> y = optional(y_obj, "y", T * n, 2), weight = optional(weight_obj, "weight", n, 1),
+                                 bias = optional(bias_obj, "bias", n, 1);
+        const bool binary = op == "add" || op == "swiglu" || op == "geglu", norm = op == "rms_norm" || op == "layer_norm";
+        if (!binary && !norm && op != "gelu" && op != "scale" && op != "gelu_erf")
+            fail(ErrorKind::invalid_arg, "backend_op: unknown op '" + op + "'");
+        if ((binary && y.empty()) || (norm && weight.empty())) fail(ErrorKind::invalid_arg, "backend_op: '" + op + "' needs more inputs");
+        FloatArray out({T, n});
+        py::gil_scoped_release release;
+        OpRunner run(device, 1);
+        Backend& be = *run.be;
+        float* xd = run.put(x.data(), x.size());
+        float* yd = y.empty() ? nullptr : run.put(y.data(), y.size());
+        const float* wd = weight.empty() ? nullptr : be.upload_vector(weight.data(), weight.size());
+        const float* bd = bias.empty() ? nullptr : be.upload_vector(bias.data(), bias.size());
+        float* od = run.floats(out.size());
+        PassScope pass(be);
+        const int64_t N = T * n;
+        if (op == "add") be.add(xd, yd, N);
+        else if (op == "swiglu") be.swiglu(xd, yd, N);
+        else if (op == "geglu") be.geglu(xd, yd, N);
+        else if (op == "gelu") be.gelu(xd, N);
+        else if (op == "gelu_erf") be.gelu_erf(xd, N);
+        else if (op == "scale") be.scale(xd, value, N);
+        else if (op == "rms_norm") be.rms_norm(od, xd, wd, T, n, value);
+        else be.layer_norm(od, xd, wd, bd, T, n, value);
+        be.download(out.mutable_data(), norm ? od : xd, out.size());
+        return out;
+    }, py::arg("device"), py::arg("op"), py::arg("x"), py::arg("y") = py::none(), py::arg("weight") = py::none(),
+       py::arg("bias") = py::none(), py::arg("value") = 0.0f,
+       "One element-wise or norm op on a backend: add / swiglu / geglu (x, y), gelu, gelu_erf, scale (value), "
+       "rms_norm / layer_norm (weight, bias, eps = value) of x [T, n].");
+
+    mod.def("backend_rope", [](const std::string& device, py::handle x_obj, int n_heads, const std::vector<int32_t>& pos,
+                               float theta, const std::string& style, py::object factors_obj) {
+        FloatArray x = float_array(x_obj, "x", 2, false);
+        const int64_t T = x.shape(0);
+        if (n_heads <= 0 || x.shape(1) % n_heads != 0 || static_cast<int64_t>(pos.size()) != T || (x.shape(1) / n_heads) % 2 != 0)
+            fail(ErrorKind::invalid_arg, "backend_rope: x [T, n_heads * even head_dim] and T positions expected");
+        const int hd = static_cast<int>(x.shape(1) / n_heads);
+        std::vector<float> factors;
+        if (!factors_obj.is_none()) {
+            FloatArray f = float_array(factors_obj, "freq_factors", 1, false);
+            if (static_cast<int>(f.size()) != hd / 2) fail(ErrorKind::invalid_arg, "backend_rope: head_dim / 2 factors expected");
+            factors.assign(f.data(), f.data() + f.size());
+        }
+        if (style != "adjacent" && style != "halves") fail(ErrorKind::invalid_arg, "backend_rope: style adjacent or halves");
+        FloatArray out({T, static_cast<int64_t>(x.shape(1))});
+        py::gil_scoped_release release;
+        OpRunner run(device, 1);
+        float* xd = run.put(x.data(), x.size());
+        PassScope pass(*run.be);
+        run.be->rope(xd, T, n_heads, hd, pos.data(), theta, style == "adjacent" ? RopeStyle::adjacent : RopeStyle::halves,
+                     factors.empty() ? nullptr : factors.data());
+        run.be->download(out.mutable_data(), xd, out.size());
+        return out;
+    }, py::arg("device"), py::arg("x"), py::arg("n_heads"), py::arg("pos"), py::arg("theta"), py::arg("style"),
+       py::arg("freq_factors") = py::none(), "RoPE in place on a backend.");
+
+    mod.def("backend_lora", [](const std::string& device, py::handle x_obj, py::handle a_obj, py::handle bt_obj, float scale,
+                               py::handle out_obj) {
+        FloatArray x = float_array(x_obj, "x", 2, false), a = float_array(a_obj, "a", 2, false),
+                   bt = float_array(bt_obj, "bt", 2, false), out0 = float_array(out_obj, "out", 2, false);
+        const int64_t n = x.shape(0), r = a.shape(0);
+        if (a.shape(1) != x.shape(1) || bt.shape(0) != r || out0.shape(0) != n || out0.shape(1) != bt.shape(1))
+            fail(ErrorKind::invalid_arg, "backend_lora: x [n, in], a [r, in], bt [r, out], out [n, out] expected");
+        FloatArray out({n, static_cast<int64_t>(bt.shape(1))});
+        py::gil_scoped_release release;
+        OpRunner run(device, 1);
+        const Weight aw = run.be->upload_weight(DType::f32, r, a.shape(1), reinterpret_cast<const uint8_t*>(a.data()), nullptr,
+                                                WeightUse::rows);
+        const Weight bw = run.be->upload_weight(DType::f32, r, bt.shape(1), reinterpret_cast<const uint8_t*>(bt.data()), nullptr,
+                                                WeightUse::rows);
+        const float* xd = run.put(x.data(), x.size());
+        float* od = run.put(out0.data(), out0.size());
+        PassScope pass(*run.be);
+        const LoraItem item{od, xd, &aw, &bw, scale, n};
+        run.be->lora_add(&item, 1);
+        run.be->download(out.mutable_data(), od, out.size());
+        return out;
+    }, py::arg("device"), py::arg("x"), py::arg("a"), py::arg("bt"), py::arg("scale"), py::arg("out"),
+       "out + scale (x A^T) BT on a backend.");
 
     mod.def("pool_raise", [](py::handle n_threads, py::handle thrower) {
         ThreadPool pool(static_cast<int>(to_int(n_threads, "n_threads", 1, 64)));

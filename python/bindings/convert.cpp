@@ -186,6 +186,7 @@ void register_error_translator() {
                 case ErrorKind::io: cls = "ModelFileError"; break;
                 case ErrorKind::numeric: cls = "NumericalError"; break;
                 case ErrorKind::resource: cls = "KVPoolFullError"; break;
+                case ErrorKind::device: cls = "DeviceError"; break;
                 case ErrorKind::interrupted: break;   // the binding re-raises the KeyboardInterrupt itself
             }
             py::object type = py::module_::import("tokenmill.errors").attr(cls);

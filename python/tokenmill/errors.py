@@ -42,6 +42,11 @@ class KVPoolFullError(TokenmillError, RuntimeError):
     (a scheduler makes requests wait for blocks, so only the second reaches its users)."""
 
 
+class DeviceError(TokenmillError, RuntimeError):
+    """The GPU runtime failed: out of device memory, a kernel launch error, a lost device (the
+    runtime's own message is quoted)."""
+
+
 class ConcurrentUseError(TokenmillError, RuntimeError):
     """An object that serves one caller at a time (a Generator, a KV cache) was used by two at once."""
 

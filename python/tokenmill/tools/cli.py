@@ -52,7 +52,7 @@ def _generate(args: argparse.Namespace) -> int:
     elif args.step is not None:
         raise ValueError("--step needs --run-name")
     model = load(model_path, n_threads=args.threads, n_ctx=max_seq_len, tokenizer=tokenizer, weights=args.weights,
-                 int8_prefill=args.int8_prefill, memory=args.memory)
+                 int8_prefill=args.int8_prefill, memory=args.memory, device=args.device)
     if args.routing:
         model.set_routing(args.routing)
     sampling = dict(
@@ -145,7 +145,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if args.peers:
         return _bench_peers(args)
-    model = load(args.model, n_threads=args.threads, weights=args.weights, int8_prefill=args.int8_prefill)
+    model = load(args.model, n_threads=args.threads, weights=args.weights, int8_prefill=args.int8_prefill, device=args.device)
     print(f"model: {model!r}, threads: {model.n_threads}")
     sizes = [int(b) for b in args.batch.split(",")]
     print(bench.format_table(bench.bench_batch(model, sizes, args.num_tokens, args.prompt_len, args.repeats)))
@@ -282,6 +282,7 @@ def _rag(args: argparse.Namespace) -> int:
     return 0
 
 
+DEVICE_HELP = "where the model runs: cpu, or cuda / hip (cuda:N) in a build with that backend"
 INT8_PREFILL_HELP = ("forward passes of 8+ tokens (prompts, batches) meet q4_0/q4_1 weights with activations "
                      "rounded to int8, as in llama.cpp (~2x faster prefill)")
 
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--eos-id", "--eos_id", dest="eos_id", type=int, default=None, help="end-of-sequence id; -1 disables")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    g.add_argument("--device", default="cpu", help=DEVICE_HELP)
     g.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
     g.add_argument("--int8-prefill", dest="int8_prefill", action="store_true", help=INT8_PREFILL_HELP)
     g.add_argument("--draft", default=None, help="speculative decoding with this draft model (same vocabulary)")
@@ -331,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--multiturn", action="store_true", help="also time a second turn with and without cache reuse")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--device", default="cpu", help=DEVICE_HELP)
     b.add_argument("--weights", choices=WEIGHT_TYPES, default=None, help="convert the weights on load")
     b.add_argument("--int8-prefill", dest="int8_prefill", action="store_true", help=INT8_PREFILL_HELP)
     b.add_argument("--peers", action="store_true",
