@@ -264,9 +264,8 @@ public:
         int64_t max_out = 0;
         for (int i = 0; i < n_items; ++i) {
             const LoraItem& it = items[i];
-            dev_items.push_back({it.out, it.x, reinterpret_cast<const float*>(it.a->data),
-                                 reinterpret_cast<const float*>(it.bt->data), it.a->rows, it.a->cols, it.bt->cols, it.n_rows,
-                                 it.scale});
+            dev_items.push_back({it.out, it.x, it.a->data, it.bt->data, it.a->rows, it.a->cols, it.bt->cols, it.n_rows,
+                                 it.scale, it.a->type == DType::f16, it.bt->type == DType::f16});
             u_first.push_back(u_first.back() + it.n_rows * it.a->rows);
             row_first.push_back(row_first.back() + it.n_rows);
             max_out = std::max(max_out, it.bt->cols);

@@ -7,6 +7,10 @@ namespace tmill::TM_GPU_NS {
 namespace {
 constexpr int kWarpsPerBlock = 4;
 
+__device__ inline float weight_at(const void* w, bool half, int64_t i) {
+    return half ? half_to_float(static_cast<const uint16_t*>(w)[i]) : static_cast<const float*>(w)[i];
+}
+
 __device__ inline int item_of(const int64_t* first, int n_items, int64_t i) {
     int lo = 0, hi = n_items;   // the last item whose first entry is <= i
     while (hi - lo > 1) {
@@ -25,10 +29,9 @@ __global__ void down(const DeviceLoraItem* items, int n_items, const int64_t* u_
     const int i = item_of(u_first, n_items, e);
     const DeviceLoraItem& it = items[i];
     const int64_t r = it.r, n_in = it.n_in, local = e - u_first[i], row = local / r, k = local % r;
-    const float* a = it.a + k * n_in;
     const float* x = it.x + row * n_in;
     float part = 0.0f;
-    for (int64_t c = lane; c < n_in; c += kWarp) part = fmaf(a[c], x[c], part);
+    for (int64_t c = lane; c < n_in; c += kWarp) part = fmaf(weight_at(it.a, it.a_half, k * n_in + c), x[c], part);
     part = warp_sum(part);
     if (lane == 0) u[e] = it.scale * part;
 }
@@ -41,10 +44,9 @@ __global__ void up(const DeviceLoraItem* items, int n_items, const int64_t* u_fi
     const DeviceLoraItem& it = items[i];
     const int64_t n_out = it.n_out, r = it.r, row = global_row - row_first[i];
     if (c >= n_out || c >= max_out) return;
-    const float* bt = it.bt;
     const float* ur = u + u_first[i] + row * r;
     float sum = 0.0f;
-    for (int64_t k = 0; k < r; ++k) sum = fmaf(ur[k], bt[k * n_out + c], sum);
+    for (int64_t k = 0; k < r; ++k) sum = fmaf(ur[k], weight_at(it.bt, it.bt_half, k * n_out + c), sum);
     it.out[row * n_out + c] += sum;
 }
 }  // namespace

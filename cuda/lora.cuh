@@ -12,10 +12,11 @@ namespace tmill::TM_GPU_NS {
 struct DeviceLoraItem {
     float* out;
     const float* x;
-    const float* a;    // [r, n_in]
-    const float* bt;   // [r, n_out]
+    const void* a;    // [r, n_in], f32 or (a_half) f16
+    const void* bt;   // [r, n_out], f32 or (bt_half) f16
     int64_t r, n_in, n_out, n_rows;
     float scale;
+    bool a_half, bt_half;
 };
 
 // items [n_items] (device copy); u_first [n_items + 1]: each item's first float in u, which holds

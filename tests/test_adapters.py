@@ -9,6 +9,7 @@ import json
 
 import gguf
 import numpy as np
+import safetensors.torch
 import peft  # test extras: the reference, never optional
 import pytest
 import torch
@@ -298,3 +299,29 @@ def test_adapter_at_every_cpu_level_equals_peft(adapters, level):
     finally:
         tokenmill._core.set_cpu_level(before)
     np.testing.assert_allclose(got, _hf_logits(pm, PROMPT), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("level", tokenmill._core.cpu_levels())
+def test_an_f16_adapter_is_kept_in_fp16_and_equals_peft(adapters, tmp_path, level):
+    """Pairs that fp16 holds exactly (an adapter saved in f16) are stored in fp16, half the bytes, and
+    give PEFT's logits on those same values at every CPU level; an f32 adapter stays f32."""
+    directory, pm, ad = adapters[CASES[0]]
+    half = copy.deepcopy(pm)
+    with torch.no_grad():
+        for name, p in half.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.half().float())
+    half.save_pretrained(tmp_path)
+    assert all(t.dtype == torch.float32 for t in safetensors.torch.load_file(tmp_path / "adapter_model.safetensors").values())
+    f16 = {k: v.half() for k, v in safetensors.torch.load_file(tmp_path / "adapter_model.safetensors").items()}
+    safetensors.torch.save_file(f16, tmp_path / "adapter_model.safetensors")
+    model = tokenmill.load(directory)
+    f32_info, f16_info = model.load_adapter(ad, name="f32"), model.load_adapter(tmp_path, name="f16")
+    assert f16_info.stored_bytes * 2 == f32_info.stored_bytes == 4 * f32_info.n_params
+    before = tokenmill._core.cpu_level()
+    tokenmill._core.set_cpu_level(level)
+    try:
+        got = model.eval(model.new_cache(64), PROMPT, logits="all", adapter="f16").logits
+    finally:
+        tokenmill._core.set_cpu_level(before)
+    np.testing.assert_allclose(got, _hf_logits(half, PROMPT), atol=1e-4, rtol=0)

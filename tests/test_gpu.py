@@ -109,6 +109,15 @@ def test_op_harness_elementwise_norm_rope_lora_on_the_cpu_match_numpy():
     A, BT, out0 = rng.standard_normal((4, 64)).astype(np.float32), rng.standard_normal((4, 48)).astype(np.float32), \
         rng.standard_normal((5, 48)).astype(np.float32)
     assert nmse(_testing.backend_lora("cpu", x, A, BT, 0.25, out0), out0 + 0.25 * (x64 @ A.T) @ BT) < 1e-12
+    Ah, BTh = A.astype(np.float16).astype(np.float64), BT.astype(np.float16).astype(np.float64)
+    for level in _core.cpu_levels():   # the fp16 kernels at every level
+        before = _core.cpu_level()
+        _core.set_cpu_level(level)
+        try:
+            got = _testing.backend_lora("cpu", x, A, BT, 0.25, out0, True)
+        finally:
+            _core.set_cpu_level(before)
+        assert nmse(got, out0 + 0.25 * (x64 @ Ah.T) @ BTh) < 1e-12, level
 
 
 # ---- on a device: each op against the CPU backend
@@ -173,8 +182,9 @@ def test_lora_matches_cpu(device):
     rng = np.random.default_rng(9)
     x, out0 = rng.standard_normal((7, 96)).astype(np.float32), rng.standard_normal((7, 80)).astype(np.float32)
     A, BT = rng.standard_normal((16, 96)).astype(np.float32), rng.standard_normal((16, 80)).astype(np.float32)
-    ref = _testing.backend_lora("cpu", x, A, BT, 0.5, out0)
-    assert nmse(_testing.backend_lora(device, x, A, BT, 0.5, out0), ref) < 1e-12
+    for half in (False, True):
+        ref = _testing.backend_lora("cpu", x, A, BT, 0.5, out0, half)
+        assert nmse(_testing.backend_lora(device, x, A, BT, 0.5, out0, half), ref) < 1e-12
 
 
 @on_gpu

@@ -119,7 +119,7 @@ struct MatmulItem {
 
 // One low-rank addition of a LoRA adapter to a projection's output, for n_rows consecutive rows:
 // out[n_rows, bt.cols] += scale * (x[n_rows, a.cols] A^T) BT, with A [r, n_in] and BT = B^T [r, n_out]
-// (f32 weights; out and x point at the first row).
+// (f32 or f16 weights; out and x point at the first row).
 struct LoraItem {
     float* out;
     const float* x;

@@ -7,10 +7,17 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/quants.h"
 
 namespace tmill {
 
 namespace {
+bool holds_exactly_in_half(const std::vector<float>& values) {
+    for (float v : values)
+        if (fp16_to_fp32(fp32_to_fp16(v)) != v) return false;
+    return true;
+}
+
 // (n_in, n_out) of a projection of this model; (0, 0) where it has none (GPT-2 has no gate)
 std::pair<int64_t, int64_t> projection_shape(const Model& m, Projection p) {
     const HParams& hp = m.hparams();
@@ -81,11 +88,16 @@ void LoraAdapter::seal() {
     for (size_t i = 0; i < staged_.size(); ++i) {   // index order = layer, then projection: a pass's order
         const Staged* st = staged_[i].get();
         if (!st) continue;
+        // fp16 where it holds every value of the pair exactly (adapters saved in f16, GGUF LoRAs): the
+        // same products from half the bytes, which decode streams once per token
+        const bool half = holds_exactly_in_half(st->a) && holds_exactly_in_half(st->bt);
         auto place = [&](const std::vector<float>& values, int64_t rows, int64_t cols) {
-            const size_t bytes = values.size() * sizeof(float);
-            std::memcpy(at, values.data(), bytes);
-            Weight w = be.upload_weight(DType::f32, rows, cols, at, nullptr, WeightUse::rows);
+            const size_t bytes = values.size() * (half ? sizeof(uint16_t) : sizeof(float));
+            if (half) quantize_row(DType::f16, values.data(), at, static_cast<int64_t>(values.size()));
+            else std::memcpy(at, values.data(), bytes);
+            Weight w = be.upload_weight(half ? DType::f16 : DType::f32, rows, cols, at, nullptr, WeightUse::rows);
             at += padded(bytes);
+            bytes_ += bytes;
             return w;
         };
         auto pair = std::make_unique<Pair>();

@@ -18,7 +18,8 @@
 namespace tmill {
 
 // One adapter's weights: for each (layer, projection) it targets, A [r, n_in] and B^T [r, n_out]
-// (f32, handed to the backend) and its scale (lora_alpha / r, or / sqrt(r) with rsLoRA).
+// (fp16 where that holds the pair's values exactly, else f32; handed to the backend) and its scale
+// (lora_alpha / r, or / sqrt(r) with rsLoRA).
 class LoraAdapter {
 public:
     struct Pair {
@@ -38,6 +39,8 @@ public:
     const Pair* find(int64_t layer, Projection p) const { return pairs_[index(layer, p)].get(); }
     int64_t n_pairs() const { return n_pairs_; }
     int64_t n_params() const { return n_params_; }
+    // bytes of the stored pairs once sealed (a decode step reads each once)
+    size_t bytes() const { return bytes_; }
 
 private:
     struct Staged {
@@ -53,6 +56,7 @@ private:
     std::unique_ptr<uint8_t, void (*)(void*)> arena_{nullptr, std::free};
     bool sealed_ = false;
     int64_t n_pairs_ = 0, n_params_ = 0;
+    size_t bytes_ = 0;
 };
 
 // The model's adapters and slots, joined to its forward passes as an extension.

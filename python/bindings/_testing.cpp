@@ -469,7 +469,7 @@ PYBIND11_MODULE(_testing, mod) {
        py::arg("freq_factors") = py::none(), "RoPE in place on a backend.");
 
     mod.def("backend_lora", [](const std::string& device, py::handle x_obj, py::handle a_obj, py::handle bt_obj, float scale,
-                               py::handle out_obj) {
+                               py::handle out_obj, bool half) {
         FloatArray x = float_array(x_obj, "x", 2, false), a = float_array(a_obj, "a", 2, false),
                    bt = float_array(bt_obj, "bt", 2, false), out0 = float_array(out_obj, "out", 2, false);
         const int64_t n = x.shape(0), r = a.shape(0);
@@ -478,10 +478,12 @@ PYBIND11_MODULE(_testing, mod) {
         FloatArray out({n, static_cast<int64_t>(bt.shape(1))});
         py::gil_scoped_release release;
         OpRunner run(device, 1);
-        const Weight aw = run.be->upload_weight(DType::f32, r, a.shape(1), reinterpret_cast<const uint8_t*>(a.data()), nullptr,
-                                                WeightUse::rows);
-        const Weight bw = run.be->upload_weight(DType::f32, r, bt.shape(1), reinterpret_cast<const uint8_t*>(bt.data()), nullptr,
-                                                WeightUse::rows);
+        const DType type = half ? DType::f16 : DType::f32;
+        std::vector<uint8_t> a_bytes(row_bytes(type, a.size())), bt_bytes(row_bytes(type, bt.size()));
+        quantize_row(type, a.data(), a_bytes.data(), static_cast<int64_t>(a.size()));
+        quantize_row(type, bt.data(), bt_bytes.data(), static_cast<int64_t>(bt.size()));
+        const Weight aw = run.be->upload_weight(type, r, a.shape(1), a_bytes.data(), nullptr, WeightUse::rows);
+        const Weight bw = run.be->upload_weight(type, r, bt.shape(1), bt_bytes.data(), nullptr, WeightUse::rows);
         const float* xd = run.put(x.data(), x.size());
         float* od = run.put(out0.data(), out0.size());
         PassScope pass(*run.be);
@@ -489,8 +491,8 @@ PYBIND11_MODULE(_testing, mod) {
         run.be->lora_add(&item, 1);
         run.be->download(out.mutable_data(), od, out.size());
         return out;
-    }, py::arg("device"), py::arg("x"), py::arg("a"), py::arg("bt"), py::arg("scale"), py::arg("out"),
-       "out + scale (x A^T) BT on a backend.");
+    }, py::arg("device"), py::arg("x"), py::arg("a"), py::arg("bt"), py::arg("scale"), py::arg("out"), py::arg("half") = false,
+       "out + scale (x A^T) BT on a backend, A and BT stored as f32 or (half) rounded to f16.");
 
     mod.def("pool_raise", [](py::handle n_threads, py::handle thrower) {
         ThreadPool pool(static_cast<int>(to_int(n_threads, "n_threads", 1, 64)));

@@ -63,7 +63,7 @@ void register_safetensors(py::module_& mod) {
 void register_adapters(py::module_& mod) {
     register_safetensors(mod);
     py::class_<LoraAdapter, std::shared_ptr<LoraAdapter>> adapter(mod, "LoraAdapter",
-        "One LoRA adapter's low-rank pairs for a model (f32, in backend memory).");
+        "One LoRA adapter's low-rank pairs for a model (in backend memory; fp16 where exact, else f32).");
     adapter.def(py::init([](const std::shared_ptr<Model>& model) { return std::make_shared<LoraAdapter>(model); }),
                 py::arg("model").none(false))
         .def("add", [](LoraAdapter& self, py::handle layer, py::handle proj, py::handle a_obj, py::handle b_obj,
@@ -85,7 +85,8 @@ void register_adapters(py::module_& mod) {
             self.seal();
         }, "After the last add: lays the pairs out for streaming and hands them to the backend.")
         .def_property_readonly("n_pairs", &LoraAdapter::n_pairs)
-        .def_property_readonly("n_params", &LoraAdapter::n_params);
+        .def_property_readonly("n_params", &LoraAdapter::n_params)
+        .def_property_readonly("bytes", &LoraAdapter::bytes, "Bytes of the stored pairs (fp16 where exact, else f32).");
     reject_other_inits(adapter, "LoraAdapter");
     reject_other_calls(adapter, "add", "LoraAdapter.add");
 

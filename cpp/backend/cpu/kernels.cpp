@@ -38,6 +38,19 @@ void rows_axpy_f32_scalar(float* y, const float* rows, int64_t n_rows, int64_t d
         for (int64_t i = 0; i < d; ++i) y[i] += w[j] * rows[j * stride + i];
 }
 
+void rows_dot_f16_scalar(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    for (int64_t j = 0; j < n_rows; ++j) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < d; ++i) sum += fp16_to_fp32(rows[j * d + i]) * x[i];
+        out[j] = sum;
+    }
+}
+
+void rows_axpy_f16_scalar(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
+    for (int64_t j = 0; j < n_rows; ++j)
+        for (int64_t i = 0; i < d; ++i) y[i] += w[j] * fp16_to_fp32(rows[j * stride + i]);
+}
+
 float exp_sum_scalar(float* x, int64_t n, float shift) {
     float sum = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
@@ -86,7 +99,8 @@ void dot_rows_tokens_scalar(DType t, const void* const* rows, int n_rows, const 
 const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
                       exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dot_rows_tokens_scalar,
                       dequantize_row, nullptr,
-                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf_scalar};
+                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf_scalar,
+                      rows_dot_f16_scalar, rows_axpy_f16_scalar};
 
 #if defined(__x86_64__) || defined(__i386__)
 // F16C from cpuid itself: __builtin_cpu_supports does not know it in every compiler (clang 14)

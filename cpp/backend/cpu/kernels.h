@@ -93,6 +93,10 @@ struct Kernels {
     // x[i] = 0.5 x (1 + erf(x / sqrt 2)), the exact GELU (std::erf in scalar code; the vector levels
     // evaluate erfc by Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7 on erf)
     void (*gelu_erf)(float* x, int64_t n);
+    // rows_dot_f32 and rows_axpy_f32 for fp16 rows (LoRA pairs whose values fp16 holds exactly):
+    // each element widened in the loop, so the rows are read at half the bytes
+    void (*rows_dot_f16)(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out);
+    void (*rows_axpy_f16)(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w);
 };
 
 constexpr int kPackedTokens = 4;

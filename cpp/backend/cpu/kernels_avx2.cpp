@@ -72,26 +72,54 @@ void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, 
     for (int64_t j = 0; j < n_rows; ++j) out[j] = dot_f32(rows + j * d, x, d);
 }
 
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float value(const float* p) { return *p; }
+inline float value(const uint16_t* p) { return fp16_to_fp32(*p); }
+
+void rows_dot_f16(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    for (int64_t j = 0; j < n_rows; ++j) {
+        const uint16_t* r = rows + j * d;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= d; i += 16) {
+            acc0 = _mm256_fmadd_ps(load8(r + i), _mm256_loadu_ps(x + i), acc0);
+            acc1 = _mm256_fmadd_ps(load8(r + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+        }
+        for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(load8(r + i), _mm256_loadu_ps(x + i), acc0);
+        float sum = hsum(_mm256_add_ps(acc0, acc1));
+        for (; i < d; ++i) sum += value(r + i) * x[i];
+        out[j] = sum;
+    }
+}
+
 // y += sum_j w[j] rows[j]: 64 columns at a time stay in eight accumulators while the rows stream by
-void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
+template <typename E>
+void rows_axpy(float* y, const E* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
     int64_t c = 0;
     for (; c + 64 <= d; c += 64) {
         __m256 acc[8];
         for (int k = 0; k < 8; ++k) acc[k] = _mm256_loadu_ps(y + c + 8 * k);
         for (int64_t j = 0; j < n_rows; ++j) {
             __m256 wj = _mm256_set1_ps(w[j]);
-            const float* r = rows + j * stride + c;
-            for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(r + 8 * k), acc[k]);
+            const E* r = rows + j * stride + c;
+            for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(wj, load8(r + 8 * k), acc[k]);
         }
         for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + c + 8 * k, acc[k]);
     }
     for (; c + 8 <= d; c += 8) {
         __m256 acc = _mm256_loadu_ps(y + c);
-        for (int64_t j = 0; j < n_rows; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(rows + j * stride + c), acc);
+        for (int64_t j = 0; j < n_rows; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), load8(rows + j * stride + c), acc);
         _mm256_storeu_ps(y + c, acc);
     }
     for (; c < d; ++c)
-        for (int64_t j = 0; j < n_rows; ++j) y[c] += w[j] * rows[j * stride + c];
+        for (int64_t j = 0; j < n_rows; ++j) y[c] += w[j] * value(rows + j * stride + c);
+}
+void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
+    rows_axpy(y, rows, n_rows, d, stride, w);
+}
+void rows_axpy_f16(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
+    rows_axpy(y, rows, n_rows, d, stride, w);
 }
 
 // exp(x) = 2^k * exp(r), k = round(x / ln 2), r = x - k ln 2 in [-ln2/2, ln2/2] (ln 2 split in two
@@ -575,7 +603,8 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
 
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row,
                     dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
-                    dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf};
+                    dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf,
+                    rows_dot_f16, rows_axpy_f16};
 
 }  // namespace
 

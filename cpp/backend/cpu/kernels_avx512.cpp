@@ -81,32 +81,41 @@ void dot_f32_tile(const float* w, int64_t w_stride, const float* const* xs, int6
 // Four rows per pass share x's loads and one reduce4. A short last group repeats its last row, so
 // every row's sum has the same arithmetic wherever it falls (attention tiles differ by batch and by
 // cache layout; a row's score must not).
-void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+template <typename E>
+void rows_dot(const E* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
     for (int64_t j = 0; j < n_rows; j += 4) {
-        const float* r[4];
+        const E* r[4];
         for (int k = 0; k < 4; ++k) r[k] = rows + std::min(j + k, n_rows - 1) * d;
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t i = 0; i < d; i += 16) {
             const __mmask16 m = d - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - i);
             const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
-            for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r[k] + i), xv, acc[k]);
+            for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(load16(r[k] + i, m), xv, acc[k]);
         }
         alignas(16) float sums[4];
         _mm_store_ps(sums, reduce4(acc[0], acc[1], acc[2], acc[3]));
         for (int k = 0; k < 4 && j + k < n_rows; ++k) out[j + k] = sums[k];
     }
 }
+void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) { rows_dot(rows, n_rows, d, x, out); }
+void rows_dot_f16(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out) { rows_dot(rows, n_rows, d, x, out); }
 
 // y += sum_j w[j] rows[j]: 64 columns at a time stay in four accumulators while the rows stream by
-void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
+template <typename E>
+void rows_axpy(float* y, const E* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
     int64_t c = 0;
     for (; c + 64 <= d; c += 64) {
         __m512 acc[4];
         for (int k = 0; k < 4; ++k) acc[k] = _mm512_loadu_ps(y + c + 16 * k);
         for (int64_t j = 0; j < n_rows; ++j) {
             __m512 wj = _mm512_set1_ps(w[j]);
-            const float* r = rows + j * stride + c;
-            for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(r + 16 * k), acc[k]);
+            const E* r = rows + j * stride + c;
+            for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(wj, load16(r + 16 * k), acc[k]);
         }
         for (int k = 0; k < 4; ++k) _mm512_storeu_ps(y + c + 16 * k, acc[k]);
     }
@@ -114,9 +123,15 @@ void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64
         __mmask16 m = d - c >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - c);
         __m512 acc = _mm512_maskz_loadu_ps(m, y + c);
         for (int64_t j = 0; j < n_rows; ++j)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), _mm512_maskz_loadu_ps(m, rows + j * stride + c), acc);
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), load16(rows + j * stride + c, m), acc);
         _mm512_mask_storeu_ps(y + c, m, acc);
     }
+}
+void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
+    rows_axpy(y, rows, n_rows, d, stride, w);
+}
+void rows_axpy_f16(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
+    rows_axpy(y, rows, n_rows, d, stride, w);
 }
 
 // exp(x) = 2^k * exp(r) with k = round(x / ln 2) and r = x - k ln 2 (ln 2 in two parts so r is
@@ -885,7 +900,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
-                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf};
+                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, rows_dot_f16, rows_axpy_f16};
 
 }  // namespace
 

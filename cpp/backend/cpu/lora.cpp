@@ -18,7 +18,20 @@ constexpr int64_t kRowsPerUnit = 16;            // rows of A per unit of region 
 constexpr int64_t kColumnsPerUnit = 256;        // output columns per unit of region 2 (a multiple of 64)
 constexpr int64_t kMinParallelMacs = 1 << 14;   // smaller calls stay on the calling thread
 
-const float* floats(const Weight& w) { return reinterpret_cast<const float*>(w.data); }
+// r rows of A (f32 or f16) against x -> out[r]
+void rows_dot(const Kernels& kern, const Weight& w, int64_t j0, int64_t nj, const float* x, float* out) {
+    if (w.type == DType::f16)
+        kern.rows_dot_f16(reinterpret_cast<const uint16_t*>(w.data) + j0 * w.cols, nj, w.cols, x, out);
+    else
+        kern.rows_dot_f32(reinterpret_cast<const float*>(w.data) + j0 * w.cols, nj, w.cols, x, out);
+}
+// y[nc] += sum_j u[j] BT[j, c0..c0 + nc) (f32 or f16)
+void rows_axpy(const Kernels& kern, const Weight& bt, int64_t c0, int64_t nc, const float* u, float* y) {
+    if (bt.type == DType::f16)
+        kern.rows_axpy_f16(y, reinterpret_cast<const uint16_t*>(bt.data) + c0, bt.rows, nc, bt.cols, u);
+    else
+        kern.rows_axpy_f32(y, reinterpret_cast<const float*>(bt.data) + c0, bt.rows, nc, bt.cols, u);
+}
 
 // Where a unit of a region falls: item i, row t of it, and the unit's index k within that row, given
 // each item's first unit and units per row (per_row(item)).
@@ -62,7 +75,7 @@ void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, in
             const int64_t r = it.a->rows, n_in = it.a->cols, t = at.t;
             const int64_t j0 = at.k * kRowsPerUnit, nj = std::min(kRowsPerUnit, r - j0);
             float* ut = u.data() + u_offset[at.i] + t * r + j0;
-            kern.rows_dot_f32(floats(*it.a) + j0 * n_in, nj, n_in, it.x + t * n_in, ut);
+            rows_dot(kern, *it.a, j0, nj, it.x + t * n_in, ut);
             for (int64_t j = 0; j < nj; ++j) ut[j] *= it.scale;
         }
     });
@@ -72,7 +85,7 @@ void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, in
             const LoraItem& it = items[at.i];
             const int64_t r = it.a->rows, n_out = it.bt->cols, t = at.t;
             const int64_t c0 = at.k * kColumnsPerUnit, nc = std::min(kColumnsPerUnit, n_out - c0);
-            kern.rows_axpy_f32(it.out + t * n_out + c0, floats(*it.bt) + c0, r, nc, n_out, u.data() + u_offset[at.i] + t * r);
+            rows_axpy(kern, *it.bt, c0, nc, u.data() + u_offset[at.i] + t * r, it.out + t * n_out + c0);
         }
     });
 }

@@ -50,7 +50,8 @@ _GGUF_KEY = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<stem>\w+)\.weight\.lora_(?P<a
 @dataclass
 class AdapterInfo:
     """What an adapter is: its name, file, format ("peft" or "gguf"), rank(s), alpha, the projections
-    it targets, its parameter count, and the scale a bare name applies."""
+    it targets, its parameter count, the scale a bare name applies, and the bytes its pairs take as
+    stored (fp16 where fp16 holds a pair's values exactly, as in adapters saved in f16; else f32)."""
 
     name: str
     path: str
@@ -60,6 +61,7 @@ class AdapterInfo:
     targets: tuple
     n_params: int
     scale: float = 1.0
+    stored_bytes: int = 0
 
 
 def _modules_for(arch: str) -> dict:
@@ -260,6 +262,7 @@ class AdapterRegistry:
         for (layer, proj), (a, b, s) in sorted(pairs.items()):
             adapter.add(layer, proj, a, b, s)
         adapter.seal()
+        info.stored_bytes = adapter.bytes
         with self._lock:
             if info.name in self._adapters:
                 raise InvalidArgumentError(f"an adapter named '{info.name}' is loaded already; unload it first")

@@ -2,7 +2,9 @@
 (llama-cpp-python) loads tokenmill's GGUF export and decodes the same greedy tokens.
 
 Adapters are random r=16 PEFT adapters on every projection (all-linear) of the model, written to a
-temporary directory; runs alternate so drift hits every variant alike; medians of `repeats`."""
+temporary directory in f32 and in f16 (as PEFT saves an f16 model's adapter; tokenmill then keeps
+the pairs in fp16, which holds them exactly); runs alternate so drift hits every variant alike;
+medians of `repeats`."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ _MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
             "mlp.up_proj", "mlp.down_proj")
 
 
-def random_adapter(model, directory: Path, rank: int = 16, seed: int = 0) -> Path:
-    """A PEFT adapter directory with random A, B (std 0.02) on every projection of a Llama-family model."""
+def random_adapter(model, directory: Path, rank: int = 16, seed: int = 0, dtype: str = "f32") -> Path:
+    """A PEFT adapter directory with random A, B (std 0.02) on every projection of a Llama-family
+    model, stored as dtype (f32 or f16)."""
     hp = model.hparams
     e, qd, kd = hp.n_embd, hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
     shapes = dict(zip(_MODULES, ((e, qd), (e, kd), (e, kd), (qd, e), (e, hp.n_ff), (e, hp.n_ff), (hp.n_ff, e))))
@@ -30,8 +33,8 @@ def random_adapter(model, directory: Path, rank: int = 16, seed: int = 0) -> Pat
     for layer in range(hp.n_layer):
         for module, (n_in, n_out) in shapes.items():
             p = f"base_model.model.model.layers.{layer}.{module}"
-            tensors[p + ".lora_A.weight"] = ("f32", (rng.standard_normal((rank, n_in)) * 0.02).astype(np.float32))
-            tensors[p + ".lora_B.weight"] = ("f32", (rng.standard_normal((n_out, rank)) * 0.02).astype(np.float32))
+            tensors[p + ".lora_A.weight"] = (dtype, (rng.standard_normal((rank, n_in)) * 0.02).astype(np.float32))
+            tensors[p + ".lora_B.weight"] = (dtype, (rng.standard_normal((n_out, rank)) * 0.02).astype(np.float32))
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(directory / "adapter_model.safetensors", tensors)
     (directory / "adapter_config.json").write_text(json.dumps(
@@ -46,6 +49,7 @@ def run_adapters(model_path, threads: int, new_tokens: int, repeats: int) -> lis
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(4):
             m.load_adapter(random_adapter(m, Path(tmp) / f"a{i}", seed=i), name=f"a{i}")
+            m.load_adapter(random_adapter(m, Path(tmp) / f"h{i}", seed=i, dtype="f16"), name=f"h{i}")
     prompt = list(range(100, 132))
 
     def decode(choices):
@@ -57,8 +61,9 @@ def run_adapters(model_path, threads: int, new_tokens: int, repeats: int) -> lis
             m.eval_batch(caches, [[200 + k]] * len(choices), adapters=slots)
         return len(choices) * new_tokens / (time.perf_counter() - t)
 
-    variants = {"1 seq, no adapter": [None], "1 seq, r16 all-linear": ["a0"], "4 seqs, no adapter": [None] * 4,
-                "4 seqs, one adapter": ["a0"] * 4, "4 seqs, four adapters": ["a0", "a1", "a2", "a3"]}
+    variants = {"1 seq, no adapter": [None], "1 seq, r16 all-linear f32": ["a0"], "1 seq, r16 all-linear f16": ["h0"],
+                "4 seqs, no adapter": [None] * 4, "4 seqs, one adapter f32": ["a0"] * 4, "4 seqs, one adapter f16": ["h0"] * 4,
+                "4 seqs, four adapters f32": ["a0", "a1", "a2", "a3"], "4 seqs, four adapters f16": ["h0", "h1", "h2", "h3"]}
     samples = {k: [] for k in variants}
     for _ in range(repeats):
         for name, choices in variants.items():
