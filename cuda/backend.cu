@@ -6,6 +6,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "backend/backend.h"
@@ -358,15 +359,20 @@ private:
     void* keep(const void* host, size_t n) {
         use();
         void* p = nullptr;
-        malloc_or_retry(&p, std::max<size_t>(n, 1));
-        owned_.push_back(p);
+        {
+            std::lock_guard<std::mutex> lock(memory_mutex_);
+            malloc_or_retry(&p, std::max<size_t>(n, 1));
+            owned_.push_back(p);
+        }
         if (n) TM_CHECK(cudaMemcpyAsync(p, host, n, cudaMemcpyHostToDevice, stream_));
         return p;
     }
 
     // buffers: reused by size; on a full device the unused ones are released and the allocation retried
+    // (caches are made and dropped on other threads than the passes', so under a lock)
     void* take(size_t n) {
         use();
+        std::lock_guard<std::mutex> lock(memory_mutex_);
         const size_t bytes = round_up(std::max<size_t>(n, 1), kAlign);
         auto it = cache_.find(bytes);
         if (it != cache_.end() && !it->second.empty()) {
@@ -382,6 +388,7 @@ private:
     }
     void give_back(void* p) {
         if (!p) return;
+        std::lock_guard<std::mutex> lock(memory_mutex_);
         auto it = sizes_.find(p);
         if (it == sizes_.end()) return;
         cache_[it->second].push_back(p);
@@ -404,6 +411,7 @@ private:
     std::string device_name_;
     cudaStream_t stream_ = nullptr;
     RowsMode rows_mode_ = RowsMode::fast;
+    std::mutex memory_mutex_;                      // guards owned_, cache_ and sizes_
     std::vector<void*> owned_;                     // weights and vectors
     std::map<size_t, std::vector<void*>> cache_;   // freed buffers by size
     std::map<void*, size_t> sizes_;                // buffers in use
