@@ -121,6 +121,15 @@ public:
         TM_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, stream_));
     }
 
+    bool computes(DType t) const override {
+        switch (t) {
+            case DType::f32: case DType::f16: case DType::bf16: case DType::q8_0: case DType::q4_0: case DType::q4_1:
+                return true;
+            default:   // q5_*, K-quants: converted at load
+                return false;
+        }
+    }
+
     // Weights keep their file type and row layout; the host copy is not needed afterwards.
     Weight upload_weight(DType type, int64_t rows, int64_t cols, const uint8_t* data, const float* bias,
                          WeightUse use_as) override {

@@ -21,9 +21,9 @@ QTYPES = {
 }
 
 
-# types tokenmill reads and converts at load; K-quants are written as random blocks scaled to the
-# tensor's spread (the gguf package has no K-quant quantizer), q5_0 / q5_1 by its quantizer
-READ_ONLY_TYPES = {
+# q5_* and the K-quants: write_tiny_gguf writes K-quants as random blocks scaled to the tensor's
+# spread (the gguf package has no K-quant quantizer), q5_0 / q5_1 by the gguf package's quantizer
+EXTRA_TYPES = {
     "q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1,
     "q2_k": gguf.GGMLQuantizationType.Q2_K, "q3_k": gguf.GGMLQuantizationType.Q3_K,
     "q4_k": gguf.GGMLQuantizationType.Q4_K, "q5_k": gguf.GGMLQuantizationType.Q5_K,
@@ -36,7 +36,7 @@ UNIT_SCALE = {"q2_k": 0.5, "q3_k": 0.12, "q4_k": 0.01, "q5_k": 0.005, "q6_k": 0.
 
 
 def random_blocks(wtype: str, n_blocks: int, spread: float, rng) -> np.ndarray:
-    qtype = READ_ONLY_TYPES[wtype]
+    qtype = EXTRA_TYPES[wtype]
     _, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(n_blocks, block_bytes), dtype=np.uint8)
     for i, off in enumerate(F16_FIELDS[wtype]):
@@ -131,8 +131,8 @@ def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32", extra: Option
     dequantized = {}
     for name, (array, n_head) in tensors.items():
         data = permute_for_gguf(array, n_head) if n_head else array
-        qtype = {**QTYPES, **READ_ONLY_TYPES}[wtype] if data.ndim == 2 else QTYPES["f32"]
-        if wtype in READ_ONLY_TYPES and data.ndim == 2 and wtype not in ("q5_0", "q5_1"):
+        qtype = {**QTYPES, **EXTRA_TYPES}[wtype] if data.ndim == 2 else QTYPES["f32"]
+        if wtype in EXTRA_TYPES and data.ndim == 2 and wtype not in ("q5_0", "q5_1"):
             block = gguf.GGML_QUANT_SIZES[qtype][0]
             raw = random_blocks(wtype, data.size // block, float(data.std()), np.random.default_rng(data.size))
             w.add_tensor(name, raw.reshape(data.shape[0], -1), raw_dtype=qtype)

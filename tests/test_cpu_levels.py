@@ -22,9 +22,13 @@ def level(request):
     _core.set_cpu_level(before)
 
 
+# (type, row length): the 32-block types at several lengths, the K-quants at whole super-blocks
+DOT_CASES = [(t, n) for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "nf4", "q5_0", "q5_1") for n in (32, 96, 576, 1536)]
+DOT_CASES += [(t, n) for t in ("q4_k", "q5_k", "q6_k") for n in (256, 1536, 4864)]
+
+
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
-@pytest.mark.parametrize("wtype", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "nf4"])
-@pytest.mark.parametrize("n", [32, 96, 576, 1536])
+@pytest.mark.parametrize("wtype,n", DOT_CASES)
 @pytest.mark.parametrize("prepared", [True, False], ids=["decode-path", "float-path"])
 def test_dot_row_matches_float64(level, wtype, n, prepared):
     rng = np.random.default_rng(n)
@@ -38,10 +42,10 @@ def test_dot_row_matches_float64(level, wtype, n, prepared):
 
 
 @pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "scalar"], indirect=True)
-@pytest.mark.parametrize("wtype", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("wtype", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
 def test_small_batch_dot_matches_float64(level, wtype):
     rng = np.random.default_rng(7)
-    n = 576
+    n = 768
     w = rng.standard_normal(n).astype(np.float32)
     xs = (rng.standard_normal((4, n)) * np.array([[1.0], [1e-3], [50.0], [0.0]])).astype(np.float32)
     row = _core.quantize(wtype, w)
@@ -112,9 +116,10 @@ def test_int8_prefill_kernel_is_the_rounded_product(wtype, n_rows, n):
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
-@pytest.mark.parametrize("wtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "nf4"])
+@pytest.mark.parametrize("wtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "nf4", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
 def test_level_dequantize_is_exact(level, wtype):
-    x = np.random.default_rng(5).standard_normal(32 * 19).astype(np.float32) * 3
+    x = np.random.default_rng(5).standard_normal(256 * 19).astype(np.float32) * 3
+    x[:256] *= np.linspace(-1, 1, 256, dtype=np.float32)   # some sub-blocks near zero, mins of both signs
     row = _core.quantize(wtype, x)
     np.testing.assert_array_equal(_testing.dequantize_active(wtype, row, x.size),
                                   _core.dequantize(wtype, row, x.size))

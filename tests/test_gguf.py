@@ -126,7 +126,7 @@ def test_model_without_tokenizer_says_so(tiny_models, tmp_path):
         model.generate("hello")
 
 
-@pytest.mark.parametrize("wtype", ["f16", "q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("wtype", ["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 def test_convert_requantizes_like_the_reference(tiny_models, tmp_path, wtype):
     """`tokenmill convert` of an f32 GGUF equals the file the reference writer makes in that type."""
     from tokenmill.tools.convert import convert_gguf
@@ -181,4 +181,4 @@ def test_hf_model_converted_on_load_matches_the_reference_quantization(tiny_mode
 
 def test_unknown_weight_type_on_load_is_an_error(default_gguf):
     with pytest.raises(tokenmill.InvalidArgumentError, match="weights must be one of"):
-        tokenmill.load(default_gguf, weights="q5_k")
+        tokenmill.load(default_gguf, weights="q2_k")

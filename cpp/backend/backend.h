@@ -168,6 +168,9 @@ public:
     virtual ~Backend() = default;
     virtual std::string name() const = 0;
     virtual int n_threads() const = 0;
+    // Whether this backend's kernels compute with matrices of type t as they are; the model converts
+    // the others at load (to f16, or to the weights= type).
+    virtual bool computes(DType t) const { return dtype_info(t).runnable; }
 
     // --- memory: activations and KV stores live in backend memory (host memory for the CPU, device
     // memory for a GPU); the model reads and writes it only through upload / download and the ops.

@@ -75,7 +75,7 @@ void dequantize_row(DType t, const void* row, float* out, int64_t n) {
             return;
         }
         default:
-            if (dequantizes_only(t)) return dequantize_row_extra(t, row, out, n);
+            if (extra_type(t)) return dequantize_row_extra(t, row, out, n);
             fail(ErrorKind::unsupported, "cannot compute with tensor type " + dtype_name(t));
     }
 }
@@ -100,6 +100,7 @@ void quantize_row(DType t, const float* x, void* out, int64_t n) {
         case DType::q4_1: return quantize_blocks(x, static_cast<BlockQ4_1*>(out), n);
         case DType::nf4: return quantize_blocks(x, static_cast<BlockNF4*>(out), n);
         default:
+            if (quantizes_extra(t)) return quantize_row_extra(t, x, out, n);
             fail(ErrorKind::unsupported, "cannot quantize to tensor type " + dtype_name(t));
     }
 }

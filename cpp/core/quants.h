@@ -23,7 +23,8 @@ inline float bf16_to_fp32(uint16_t h) {
 // types read only to be converted (kquants.h).
 void dequantize_row(DType t, const void* row, float* out, int64_t n);
 
-// Quantizes n floats (a multiple of 32) into blocks of t (q8_0, q4_0, q4_1, nf4, f16, bf16, f32).
+// Quantizes n floats (a multiple of t's block size) into blocks of t (f32, f16, bf16, q8_0, q4_0, q4_1,
+// nf4, and the types of kquants.h that quantizes_extra names).
 void quantize_row(DType t, const float* x, void* out, int64_t n);
 
 }  // namespace tmill

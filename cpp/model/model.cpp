@@ -41,9 +41,9 @@ Model::Model(HParams hp, WeightStore weights, const LoadOptions& options)
     if (options_.convert) {
         const DType t = options_.weight_type;
         if (!(t == DType::f32 || t == DType::f16 || t == DType::bf16 || t == DType::q8_0 || t == DType::q4_0 ||
-              t == DType::q4_1))
+              t == DType::q4_1 || quantizes_extra(t)))
             fail(ErrorKind::invalid_arg, "weights cannot be converted to " + dtype_name(t) +
-                                             " (f32, f16, bf16, q8_0, q4_0, q4_1)");
+                                             " (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)");
     }
     validate_hparams(hp_, source());
     backend_ = make_backend(options_.backend);
@@ -51,12 +51,24 @@ Model::Model(HParams hp, WeightStore weights, const LoadOptions& options)
 
 Model::~Model() = default;   // the workspace goes back to the backend before the backend goes
 
+// What a K-quant target falls back to for matrices whose rows are not whole super-blocks of 256
+// (llama-quantize's choice: the legacy type of about the same size).
+static DType fallback_type(DType to) {
+    switch (to) {
+        case DType::q4_k: return DType::q5_0;
+        case DType::q5_k: return DType::q5_1;
+        case DType::q6_k: return DType::q8_0;
+        default: return to;
+    }
+}
+
 const TensorRef* Model::converted(const std::string& name, const TensorRef& t, int64_t rows, int64_t cols) {
-    // types read but not computed with (K-quants, q5_*) become f16 unless a weight type was asked for
-    const bool must = !dtype_info(t.type).runnable;
-    const DType to = options_.convert ? options_.weight_type : DType::f16;
+    // types the backend does not compute with become f16 unless a weight type was asked for
+    const bool must = !backend_->computes(t.type);
+    DType to = options_.convert ? options_.weight_type : DType::f16;
+    if (cols % dtype_info(to).block_size != 0) to = fallback_type(to);
     if ((!options_.convert && !must) || t.type == to) return &t;
-    if (cols % dtype_info(to).block_size != 0) {
+    if (cols % dtype_info(to).block_size != 0 || !backend_->computes(to)) {
         if (!must) return &t;
         return converted_to(name, t, rows, cols, DType::f16);
     }

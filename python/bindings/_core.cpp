@@ -68,8 +68,9 @@ DType dtype_from_name(const std::string& name) {
 DType storage_type(py::handle name) {
     DType t = dtype_from_name(to_str(name, "type"));
     if (!(t == DType::f32 || t == DType::f16 || t == DType::bf16 || t == DType::q8_0 || t == DType::q4_0 ||
-          t == DType::q4_1 || t == DType::nf4))
-        fail(ErrorKind::invalid_arg, "type must be one of f32, f16, bf16, q8_0, q4_0, q4_1, nf4, got " + dtype_name(t));
+          t == DType::q4_1 || t == DType::nf4 || quantizes_extra(t)))
+        fail(ErrorKind::invalid_arg, "type must be one of f32, f16, bf16, q8_0, q4_0, q4_1, nf4, q5_0, q5_1, q4_k, "
+                                     "q5_k, q6_k, got " + dtype_name(t));
     return t;
 }
 

@@ -181,9 +181,12 @@ public:
                 }
             });
         }
-        // column chunks [k0, k0 + chunk) for the tile paths; the other paths run in the first pass
+        // column chunks [k0, k0 + chunk) for the tile paths, whole blocks of every weight's type (256
+        // values for the K-quants); the other paths run in the first pass
+        int64_t block = 32;
+        for (int i = 0; i < n_items; ++i) block = std::max<int64_t>(block, dtype_info(items[i].w->type).block_size);
         const int64_t n_chunks = any_tile ? (cols + kPrefillColumnChunk - 1) / kPrefillColumnChunk : 1;
-        const int64_t chunk = (cols / n_chunks + 31) / 32 * 32;   // block-aligned
+        const int64_t chunk = (cols / n_chunks + block - 1) / block * block;
         for (int64_t k0 = 0; k0 < cols; k0 += chunk)
             pool_.parallel_for(first_unit[n_items], [&](int64_t u0, int64_t u1, int thread) {
                 matmul_units(items, first_unit, x, T, u0, u1, thread, k0, std::min(chunk, cols - k0));

@@ -128,9 +128,16 @@ void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row);
 // SmolLM2, 2 threads: +12-18% decode for Q8_0, Q4_0 and Q4_1 at both SIMD levels).
 constexpr size_t kDecodePrefetchBytes = 2048;
 
-// Whether dot_row_prepared handles weights of type t at this level.
+// Whether dot_row_prepared handles weights of type t at this level (the block-quantized types: the
+// K-quants' sub-blocks of 32 meet x's 32-blocks, each with its own scale and minimum).
 inline bool uses_prepared_x(const Kernels& k, DType t) {
-    return k.prepare_x != nullptr && (t == DType::q8_0 || t == DType::q4_0 || t == DType::q4_1);
+    switch (t) {
+        case DType::q8_0: case DType::q4_0: case DType::q4_1: case DType::q5_0: case DType::q5_1: case DType::q4_k:
+        case DType::q5_k: case DType::q6_k:
+            return k.prepare_x != nullptr;
+        default:
+            return false;
+    }
 }
 
 const Kernels& kernels_scalar();

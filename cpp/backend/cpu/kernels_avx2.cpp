@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "core/quants.h"
+#include "backend/cpu/extra_quants_simd.h"
 #include "backend/cpu/kernels.h"
 
 #include <array>
@@ -446,6 +447,11 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
             }
             return;
         }
+        case DType::q5_0: return dequantize_extra<DType::q5_0>(static_cast<const uint8_t*>(row), out, n);
+        case DType::q5_1: return dequantize_extra<DType::q5_1>(static_cast<const uint8_t*>(row), out, n);
+        case DType::q4_k: return dequantize_extra<DType::q4_k>(static_cast<const uint8_t*>(row), out, n);
+        case DType::q5_k: return dequantize_extra<DType::q5_k>(static_cast<const uint8_t*>(row), out, n);
+        case DType::q6_k: return dequantize_extra<DType::q6_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::nf4: {
             // codebook lookup: the low 3 bits pick within each half of the table, bit 3 picks the half
             const __m256 book_lo = _mm256_loadu_ps(kNF4), book_hi = _mm256_loadu_ps(kNF4 + 8);
@@ -521,7 +527,18 @@ inline WideBlock widen(const uint8_t* row, int64_t i) {
     WideBlock w;
     __m128i lo, hi;
     w.m = 0.0f;
-    if constexpr (T == DType::q8_0) {
+    if constexpr (is_extra(T)) {
+        const Quants32 u = quants32<T>(row, i);
+        w.d = u.d;
+        w.m = u.m;
+        w.lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(u.q));
+        w.hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(u.q, 1));
+        if constexpr (T == DType::q6_k) {   // the sub-block scales folded in: |q sc| <= 4096
+            w.lo = _mm256_mullo_epi16(w.lo, _mm256_set1_epi16(static_cast<int16_t>(u.sc[0])));
+            w.hi = _mm256_mullo_epi16(w.hi, _mm256_set1_epi16(static_cast<int16_t>(u.sc[1])));
+        }
+        return w;
+    } else if constexpr (T == DType::q8_0) {
         const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
         lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs));
         hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs + 16));
@@ -565,14 +582,13 @@ void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const 
 #pragma GCC unroll 4
     for (int k = 0; k < NT; ++k) { acc[k] = _mm256_setzero_ps(); min_part[k] = 0.0f; }
     for (int64_t i = 0; i < blocks; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(r) + i * sizeof(typename BlockOf<T>::type) + kDecodePrefetchBytes,
-                     _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(r) + i * bytes_per_32<T>() + kDecodePrefetchBytes, _MM_HINT_T0);
         WideBlock w = widen<T>(r, i);
 #pragma GCC unroll 4
         for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d and sum [n / 32]
             const int64_t bi = k * blocks + i;
             acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(w.d * d[bi]), block_madd(w, q + k * 2 * n + i * 64), acc[k]);
-            if constexpr (T == DType::q4_1) min_part[k] += w.m * sum[bi];
+            if constexpr (has_offset(T)) min_part[k] += w.m * sum[bi];
         }
     }
 #pragma GCC unroll 4
@@ -586,6 +602,11 @@ void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* 
         case DType::q8_0: return dot_rows_prepared<DType::q8_0, NT>(row, q, d, sum, n, out);
         case DType::q4_0: return dot_rows_prepared<DType::q4_0, NT>(row, q, d, sum, n, out);
         case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
+        case DType::q5_0: return dot_rows_prepared<DType::q5_0, NT>(row, q, d, sum, n, out);
+        case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
+        case DType::q4_k: return dot_rows_prepared<DType::q4_k, NT>(row, q, d, sum, n, out);
+        case DType::q5_k: return dot_rows_prepared<DType::q5_k, NT>(row, q, d, sum, n, out);
+        case DType::q6_k: return dot_rows_prepared<DType::q6_k, NT>(row, q, d, sum, n, out);
         default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
     }
 }

@@ -22,8 +22,21 @@ from .adapters import AdapterInfo, AdapterRegistry, AdapterSpec
 from .cache import CacheSpec
 from .default_model import resolve_default
 
-# weight types a model can be converted to on load
-WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+# weight types a model can be converted to on load (and written by convert / merge / export)
+WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+# values per block of each; a K-quant target falls back, for matrices whose rows are not whole
+# super-blocks, to the legacy type of about its size (what llama-quantize does)
+WEIGHT_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32, "q5_0": 32, "q5_1": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def matrix_type(wtype: str, cols: int) -> Optional[str]:
+    """The type a matrix with rows of `cols` values gets when `wtype` is asked for: wtype, its K-quant
+    fallback, or None when neither fits the rows."""
+    for t in (wtype, K_FALLBACK.get(wtype)):
+        if t is not None and cols % WEIGHT_BLOCK.get(t, 1) == 0:
+            return t
+    return None
 
 ForwardResult = namedtuple("ForwardResult", "logits hidden layers")
 ForwardResult.__doc__ = """What a forward pass returned: logits [rows, n_vocab] or None, final hidden

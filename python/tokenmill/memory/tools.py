@@ -124,14 +124,13 @@ def merge_adapter_weights(model, output_path: PathLike, adapter: Optional[str] =
 
 
 def export_to_gguf(model, output_path: PathLike, quantization_type: str = "f16") -> Path:
-    """A GGUF of the base model with its weights in quantization_type (f32, f16, bf16, q8_0, q4_0,
-    q4_1) and the memory layers in f32 beside them (see the module docstring); loads back with
-    tokenmill.load(output_path), memory included."""
+    """A GGUF of the base model with its weights in quantization_type (one of WEIGHT_TYPES: f32, f16,
+    bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k) and the memory layers in f32 beside them (see
+    the module docstring); loads back with tokenmill.load(output_path), memory included."""
     from ..tools.convert import rewrite_gguf
 
     if quantization_type not in WEIGHT_TYPES:
-        raise InvalidArgumentError(f"quantization_type must be one of {', '.join(WEIGHT_TYPES)}, got {quantization_type!r}"
-                                   " (K-quants are read, not written)")
+        raise InvalidArgumentError(f"quantization_type must be one of {', '.join(WEIGHT_TYPES)}, got {quantization_type!r}")
     memory = _memory_of(model)
     out, base = Path(output_path), Path(model.path)
     staged = None

@@ -1,7 +1,9 @@
 """`tokenmill convert`: rewrite a GGUF model with its 2-D weight matrices in another type (f32, f16,
-bf16, q8_0, q4_0, q4_1). Norms, biases and other vectors stay f32; metadata is copied with its
-types. Quantization is the engine's own (byte-identical to the GGUF reference quantizers); writing
-uses the `gguf` package."""
+bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; a K-quant's matrices whose rows are not whole
+super-blocks of 256 take q5_0 / q5_1 / q8_0 as llama-quantize does). Norms, biases and other vectors
+stay f32; metadata is copied with its types. Quantization is the engine's own (byte-identical to the
+GGUF reference quantizers: the gguf package's, and llama.cpp's for the K-quants); writing uses the
+`gguf` package."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import numpy as np
 
 from ..engine import native
 from ..engine.model import WEIGHT_TYPES as TARGETS
+from ..engine.model import matrix_type
 from ..errors import InvalidArgumentError
-_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_1": 32}
 
 
 def _field_value(field, T):
@@ -89,8 +91,8 @@ def rewrite_gguf(src: Path, dst: Path, type_of: Callable[[str], str],
         data = parsed.dequantize(name)
         if change is not None:
             change(name, data)
-        target = type_of(type_name)
-        if len(shape) == 2 and shape[0] % _BLOCK.get(target, 1) == 0:
+        target = matrix_type(type_of(type_name), shape[0]) if len(shape) == 2 else None
+        if target is not None:
             add_matrix(writer, name, data, target)
         else:
             writer.add_tensor(name, data.astype(np.float32))

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..engine import hf, native
-from ..engine.model import WEIGHT_TYPES
+from ..engine.model import WEIGHT_TYPES, matrix_type
 from ..errors import InvalidArgumentError, ModelFormatError, UnsupportedModelError
 from ..jsonfile import read_json_object
 from ..text.tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
@@ -23,8 +23,11 @@ PathLike = Union[str, Path]
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}
 # the seed's quantize_full_model methods -> weight types
 QUANTIZE_METHODS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "dynamic": "q8_0", "int8": "q8_0", "q8_0": "q8_0",
-                    "q4_0": "q4_0", "q4_1": "q4_1"}
-_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}   # llama_ftype
+                    "q4_0": "q4_0", "q4_1": "q4_1", "q5_0": "q5_0", "q5_1": "q5_1", "q4_k": "q4_k", "q5_k": "q5_k",
+                    "q6_k": "q6_k"}
+# llama_ftype (the K-quants as their "_S" files: one type for every matrix that fits it)
+_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k": 14, "q5_k": 16,
+              "q6_k": 18, "bf16": 32}
 _LLAMA_MODULES = (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
                   ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
                   ("mlp.down_proj", "ffn_down"))
@@ -174,8 +177,9 @@ def _add_tokenizer(writer, directory: Path, hp) -> None:
 
 def export_to_gguf(hf_dir: PathLike, out: PathLike, type: str = "f16") -> Path:
     """Writes the HF directory `hf_dir` as the GGUF file `out` with its weight matrices in `type`
-    (f32, f16, bf16, q8_0, q4_0, q4_1; matrices whose rows do not fit 32-blocks stay f16, vectors
-    f32). Returns the path."""
+    (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k; a K-quant's matrices whose rows
+    are not whole super-blocks take q5_0 / q5_1 / q8_0, matrices whose rows do not fit 32-blocks stay
+    f16, vectors f32). Returns the path."""
     import gguf
 
     from .convert import add_matrix, finish
@@ -200,8 +204,7 @@ def export_to_gguf(hf_dir: PathLike, out: PathLike, type: str = "f16") -> Path:
     for name, data in tensors.items():
         data = np.ascontiguousarray(data, np.float32)
         if data.ndim == 2:
-            fits = type in ("f32", "f16", "bf16") or data.shape[1] % 32 == 0
-            add_matrix(writer, name, data, type if fits else "f16")
+            add_matrix(writer, name, data, matrix_type(type, data.shape[1]) or "f16")
         else:
             writer.add_tensor(name, data)
     finish(writer)
@@ -212,7 +215,7 @@ def export_to_gguf(hf_dir: PathLike, out: PathLike, type: str = "f16") -> Path:
 def quantize_full_model(model_or_path, method: str, output_path: PathLike) -> Path:
     """The seed's name: writes the model (an HF directory, a GGUF file, or a loaded Model's file) as
     GGUF with its weights in the type `method` names (fp32, fp16, bf16; "dynamic" / "int8" = q8_0;
-    q4_0, q4_1)."""
+    q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k)."""
     from .convert import convert_gguf
 
     if method not in QUANTIZE_METHODS:
