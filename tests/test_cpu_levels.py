@@ -290,3 +290,33 @@ def test_int8_decode_model(default_gguf, smollm):
         np.testing.assert_array_equal(rows, steps)
     finally:
         _core.set_cpu_level(before)
+
+
+def _extreme_kquant_row(wtype):
+    """Two super-blocks whose every weight has the largest |quant x sub-block scale| the type allows
+    (q6_k: q - 32 = -32 with scale -128; q4_k / q5_k: q = 15 / 31 with scale 63), where the integer
+    kernels' int32 sums come closest to overflowing."""
+    block = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[wtype]
+    raw = np.zeros((2, block), np.uint8)
+    if wtype == "q6_k":
+        raw[:, 192:208] = np.array([-128] * 16, np.int8).view(np.uint8)   # scales; ql = qh = 0: q = 0 - 32
+        raw[:, 208:210] = np.array([0.5], np.float16).view(np.uint8)
+    else:
+        raw[:, 0:2] = np.array([0.5], np.float16).view(np.uint8)
+        raw[:, 2:4] = np.array([0.25], np.float16).view(np.uint8)
+        raw[:, 4:16] = 0xFF   # every 6-bit scale and min 63
+        raw[:, 16 if wtype == "q4_k" else 48:] = 0xFF   # every quant 15 (and its fifth bit set)
+    return raw.tobytes()
+
+
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "scalar"], indirect=True)
+@pytest.mark.parametrize("wtype", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_kquant_sums_do_not_overflow(level, wtype, sign):
+    row = _extreme_kquant_row(wtype)
+    wd = _core.dequantize(wtype, row, 512).astype(np.float64)
+    assert np.abs(wd).max() > 0
+    x = np.full(512, sign * 3.0, np.float32)   # every x at its block maximum: hi = +-32767
+    exact = float(wd @ x.astype(np.float64))
+    for got in (_testing.dot_row(wtype, row, x), *_testing.dot_row_x4(wtype, row, np.stack([x] * 4))):
+        assert abs(got - exact) <= 1e-6 * abs(exact)

@@ -201,7 +201,7 @@ PYBIND11_MODULE(_testing, mod) {
         if (!prepared || !cpu::uses_prepared_x(k, t)) return k.dot_row(t, view.data(), x.data(), n);
         std::vector<int16_t> q(static_cast<size_t>(2 * n));
         std::vector<float> d(static_cast<size_t>(n / 32)), sum(static_cast<size_t>(n / 32));
-        k.prepare_x(x.data(), n, q.data(), d.data(), sum.data());
+        cpu::prepare_for(k, t)(x.data(), n, q.data(), d.data(), sum.data());
         return k.dot_row_prepared(t, view.data(), q.data(), d.data(), sum.data(), n);
     }, py::arg("type"), py::arg("row"), py::arg("x"), py::arg("prepared") = true,
        "Dot product of one stored weight row with x: the integer path where the level has one for the "
@@ -219,7 +219,7 @@ PYBIND11_MODULE(_testing, mod) {
         std::vector<int16_t> q(static_cast<size_t>(8 * n));
         std::vector<float> d(static_cast<size_t>(n / 8)), sum(static_cast<size_t>(n / 8));
         for (int64_t r = 0; r < 4; ++r)
-            k.prepare_x(xs.data() + r * n, n, q.data() + 2 * r * n, d.data() + r * (n / 32), sum.data() + r * (n / 32));
+            cpu::prepare_for(k, t)(xs.data() + r * n, n, q.data() + 2 * r * n, d.data() + r * (n / 32), sum.data() + r * (n / 32));
         FloatArray out(4);
         k.dot_row_prepared_x4(t, view.data(), q.data(), d.data(), sum.data(), n, out.mutable_data());
         return out;

@@ -40,9 +40,11 @@ def load(
     With no path, the default model (SmolLM2-135M-Instruct) is used, fetched on first use.
     `tokenizer` overrides the model's own: a tokenizer.json, an HF directory, or a GGUF file.
     `n_ctx` caps the context (default: the model's training context).
-    `weights` converts every weight matrix on load to one of f32, f16, bf16, q8_0, q4_0, q4_1 (e.g.
-    an f16 HF model to q8_0); the converted copy lives in memory, the file is only read. Matrices
-    whose rows do not fit the type's 32-value blocks keep their type, as `tokenmill convert` does.
+    `weights` converts every weight matrix on load to one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0,
+    q5_1, q4_k, q5_k, q6_k (e.g. an f16 HF model to q8_0); the converted copy lives in memory, the file
+    is only read. A K-quant gives matrices whose rows are no whole 256-value super-blocks q5_0 / q5_1 /
+    q8_0 (as llama-quantize does); matrices whose rows fit no block keep their type, as `tokenmill
+    convert` does.
     `int8_prefill` trades precision for prompt speed the way llama.cpp does: forward passes of 8 or
     more tokens (prompts, batches of 8+ sequences) multiply q4_0 / q4_1 weights by activations rounded
     to int8 per 32-block (about twice the exact path's speed on AVX-512 VNNI CPUs; logits move by a few

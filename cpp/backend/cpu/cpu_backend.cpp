@@ -142,7 +142,8 @@ public:
         }
         const cpu::Kernels& kern = cpu::kernels();
         const bool small_batch = (T < kPreparedMaxTokens && !invariant_) || rows_as_decode_;
-        bool any_prepared = false, any_packed = false, any_tile16 = false, any_tile = false, any_int8 = false;
+        bool any_prepared = false, any_prepared_k = false, any_packed = false, any_tile16 = false, any_tile = false,
+             any_int8 = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
             const Weight& w = *items[i].w;
@@ -151,18 +152,21 @@ public:
             any_int8 |= packed && uses_int8_decode(kern);
             any_tile16 |= tile16;
             any_tile |= tile;
-            any_prepared |= !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
+            const bool prepared = !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
+            (cpu::superblock_x(w.type) ? any_prepared_k : any_prepared) |= prepared;
             const int64_t unit_rows = tile16 ? 16 : packed ? 8 : tile ? kern.tile_rows : 4;
             first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
         }
         const int64_t nb = cols / 32;
-        if (any_prepared) {
-            xq_.resize(static_cast<size_t>(2 * T * cols));
-            xd_.resize(static_cast<size_t>(T * nb));
-            xsum_.resize(static_cast<size_t>(T * nb));
+        auto prepare = [&](PreparedX& p, auto prepare_fn) {
+            p.q.resize(static_cast<size_t>(2 * T * cols));
+            p.d.resize(static_cast<size_t>(T * nb));
+            p.sum.resize(static_cast<size_t>(T * nb));
             for (int64_t t = 0; t < T; ++t)
-                kern.prepare_x(x + t * cols, cols, xq_.data() + 2 * t * cols, xd_.data() + t * nb, xsum_.data() + t * nb);
-        }
+                prepare_fn(x + t * cols, cols, p.q.data() + 2 * t * cols, p.d.data() + t * nb, p.sum.data() + t * nb);
+        };
+        if (any_prepared) prepare(x32_, kern.prepare_x);
+        if (any_prepared_k) prepare(x256_, kern.prepare_x_k);
         if (any_packed || any_tile16) {
             xq8_.resize(static_cast<size_t>(4 * T * cols));
             xd8_.resize(static_cast<size_t>(T * nb));
@@ -266,17 +270,18 @@ public:
                 }
                 // integer dots; each row stays in L1 while the tokens pass, four per widening (the same
                 // arithmetic per token as one at a time, so rows as decode take this path too)
+                const PreparedX& px = cpu::superblock_x(w.type) ? x256_ : x32_;
                 for (int64_t r = r0; r < r1; ++r) {
                     int64_t t = 0;
                     for (; t + 4 <= T; t += 4) {
                         float o[4];
-                        kern.dot_row_prepared_x4(w.type, row_ptr(r), xq_.data() + 2 * t * cols, xd_.data() + t * nb,
-                                                 xsum_.data() + t * nb, cols, o);
+                        kern.dot_row_prepared_x4(w.type, row_ptr(r), px.q.data() + 2 * t * cols, px.d.data() + t * nb,
+                                                 px.sum.data() + t * nb, cols, o);
                         for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + bias(r);
                     }
                     for (; t < T; ++t)
-                        out[t * rows + r] = kern.dot_row_prepared(w.type, row_ptr(r), xq_.data() + 2 * t * cols,
-                                                                  xd_.data() + t * nb, xsum_.data() + t * nb, cols) +
+                        out[t * rows + r] = kern.dot_row_prepared(w.type, row_ptr(r), px.q.data() + 2 * t * cols,
+                                                                  px.d.data() + t * nb, px.sum.data() + t * nb, cols) +
                                             bias(r);
                 }
                 continue;
@@ -681,7 +686,13 @@ private:
 
     ThreadPool pool_;
     std::vector<std::vector<float>> scratch_;
-    std::vector<int16_t> xq_;   // activations prepared for the integer kernels [T, 2 * cols]
+    // activations prepared for the integer kernels: q [T, 2 * cols], d and sum [T, cols / 32]; by
+    // prepare_x (32-block scales) and by prepare_x_k (super-block scales, for the K-quants)
+    struct PreparedX {
+        std::vector<int16_t> q;
+        std::vector<float> d, sum;
+    };
+    PreparedX x32_, x256_;
     std::vector<int8_t> xq8_;   // ... and for the packed 4-bit kernel [T, 4 * cols]
     std::vector<float> xd8_, xsum8_;
     std::vector<int8_t> xa_;            // int8 prefill: x rounded to int8 [T, cols] ...
@@ -691,7 +702,6 @@ private:
     std::optional<cpu::LevelPin> level_;               // held during a pass
     bool rows_as_decode_ = false;                      // the RowsMode of the ops now running
     bool invariant_ = false;
-    std::vector<float> xd_, xsum_;
     std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
     std::vector<float> lora_u_;     // LoRA: scale * A x of every row of a projection group
     std::vector<std::vector<float>> memory_scratch_;   // memory attention: one buffer per thread

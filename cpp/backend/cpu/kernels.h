@@ -97,6 +97,10 @@ struct Kernels {
     // each element widened in the loop, so the rows are read at half the bytes
     void (*rows_dot_f16)(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out);
     void (*rows_axpy_f16)(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w);
+    // prepare_x with one scale per 256-block (d [n / 256]; q's layout and the 32-block sums as
+    // prepare_x's): what dot_row_prepared(_x4) read for the K-quants, whose super-blocks then sum their
+    // products in int32 with the sub-block scales folded into the weights. Null where prepare_x is.
+    void (*prepare_x_k)(const float* x, int64_t n, int16_t* q, float* d, float* sum);
 };
 
 constexpr int kPackedTokens = 4;
@@ -128,8 +132,9 @@ void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row);
 // SmolLM2, 2 threads: +12-18% decode for Q8_0, Q4_0 and Q4_1 at both SIMD levels).
 constexpr size_t kDecodePrefetchBytes = 2048;
 
-// Whether dot_row_prepared handles weights of type t at this level (the block-quantized types: the
-// K-quants' sub-blocks of 32 meet x's 32-blocks, each with its own scale and minimum).
+// Whether dot_row_prepared handles weights of type t at this level (the block-quantized types), and
+// which preparation of x it reads for them (prepare_x_k for the K-quants, prepare_x otherwise; both
+// take d and sum arrays of n / 32 floats).
 inline bool uses_prepared_x(const Kernels& k, DType t) {
     switch (t) {
         case DType::q8_0: case DType::q4_0: case DType::q4_1: case DType::q5_0: case DType::q5_1: case DType::q4_k:
@@ -139,6 +144,8 @@ inline bool uses_prepared_x(const Kernels& k, DType t) {
             return false;
     }
 }
+inline bool superblock_x(DType t) { return t == DType::q4_k || t == DType::q5_k || t == DType::q6_k; }
+inline auto prepare_for(const Kernels& k, DType t) { return superblock_x(t) ? k.prepare_x_k : k.prepare_x; }
 
 const Kernels& kernels_scalar();
 const Kernels& kernels_avx2();     // only valid when the CPU has AVX2, FMA and F16C

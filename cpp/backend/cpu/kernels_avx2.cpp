@@ -480,38 +480,54 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
 
 // ---- integer path: int16 activations, weights widened from int8 / nibbles, madd into int32
 
+// 32 values as x / d = hi + lo / 2^15 (inv = 1 / d) into q: hi[32] then lo[32]; returns their sum
+inline float encode_block(const float* x, float inv_d, int16_t* q) {
+    const __m256 lo_scale = _mm256_set1_ps(32768.0f), inv = _mm256_set1_ps(inv_d);
+    __m256 v[4] = {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), _mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)};
+    __m256 s = _mm256_setzero_ps();
+    for (const __m256& vi : v) s = _mm256_add_ps(s, vi);
+    __m256i hi[4], lo[4];
+    for (int g = 0; g < 4; ++g) {
+        __m256 scaled = _mm256_mul_ps(v[g], inv);
+        hi[g] = _mm256_cvtps_epi32(scaled);
+        lo[g] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(scaled, _mm256_cvtepi32_ps(hi[g])), lo_scale));
+    }
+    // packs works per 128-bit lane; the permute restores element order
+    auto store = [](int16_t* dst, __m256i a, __m256i b) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    };
+    store(q, hi[0], hi[1]);
+    store(q + 16, hi[2], hi[3]);
+    store(q + 32, lo[0], lo[1]);
+    store(q + 48, lo[2], lo[3]);
+    return hsum(s);
+}
+
+inline float abs_max(const float* x, int64_t n) {
+    const __m256 sign_mask = _mm256_set1_ps(-0.0f);
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, _mm256_loadu_ps(x + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    return _mm_cvtss_f32(m4);
+}
+
 // x / d = hi + lo / 2^15 with hi, lo int16: per 32-block, hi[32] then lo[32] (so q holds 2n values)
 void prepare_x(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
-    const __m256 sign_mask = _mm256_set1_ps(-0.0f);
-    const __m256 lo_scale = _mm256_set1_ps(32768.0f);
     for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 64) {
-        __m256 v[4] = {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), _mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)};
-        __m256 amax = _mm256_setzero_ps(), s = _mm256_setzero_ps();
-        for (const __m256& vi : v) {
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_mask, vi));
-            s = _mm256_add_ps(s, vi);
-        }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        float mx = _mm_cvtss_f32(m4);
+        const float mx = abs_max(x, 32);
         d[b] = mx / 32767.0f;
-        sum[b] = hsum(s);
-        __m256 inv = _mm256_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
-        __m256i hi[4], lo[4];
-        for (int g = 0; g < 4; ++g) {
-            __m256 scaled = _mm256_mul_ps(v[g], inv);
-            hi[g] = _mm256_cvtps_epi32(scaled);
-            lo[g] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(scaled, _mm256_cvtepi32_ps(hi[g])), lo_scale));
-        }
-        // packs works per 128-bit lane; the permute restores element order
-        auto store = [](int16_t* dst, __m256i a, __m256i b) {
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
-        };
-        store(q, hi[0], hi[1]);
-        store(q + 16, hi[2], hi[3]);
-        store(q + 32, lo[0], lo[1]);
-        store(q + 48, lo[2], lo[3]);
+        sum[b] = encode_block(x, mx > 0.0f ? 32767.0f / mx : 0.0f, q);
+    }
+}
+
+// The same layout with one scale per 256-block (d [n / 256]); sum [n / 32] still per 32-block.
+void prepare_x_k(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
+    for (int64_t s = 0; s < n / 256; ++s, x += 256) {
+        const float mx = abs_max(x, 256), inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
+        d[s] = mx / 32767.0f;
+        for (int b = 0; b < 8; ++b, q += 64) sum[8 * s + b] = encode_block(x + 32 * b, inv, q);
     }
 }
 
@@ -527,16 +543,12 @@ inline WideBlock widen(const uint8_t* row, int64_t i) {
     WideBlock w;
     __m128i lo, hi;
     w.m = 0.0f;
-    if constexpr (is_extra(T)) {
+    if constexpr (is_q5(T)) {
         const Quants32 u = quants32<T>(row, i);
         w.d = u.d;
         w.m = u.m;
         w.lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(u.q));
         w.hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(u.q, 1));
-        if constexpr (T == DType::q6_k) {   // the sub-block scales folded in: |q sc| <= 4096
-            w.lo = _mm256_mullo_epi16(w.lo, _mm256_set1_epi16(static_cast<int16_t>(u.sc[0])));
-            w.hi = _mm256_mullo_epi16(w.hi, _mm256_set1_epi16(static_cast<int16_t>(u.sc[1])));
-        }
         return w;
     } else if constexpr (T == DType::q8_0) {
         const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
@@ -595,6 +607,59 @@ void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const 
     for (int k = 0; k < NT; ++k) out[k] = hsum(acc[k]) + min_part[k];
 }
 
+// NT tokens against one K-quant row, x from prepare_x_k. The sub-block scales fold into the int16
+// weights (|q sc| <= 4096) and the products add up in int32 (hi and lo parts) over a run of sub-blocks
+// before one conversion: the whole super-block for q4_k / q5_k (32 products per lane: below 2^31),
+// halves for q6_k, whose larger weights would overflow over a whole one.
+//   sum_j x_j (d sc_j q_j - dmin m_j) = d * dx * sum_j sc_j q_j xq_j - sum_b dmin m_b * xsum_b
+template <DType T, int NT>
+void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* sum, int64_t n, float* out) {
+    constexpr int kRun = T == DType::q6_k ? 4 : 8;
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    const int64_t supers = n / 256, block = T == DType::q4_k ? 144 : T == DType::q5_k ? 176 : 210;
+    __m256 acc[NT], min_acc[NT];
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) { acc[k] = _mm256_setzero_ps(); min_acc[k] = _mm256_setzero_ps(); }
+    KSuper u;
+    for (int64_t s = 0; s < supers; ++s) {
+        _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+        k_super<T>(r, s, u);
+        if constexpr (T != DType::q6_k) {
+            const __m256 mins = _mm256_mul_ps(_mm256_set1_ps(u.dmin),
+                                              _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u.m))));
+#pragma GCC unroll 4
+            for (int k = 0; k < NT; ++k)
+                min_acc[k] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(sum + k * (n / 32) + 8 * s), min_acc[k]);
+        }
+        for (int j0 = 0; j0 < 8; j0 += kRun) {
+            __m256i hi[NT], lo[NT];
+#pragma GCC unroll 4
+            for (int k = 0; k < NT; ++k) hi[k] = lo[k] = _mm256_setzero_si256();
+            for (int j = j0; j < j0 + kRun; ++j) {
+                const __m256i w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(u.q[j])),
+                                                      _mm256_set1_epi16(static_cast<int16_t>(u.sc[2 * j])));
+                const __m256i w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(u.q[j], 1)),
+                                                      _mm256_set1_epi16(static_cast<int16_t>(u.sc[2 * j + 1])));
+#pragma GCC unroll 4
+                for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d [n / 256], sum [n / 32]
+                    const int16_t* xq = q + k * 2 * n + s * 512 + 64 * j;
+                    auto load = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + off)); };
+                    hi[k] = _mm256_add_epi32(hi[k], _mm256_add_epi32(_mm256_madd_epi16(w0, load(0)), _mm256_madd_epi16(w1, load(16))));
+                    lo[k] = _mm256_add_epi32(lo[k], _mm256_add_epi32(_mm256_madd_epi16(w0, load(32)), _mm256_madd_epi16(w1, load(48))));
+                }
+            }
+#pragma GCC unroll 4
+            for (int k = 0; k < NT; ++k) {
+                const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo[k]), _mm256_set1_ps(1.0f / 32768.0f), _mm256_cvtepi32_ps(hi[k]));
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(u.d * d[k * (n / 32) + s]), f, acc[k]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) out[k] = hsum(acc[k]) - hsum(min_acc[k]);
+}
+
 template <int NT>
 void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
                        float* out) {
@@ -604,9 +669,9 @@ void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* 
         case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
         case DType::q5_0: return dot_rows_prepared<DType::q5_0, NT>(row, q, d, sum, n, out);
         case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
-        case DType::q4_k: return dot_rows_prepared<DType::q4_k, NT>(row, q, d, sum, n, out);
-        case DType::q5_k: return dot_rows_prepared<DType::q5_k, NT>(row, q, d, sum, n, out);
-        case DType::q6_k: return dot_rows_prepared<DType::q6_k, NT>(row, q, d, sum, n, out);
+        case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
+        case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
+        case DType::q6_k: return dot_rows_k<DType::q6_k, NT>(row, q, d, sum, n, out);
         default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
     }
 }
@@ -625,7 +690,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row,
                     dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf,
-                    rows_dot_f16, rows_axpy_f16};
+                    rows_dot_f16, rows_axpy_f16, prepare_x_k};
 
 }  // namespace
 

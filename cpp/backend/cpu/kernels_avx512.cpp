@@ -441,27 +441,46 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
 
 // ---- integer path: int16 activations, weights widened to int16, VPDPWSSD into int32
 
+// 32 values as x / d = hi + lo / 2^15 (inv = 1 / d) into q: hi[32] then lo[32]; returns their sum
+inline float encode_block(const float* x, float inv_d, int16_t* q) {
+    const __m512 lo_scale = _mm512_set1_ps(32768.0f), inv = _mm512_set1_ps(inv_d);
+    __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    __m512 s0 = _mm512_mul_ps(v0, inv), s1 = _mm512_mul_ps(v1, inv);
+    __m512i h0 = _mm512_cvtps_epi32(s0), h1 = _mm512_cvtps_epi32(s1);
+    __m512i l0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s0, _mm512_cvtepi32_ps(h0)), lo_scale));
+    __m512i l1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s1, _mm512_cvtepi32_ps(h1)), lo_scale));
+    auto store = [](int16_t* dst, __m512i v) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtsepi32_epi16(v));
+    };
+    store(q, h0);
+    store(q + 16, h1);
+    store(q + 32, l0);
+    store(q + 48, l1);
+    return _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+}
+
+inline float abs_max(const float* x, int64_t n) {
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    return _mm512_reduce_max_ps(m);
+}
+
 // x / d = hi + lo / 2^15 with hi, lo int16: per 32-block, hi[32] then lo[32] (so q holds 2n values),
 // the same layout and rounding as the AVX2 level.
 void prepare_x(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
-    const __m512 lo_scale = _mm512_set1_ps(32768.0f);
     for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 64) {
-        __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
-        float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float mx = abs_max(x, 32);
         d[b] = mx / 32767.0f;
-        sum[b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
-        __m512 inv = _mm512_set1_ps(mx > 0.0f ? 32767.0f / mx : 0.0f);
-        __m512 s0 = _mm512_mul_ps(v0, inv), s1 = _mm512_mul_ps(v1, inv);
-        __m512i h0 = _mm512_cvtps_epi32(s0), h1 = _mm512_cvtps_epi32(s1);
-        __m512i l0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s0, _mm512_cvtepi32_ps(h0)), lo_scale));
-        __m512i l1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(s1, _mm512_cvtepi32_ps(h1)), lo_scale));
-        auto store = [](int16_t* dst, __m512i v) {
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtsepi32_epi16(v));
-        };
-        store(q, h0);
-        store(q + 16, h1);
-        store(q + 32, l0);
-        store(q + 48, l1);
+        sum[b] = encode_block(x, mx > 0.0f ? 32767.0f / mx : 0.0f, q);
+    }
+}
+
+// The same layout with one scale per 256-block (d [n / 256]); sum [n / 32] still per 32-block.
+void prepare_x_k(const float* x, int64_t n, int16_t* q, float* d, float* sum) {
+    for (int64_t s = 0; s < n / 256; ++s, x += 256) {
+        const float mx = abs_max(x, 256), inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
+        d[s] = mx / 32767.0f;
+        for (int b = 0; b < 8; ++b, q += 64) sum[8 * s + b] = encode_block(x + 32 * b, inv, q);
     }
 }
 
@@ -476,16 +495,11 @@ inline WideBlock widen(const uint8_t* row, int64_t i) {
     WideBlock w;
     w.m = 0.0f;
     __m256i bytes;
-    if constexpr (is_extra(T)) {
+    if constexpr (is_q5(T)) {
         const Quants32 u = quants32<T>(row, i);
         w.d = u.d;
         w.m = u.m;
         w.q = _mm512_cvtepi8_epi16(u.q);
-        if constexpr (T == DType::q6_k) {   // the sub-block scales folded in: |q sc| <= 4096
-            const __m512i sc = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(u.sc[0])),
-                                                  _mm256_set1_epi16(static_cast<int16_t>(u.sc[1])), 1);
-            w.q = _mm512_mullo_epi16(w.q, sc);
-        }
         return w;
     } else if constexpr (T == DType::q8_0) {
         const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[i];
@@ -545,6 +559,54 @@ void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const 
     for (int k = 0; k < NT; ++k) out[k] = _mm512_reduce_add_ps(acc[k]) + min_part[k];
 }
 
+// NT tokens against one K-quant row, x from prepare_x_k. Per super-block the sub-block scales fold
+// into the int16 weights (|q sc| <= 4096), so each token's 256 products add up in two int32 vectors
+// (hi and lo parts, at most 16 products per lane: below 2^31) before one conversion:
+//   sum_j x_j (d sc_j q_j - dmin m_j) = d * dx * sum_j sc_j q_j xq_j - sum_b dmin m_b * xsum_b
+template <DType T, int NT>
+void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* sum, int64_t n, float* out) {
+    const uint8_t* r = static_cast<const uint8_t*>(row);
+    const int64_t supers = n / 256, block = T == DType::q4_k ? 144 : T == DType::q5_k ? 176 : 210;
+    __m512 acc[NT];
+    __m256 min_acc[NT];
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) { acc[k] = _mm512_setzero_ps(); min_acc[k] = _mm256_setzero_ps(); }
+    KSuper u;
+    for (int64_t s = 0; s < supers; ++s) {
+        _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+        k_super<T>(r, s, u);
+        __m512i w[8];
+        for (int j = 0; j < 8; ++j) {
+            const __m512i sc = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(u.sc[2 * j])),
+                                                  _mm256_set1_epi16(static_cast<int16_t>(u.sc[2 * j + 1])), 1);
+            w[j] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(u.q[j]), sc);
+        }
+        __m256 mins = _mm256_setzero_ps();
+        if constexpr (T != DType::q6_k)
+            mins = _mm256_mul_ps(_mm256_set1_ps(u.dmin), _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u.m))));
+#pragma GCC unroll 4
+        for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d [n / 256], sum [n / 32]
+            const int16_t* xq = q + k * 2 * n + s * 512;
+            __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+            for (int j = 0; j < 8; ++j) {
+                hi = _mm512_dpwssd_epi32(hi, w[j], _mm512_loadu_si512(xq + 64 * j));
+                lo = _mm512_dpwssd_epi32(lo, w[j], _mm512_loadu_si512(xq + 64 * j + 32));
+            }
+            const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(1.0f / 32768.0f), _mm512_cvtepi32_ps(hi));
+            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(u.d * d[k * (n / 32) + s]), f, acc[k]);
+            if constexpr (T != DType::q6_k)
+                min_acc[k] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(sum + k * (n / 32) + 8 * s), min_acc[k]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) {
+        const __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(min_acc[k]), _mm256_extractf128_ps(min_acc[k], 1));
+        const __m128 m2 = _mm_add_ps(m4, _mm_movehl_ps(m4, m4));
+        out[k] = _mm512_reduce_add_ps(acc[k]) - _mm_cvtss_f32(_mm_add_ss(m2, _mm_movehdup_ps(m2)));
+    }
+}
+
 template <int NT>
 void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
                        float* out) {
@@ -554,9 +616,9 @@ void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* 
         case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
         case DType::q5_0: return dot_rows_prepared<DType::q5_0, NT>(row, q, d, sum, n, out);
         case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
-        case DType::q4_k: return dot_rows_prepared<DType::q4_k, NT>(row, q, d, sum, n, out);
-        case DType::q5_k: return dot_rows_prepared<DType::q5_k, NT>(row, q, d, sum, n, out);
-        case DType::q6_k: return dot_rows_prepared<DType::q6_k, NT>(row, q, d, sum, n, out);
+        case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
+        case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
+        case DType::q6_k: return dot_rows_k<DType::q6_k, NT>(row, q, d, sum, n, out);
         default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
     }
 }
@@ -921,7 +983,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
-                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, rows_dot_f16, rows_axpy_f16};
+                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, rows_dot_f16, rows_axpy_f16, prepare_x_k};
 
 }  // namespace
 

@@ -160,6 +160,9 @@ def requantized(src: Path, wtype: str, directory: Optional[Path] = None) -> Path
 RANDOM_SHAPES = {
     "qwen2.5-0.5b": dict(arch="qwen2", n_embd=896, n_layer=24, n_head=14, n_head_kv=2, n_ff=4864, n_vocab=151936,
                          rope_theta=1e6, qkv_bias=True),
+    # every matrix in whole K-quant super-blocks, as in the Q4_K_M files people run
+    "llama3.2-1b": dict(arch="llama", n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=128256,
+                        rope_theta=5e5, qkv_bias=False),
 }
 
 
@@ -169,6 +172,7 @@ def random_model(shape: str, wtype: str, directory: Path, seed: int = 0) -> Path
     benchmarks feed token ids, never text."""
     import gguf
 
+    from ..engine.model import matrix_type
     from .convert import TARGETS, add_matrix
 
     if shape not in RANDOM_SHAPES:
@@ -198,7 +202,8 @@ def random_model(shape: str, wtype: str, directory: Path, seed: int = 0) -> Path
     rng = np.random.default_rng(seed)
 
     def matrix(name, rows, cols):   # rows x cols, stored as ggml [cols, rows]
-        add_matrix(w, name, (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32), wtype)
+        add_matrix(w, name, (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(np.float32),
+                   matrix_type(wtype, cols) or "f16")
 
     def vector(name, n, value=None):
         w.add_tensor(name, np.ones(n, np.float32) if value is None else
