@@ -74,13 +74,29 @@ inline Quants32 quants32(const uint8_t* row, int64_t i) {
 }
 
 // Super-block s of a K-quant row: its 256 quants as bytes, 32 per sub-block (q4_k / q5_k unsigned,
-// q6_k as q - 32), the integer scale of each half sub-block of 16, the 6-bit mins (q4_k / q5_k), and
-// the super-block's d and dmin: x = d * sc * q - dmin * m.
+// q6_k as q - 32), the integer scales (q4_k / q5_k: one unsigned 6-bit scale per sub-block of 32 in
+// sc[0..7]; q6_k: a signed one per half sub-block of 16 in sc[0..15]), the 6-bit mins of q4_k / q5_k,
+// and the super-block's d and dmin: x = d * sc * q - dmin * m.
 struct KSuper {
     __m256i q[8];
-    int sc[16], m[8];
+    alignas(16) int8_t sc[16];
+    alignas(8) uint8_t m[8];
     float d, dmin;
 };
+
+// The eight 6-bit scales and mins of a q4_k / q5_k super-block from their 12 bytes, as 32-bit words
+// (k4_scale_min for all j at once): scales 0-3 and mins 0-3 are the low six bits of bytes 0-3 and
+// 4-7; scales and mins 4-7 take their low four bits from bytes 8-11 and their top two from the top
+// two bits of bytes 0-3 and 4-7.
+inline void k4_scales_mins(const uint8_t* s, uint8_t* sc, uint8_t* m) {
+    uint32_t w[3];
+    std::memcpy(w, s, 12);
+    const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, top2 = 0x03030303;
+    const uint32_t out[4] = {w[0] & low6, (w[2] & low4) | (((w[0] >> 6) & top2) << 4), w[1] & low6,
+                             ((w[2] >> 4) & low4) | (((w[1] >> 6) & top2) << 4)};
+    std::memcpy(sc, out, 8);
+    std::memcpy(m, out + 2, 8);
+}
 
 template <DType T>
 inline void k_super(const uint8_t* row, int64_t s, KSuper& u) {
@@ -89,32 +105,39 @@ inline void k_super(const uint8_t* row, int64_t s, KSuper& u) {
         const uint8_t* b = row + s * (five ? 176 : 144);
         u.d = half_at(b);
         u.dmin = half_at(b + 2);
+        k4_scales_mins(b + kK4Scales, reinterpret_cast<uint8_t*>(u.sc), u.m);
         const __m256i qh = five ? load32(b + kK5Qh) : _mm256_setzero_si256();
-        for (int j = 0; j < 8; ++j) {
-            k4_scale_min(b + kK4Scales, j, u.sc[2 * j], u.m[j]);
-            u.sc[2 * j + 1] = u.sc[2 * j];
-            u.q[j] = nibbles(load32(b + (five ? kK5Qs : kK4Qs) + 32 * (j / 2)), j % 2 != 0);
-            if constexpr (five) {
+        for (int c = 0; c < 4; ++c) {
+            const __m256i raw = load32(b + (five ? kK5Qs : kK4Qs) + 32 * c);
+            u.q[2 * c] = nibbles(raw, false);
+            u.q[2 * c + 1] = nibbles(raw, true);
+        }
+        if constexpr (five)
+            for (int j = 0; j < 8; ++j) {
                 const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << j));
                 const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
                 u.q[j] = _mm256_or_si256(u.q[j], _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
             }
-        }
     } else {   // q6_k: sub-block j = 4 h + k of half h
         const uint8_t* b = row + s * 210;
         u.d = half_at(b + kK6D);
         u.dmin = 0.0f;
-        const int8_t* scales = reinterpret_cast<const int8_t*>(b + kK6Scales);
-        for (int i = 0; i < 16; ++i) u.sc[i] = scales[i];
+        std::memcpy(u.sc, b + kK6Scales, 16);
         for (int j = 0; j < 8; ++j) {
             const int h = j / 4, k = j % 4;
             const __m256i low = nibbles(load32(b + 64 * h + 32 * (k % 2)), k >= 2);
             const __m256i high = _mm256_and_si256(_mm256_srl_epi16(load32(b + kK6Qh + 32 * h), _mm_cvtsi32_si128(2 * k)),
                                                   _mm256_set1_epi8(3));
             u.q[j] = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
-            u.m[j] = 0;
         }
     }
+}
+
+// The integer scale of sub-block j's first and second half
+template <DType T>
+inline int k_scale(const KSuper& u, int j, int half) {
+    if constexpr (T == DType::q6_k) return u.sc[2 * j + half];
+    else return static_cast<uint8_t>(u.sc[j]);
 }
 
 // 32 signed bytes times d_lo (elements 0..15) and d_hi (16..31), plus m, as floats: the product
@@ -147,8 +170,8 @@ void dequantize_extra(const uint8_t* row, float* out, int64_t n) {
         for (int64_t s = 0; s < n / 256; ++s) {
             k_super<T>(row, s, u);
             for (int j = 0; j < 8; ++j, out += 32) {
-                const float lo = u.d * static_cast<float>(u.sc[2 * j]), hi = u.d * static_cast<float>(u.sc[2 * j + 1]);
-                put_floats<T != DType::q6_k>(u.q[j], lo, hi, -(u.dmin * static_cast<float>(u.m[j])), out);
+                const float lo = u.d * static_cast<float>(k_scale<T>(u, j, 0)), hi = u.d * static_cast<float>(k_scale<T>(u, j, 1));
+                put_floats<T != DType::q6_k>(u.q[j], lo, hi, T == DType::q6_k ? 0.0f : -(u.dmin * static_cast<float>(u.m[j])), out);
             }
         }
     }

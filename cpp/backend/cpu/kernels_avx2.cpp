@@ -622,12 +622,12 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
     for (int k = 0; k < NT; ++k) { acc[k] = _mm256_setzero_ps(); min_acc[k] = _mm256_setzero_ps(); }
     KSuper u;
     for (int64_t s = 0; s < supers; ++s) {
-        _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+        for (int64_t line = 0; line < block; line += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + line, _MM_HINT_T0);
         k_super<T>(r, s, u);
         if constexpr (T != DType::q6_k) {
             const __m256 mins = _mm256_mul_ps(_mm256_set1_ps(u.dmin),
-                                              _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u.m))));
+                                              _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u.m)))));
 #pragma GCC unroll 4
             for (int k = 0; k < NT; ++k)
                 min_acc[k] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(sum + k * (n / 32) + 8 * s), min_acc[k]);
@@ -638,9 +638,9 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
             for (int k = 0; k < NT; ++k) hi[k] = lo[k] = _mm256_setzero_si256();
             for (int j = j0; j < j0 + kRun; ++j) {
                 const __m256i w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(u.q[j])),
-                                                      _mm256_set1_epi16(static_cast<int16_t>(u.sc[2 * j])));
+                                                      _mm256_set1_epi16(static_cast<int16_t>(k_scale<T>(u, j, 0))));
                 const __m256i w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(u.q[j], 1)),
-                                                      _mm256_set1_epi16(static_cast<int16_t>(u.sc[2 * j + 1])));
+                                                      _mm256_set1_epi16(static_cast<int16_t>(k_scale<T>(u, j, 1))));
 #pragma GCC unroll 4
                 for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d [n / 256], sum [n / 32]
                     const int16_t* xq = q + k * 2 * n + s * 512 + 64 * j;

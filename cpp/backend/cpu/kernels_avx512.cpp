@@ -573,18 +573,25 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
     for (int k = 0; k < NT; ++k) { acc[k] = _mm512_setzero_ps(); min_acc[k] = _mm256_setzero_ps(); }
     KSuper u;
     for (int64_t s = 0; s < supers; ++s) {
-        _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+        for (int64_t line = 0; line < block; line += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + line, _MM_HINT_T0);
         k_super<T>(r, s, u);
         __m512i w[8];
-        for (int j = 0; j < 8; ++j) {
-            const __m512i sc = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(u.sc[2 * j])),
-                                                  _mm256_set1_epi16(static_cast<int16_t>(u.sc[2 * j + 1])), 1);
-            w[j] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(u.q[j]), sc);
+        if constexpr (T == DType::q6_k) {   // sub-block j's two half scales: entries 2j and 2j + 1
+            const __m512i scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(u.sc))));
+            for (int j = 0; j < 8; ++j) {
+                const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)),
+                                                        _mm256_set1_epi16(static_cast<int16_t>(2 * j + 1)), 1);
+                w[j] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(u.q[j]), _mm512_permutexvar_epi16(pick, scales));
+            }
+        } else {
+            for (int j = 0; j < 8; ++j)
+                w[j] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(u.q[j]), _mm512_set1_epi16(static_cast<uint8_t>(u.sc[j])));
         }
         __m256 mins = _mm256_setzero_ps();
         if constexpr (T != DType::q6_k)
-            mins = _mm256_mul_ps(_mm256_set1_ps(u.dmin), _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u.m))));
+            mins = _mm256_mul_ps(_mm256_set1_ps(u.dmin),
+                                 _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u.m)))));
 #pragma GCC unroll 4
         for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d [n / 256], sum [n / 32]
             const int16_t* xq = q + k * 2 * n + s * 512;
