@@ -21,8 +21,9 @@ QTYPES = {
 }
 
 
-# q5_* and the K-quants: write_tiny_gguf writes K-quants as random blocks scaled to the tensor's
-# spread (the gguf package has no K-quant quantizer), q5_0 / q5_1 by the gguf package's quantizer
+# q5_* and the K-quants: write_tiny_gguf quantizes q5_0 / q5_1 with the gguf package, q4_k / q5_k /
+# q6_k with tokenmill (the gguf package has no K-quant quantizer), and writes q2_k / q3_k as random
+# blocks scaled to the tensor's spread
 EXTRA_TYPES = {
     "q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1,
     "q2_k": gguf.GGMLQuantizationType.Q2_K, "q3_k": gguf.GGMLQuantizationType.Q3_K,
@@ -132,7 +133,14 @@ def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32", extra: Option
     for name, (array, n_head) in tensors.items():
         data = permute_for_gguf(array, n_head) if n_head else array
         qtype = {**QTYPES, **EXTRA_TYPES}[wtype] if data.ndim == 2 else QTYPES["f32"]
-        if wtype in EXTRA_TYPES and data.ndim == 2 and wtype not in ("q5_0", "q5_1"):
+        if wtype in ("q4_k", "q5_k", "q6_k") and data.ndim == 2:
+            # tokenmill's quantizer: byte for byte llama.cpp's (test_kquants checks it)
+            from tokenmill import _core
+
+            raw = np.frombuffer(_core.quantize(wtype, np.ascontiguousarray(data, np.float32).ravel()), np.uint8)
+            w.add_tensor(name, raw.reshape(data.shape[0], -1), raw_dtype=qtype)
+            back = gguf.quants.dequantize(raw.reshape(data.shape[0], -1), qtype).reshape(data.shape)
+        elif wtype in EXTRA_TYPES and data.ndim == 2 and wtype not in ("q5_0", "q5_1"):
             block = gguf.GGML_QUANT_SIZES[qtype][0]
             raw = random_blocks(wtype, data.size // block, float(data.std()), np.random.default_rng(data.size))
             w.add_tensor(name, raw.reshape(data.shape[0], -1), raw_dtype=qtype)

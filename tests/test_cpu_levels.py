@@ -115,6 +115,32 @@ def test_int8_prefill_kernel_is_the_rounded_product(wtype, n_rows, n):
         _core.set_cpu_level(before)
 
 
+@pytest.mark.skipif("avx512" not in LEVELS, reason="the int8 prefill kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("wtype", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("n_rows", [16, 5])
+def test_int8_prefill_kquant_kernel_is_the_rounded_product(wtype, n_rows):
+    """The K-quants' int8 prefill: exactly the dequantized rows (every sub-block scale and offset) against
+    x rounded to int8 per 32-block, float rounding aside; padding rows stay out."""
+    before = _core.cpu_level()
+    _core.set_cpu_level("avx512")
+    try:
+        rng = np.random.default_rng(n_rows)
+        n = 768
+        w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.01, 2, (n_rows, 1)) + 0.01).astype(np.float32)
+        xs = rng.standard_normal((8, n)).astype(np.float32)
+        xs[1] *= 1e-3
+        xs[2, :32] = 0.0
+        rows = b"".join(_core.quantize(wtype, r) for r in w)
+        wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
+        got = _testing.dot_rows_tile16(wtype, rows, xs)
+        rounded = np.stack([_rounded_to_int8(x) for x in xs])
+        assert got.shape == (8, n_rows)
+        np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
+        assert not np.allclose(got, xs.astype(np.float64) @ wd.T, rtol=1e-6, atol=0)   # it does round
+    finally:
+        _core.set_cpu_level(before)
+
+
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
 @pytest.mark.parametrize("wtype", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "nf4", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
 def test_level_dequantize_is_exact(level, wtype):

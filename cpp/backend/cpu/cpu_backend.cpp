@@ -324,7 +324,7 @@ public:
         }
     }
 
-    // Opt-in int8 prefill, unit u of a packed 4-bit weight: sixteen rows, columns k0..k0 + kn,
+    // Opt-in int8 prefill, unit u of a packed 4-bit or a K-quant weight: sixteen rows, columns k0..k0 + kn,
     // repacked (per call: a kept copy would take twice the 4-bit weights' memory) and run against the
     // tokens eight at a time (x rounded to int8 in xa_, xd8_, xsum_rounded_).
     void tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn) {
@@ -332,7 +332,11 @@ public:
         const int64_t cols = w.cols, nb = cols / 32, r0 = 16 * u, nr = std::min<int64_t>(16, w.rows - r0);
         uint8_t* rows = reinterpret_cast<uint8_t*>(
             scratch(thread, static_cast<int64_t>((kn / 32) * cpu::tile16_column_bytes(w.type) / sizeof(float))));
-        kern.repack16(w.type, packed_group(w, r0, k0), nr > 8 ? packed_group(w, r0 + 8, k0) : nullptr, kn, rows);
+        if (w.packed)
+            kern.repack16(w.type, packed_group(w, r0, k0), nr > 8 ? packed_group(w, r0 + 8, k0) : nullptr, kn, rows);
+        else   // the K-quants, from their rows
+            kern.repack16_k(w.type, w.data + static_cast<size_t>(r0) * w.row_stride, w.row_stride, static_cast<int>(nr), k0,
+                            kn, rows);
         constexpr int NT = cpu::kTile16Tokens;
         const int8_t* q[NT];
         const float *d[NT], *sum[NT];
@@ -639,7 +643,8 @@ private:
 
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
-        return int8_prefill_ && !rows_as_decode_ && (T >= kPreparedMaxTokens || invariant_) && w.packed && kern.dot_tile16;
+        const bool repackable = w.packed || (cpu::superblock_x(w.type) && kern.repack16_k);
+        return int8_prefill_ && !rows_as_decode_ && (T >= kPreparedMaxTokens || invariant_) && repackable && kern.dot_tile16;
     }
 
     // fn(i0, i1) over [0, n) in chunks of kElementChunk across the threads once there is enough work,

@@ -690,7 +690,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row,
                     dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf,
-                    rows_dot_f16, rows_axpy_f16, prepare_x_k};
+                    rows_dot_f16, rows_axpy_f16, nullptr, prepare_x_k};
 
 }  // namespace
 
