@@ -116,11 +116,12 @@ def test_int8_prefill_kernel_is_the_rounded_product(wtype, n_rows, n):
 
 
 @pytest.mark.skipif("avx512" not in LEVELS, reason="the int8 prefill kernel needs AVX-512 VNNI")
-@pytest.mark.parametrize("wtype", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("wtype", ["q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
 @pytest.mark.parametrize("n_rows", [16, 5])
-def test_int8_prefill_kquant_kernel_is_the_rounded_product(wtype, n_rows):
-    """The K-quants' int8 prefill: exactly the dequantized rows (every sub-block scale and offset) against
-    x rounded to int8 per 32-block, float rounding aside; padding rows stay out."""
+def test_int8_prefill_repacked_rows_kernel_is_the_rounded_product(wtype, n_rows):
+    """The int8 prefill of q5_* and the K-quants: exactly the dequantized rows (every block's or
+    sub-block's scale and offset) against x rounded to int8 per 32-block, float rounding aside;
+    padding rows stay out."""
     before = _core.cpu_level()
     _core.set_cpu_level("avx512")
     try:

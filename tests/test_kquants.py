@@ -157,10 +157,10 @@ def test_converted_on_load_equals_convert_and_falls_back_like_llama_quantize(def
 
 
 @pytest.mark.skipif("avx512" not in _core.cpu_levels(), reason="the int8 prefill kernel needs AVX-512 VNNI")
-@pytest.mark.parametrize("wtype", ["q4_k", "q5_k", "q6_k"])
-def test_int8_prefill_of_kquant_models(k_files, wtype):
-    """load(int8_prefill=True) runs K-quant prompts against x rounded to int8 (llama.cpp's activation
-    precision): logits near the exact ones with the same top tokens; decode steps stay exact."""
+@pytest.mark.parametrize("wtype", NATIVE)
+def test_int8_prefill_of_the_models(k_files, wtype):
+    """load(int8_prefill=True) runs q5_* and K-quant prompts against x rounded to int8 (llama.cpp's
+    activation precision): logits near the exact ones with the same top tokens; decode steps stay exact."""
     path = k_files[wtype][0]
     ids = np.random.default_rng(3).integers(0, 320, size=40).tolist()
     exact, fast = tokenmill.load(path), tokenmill.load(path, int8_prefill=True)

@@ -322,7 +322,19 @@ PYBIND11_MODULE(_core, mod) {
         std::string out(row_bytes(t, n), '\0');
         {
             py::gil_scoped_release release;
-            quantize_row(t, x.data(), out.data(), n);
+            // blocks are independent: large inputs split over the cores in whole blocks of 256
+            const int64_t chunk = int64_t{1} << 16;
+            if (n <= chunk) {
+                quantize_row(t, x.data(), out.data(), n);
+            } else {
+                ThreadPool pool(default_thread_count());
+                pool.parallel_for((n + chunk - 1) / chunk, [&](int64_t c0, int64_t c1, int) {
+                    for (int64_t c = c0; c < c1; ++c) {
+                        const int64_t i0 = c * chunk, len = std::min(chunk, n - i0);
+                        quantize_row(t, x.data() + i0, out.data() + row_bytes(t, i0), len);
+                    }
+                });
+            }
         }
         return py::bytes(out);
     }, py::arg("type"), py::arg("x"), "The reference quantization of x (1-D float) into blocks of `type`.");

@@ -259,7 +259,7 @@ PYBIND11_MODULE(_testing, mod) {
         cpu::LevelPin pin;
         const cpu::Kernels& k = cpu::kernels();
         constexpr int NT = cpu::kTile16Tokens;
-        const bool kquant = cpu::superblock_x(t) && k.repack16_k;
+        const bool kquant = cpu::repackable16(t) && k.repack16_rows;
         if (!(cpu::packable8(t) || kquant) || !k.dot_tile16)
             fail(ErrorKind::invalid_arg, "no int8 prefill path for " + dtype_name(t) + " at this level");
         if (xs.shape(0) != NT) fail(ErrorKind::invalid_arg, "xs must have shape [8, n]");
@@ -273,7 +273,7 @@ PYBIND11_MODULE(_testing, mod) {
         std::vector<uint8_t> groups(2 * group_bytes), tile(static_cast<size_t>(n / 32) * cpu::tile16_column_bytes(t));
         const uint8_t* rows = reinterpret_cast<const uint8_t*>(view.data());
         if (kquant) {
-            k.repack16_k(t, rows, static_cast<size_t>(rb), static_cast<int>(n_rows), 0, n, tile.data());
+            k.repack16_rows(t, rows, static_cast<size_t>(rb), static_cast<int>(n_rows), 0, n, tile.data());
         } else {
             for (int64_t g = 0; g < n_rows / 8; ++g) cpu::pack_rows8(t, rows + g * 8 * rb, rb, n, groups.data() + g * group_bytes);
             k.repack16(t, groups.data(), n_rows == 16 ? groups.data() + group_bytes : nullptr, n, tile.data());
@@ -297,7 +297,7 @@ PYBIND11_MODULE(_testing, mod) {
             for (int64_t r = 0; r < n_rows; ++r) result.mutable_data()[j * n_rows + r] = out[16 * j + r];
         return result;
     }, py::arg("type"), py::arg("rows"), py::arg("xs"),
-       "8 or 16 stored 4-bit rows (1 to 16 K-quant rows) against 8 vectors through the int8 prefill kernel -> [8, rows].");
+       "8 or 16 stored 4-bit rows (1 to 16 q5_* / K-quant rows) against 8 vectors through the int8 prefill kernel -> [8, rows].");
 
     mod.def("attention", [](py::handle q_obj, py::handle k_obj, py::handle v_obj, int n_heads, int n_kv_heads,
                             const std::string& k_kind, const std::string& v_kind, int64_t window, int64_t ring,

@@ -324,7 +324,7 @@ public:
         }
     }
 
-    // Opt-in int8 prefill, unit u of a packed 4-bit or a K-quant weight: sixteen rows, columns k0..k0 + kn,
+    // Opt-in int8 prefill, unit u of a packed 4-bit, q5_* or K-quant weight: sixteen rows, columns k0..k0 + kn,
     // repacked (per call: a kept copy would take twice the 4-bit weights' memory) and run against the
     // tokens eight at a time (x rounded to int8 in xa_, xd8_, xsum_rounded_).
     void tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn) {
@@ -334,8 +334,8 @@ public:
             scratch(thread, static_cast<int64_t>((kn / 32) * cpu::tile16_column_bytes(w.type) / sizeof(float))));
         if (w.packed)
             kern.repack16(w.type, packed_group(w, r0, k0), nr > 8 ? packed_group(w, r0 + 8, k0) : nullptr, kn, rows);
-        else   // the K-quants, from their rows
-            kern.repack16_k(w.type, w.data + static_cast<size_t>(r0) * w.row_stride, w.row_stride, static_cast<int>(nr), k0,
+        else   // q5_* and the K-quants, from their rows
+            kern.repack16_rows(w.type, w.data + static_cast<size_t>(r0) * w.row_stride, w.row_stride, static_cast<int>(nr), k0,
                             kn, rows);
         constexpr int NT = cpu::kTile16Tokens;
         const int8_t* q[NT];
@@ -643,7 +643,7 @@ private:
 
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
-        const bool repackable = w.packed || (cpu::superblock_x(w.type) && kern.repack16_k);
+        const bool repackable = w.packed || (cpu::repackable16(w.type) && kern.repack16_rows);
         return int8_prefill_ && !rows_as_decode_ && (T >= kPreparedMaxTokens || invariant_) && repackable && kern.dot_tile16;
     }
 

@@ -97,10 +97,11 @@ struct Kernels {
     // each element widened in the loop, so the rows are read at half the bytes
     void (*rows_dot_f16)(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out);
     void (*rows_axpy_f16)(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w);
-    // Opt-in int8 prefill of the K-quants: sixteen rows (rows[r * row_stride], n_rows <= 16, the
-    // rest zero) of columns [k0, k0 + kn) (whole super-blocks) into dot_tile16's block columns (see
-    // tile16_quants_offset), which dot_tile16 then runs for t. Null where a level has no such path.
-    void (*repack16_k)(DType t, const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out);
+    // Opt-in int8 prefill of the types repackable16 names, from their file layout: sixteen rows
+    // (rows[r * row_stride], n_rows <= 16, the rest zero) of columns [k0, k0 + kn) (whole blocks) into
+    // dot_tile16's block columns (see tile16_quants_offset), which dot_tile16 then runs for t. Null
+    // where a level has no such path.
+    void (*repack16_rows)(DType t, const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out);
     // prepare_x with one scale per 256-block (d [n / 256]; q's layout and the 32-block sums as
     // prepare_x's): what dot_row_prepared(_x4) read for the K-quants, whose super-blocks then sum their
     // products in int32 with the sub-block scales folded into the weights. Null where prepare_x is.
@@ -116,9 +117,9 @@ void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* su
 // tokens per dot_tile16 call, and the bytes of one repack16 block column
 constexpr int kTile16Tokens = 8;
 // (16 float scales, 16 float minimums for q4_1, then the quants at this offset)
-// (q4_k / q5_k: 16 scales d sc, 16 offsets -dmin m, then the quants as unsigned bytes; q6_k: the
-// scales of each half of 16 values, then per half the rows' -128 * sum of their levels as int32,
-// then the levels q - 32 as signed bytes)
+// (q5_0 / q5_1 / q4_k / q5_k: 16 float scales, 16 float offsets, then the quants as unsigned bytes;
+// q6_k: the scales of each half of 16 values, then per half the rows' -128 * sum of their levels as
+// int32, then the levels q - 32 as signed bytes)
 constexpr size_t tile16_quants_offset(DType t) { return 64 * (t == DType::q4_0 ? 1 : t == DType::q6_k ? 4 : 2); }
 constexpr size_t tile16_column_bytes(DType t) { return tile16_quants_offset(t) + 512; }
 
@@ -152,6 +153,8 @@ inline bool uses_prepared_x(const Kernels& k, DType t) {
     }
 }
 inline bool superblock_x(DType t) { return t == DType::q4_k || t == DType::q5_k || t == DType::q6_k; }
+// the types repack16_rows takes
+inline bool repackable16(DType t) { return superblock_x(t) || t == DType::q5_0 || t == DType::q5_1; }
 inline auto prepare_for(const Kernels& k, DType t) { return superblock_x(t) ? k.prepare_x_k : k.prepare_x; }
 
 const Kernels& kernels_scalar();

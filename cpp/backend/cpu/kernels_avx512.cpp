@@ -980,72 +980,92 @@ void dot_tile16_type(const uint8_t* w, int64_t n, const int8_t* const* q, const 
     for (int t = 0; t < NT; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
 }
 
-// Sixteen K-quant rows -> block columns for dot_tile16: per sub-block of 32, the rows' float scales
-// (d sc, as the reference dequantization rounds them) and offsets (-dmin m; q6_k: the second half's
-// scales and both halves' -128 * sum of levels), then the quants in the steps repack16_type lays out
-// (q6_k: the signed levels q - 32).
+// One block column of sixteen rows for dot_tile16 from their quants as bytes (rows[r][32]) and their
+// scales and offsets: the quants go into the steps repack16_type lays out -- step st, int32 lane r
+// holding row r's quants 4 st .. 4 st + 3: a transpose of 4-byte words, rows 4p .. 4p + 3 taken from
+// one pair of registers into lanes 4p .. 4p + 3.
 template <DType T>
-void repack16_k_type(const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
-    const int64_t block = T == DType::q4_k ? 144 : T == DType::q5_k ? 176 : 210;
-    alignas(64) uint8_t staged[8][16][32];   // sub-block, row, quant
-    alignas(64) float scales[8][16], offsets[8][16];
-    alignas(64) int32_t level_sums[8][2][16];   // q6_k: -128 * sum of each half's levels
-    for (int64_t s = k0 / 256; s < (k0 + kn) / 256; ++s) {
-        KSuper u;
-        for (int r = 0; r < 16; ++r) {
-            if (r >= n_rows) {   // padding rows: zero quants, scales and offsets
-                for (int j = 0; j < 8; ++j) {
-                    std::memset(staged[j][r], 0, 32);
-                    scales[j][r] = offsets[j][r] = 0.0f;
-                    level_sums[j][0][r] = level_sums[j][1][r] = 0;
-                }
-                continue;
-            }
-            const uint8_t* row = rows + static_cast<size_t>(r) * row_stride;
-            if (s + 2 < (k0 + kn) / 256)   // sixteen streams: too many for the hardware prefetcher to follow
-                for (int64_t line = 0; line < block; line += 64)
-                    _mm_prefetch(reinterpret_cast<const char*>(row) + (s + 2) * block + line, _MM_HINT_T0);
-            k_super<T>(row, s, u);
-            for (int j = 0; j < 8; ++j) {
-                _mm256_store_si256(reinterpret_cast<__m256i*>(staged[j][r]), u.q[j]);
-                if constexpr (T == DType::q6_k) {   // sums of q (= level + 32) over 8 bytes, then per half
-                    const __m256i sums = _mm256_sad_epu8(_mm256_add_epi8(u.q[j], _mm256_set1_epi8(32)), _mm256_setzero_si256());
-                    for (int h = 0; h < 2; ++h)
-                        level_sums[j][h][r] = -128 * (static_cast<int>(_mm256_extract_epi64(sums, 2 * h) + _mm256_extract_epi64(sums, 2 * h + 1)) - 32 * 16);
-                }
-                scales[j][r] = u.d * static_cast<float>(k_scale<T>(u, j, 0));
-                offsets[j][r] = T == DType::q6_k ? u.d * static_cast<float>(k_scale<T>(u, j, 1))
-                                                 : -(u.dmin * static_cast<float>(u.m[j]));
-            }
-        }
-        for (int j = 0; j < 8; ++j, out += tile16_column_bytes(T)) {
-            std::memcpy(out, scales[j], 64);
-            std::memcpy(out + 64, offsets[j], 64);
-            if constexpr (T == DType::q6_k) std::memcpy(out + 128, level_sums[j], 128);
-            // step st, lane r <- row r's quants 4 st .. 4 st + 3: a transpose of 4-byte words, rows
-            // 4p .. 4p + 3 gathered from one pair of registers into lanes 4p .. 4p + 3
-            __m512i pairs[4];
-            for (int p = 0; p < 4; ++p) pairs[p] = _mm512_load_si512(staged[j][4 * p]);   // rows 4p, 4p+1 ...
-            __m512i pairs_hi[4];
-            for (int p = 0; p < 4; ++p) pairs_hi[p] = _mm512_load_si512(staged[j][4 * p + 2]);   // ... 4p+2, 4p+3
-            for (int st = 0; st < 8; ++st) {
-                const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(24, 16, 8, 0, 24, 16, 8, 0, 24, 16, 8, 0, 24, 16, 8, 0),
-                                                     _mm512_set1_epi32(st));
-                __m512i step = _mm512_setzero_si512();
-                for (int p = 0; p < 4; ++p)
-                    step = _mm512_or_si512(step, _mm512_maskz_permutex2var_epi32(static_cast<__mmask16>(0xF << (4 * p)),
-                                                                                 pairs[p], idx, pairs_hi[p]));
-                _mm512_storeu_si512(out + tile16_quants_offset(T) + 64 * st, step);
-            }
-        }
+void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* offsets, const int32_t* level_sums,
+                   uint8_t* out) {
+    std::memcpy(out, scales, 64);
+    std::memcpy(out + 64, offsets, 64);
+    if constexpr (T == DType::q6_k) std::memcpy(out + 128, level_sums, 128);
+    __m512i first[4], second[4];
+    for (int p = 0; p < 4; ++p) {
+        first[p] = _mm512_loadu_si512(rows[4 * p]);        // rows 4p, 4p + 1
+        second[p] = _mm512_loadu_si512(rows[4 * p + 2]);   // rows 4p + 2, 4p + 3
+    }
+    for (int st = 0; st < 8; ++st) {
+        const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(24, 16, 8, 0, 24, 16, 8, 0, 24, 16, 8, 0, 24, 16, 8, 0),
+                                             _mm512_set1_epi32(st));
+        __m512i step = _mm512_setzero_si512();
+        for (int p = 0; p < 4; ++p)
+            step = _mm512_or_si512(step, _mm512_maskz_permutex2var_epi32(static_cast<__mmask16>(0xF << (4 * p)), first[p], idx,
+                                                                         second[p]));
+        _mm512_storeu_si512(out + tile16_quants_offset(T) + 64 * st, step);
     }
 }
 
-void repack16_k(DType t, const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
+// Sixteen rows in their file layout (q5_0, q5_1, the K-quants) -> block columns for dot_tile16: per
+// block of 32, the rows' float scales and offsets (x = scale * q + offset, as the reference dequantizer
+// rounds scale: d sc for the K-quants, d for q5_*; offsets -dmin m, -16 d for q5_0, m for q5_1; q6_k:
+// the second half's scales and both halves' -128 * sum of levels), then the quants (q6_k: the signed
+// levels q - 32). Rows n_rows .. 15 are zero.
+template <DType T>
+void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
+    constexpr bool k = !is_q5(T);
+    constexpr int64_t span = k ? 256 : 32, block = T == DType::q4_k ? 144 : T == DType::q5_k ? 176 : T == DType::q6_k ? 210
+                                                                        : T == DType::q5_1 ? 24 : 22;
+    constexpr int per_span = k ? 8 : 1;
+    alignas(64) uint8_t staged[per_span][16][32];   // block of the span, row, quant
+    alignas(64) float scales[per_span][16], offsets[per_span][16];
+    alignas(64) int32_t level_sums[per_span][2][16];   // q6_k: -128 * sum of each half's levels
+    std::memset(staged, 0, sizeof staged);             // rows n_rows .. 15 stay zero
+    std::memset(scales, 0, sizeof scales);
+    std::memset(offsets, 0, sizeof offsets);
+    std::memset(level_sums, 0, sizeof level_sums);
+    for (int64_t s = k0 / span; s < (k0 + kn) / span; ++s) {
+        for (int r = 0; r < n_rows; ++r) {
+            const uint8_t* row = rows + static_cast<size_t>(r) * row_stride;
+            if (s + 2 < (k0 + kn) / span)   // sixteen streams: too many for the hardware prefetcher to follow
+                for (int64_t line = 0; line < block; line += 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(row) + (s + 2) * block + line, _MM_HINT_T0);
+            if constexpr (!k) {
+                const Quants32 u = quants32<T>(row, s);
+                const __m256i q = T == DType::q5_0 ? _mm256_add_epi8(u.q, _mm256_set1_epi8(16)) : u.q;
+                _mm256_store_si256(reinterpret_cast<__m256i*>(staged[0][r]), q);
+                scales[0][r] = u.d;
+                offsets[0][r] = T == DType::q5_0 ? -16.0f * u.d : u.m;
+            } else {
+                KSuper u;
+                k_super<T>(row, s, u);
+                for (int j = 0; j < 8; ++j) {
+                    _mm256_store_si256(reinterpret_cast<__m256i*>(staged[j][r]), u.q[j]);
+                    scales[j][r] = u.d * static_cast<float>(k_scale<T>(u, j, 0));
+                    if constexpr (T == DType::q6_k) {   // sums of q (= level + 32) over 8 bytes, then per half
+                        offsets[j][r] = u.d * static_cast<float>(k_scale<T>(u, j, 1));
+                        const __m256i sums = _mm256_sad_epu8(_mm256_add_epi8(u.q[j], _mm256_set1_epi8(32)), _mm256_setzero_si256());
+                        for (int h = 0; h < 2; ++h)
+                            level_sums[j][h][r] = -128 * (static_cast<int>(_mm256_extract_epi64(sums, 2 * h) +
+                                                                           _mm256_extract_epi64(sums, 2 * h + 1)) - 32 * 16);
+                    } else {
+                        offsets[j][r] = -(u.dmin * static_cast<float>(u.m[j]));
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < per_span; ++j, out += tile16_column_bytes(T))
+            emit_column16<T>(staged[j], scales[j], offsets[j], &level_sums[j][0][0], out);
+    }
+}
+
+void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
     switch (t) {
-        case DType::q4_k: return repack16_k_type<DType::q4_k>(rows, row_stride, n_rows, k0, kn, out);
-        case DType::q5_k: return repack16_k_type<DType::q5_k>(rows, row_stride, n_rows, k0, kn, out);
-        default: return repack16_k_type<DType::q6_k>(rows, row_stride, n_rows, k0, kn, out);   // callers check the type
+        case DType::q5_0: return repack16_rows_type<DType::q5_0>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::q5_1: return repack16_rows_type<DType::q5_1>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::q4_k: return repack16_rows_type<DType::q4_k>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::q5_k: return repack16_rows_type<DType::q5_k>(rows, row_stride, n_rows, k0, kn, out);
+        default: return repack16_rows_type<DType::q6_k>(rows, row_stride, n_rows, k0, kn, out);   // callers check repackable16
     }
 }
 
@@ -1089,7 +1109,7 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
     switch (t) {
         case DType::q4_0: return dot_tile16_type<DType::q4_0>(w, n, q, d, sum, out);
         case DType::q6_k: return dot_tile16_q6k(w, n, q, d, out);
-        default: return dot_tile16_type<DType::q4_1>(w, n, q, d, sum, out);   // q4_1, q4_k, q5_k: scale and offset
+        default: return dot_tile16_type<DType::q4_1>(w, n, q, d, sum, out);   // q4_1, q5_*, q4_k, q5_k: scale and offset
     }
 }
 
@@ -1097,7 +1117,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
-                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, rows_dot_f16, rows_axpy_f16, repack16_k, prepare_x_k};
+                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k};
 
 }  // namespace
 
