@@ -56,28 +56,24 @@ def test_small_batch_dot_matches_float64(level, wtype):
     assert got[3] == 0.0   # a zero vector has scale 0 and must not divide by it
 
 
-@pytest.mark.skipif("avx512" not in LEVELS, reason="the eight-row kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "scalar"], indirect=True)
 @pytest.mark.parametrize("wtype", ["q4_0", "q4_1"])
 @pytest.mark.parametrize("n", [32, 896, 4864])
 @pytest.mark.parametrize("x_scale", [1.0, 1e-4, 300.0])
-def test_eight_row_4bit_decode_matches_float64(wtype, n, x_scale):
-    before = _core.cpu_level()
-    _core.set_cpu_level("avx512")
-    try:
-        rng = np.random.default_rng(n)
-        w = rng.standard_normal((8, n)).astype(np.float32)
-        x = (rng.standard_normal(n) * x_scale).astype(np.float32)
-        x[:32] = 0.0   # an all-zero block has scale 0
-        rows = b"".join(_core.quantize(wtype, r) for r in w)
-        wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-        got, unpacked, floats = _testing.dot_rows_packed8(wtype, rows, x)
-        assert unpacked == rows
-        assert np.array_equal(floats, wd.astype(np.float32))   # prefill's dequantization from the layout
-        exact = wd @ x.astype(np.float64)
-        # four int8 parts carry x to d / 2^22: as close as float accumulation
-        assert np.all(np.abs(got - exact) <= 1e-6 * (np.abs(wd) @ np.abs(x)) + 1e-30)
-    finally:
-        _core.set_cpu_level(before)
+def test_eight_row_4bit_decode_matches_float64(level, wtype, n, x_scale):
+    """The eight-row layout's kernels (AVX-512: VPDPBUSD; AVX2: VPMADDUBSW + VPMADDWD)."""
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal((8, n)).astype(np.float32)
+    x = (rng.standard_normal(n) * x_scale).astype(np.float32)
+    x[:32] = 0.0   # an all-zero block has scale 0
+    rows = b"".join(_core.quantize(wtype, r) for r in w)
+    wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
+    got, unpacked, floats = _testing.dot_rows_packed8(wtype, rows, x)
+    assert unpacked == rows
+    assert np.array_equal(floats, wd.astype(np.float32))   # prefill's dequantization from the layout
+    exact = wd @ x.astype(np.float64)
+    # four int8 parts carry x to d / 2^22: as close as float accumulation
+    assert np.all(np.abs(got - exact) <= 1e-6 * (np.abs(wd) @ np.abs(x)) + 1e-30)
 
 
 def _rounded_to_int8(x):

@@ -154,7 +154,7 @@ public:
             any_tile |= tile;
             const bool prepared = !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
             (cpu::superblock_x(w.type) ? any_prepared_k : any_prepared) |= prepared;
-            const int64_t unit_rows = tile16 ? 16 : packed ? 8 : tile ? kern.tile_rows : 4;
+            const int64_t unit_rows = tile16 ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
             first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
         }
         const int64_t nb = cols / 32;
@@ -290,20 +290,21 @@ public:
                 tile16_unit(w, out, T, u - first_unit[i], thread, k0, kn);
                 continue;
             }
-            // prefill: dequantize a tile's rows (columns k0..k0 + kn), then run the tokens past them a tile
-            // at a time
-            const int64_t tr = kern.tile_rows, r0 = tr * (u - first_unit[i]), nr = std::min(tr, rows - r0);
-            float* buf = scratch(thread, (tr + 1) * kn);   // the rows, then room for one packed row's bytes
-            if (w.packed && kern.dequantize_packed8 && tr == 8) {   // r0 is a group's first row
+            // prefill: dequantize the unit's rows (columns k0..k0 + kn), then run the tokens past them a
+            // tile (tr rows) at a time
+            const int64_t tr = kern.tile_rows, unit = tile_unit_rows(kern, w), r0 = unit * (u - first_unit[i]);
+            const int64_t nr_unit = std::min(unit, rows - r0);
+            float* buf = scratch(thread, (unit + 1) * kn);   // the rows, then room for one packed row's bytes
+            if (w.packed && kern.dequantize_packed8) {   // r0 is a group's first row
                 kern.dequantize_packed8(w.type, packed_group(w, r0, k0), kn, buf, kn);
             } else {
-                for (int64_t k = 0; k < tr; ++k) {
+                for (int64_t k = 0; k < unit; ++k) {
                     float* dst = buf + k * kn;
                     const int64_t r = r0 + k;
-                    if (k >= nr) {
+                    if (k >= nr_unit) {
                         std::fill(dst, dst + kn, 0.0f);   // padding rows
                     } else if (w.packed) {   // a level without the packed kernels, after the load
-                        uint8_t* row = reinterpret_cast<uint8_t*>(buf + tr * kn);
+                        uint8_t* row = reinterpret_cast<uint8_t*>(buf + unit * kn);
                         cpu::unpack_row8(w.type, packed_group(w, r, k0), kn, static_cast<int>(r % 8), row);
                         kern.dequantize_row(w.type, row, dst, kn);
                     } else {
@@ -314,12 +315,15 @@ public:
             const int64_t width = kern.tile_tokens;
             const float* xs[cpu::kMaxTileTokens];
             float o[cpu::kMaxTileRows * cpu::kMaxTileTokens];
-            for (int64_t t = 0; t < T; t += width) {
-                for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
-                    xs[k] = x + std::min(t + k, T - 1) * cols + k0;
-                kern.dot_f32_tile(buf, kn, xs, kn, o);
-                for (int64_t k = 0; k < width && t + k < T; ++k)
-                    store_chunk(out + (t + k) * rows + r0, o + tr * k, nr, w, r0, k0);
+            for (int64_t sub = 0; sub < nr_unit; sub += tr) {
+                const int64_t nr = std::min(tr, nr_unit - sub);
+                for (int64_t t = 0; t < T; t += width) {
+                    for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
+                        xs[k] = x + std::min(t + k, T - 1) * cols + k0;
+                    kern.dot_f32_tile(buf + sub * kn, kn, xs, kn, o);
+                    for (int64_t k = 0; k < width && t + k < T; ++k)
+                        store_chunk(out + (t + k) * rows + r0 + sub, o + tr * k, nr, w, r0 + sub, k0);
+                }
             }
         }
     }
@@ -635,6 +639,12 @@ private:
     bool uses_tile(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
         if (invariant_) return true;
         return T > 1 && !rows_as_decode_ && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
+    }
+
+    // Rows per unit of the float tile path: a whole eight-row group of a packed weight (dequantized in
+    // one call, then run as tiles of the level's height), else one tile.
+    int64_t tile_unit_rows(const cpu::Kernels& kern, const Weight& w) const {
+        return w.packed && kern.dequantize_packed8 ? 8 : kern.tile_rows;
     }
 
     // ... with int8 decode, the packed kernel on x rounded to int8 (rows as decode too: they must

@@ -260,6 +260,23 @@ inline void unpack_nibbles(const uint8_t* qs, __m128i* lo, __m128i* hi) {
     *hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
 }
 
+// A 4-bit block's 16 quant bytes as 32 floats: d * (q - 8) (q4_0) or d * q + m (q4_1), rounded
+// twice exactly as the reference dequantization
+inline void nibble_block_floats(const uint8_t* qs, float d_value, float m_value, bool has_min, float* out) {
+    __m128i lo, hi;
+    unpack_nibbles(qs, &lo, &hi);
+    if (!has_min) {
+        lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+        hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+    }
+    const __m256 d = _mm256_set1_ps(d_value), m = _mm256_set1_ps(m_value);
+    auto put = [&](float* dst, __m128i q) { _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_mul_ps(d, i8x8_to_ps(q)), m)); };
+    put(out, lo);
+    put(out + 8, _mm_unpackhi_epi64(lo, lo));
+    put(out + 16, hi);
+    put(out + 24, _mm_unpackhi_epi64(hi, hi));
+}
+
 float dot_q4_0(const BlockQ4_0* b, const float* x, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     const __m128i eight = _mm_set1_epi8(8);
@@ -431,19 +448,7 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
                 uint16_t dh, mh = 0;
                 __builtin_memcpy(&dh, p, 2);
                 if (has_min) __builtin_memcpy(&mh, p + 2, 2);
-                __m128i lo, hi;
-                unpack_nibbles(p + (has_min ? 4 : 2), &lo, &hi);
-                if (!has_min) {
-                    lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
-                    hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
-                }
-                // d * q + m rounded twice, exactly as the reference dequantization
-                __m256 d = _mm256_set1_ps(half(dh)), m = _mm256_set1_ps(has_min ? half(mh) : 0.0f);
-                auto put = [&](float* dst, __m128i q) { _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_mul_ps(d, i8x8_to_ps(q)), m)); };
-                put(out, lo);
-                put(out + 8, _mm_unpackhi_epi64(lo, lo));
-                put(out + 16, hi);
-                put(out + 24, _mm_unpackhi_epi64(hi, hi));
+                nibble_block_floats(p + (has_min ? 4 : 2), half(dh), has_min ? half(mh) : 0.0f, has_min, out);
             }
             return;
         }
@@ -687,9 +692,135 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
     dispatch_prepared<4>(t, row, q, d, sum, n, out);
 }
 
+// ---- 4-bit weights in eight-row groups (pack_rows8): int8 activation parts, VPMADDUBSW (unsigned
+// nibbles x signed bytes, pairs summed in int16) and VPMADDWD (pairs of those in int32)
+
+// x / d = a + b / 2^7 + c / 2^14 + e / 2^21 per 32-block, as the AVX-512 level lays it out: a =
+// round(x / d) in [-127, 127], then each part rounds 128 times the remainder of the one before.
+void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   // undoes the packs' lane interleave
+    for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 128) {
+        const float mx = abs_max(x, 32);
+        d[b] = mx / 127.0f;
+        __m256 v[4] = {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8), _mm256_loadu_ps(x + 16), _mm256_loadu_ps(x + 24)};
+        sum[b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+        const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
+        for (__m256& vi : v) vi = _mm256_mul_ps(vi, inv);
+        for (int part = 0; part < 4; ++part) {
+            __m256i whole[4];
+            for (int g = 0; g < 4; ++g) {
+                whole[g] = _mm256_cvtps_epi32(v[g]);
+                v[g] = _mm256_mul_ps(_mm256_sub_ps(v[g], _mm256_cvtepi32_ps(whole[g])), _mm256_set1_ps(128.0f));
+            }
+            const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(whole[0], whole[1]), _mm256_packs_epi32(whole[2], whole[3]));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32 * part), _mm256_permutevar8x32_epi32(bytes, order));
+        }
+    }
+}
+
+// One group (eight rows) against NT prepared x's. Per block column, register k holds rows 2k and
+// 2k + 1 (16 quant bytes each, one per 128-bit lane), so int32 lane l belongs to row 2k + l / 4 and
+// x's 16 bytes are broadcast to both lanes. Parts pair up in int32 as a * 2^7 + b and c * 2^7 + e
+// (int16 sums at most 7,620, int32 ones 2^21: exact), the pairs meet in float:
+//   row r: sum_j w_j x_j = dw_r * d * 2^-7 * (S_ab + S_ce * 2^-14) + (q4_0: -8 dw_r, q4_1: m_r) * sum_j x_j
+// The nibbles unpack once for all NT tokens; each token's operations are those of NT = 1 in the same
+// order, so a token's eight sums have the same bits however many tokens share the call.
+template <DType T, int NT>
+void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const float* const* d,
+                             const float* const* sum, int64_t n, float* out) {
+    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
+    const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi16(1), shifted = _mm256_set1_epi16(128);
+    const __m256 low_pair = _mm256_set1_ps(1.0f / 16384.0f);
+    __m256 acc[NT][4];
+    __m256 block_sums[NT];   // per row: sum_i (-8 dw or m) * sum(x of block i)
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) {
+        for (__m256& a : acc[t]) a = _mm256_setzero_ps();
+        block_sums[t] = _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* c = group + i * column;
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+        const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        __m256i lo[4], hi[4];
+        for (int k = 0; k < 4; ++k) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + quants + 32 * k));
+            lo[k] = _mm256_and_si256(w, low4);
+            hi[k] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) {
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_set1_ps(d[t][i] * (1.0f / 128.0f)));
+            const int8_t* xb = q[t] + i * 128;
+            __m256i xs[8];   // each part's x[0..15] and x[16..31], in both lanes
+            for (int k = 0; k < 8; ++k)
+                xs[k] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16 * k)));
+            for (int k = 0; k < 4; ++k) {
+                auto part = [&](int p) { return _mm256_add_epi16(_mm256_maddubs_epi16(lo[k], xs[2 * p]), _mm256_maddubs_epi16(hi[k], xs[2 * p + 1])); };
+                const __m256i ab = _mm256_add_epi32(_mm256_madd_epi16(part(0), shifted), _mm256_madd_epi16(part(1), one));
+                const __m256i ce = _mm256_add_epi32(_mm256_madd_epi16(part(2), shifted), _mm256_madd_epi16(part(3), one));
+                const __m256 sp = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ce), low_pair, _mm256_cvtepi32_ps(ab));
+                const __m256 row_scale = _mm256_permutevar8x32_ps(scale, _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1,
+                                                                                            2 * k + 1, 2 * k + 1, 2 * k + 1));
+                acc[t][k] = _mm256_fmadd_ps(sp, row_scale, acc[t][k]);
+            }
+            block_sums[t] = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[t][i]), block_sums[t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) {
+        alignas(32) float lanes[32];
+        alignas(32) float extra[8];
+        for (int k = 0; k < 4; ++k) _mm256_store_ps(lanes + 8 * k, acc[t][k]);
+        _mm256_store_ps(extra, block_sums[t]);
+        for (int r = 0; r < 8; ++r)
+            out[8 * t + r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
+    }
+}
+
+template <DType T>
+void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const float* const* d, const float* const* sum,
+                          int nt, int64_t n, float* out) {
+    switch (nt) {
+        case 4: return dot_packed8_tokens_type<T, 4>(group, q, d, sum, n, out);
+        case 3: return dot_packed8_tokens_type<T, 3>(group, q, d, sum, n, out);
+        case 2: return dot_packed8_tokens_type<T, 2>(group, q, d, sum, n, out);
+        default: return dot_packed8_tokens_type<T, 1>(group, q, d, sum, n, out);
+    }
+}
+
+void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
+                 float* out) {
+    // callers check packable8 first
+    if (t == DType::q4_1) dot_packed8_tokens_type<DType::q4_1, 1>(group, &q, &d, &sum, n, out);
+    else dot_packed8_tokens_type<DType::q4_0, 1>(group, &q, &d, &sum, n, out);
+}
+
+void dot_packed8_tokens(DType t, const uint8_t* group, const int8_t* const* q, const float* const* d,
+                        const float* const* sum, int nt, int64_t n, float* out) {
+    if (t == DType::q4_1) dot_packed8_tokens_n<DType::q4_1>(group, q, d, sum, nt, n, out);
+    else dot_packed8_tokens_n<DType::q4_0>(group, q, d, sum, nt, n, out);
+}
+
+// One group's rows as floats, each row's blocks as dequantize_row gives them.
+void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
+    const bool has_min = t == DType::q4_1;
+    const size_t quants = packed8_quants_offset(t), column = packed8_column_bytes(t);
+    alignas(32) float d[8], m[8] = {};
+    for (int64_t i = 0; i < n / 32; ++i) {
+        const uint8_t* c = group + i * column;
+        _mm256_store_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+        if (has_min) _mm256_store_ps(m, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+        for (int r = 0; r < 8; ++r) nibble_block_floats(c + quants + 16 * r, d[r], m[r], has_min, out + r * out_stride + 32 * i);
+    }
+}
+
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row,
                     dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
-                    dot_row_prepared_x4, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf,
+                    dot_row_prepared_x4, prepare_x8, dot_packed8, nullptr, dequantize_packed8, nullptr, nullptr, nullptr,
+                    dot_packed8_tokens, gelu_erf,
                     rows_dot_f16, rows_axpy_f16, nullptr, prepare_x_k};
 
 }  // namespace
