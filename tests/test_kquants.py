@@ -1,6 +1,6 @@
 """The GGUF types beyond the legacy 4/8-bit ones: q5_0, q5_1 and the K-quants. Exact dequantization
 against the gguf package's; quantizers byte for byte llama.cpp's (and the gguf package's for q5_*);
-models holding q5_0 / q5_1 / q4_k / q5_k / q6_k computed natively (q2_k / q3_k converted at load) with
+models holding q5_0 / q5_1 / q3_k / q4_k / q5_k / q6_k computed natively (q2_k converted at load) with
 the logits of transformers on the gguf package's dequantization of the same file (what transformers
 itself does when it reads a GGUF); rows computed as decode equal one-token steps bit for bit."""
 
@@ -19,7 +19,8 @@ from tokenmill import _core
 from gguf_util import EXTRA_TYPES, random_blocks, write_tiny_gguf
 import quant_reference
 
-NATIVE = ("q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+QUANTIZABLE = ("q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
+NATIVE = QUANTIZABLE + ("q3_k",)   # q3_k is computed with, not quantized to
 
 
 @pytest.mark.parametrize("wtype", list(EXTRA_TYPES))
@@ -40,7 +41,7 @@ def test_quantizers_are_llama_cpp_s_byte_for_byte(inputs, request):
     record = json.loads(quant_reference.RECORD.read_text())["sha256"][inputs]
     x = {"random": quant_reference.random_rows, "edge": quant_reference.edge_rows}.get(inputs)
     x = x() if x else quant_reference.smollm_rows(request.getfixturevalue("default_gguf"))
-    for wtype in NATIVE:
+    for wtype in QUANTIZABLE:
         assert quant_reference.digest(_core.quantize(wtype, x.ravel())) == record[wtype], wtype
 
 
@@ -97,7 +98,7 @@ def test_models_match_transformers(k_files, wtype):
         np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
         np.testing.assert_allclose(model.logits(IDS, chunk=1), want, atol=2e-4 * np.abs(want).max(), rtol=0)
         assert model.weight_bytes < tokenmill.load(k_files["f16"][0]).weight_bytes / 2
-    else:   # q2_k / q3_k: converted to f16 at load
+    else:   # q2_k: converted to f16 at load
         assert np.abs(got - want).max() < 5e-3 * np.abs(want).max()
         np.testing.assert_allclose(tokenmill.load(path, weights="f32").logits(IDS), want,
                                    atol=2e-4 * np.abs(want).max(), rtol=0)

@@ -47,11 +47,10 @@ void q2k(const uint8_t* b, float* out) {
     }
 }
 
-// q3_k [hmask 32][qs 64][scales 12][d]: 16 signed 6-bit scales (low nibbles in bytes 0-7, high pairs
-// in bytes 8-11); q = ((qs >> 2 s) & 3) - (hmask bit clear ? 4 : 0).
+// q3_k: q = ((qs >> 2 s) & 3) - (hmask bit clear ? 4 : 0), x = d * scale * q (layout in kquants.h)
 void q3k(const uint8_t* b, float* out) {
-    const uint8_t *hmask = b, *qs = b + 32, *sc = b + 96;
-    const float d = half(b + 108);
+    const uint8_t *hmask = b, *qs = b + kK3Qs, *sc = b + kK3Scales;
+    const float d = half(b + kK3D);
     float dl[16];
     for (int k = 0; k < 16; ++k) {
         const int low = (k < 8 ? sc[k] : sc[k - 8] >> 4) & 0x0F, high = (sc[8 + k % 4] >> (2 * (k / 4))) & 3;
@@ -345,9 +344,9 @@ bool extra_type(DType t) {
     }
 }
 
-bool dequantizes_only(DType t) { return t == DType::q2_k || t == DType::q3_k; }
+bool dequantizes_only(DType t) { return t == DType::q2_k; }
 
-bool quantizes_extra(DType t) { return extra_type(t) && !dequantizes_only(t); }
+bool quantizes_extra(DType t) { return extra_type(t) && !dequantizes_only(t) && t != DType::q3_k; }
 
 void dequantize_row_extra(DType t, const void* row, float* out, int64_t n) {
     const uint8_t* p = static_cast<const uint8_t*>(row);

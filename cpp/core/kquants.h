@@ -1,7 +1,7 @@
 // The GGUF types beyond the legacy 4- and 8-bit ones: q5_0 / q5_1 (32-blocks with a fifth bit) and
-// the K-quants (super-blocks of 256 values with per-sub-block scales). q5_0, q5_1, q4_k, q5_k and
-// q6_k are computed with natively (and quantized to); q2_k and q3_k are read only, and a model
-// holding them converts those tensors at load.
+// the K-quants (super-blocks of 256 values with per-sub-block scales). q5_0, q5_1, q3_k, q4_k, q5_k
+// and q6_k are computed with natively (all but q3_k also quantized to); q2_k is read only, and a
+// model holding it converts those tensors at load.
 #pragma once
 
 #include <cstdint>
@@ -12,7 +12,7 @@ namespace tmill {
 
 // Whether t is one of the types this header covers.
 bool extra_type(DType t);
-// Whether t is read but not computed with (q2_k, q3_k).
+// Whether t is read but not computed with (q2_k).
 bool dequantizes_only(DType t);
 // Whether quantize_row_extra writes t (q5_0, q5_1, q4_k, q5_k, q6_k).
 bool quantizes_extra(DType t);
@@ -45,6 +45,11 @@ inline void k4_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
         mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
     }
 }
+
+// q3_k [hmask 32][qs 64][scales 12][d] (110 bytes): element e = 128 h + 32 k + l takes its low two bits
+// from bits 2k of qs[32 h + l] and is 4 less where bit 4h + k of hmask[l] is clear; 16 signed 6-bit
+// scales (low nibbles in bytes 0-7, high pairs in bytes 8-11, minus 32); x = d * scale[e / 16] * q.
+constexpr int kK3Qs = 32, kK3Scales = 96, kK3D = 108;
 
 // q6_k [ql 128][qh 64][scales 16 int8][d] (210 bytes): element e = 128 h + 32 k + l (k = 0..3) takes
 // its low four bits from nibble k / 2 of ql[64 h + 32 (k % 2) + l], its high two from bits 2k of

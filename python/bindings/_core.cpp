@@ -342,7 +342,7 @@ PYBIND11_MODULE(_core, mod) {
     mod.def("dequantize", [](py::handle type, py::bytes data, py::handle n_obj) {
         const std::string name = to_str(type, "type");
         const DType parsed = dtype_from_name(name);
-        DType t = dequantizes_only(parsed) ? parsed : storage_type(type);   // storage types, and the read-only ones
+        DType t = extra_type(parsed) ? parsed : storage_type(type);   // storage types, and q5_* / the K-quants
         const int64_t n = to_int(n_obj, "n", 0, int64_t(1) << 40);
         std::string_view view = data;
         if (n % dtype_info(t).block_size != 0 || view.size() != row_bytes(t, n))

@@ -17,6 +17,12 @@ namespace {
 // The types unpacked here, and whether their values carry an offset (x = d q + m).
 constexpr bool is_q5(DType t) { return t == DType::q5_0 || t == DType::q5_1; }
 constexpr bool has_offset(DType t) { return t == DType::q4_1 || t == DType::q5_1 || t == DType::q4_k || t == DType::q5_k; }
+// K-quants with a signed scale per half sub-block of 16 and signed levels (no mins): q3_k and q6_k
+constexpr bool half_scales(DType t) { return t == DType::q3_k || t == DType::q6_k; }
+// a K-quant super-block's bytes
+constexpr int64_t super_bytes(DType t) {
+    return t == DType::q3_k ? 110 : t == DType::q4_k ? 144 : t == DType::q5_k ? 176 : 210;
+}
 
 // Bytes of a row per 32 values (for prefetching ahead).
 template <DType T>
@@ -74,9 +80,9 @@ inline Quants32 quants32(const uint8_t* row, int64_t i) {
 }
 
 // Super-block s of a K-quant row: its 256 quants as bytes, 32 per sub-block (q4_k / q5_k unsigned,
-// q6_k as q - 32), the integer scales (q4_k / q5_k: one unsigned 6-bit scale per sub-block of 32 in
-// sc[0..7]; q6_k: a signed one per half sub-block of 16 in sc[0..15]), the 6-bit mins of q4_k / q5_k,
-// and the super-block's d and dmin: x = d * sc * q - dmin * m.
+// q6_k as q - 32, q3_k as levels -4..3), the integer scales (q4_k / q5_k: one unsigned 6-bit scale per
+// sub-block of 32 in sc[0..7]; q3_k / q6_k: a signed one per half sub-block of 16 in sc[0..15]), the
+// 6-bit mins of q4_k / q5_k, and the super-block's d and dmin: x = d * sc * q - dmin * m.
 struct KSuper {
     __m256i q[8];
     alignas(16) int8_t sc[16];
@@ -118,6 +124,24 @@ inline void k_super(const uint8_t* row, int64_t s, KSuper& u) {
                 const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
                 u.q[j] = _mm256_or_si256(u.q[j], _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
             }
+    } else if constexpr (T == DType::q3_k) {   // sub-block j = 4 h + k of half h (layout in kquants.h)
+        const uint8_t* b = row + s * 110;
+        u.d = half_at(b + kK3D);
+        u.dmin = 0.0f;
+        const uint8_t* sc = b + kK3Scales;
+        for (int i = 0; i < 16; ++i) {
+            const int low = (i < 8 ? sc[i] : sc[i - 8] >> 4) & 0x0F, high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+            u.sc[i] = static_cast<int8_t>((low | (high << 4)) - 32);
+        }
+        const __m256i hmask = load32(b);
+        for (int j = 0; j < 8; ++j) {
+            const int h = j / 4, k = j % 4;
+            const __m256i low = _mm256_and_si256(_mm256_srl_epi16(load32(b + kK3Qs + 32 * h), _mm_cvtsi32_si128(2 * k)),
+                                                 _mm256_set1_epi8(3));
+            const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << j));
+            const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(hmask, bit), bit);   // the level is low - 4 where clear
+            u.q[j] = _mm256_sub_epi8(low, _mm256_andnot_si256(set, _mm256_set1_epi8(4)));
+        }
     } else {   // q6_k: sub-block j = 4 h + k of half h
         const uint8_t* b = row + s * 210;
         u.d = half_at(b + kK6D);
@@ -136,7 +160,7 @@ inline void k_super(const uint8_t* row, int64_t s, KSuper& u) {
 // The integer scale of sub-block j's first and second half
 template <DType T>
 inline int k_scale(const KSuper& u, int j, int half) {
-    if constexpr (T == DType::q6_k) return u.sc[2 * j + half];
+    if constexpr (half_scales(T)) return u.sc[2 * j + half];
     else return static_cast<uint8_t>(u.sc[j]);
 }
 
@@ -171,7 +195,7 @@ void dequantize_extra(const uint8_t* row, float* out, int64_t n) {
             k_super<T>(row, s, u);
             for (int j = 0; j < 8; ++j, out += 32) {
                 const float lo = u.d * static_cast<float>(k_scale<T>(u, j, 0)), hi = u.d * static_cast<float>(k_scale<T>(u, j, 1));
-                put_floats<T != DType::q6_k>(u.q[j], lo, hi, T == DType::q6_k ? 0.0f : -(u.dmin * static_cast<float>(u.m[j])), out);
+                put_floats<!half_scales(T)>(u.q[j], lo, hi, half_scales(T) ? 0.0f : -(u.dmin * static_cast<float>(u.m[j])), out);
             }
         }
     }

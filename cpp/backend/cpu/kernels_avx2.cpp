@@ -456,6 +456,7 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
         case DType::q5_1: return dequantize_extra<DType::q5_1>(static_cast<const uint8_t*>(row), out, n);
         case DType::q4_k: return dequantize_extra<DType::q4_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q5_k: return dequantize_extra<DType::q5_k>(static_cast<const uint8_t*>(row), out, n);
+        case DType::q3_k: return dequantize_extra<DType::q3_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q6_k: return dequantize_extra<DType::q6_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::nf4: {
             // codebook lookup: the low 3 bits pick within each half of the table, bit 3 picks the half
@@ -621,7 +622,7 @@ template <DType T, int NT>
 void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* sum, int64_t n, float* out) {
     constexpr int kRun = T == DType::q6_k ? 4 : 8;
     const uint8_t* r = static_cast<const uint8_t*>(row);
-    const int64_t supers = n / 256, block = T == DType::q4_k ? 144 : T == DType::q5_k ? 176 : 210;
+    const int64_t supers = n / 256, block = super_bytes(T);
     __m256 acc[NT], min_acc[NT];
 #pragma GCC unroll 4
     for (int k = 0; k < NT; ++k) { acc[k] = _mm256_setzero_ps(); min_acc[k] = _mm256_setzero_ps(); }
@@ -630,7 +631,7 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
         for (int64_t line = 0; line < block; line += 64)
             _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + line, _MM_HINT_T0);
         k_super<T>(r, s, u);
-        if constexpr (T != DType::q6_k) {
+        if constexpr (!half_scales(T)) {
             const __m256 mins = _mm256_mul_ps(_mm256_set1_ps(u.dmin),
                                               _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u.m)))));
 #pragma GCC unroll 4
@@ -676,6 +677,7 @@ void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* 
         case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
         case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
         case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
+        case DType::q3_k: return dot_rows_k<DType::q3_k, NT>(row, q, d, sum, n, out);
         case DType::q6_k: return dot_rows_k<DType::q6_k, NT>(row, q, d, sum, n, out);
         default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
     }

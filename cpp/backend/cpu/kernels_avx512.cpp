@@ -434,6 +434,7 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
         case DType::q5_1: return dequantize_extra<DType::q5_1>(static_cast<const uint8_t*>(row), out, n);
         case DType::q4_k: return dequantize_extra<DType::q4_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q5_k: return dequantize_extra<DType::q5_k>(static_cast<const uint8_t*>(row), out, n);
+        case DType::q3_k: return dequantize_extra<DType::q3_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q6_k: return dequantize_extra<DType::q6_k>(static_cast<const uint8_t*>(row), out, n);
         default: dequantize_row(t, row, out, n);
     }
@@ -566,7 +567,7 @@ void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const 
 template <DType T, int NT>
 void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* sum, int64_t n, float* out) {
     const uint8_t* r = static_cast<const uint8_t*>(row);
-    const int64_t supers = n / 256, block = T == DType::q4_k ? 144 : T == DType::q5_k ? 176 : 210;
+    const int64_t supers = n / 256, block = super_bytes(T);
     __m512 acc[NT];
     __m256 min_acc[NT];
 #pragma GCC unroll 4
@@ -577,7 +578,7 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
             _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + line, _MM_HINT_T0);
         k_super<T>(r, s, u);
         __m512i w[8];
-        if constexpr (T == DType::q6_k) {   // sub-block j's two half scales: entries 2j and 2j + 1
+        if constexpr (half_scales(T)) {   // sub-block j's two half scales: entries 2j and 2j + 1
             const __m512i scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(u.sc))));
             for (int j = 0; j < 8; ++j) {
                 const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)),
@@ -589,7 +590,7 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
                 w[j] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(u.q[j]), _mm512_set1_epi16(static_cast<uint8_t>(u.sc[j])));
         }
         __m256 mins = _mm256_setzero_ps();
-        if constexpr (T != DType::q6_k)
+        if constexpr (!half_scales(T))
             mins = _mm256_mul_ps(_mm256_set1_ps(u.dmin),
                                  _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u.m)))));
 #pragma GCC unroll 4
@@ -602,7 +603,7 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
             }
             const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(1.0f / 32768.0f), _mm512_cvtepi32_ps(hi));
             acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(u.d * d[k * (n / 32) + s]), f, acc[k]);
-            if constexpr (T != DType::q6_k)
+            if constexpr (!half_scales(T))
                 min_acc[k] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(sum + k * (n / 32) + 8 * s), min_acc[k]);
         }
     }
@@ -625,6 +626,7 @@ void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* 
         case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
         case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
         case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
+        case DType::q3_k: return dot_rows_k<DType::q3_k, NT>(row, q, d, sum, n, out);
         case DType::q6_k: return dot_rows_k<DType::q6_k, NT>(row, q, d, sum, n, out);
         default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
     }
@@ -989,7 +991,7 @@ void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* 
                    uint8_t* out) {
     std::memcpy(out, scales, 64);
     std::memcpy(out + 64, offsets, 64);
-    if constexpr (T == DType::q6_k) std::memcpy(out + 128, level_sums, 128);
+    if constexpr (half_scales(T)) std::memcpy(out + 128, level_sums, 128);
     __m512i first[4], second[4];
     for (int p = 0; p < 4; ++p) {
         first[p] = _mm512_loadu_si512(rows[4 * p]);        // rows 4p, 4p + 1
@@ -1014,8 +1016,7 @@ void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* 
 template <DType T>
 void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
     constexpr bool k = !is_q5(T);
-    constexpr int64_t span = k ? 256 : 32, block = T == DType::q4_k ? 144 : T == DType::q5_k ? 176 : T == DType::q6_k ? 210
-                                                                        : T == DType::q5_1 ? 24 : 22;
+    constexpr int64_t span = k ? 256 : 32, block = k ? super_bytes(T) : T == DType::q5_1 ? 24 : 22;
     constexpr int per_span = k ? 8 : 1;
     alignas(64) uint8_t staged[per_span][16][32];   // block of the span, row, quant
     alignas(64) float scales[per_span][16], offsets[per_span][16];
@@ -1042,12 +1043,13 @@ void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int6
                 for (int j = 0; j < 8; ++j) {
                     _mm256_store_si256(reinterpret_cast<__m256i*>(staged[j][r]), u.q[j]);
                     scales[j][r] = u.d * static_cast<float>(k_scale<T>(u, j, 0));
-                    if constexpr (T == DType::q6_k) {   // sums of q (= level + 32) over 8 bytes, then per half
+                    if constexpr (half_scales(T)) {   // sums of level + bias (unsigned) over 8 bytes, then per half
+                        constexpr int bias = T == DType::q6_k ? 32 : 4;
                         offsets[j][r] = u.d * static_cast<float>(k_scale<T>(u, j, 1));
-                        const __m256i sums = _mm256_sad_epu8(_mm256_add_epi8(u.q[j], _mm256_set1_epi8(32)), _mm256_setzero_si256());
+                        const __m256i sums = _mm256_sad_epu8(_mm256_add_epi8(u.q[j], _mm256_set1_epi8(bias)), _mm256_setzero_si256());
                         for (int h = 0; h < 2; ++h)
                             level_sums[j][h][r] = -128 * (static_cast<int>(_mm256_extract_epi64(sums, 2 * h) +
-                                                                           _mm256_extract_epi64(sums, 2 * h + 1)) - 32 * 16);
+                                                                           _mm256_extract_epi64(sums, 2 * h + 1)) - bias * 16);
                     } else {
                         offsets[j][r] = -(u.dmin * static_cast<float>(u.m[j]));
                     }
@@ -1065,15 +1067,17 @@ void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, 
         case DType::q5_1: return repack16_rows_type<DType::q5_1>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q4_k: return repack16_rows_type<DType::q4_k>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q5_k: return repack16_rows_type<DType::q5_k>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::q3_k: return repack16_rows_type<DType::q3_k>(rows, row_stride, n_rows, k0, kn, out);
         default: return repack16_rows_type<DType::q6_k>(rows, row_stride, n_rows, k0, kn, out);   // callers check repackable16
     }
 }
 
-// q6_k's sixteen rows against eight tokens: each half of a block column has its own scale, and the
-// levels are signed, so x enters as unsigned bytes a + 128 and the repack's -128 * sum of levels
+// q3_k / q6_k's sixteen rows against eight tokens: each half of a block column has its own scale, and
+// the levels l are signed, so x enters as unsigned bytes a + 128 and the repack's -128 * sum of levels
 // starts each sum: per half h (a the rounded x, dx its block scale)
-//   row r: d sc_rh * dx * sum_j (q_j - 32) a_j   -- the dequantized row against the rounded x
-void dot_tile16_q6k(const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d, float* out) {
+//   row r: d sc_rh * dx * sum_j l_j a_j   -- the dequantized row against the rounded x
+// (both types share the layout: tile16_quants_offset is the same for them)
+void dot_tile16_signed(const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d, float* out) {
     constexpr int NT = kTile16Tokens;
     constexpr DType T = DType::q6_k;
     __m512 acc[NT];
@@ -1108,7 +1112,7 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
                 const float* const* sum, float* out) {
     switch (t) {
         case DType::q4_0: return dot_tile16_type<DType::q4_0>(w, n, q, d, sum, out);
-        case DType::q6_k: return dot_tile16_q6k(w, n, q, d, out);
+        case DType::q3_k: case DType::q6_k: return dot_tile16_signed(w, n, q, d, out);
         default: return dot_tile16_type<DType::q4_1>(w, n, q, d, sum, out);   // q4_1, q5_*, q4_k, q5_k: scale and offset
     }
 }
