@@ -346,26 +346,27 @@ def test_kquant_sums_do_not_overflow(level, wtype, sign):
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
-def test_q3_k_kernels_match_float64(level):
-    """q3_k has no quantizer here (it is read, not written): random blocks with realistic scales, at
-    every level -- the decode dot (one and four vectors), the dequantization, and on AVX-512 the int8
-    prefill tile against the rounded x."""
+@pytest.mark.parametrize("wtype", ["q2_k", "q3_k"])
+def test_q2_k_q3_k_kernels_match_float64(level, wtype):
+    """q2_k and q3_k have no quantizer here (they are read, not written): random blocks with realistic
+    scales, at every level -- the decode dot (one and four vectors), the dequantization, and on AVX-512
+    q3_k's int8 prefill tile against the rounded x."""
     from gguf_util import random_blocks
 
     rng = np.random.default_rng(11)
     n = 768
-    rows = [random_blocks("q3_k", n // 256, 1.0, rng).tobytes() for _ in range(16)]
-    wd = np.stack([_core.dequantize("q3_k", r, n) for r in rows]).astype(np.float64)
+    rows = [random_blocks(wtype, n // 256, 1.0, rng).tobytes() for _ in range(16)]
+    wd = np.stack([_core.dequantize(wtype, r, n) for r in rows]).astype(np.float64)
     xs = rng.standard_normal((8, n)).astype(np.float32)
-    np.testing.assert_array_equal(_testing.dequantize_active("q3_k", rows[0], n), wd[0].astype(np.float32))
+    np.testing.assert_array_equal(_testing.dequantize_active(wtype, rows[0], n), wd[0].astype(np.float32))
     exact = xs.astype(np.float64) @ wd.T
     bound = 1e-5 * (np.abs(xs) @ np.abs(wd).T) + 1e-6
     for prepared in (True, False):
-        got = np.array([_testing.dot_row("q3_k", rows[r], xs[0], prepared=prepared) for r in range(16)])
+        got = np.array([_testing.dot_row(wtype, rows[r], xs[0], prepared=prepared) for r in range(16)])
         assert np.all(np.abs(got - exact[0]) <= bound[0])
     if level != "scalar":
-        assert np.all(np.abs(_testing.dot_row_x4("q3_k", rows[1], xs[:4]) - exact[:4, 1]) <= bound[:4, 1])
-    if level == "avx512":
-        got = _testing.dot_rows_tile16("q3_k", b"".join(rows), xs)
+        assert np.all(np.abs(_testing.dot_row_x4(wtype, rows[1], xs[:4]) - exact[:4, 1]) <= bound[:4, 1])
+    if level == "avx512" and wtype == "q3_k":
+        got = _testing.dot_rows_tile16(wtype, b"".join(rows), xs)
         rounded = np.stack([_rounded_to_int8(x) for x in xs])
         np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())

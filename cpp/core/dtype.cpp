@@ -17,7 +17,7 @@ DTypeInfo dtype_info(DType t) {
         case DType::q5_0: return {"q5_0", 32, 22, true};
         case DType::q5_1: return {"q5_1", 32, 24, true};
         case DType::q8_1: return {"q8_1", 32, 36, false};
-        case DType::q2_k: return {"q2_k", 256, 84, false};
+        case DType::q2_k: return {"q2_k", 256, 84, true};
         case DType::q3_k: return {"q3_k", 256, 110, true};
         case DType::q4_k: return {"q4_k", 256, 144, true};
         case DType::q5_k: return {"q5_k", 256, 176, true};

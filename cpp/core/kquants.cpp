@@ -35,11 +35,11 @@ void q5(const uint8_t* b, bool with_min, float* out) {
     }
 }
 
-// q2_k [scales 16][qs 64][d][dmin]: element e = 128 h + 32 s + l is (qs[32 h + l] >> 2 s) & 3 in
-// sub-block e / 16, whose scale byte holds d's multiplier (low nibble) and dmin's (high).
+// q2_k: element e is (qs[32 h + l] >> 2 s) & 3 (e = 128 h + 32 s + l) in sub-block e / 16, whose scale
+// byte holds d's multiplier (low nibble) and dmin's (high) (layout in kquants.h)
 void q2k(const uint8_t* b, float* out) {
-    const uint8_t *scales = b, *qs = b + 16;
-    const float d = half(b + 80), dmin = half(b + 82);
+    const uint8_t *scales = b, *qs = b + kK2Qs;
+    const float d = half(b + kK2D), dmin = half(b + kK2D + 2);
     for (int e = 0; e < 256; ++e) {
         const int h = e / 128, s = (e % 128) / 32, l = e % 32, sub = e / 16;
         const float dl = d * static_cast<float>(scales[sub] & 0x0F), ml = dmin * static_cast<float>(scales[sub] >> 4);
@@ -344,9 +344,7 @@ bool extra_type(DType t) {
     }
 }
 
-bool dequantizes_only(DType t) { return t == DType::q2_k; }
-
-bool quantizes_extra(DType t) { return extra_type(t) && !dequantizes_only(t) && t != DType::q3_k; }
+bool quantizes_extra(DType t) { return extra_type(t) && t != DType::q2_k && t != DType::q3_k; }
 
 void dequantize_row_extra(DType t, const void* row, float* out, int64_t n) {
     const uint8_t* p = static_cast<const uint8_t*>(row);

@@ -1,7 +1,6 @@
 // The GGUF types beyond the legacy 4- and 8-bit ones: q5_0 / q5_1 (32-blocks with a fifth bit) and
-// the K-quants (super-blocks of 256 values with per-sub-block scales). q5_0, q5_1, q3_k, q4_k, q5_k
-// and q6_k are computed with natively (all but q3_k also quantized to); q2_k is read only, and a
-// model holding it converts those tensors at load.
+// the K-quants q2_k .. q6_k (super-blocks of 256 values with per-sub-block scales), all computed with
+// natively; all but q2_k and q3_k also quantized to.
 #pragma once
 
 #include <cstdint>
@@ -12,8 +11,6 @@ namespace tmill {
 
 // Whether t is one of the types this header covers.
 bool extra_type(DType t);
-// Whether t is read but not computed with (q2_k).
-bool dequantizes_only(DType t);
 // Whether quantize_row_extra writes t (q5_0, q5_1, q4_k, q5_k, q6_k).
 bool quantizes_extra(DType t);
 // out[n] = row for one of these types (n a multiple of its block size); bit for bit the values of
@@ -45,6 +42,10 @@ inline void k4_scale_min(const uint8_t* s, int j, int& sc, int& mn) {
         mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
     }
 }
+
+// q2_k [scales 16][qs 64][d][dmin] (84 bytes): element e = 128 h + 32 k + l is bits 2k of qs[32 h + l];
+// byte e / 16 of scales holds its sub-block's scale (low nibble) and min (high); x = d sc q - dmin m.
+constexpr int kK2Qs = 16, kK2D = 80;
 
 // q3_k [hmask 32][qs 64][scales 12][d] (110 bytes): element e = 128 h + 32 k + l takes its low two bits
 // from bits 2k of qs[32 h + l] and is 4 less where bit 4h + k of hmask[l] is clear; 16 signed 6-bit

@@ -19,8 +19,7 @@ inline float bf16_to_fp32(uint16_t h) {
     return f;
 }
 
-// out[n] = row (n elements of type t, n a multiple of the block size); t runnable, or one of the
-// types read only to be converted (kquants.h).
+// out[n] = row (n elements of type t, n a multiple of the block size; t runnable).
 void dequantize_row(DType t, const void* row, float* out, int64_t n);
 
 // Quantizes n floats (a multiple of t's block size) into blocks of t (f32, f16, bf16, q8_0, q4_0, q4_1,

@@ -102,7 +102,7 @@ static const TensorRef& matrix_ref(const WeightStore& ws, const std::string& nam
                                                           : std::to_string(t->shape.size()) + " dims") +
                                     "], expected [" + std::to_string(rows) + ", " + std::to_string(cols) + "] in '" +
                                     ws.source + "'");
-    if (!dtype_info(t->type).runnable && !dequantizes_only(t->type))
+    if (!dtype_info(t->type).runnable)
         fail(ErrorKind::unsupported, "tensor '" + name + "' has type " + dtype_name(t->type) +
                                          ", which the engine cannot compute with yet");
     return *t;
@@ -137,7 +137,7 @@ std::vector<float> Model::host_vector(const std::string& name, int64_t n, bool r
     for (int64_t d : t->shape) count *= d;
     if (count != n) fail(ErrorKind::format, "tensor '" + name + "' has " + std::to_string(count) +
                                                 " elements, expected " + std::to_string(n));
-    if (!dtype_info(t->type).runnable && !dequantizes_only(t->type))
+    if (!dtype_info(t->type).runnable)
         fail(ErrorKind::unsupported, "tensor '" + name + "' has type " + dtype_name(t->type));
     std::vector<float> out(static_cast<size_t>(n));
     dequantize_row(t->type, t->data, out.data(), n);

@@ -296,7 +296,7 @@ PYBIND11_MODULE(_core, mod) {
             const std::string name = to_str(name_obj, "name");
             const GGUFTensorInfo* t = f.find_tensor(name);
             if (!t) fail(ErrorKind::invalid_arg, "no tensor named '" + name + "'");
-            if (!dtype_info(t->type).runnable && !dequantizes_only(t->type))
+            if (!dtype_info(t->type).runnable)
                 fail(ErrorKind::unsupported, "tensor '" + name + "' has type " + dtype_name(t->type) + ", which cannot be dequantized yet");
             std::vector<int64_t> shape(t->shape.rbegin(), t->shape.rend());
             FloatArray out(shape);

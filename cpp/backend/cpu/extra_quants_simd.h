@@ -17,11 +17,13 @@ namespace {
 // The types unpacked here, and whether their values carry an offset (x = d q + m).
 constexpr bool is_q5(DType t) { return t == DType::q5_0 || t == DType::q5_1; }
 constexpr bool has_offset(DType t) { return t == DType::q4_1 || t == DType::q5_1 || t == DType::q4_k || t == DType::q5_k; }
-// K-quants with a signed scale per half sub-block of 16 and signed levels (no mins): q3_k and q6_k
-constexpr bool half_scales(DType t) { return t == DType::q3_k || t == DType::q6_k; }
+// K-quants with a scale per half sub-block of 16: q2_k (and a min per half), q3_k and q6_k (signed
+// scales and levels, no mins); q4_k / q5_k have one scale and one min per sub-block of 32
+constexpr bool half_scales(DType t) { return t == DType::q2_k || t == DType::q3_k || t == DType::q6_k; }
+constexpr bool block_mins(DType t) { return t == DType::q4_k || t == DType::q5_k; }
 // a K-quant super-block's bytes
 constexpr int64_t super_bytes(DType t) {
-    return t == DType::q3_k ? 110 : t == DType::q4_k ? 144 : t == DType::q5_k ? 176 : 210;
+    return t == DType::q2_k ? 84 : t == DType::q3_k ? 110 : t == DType::q4_k ? 144 : t == DType::q5_k ? 176 : 210;
 }
 
 // Bytes of a row per 32 values (for prefetching ahead).
@@ -79,14 +81,15 @@ inline Quants32 quants32(const uint8_t* row, int64_t i) {
     return u;
 }
 
-// Super-block s of a K-quant row: its 256 quants as bytes, 32 per sub-block (q4_k / q5_k unsigned,
-// q6_k as q - 32, q3_k as levels -4..3), the integer scales (q4_k / q5_k: one unsigned 6-bit scale per
-// sub-block of 32 in sc[0..7]; q3_k / q6_k: a signed one per half sub-block of 16 in sc[0..15]), the
-// 6-bit mins of q4_k / q5_k, and the super-block's d and dmin: x = d * sc * q - dmin * m.
+// Super-block s of a K-quant row: its 256 quants as bytes, 32 per sub-block (q2_k / q4_k / q5_k
+// unsigned, q6_k as q - 32, q3_k as levels -4..3), the integer scales (q4_k / q5_k: one unsigned 6-bit
+// scale per sub-block of 32 in sc[0..7]; q2_k: an unsigned 4-bit one, q3_k / q6_k: a signed one per half
+// sub-block of 16 in sc[0..15]), the mins (q4_k / q5_k: m[0..7] per sub-block; q2_k: m[0..15] per
+// half), and the super-block's d and dmin: x = d * sc * q - dmin * m.
 struct KSuper {
     __m256i q[8];
     alignas(16) int8_t sc[16];
-    alignas(8) uint8_t m[8];
+    alignas(16) uint8_t m[16];
     float d, dmin;
 };
 
@@ -124,6 +127,17 @@ inline void k_super(const uint8_t* row, int64_t s, KSuper& u) {
                 const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
                 u.q[j] = _mm256_or_si256(u.q[j], _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
             }
+    } else if constexpr (T == DType::q2_k) {   // sub-block j = 4 h + k of half h (layout in kquants.h)
+        const uint8_t* b = row + s * 84;
+        u.d = half_at(b + kK2D);
+        u.dmin = half_at(b + kK2D + 2);
+        for (int i = 0; i < 16; ++i) {
+            u.sc[i] = static_cast<int8_t>(b[i] & 0x0F);
+            u.m[i] = static_cast<uint8_t>(b[i] >> 4);
+        }
+        for (int j = 0; j < 8; ++j)
+            u.q[j] = _mm256_and_si256(_mm256_srl_epi16(load32(b + kK2Qs + 32 * (j / 4)), _mm_cvtsi32_si128(2 * (j % 4))),
+                                      _mm256_set1_epi8(3));
     } else if constexpr (T == DType::q3_k) {   // sub-block j = 4 h + k of half h (layout in kquants.h)
         const uint8_t* b = row + s * 110;
         u.d = half_at(b + kK3D);
@@ -157,24 +171,30 @@ inline void k_super(const uint8_t* row, int64_t s, KSuper& u) {
     }
 }
 
-// The integer scale of sub-block j's first and second half
+// The integer scale and min of sub-block j's first and second half
 template <DType T>
 inline int k_scale(const KSuper& u, int j, int half) {
     if constexpr (half_scales(T)) return u.sc[2 * j + half];
     else return static_cast<uint8_t>(u.sc[j]);
 }
+template <DType T>
+inline int k_min(const KSuper& u, int j, int half) {
+    if constexpr (T == DType::q2_k) return u.m[2 * j + half];
+    else if constexpr (block_mins(T)) return u.m[j];
+    else return 0;
+}
 
-// 32 signed bytes times d_lo (elements 0..15) and d_hi (16..31), plus m, as floats: the product
-// rounded before the sum, exactly as the reference dequantization
+// 32 signed bytes times d[0] (elements 0..15) and d[1] (16..31), plus m[0] / m[1], as floats: the
+// product rounded before the sum, exactly as the reference dequantization
 template <bool Offset>
-inline void put_floats(__m256i q, float d_lo, float d_hi, float m, float* out) {
+inline void put_floats(__m256i q, const float* d_half, const float* m_half, float* out) {
     const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
     for (int h = 0; h < 2; ++h) {
-        const __m256 d = _mm256_set1_ps(h == 0 ? d_lo : d_hi);
+        const __m256 d = _mm256_set1_ps(d_half[h]);
         for (int g = 0; g < 2; ++g) {
             const __m128i bytes = g == 0 ? halves[h] : _mm_unpackhi_epi64(halves[h], halves[h]);
             __m256 v = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
-            if constexpr (Offset) v = _mm256_add_ps(v, _mm256_set1_ps(m));
+            if constexpr (Offset) v = _mm256_add_ps(v, _mm256_set1_ps(m_half[h]));
             _mm256_storeu_ps(out + 16 * h + 8 * g, v);
         }
     }
@@ -187,15 +207,20 @@ void dequantize_extra(const uint8_t* row, float* out, int64_t n) {
     if constexpr (T == DType::q5_0 || T == DType::q5_1) {
         for (int64_t i = 0; i < n / 32; ++i, out += 32) {
             const Quants32 u = quants32<T>(row, i);
-            put_floats<T == DType::q5_1>(u.q, u.d, u.d, u.m, out);
+            const float d[2] = {u.d, u.d}, m[2] = {u.m, u.m};
+            put_floats<T == DType::q5_1>(u.q, d, m, out);
         }
     } else {
         KSuper u;
         for (int64_t s = 0; s < n / 256; ++s) {
             k_super<T>(row, s, u);
             for (int j = 0; j < 8; ++j, out += 32) {
-                const float lo = u.d * static_cast<float>(k_scale<T>(u, j, 0)), hi = u.d * static_cast<float>(k_scale<T>(u, j, 1));
-                put_floats<!half_scales(T)>(u.q[j], lo, hi, half_scales(T) ? 0.0f : -(u.dmin * static_cast<float>(u.m[j])), out);
+                float d[2], m[2];
+                for (int h = 0; h < 2; ++h) {
+                    d[h] = u.d * static_cast<float>(k_scale<T>(u, j, h));
+                    m[h] = -(u.dmin * static_cast<float>(k_min<T>(u, j, h)));
+                }
+                put_floats<T == DType::q2_k || block_mins(T)>(u.q[j], d, m, out);
             }
         }
     }

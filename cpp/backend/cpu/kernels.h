@@ -147,18 +147,18 @@ constexpr size_t kDecodePrefetchBytes = 2048;
 // take d and sum arrays of n / 32 floats).
 inline bool uses_prepared_x(const Kernels& k, DType t) {
     switch (t) {
-        case DType::q8_0: case DType::q4_0: case DType::q4_1: case DType::q5_0: case DType::q5_1: case DType::q3_k:
-        case DType::q4_k: case DType::q5_k: case DType::q6_k:
+        case DType::q8_0: case DType::q4_0: case DType::q4_1: case DType::q5_0: case DType::q5_1: case DType::q2_k:
+        case DType::q3_k: case DType::q4_k: case DType::q5_k: case DType::q6_k:
             return k.prepare_x != nullptr;
         default:
             return false;
     }
 }
 inline bool superblock_x(DType t) {
-    return t == DType::q3_k || t == DType::q4_k || t == DType::q5_k || t == DType::q6_k;
+    return t == DType::q2_k || t == DType::q3_k || t == DType::q4_k || t == DType::q5_k || t == DType::q6_k;
 }
-// the types repack16_rows takes
-inline bool repackable16(DType t) { return superblock_x(t) || t == DType::q5_0 || t == DType::q5_1; }
+// the types repack16_rows takes (not q2_k: its mins per half sub-block have no place in the tile)
+inline bool repackable16(DType t) { return (superblock_x(t) && t != DType::q2_k) || t == DType::q5_0 || t == DType::q5_1; }
 inline auto prepare_for(const Kernels& k, DType t) { return superblock_x(t) ? k.prepare_x_k : k.prepare_x; }
 
 const Kernels& kernels_scalar();

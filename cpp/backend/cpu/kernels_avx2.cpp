@@ -456,6 +456,7 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
         case DType::q5_1: return dequantize_extra<DType::q5_1>(static_cast<const uint8_t*>(row), out, n);
         case DType::q4_k: return dequantize_extra<DType::q4_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q5_k: return dequantize_extra<DType::q5_k>(static_cast<const uint8_t*>(row), out, n);
+        case DType::q2_k: return dequantize_extra<DType::q2_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q3_k: return dequantize_extra<DType::q3_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q6_k: return dequantize_extra<DType::q6_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::nf4: {
@@ -615,9 +616,10 @@ void dot_rows_prepared(const void* row, const int16_t* q, const float* d, const 
 
 // NT tokens against one K-quant row, x from prepare_x_k. The sub-block scales fold into the int16
 // weights (|q sc| <= 4096) and the products add up in int32 (hi and lo parts) over a run of sub-blocks
-// before one conversion: the whole super-block for q4_k / q5_k (32 products per lane: below 2^31),
+// before one conversion: the whole super-block for q2_k .. q5_k (32 products per lane: below 2^31),
 // halves for q6_k, whose larger weights would overflow over a whole one.
 //   sum_j x_j (d sc_j q_j - dmin m_j) = d * dx * sum_j sc_j q_j xq_j - sum_b dmin m_b * xsum_b
+// (q2_k's mins, one per half sub-block, go the same way as weights on xq: - dmin * dx * sum_j m_j xq_j)
 template <DType T, int NT>
 void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* sum, int64_t n, float* out) {
     constexpr int kRun = T == DType::q6_k ? 4 : 8;
@@ -631,7 +633,7 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
         for (int64_t line = 0; line < block; line += 64)
             _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + line, _MM_HINT_T0);
         k_super<T>(r, s, u);
-        if constexpr (!half_scales(T)) {
+        if constexpr (block_mins(T)) {
             const __m256 mins = _mm256_mul_ps(_mm256_set1_ps(u.dmin),
                                               _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u.m)))));
 #pragma GCC unroll 4
@@ -639,26 +641,39 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
                 min_acc[k] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(sum + k * (n / 32) + 8 * s), min_acc[k]);
         }
         for (int j0 = 0; j0 < 8; j0 += kRun) {
-            __m256i hi[NT], lo[NT];
+            __m256i hi[NT], lo[NT], min_hi[NT], min_lo[NT];   // q2_k: sum_j m_j xq_j beside
 #pragma GCC unroll 4
-            for (int k = 0; k < NT; ++k) hi[k] = lo[k] = _mm256_setzero_si256();
+            for (int k = 0; k < NT; ++k) hi[k] = lo[k] = min_hi[k] = min_lo[k] = _mm256_setzero_si256();
             for (int j = j0; j < j0 + kRun; ++j) {
                 const __m256i w0 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_castsi256_si128(u.q[j])),
                                                       _mm256_set1_epi16(static_cast<int16_t>(k_scale<T>(u, j, 0))));
                 const __m256i w1 = _mm256_mullo_epi16(_mm256_cvtepi8_epi16(_mm256_extracti128_si256(u.q[j], 1)),
                                                       _mm256_set1_epi16(static_cast<int16_t>(k_scale<T>(u, j, 1))));
+                const __m256i m0 = _mm256_set1_epi16(static_cast<int16_t>(k_min<T>(u, j, 0)));
+                const __m256i m1 = _mm256_set1_epi16(static_cast<int16_t>(k_min<T>(u, j, 1)));
 #pragma GCC unroll 4
                 for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d [n / 256], sum [n / 32]
                     const int16_t* xq = q + k * 2 * n + s * 512 + 64 * j;
                     auto load = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + off)); };
-                    hi[k] = _mm256_add_epi32(hi[k], _mm256_add_epi32(_mm256_madd_epi16(w0, load(0)), _mm256_madd_epi16(w1, load(16))));
-                    lo[k] = _mm256_add_epi32(lo[k], _mm256_add_epi32(_mm256_madd_epi16(w0, load(32)), _mm256_madd_epi16(w1, load(48))));
+                    const __m256i x[4] = {load(0), load(16), load(32), load(48)};   // hi parts, then lo parts
+                    hi[k] = _mm256_add_epi32(hi[k], _mm256_add_epi32(_mm256_madd_epi16(w0, x[0]), _mm256_madd_epi16(w1, x[1])));
+                    lo[k] = _mm256_add_epi32(lo[k], _mm256_add_epi32(_mm256_madd_epi16(w0, x[2]), _mm256_madd_epi16(w1, x[3])));
+                    if constexpr (T == DType::q2_k) {
+                        min_hi[k] = _mm256_add_epi32(min_hi[k], _mm256_add_epi32(_mm256_madd_epi16(m0, x[0]), _mm256_madd_epi16(m1, x[1])));
+                        min_lo[k] = _mm256_add_epi32(min_lo[k], _mm256_add_epi32(_mm256_madd_epi16(m0, x[2]), _mm256_madd_epi16(m1, x[3])));
+                    }
                 }
             }
 #pragma GCC unroll 4
             for (int k = 0; k < NT; ++k) {
+                const float dx = d[k * (n / 32) + s];
                 const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo[k]), _mm256_set1_ps(1.0f / 32768.0f), _mm256_cvtepi32_ps(hi[k]));
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(u.d * d[k * (n / 32) + s]), f, acc[k]);
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(u.d * dx), f, acc[k]);
+                if constexpr (T == DType::q2_k) {   // - dmin * dx * sum_j m_j xq_j
+                    const __m256 fm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_lo[k]), _mm256_set1_ps(1.0f / 32768.0f),
+                                                      _mm256_cvtepi32_ps(min_hi[k]));
+                    acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(-(u.dmin * dx)), fm, acc[k]);
+                }
             }
         }
     }
@@ -677,6 +692,7 @@ void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* 
         case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
         case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
         case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
+        case DType::q2_k: return dot_rows_k<DType::q2_k, NT>(row, q, d, sum, n, out);
         case DType::q3_k: return dot_rows_k<DType::q3_k, NT>(row, q, d, sum, n, out);
         case DType::q6_k: return dot_rows_k<DType::q6_k, NT>(row, q, d, sum, n, out);
         default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first

@@ -434,6 +434,7 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
         case DType::q5_1: return dequantize_extra<DType::q5_1>(static_cast<const uint8_t*>(row), out, n);
         case DType::q4_k: return dequantize_extra<DType::q4_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q5_k: return dequantize_extra<DType::q5_k>(static_cast<const uint8_t*>(row), out, n);
+        case DType::q2_k: return dequantize_extra<DType::q2_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q3_k: return dequantize_extra<DType::q3_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q6_k: return dequantize_extra<DType::q6_k>(static_cast<const uint8_t*>(row), out, n);
         default: dequantize_row(t, row, out, n);
@@ -577,33 +578,45 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
         for (int64_t line = 0; line < block; line += 64)
             _mm_prefetch(reinterpret_cast<const char*>(r) + s * block + kDecodePrefetchBytes + line, _MM_HINT_T0);
         k_super<T>(r, s, u);
-        __m512i w[8];
-        if constexpr (half_scales(T)) {   // sub-block j's two half scales: entries 2j and 2j + 1
+        __m512i w[8], mw[8];   // weights with their scales folded in; q2_k: each half's min as weights on x
+        if constexpr (half_scales(T)) {   // sub-block j's two halves: entries 2j and 2j + 1
             const __m512i scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(u.sc))));
+            const __m512i mins = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(u.m))));
             for (int j = 0; j < 8; ++j) {
                 const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi16(static_cast<int16_t>(2 * j)),
                                                         _mm256_set1_epi16(static_cast<int16_t>(2 * j + 1)), 1);
                 w[j] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(u.q[j]), _mm512_permutexvar_epi16(pick, scales));
+                if constexpr (T == DType::q2_k) mw[j] = _mm512_permutexvar_epi16(pick, mins);
             }
         } else {
             for (int j = 0; j < 8; ++j)
                 w[j] = _mm512_mullo_epi16(_mm512_cvtepi8_epi16(u.q[j]), _mm512_set1_epi16(static_cast<uint8_t>(u.sc[j])));
         }
         __m256 mins = _mm256_setzero_ps();
-        if constexpr (!half_scales(T))
+        if constexpr (block_mins(T))
             mins = _mm256_mul_ps(_mm256_set1_ps(u.dmin),
                                  _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u.m)))));
 #pragma GCC unroll 4
         for (int k = 0; k < NT; ++k) {   // token k's prepared vector: q [2n], d [n / 256], sum [n / 32]
             const int16_t* xq = q + k * 2 * n + s * 512;
-            __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+            const float dx = d[k * (n / 32) + s];
+            __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512(), min_hi = hi, min_lo = hi;
             for (int j = 0; j < 8; ++j) {
-                hi = _mm512_dpwssd_epi32(hi, w[j], _mm512_loadu_si512(xq + 64 * j));
-                lo = _mm512_dpwssd_epi32(lo, w[j], _mm512_loadu_si512(xq + 64 * j + 32));
+                const __m512i xh = _mm512_loadu_si512(xq + 64 * j), xl = _mm512_loadu_si512(xq + 64 * j + 32);
+                hi = _mm512_dpwssd_epi32(hi, w[j], xh);
+                lo = _mm512_dpwssd_epi32(lo, w[j], xl);
+                if constexpr (T == DType::q2_k) {
+                    min_hi = _mm512_dpwssd_epi32(min_hi, mw[j], xh);
+                    min_lo = _mm512_dpwssd_epi32(min_lo, mw[j], xl);
+                }
             }
             const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(1.0f / 32768.0f), _mm512_cvtepi32_ps(hi));
-            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(u.d * d[k * (n / 32) + s]), f, acc[k]);
-            if constexpr (!half_scales(T))
+            acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(u.d * dx), f, acc[k]);
+            if constexpr (T == DType::q2_k) {   // - dmin * dx * sum_j m_j xq_j
+                const __m512 fm = _mm512_fmadd_ps(_mm512_cvtepi32_ps(min_lo), _mm512_set1_ps(1.0f / 32768.0f), _mm512_cvtepi32_ps(min_hi));
+                acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(-(u.dmin * dx)), fm, acc[k]);
+            }
+            if constexpr (block_mins(T))
                 min_acc[k] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(sum + k * (n / 32) + 8 * s), min_acc[k]);
         }
     }
@@ -626,6 +639,7 @@ void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* 
         case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
         case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
         case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
+        case DType::q2_k: return dot_rows_k<DType::q2_k, NT>(row, q, d, sum, n, out);
         case DType::q3_k: return dot_rows_k<DType::q3_k, NT>(row, q, d, sum, n, out);
         case DType::q6_k: return dot_rows_k<DType::q6_k, NT>(row, q, d, sum, n, out);
         default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
@@ -1043,7 +1057,7 @@ void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int6
                 for (int j = 0; j < 8; ++j) {
                     _mm256_store_si256(reinterpret_cast<__m256i*>(staged[j][r]), u.q[j]);
                     scales[j][r] = u.d * static_cast<float>(k_scale<T>(u, j, 0));
-                    if constexpr (half_scales(T)) {   // sums of level + bias (unsigned) over 8 bytes, then per half
+                    if constexpr (half_scales(T)) {   // q3_k / q6_k: sums of level + bias (unsigned) over 8 bytes, then per half
                         constexpr int bias = T == DType::q6_k ? 32 : 4;
                         offsets[j][r] = u.d * static_cast<float>(k_scale<T>(u, j, 1));
                         const __m256i sums = _mm256_sad_epu8(_mm256_add_epi8(u.q[j], _mm256_set1_epi8(bias)), _mm256_setzero_si256());
