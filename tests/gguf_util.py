@@ -21,19 +21,22 @@ QTYPES = {
 }
 
 
-# q5_* and the K-quants: write_tiny_gguf quantizes q5_0 / q5_1 with the gguf package, q4_k / q5_k /
-# q6_k with tokenmill (the gguf package has no K-quant quantizer), and writes q2_k / q3_k as random
+# q5_*, iq4_nl and the K-quants: write_tiny_gguf quantizes q5_0 / q5_1 with the gguf package, q4_k /
+# q5_k / q6_k with tokenmill (the gguf package has no K-quant quantizer), and writes the rest as random
 # blocks scaled to the tensor's spread
 EXTRA_TYPES = {
     "q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1,
     "q2_k": gguf.GGMLQuantizationType.Q2_K, "q3_k": gguf.GGMLQuantizationType.Q3_K,
     "q4_k": gguf.GGMLQuantizationType.Q4_K, "q5_k": gguf.GGMLQuantizationType.Q5_K,
-    "q6_k": gguf.GGMLQuantizationType.Q6_K,
+    "q6_k": gguf.GGMLQuantizationType.Q6_K, "iq4_nl": gguf.GGMLQuantizationType.IQ4_NL,
 }
 # byte offsets of each block's f16 scale fields
-F16_FIELDS = {"q5_0": [0], "q5_1": [0, 2], "q2_k": [80, 82], "q3_k": [108], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+F16_FIELDS = {"q5_0": [0], "q5_1": [0, 2], "q2_k": [80, 82], "q3_k": [108], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208],
+              "iq4_nl": [0]}
 # a field value giving weights of about unit spread per unit of it
-UNIT_SCALE = {"q2_k": 0.5, "q3_k": 0.12, "q4_k": 0.01, "q5_k": 0.005, "q6_k": 0.03}
+UNIT_SCALE = {"q2_k": 0.5, "q3_k": 0.12, "q4_k": 0.01, "q5_k": 0.005, "q6_k": 0.03, "iq4_nl": 0.015}
+# the types write_tiny_gguf writes as random blocks (no quantizer here or in the gguf package)
+RANDOM_BLOCK_TYPES = ("q2_k", "q3_k", "iq4_nl")
 
 
 def random_blocks(wtype: str, n_blocks: int, spread: float, rng) -> np.ndarray:
@@ -140,7 +143,7 @@ def write_tiny_gguf(hf_model, arch: str, path, wtype: str = "f32", extra: Option
             raw = np.frombuffer(_core.quantize(wtype, np.ascontiguousarray(data, np.float32).ravel()), np.uint8)
             w.add_tensor(name, raw.reshape(data.shape[0], -1), raw_dtype=qtype)
             back = gguf.quants.dequantize(raw.reshape(data.shape[0], -1), qtype).reshape(data.shape)
-        elif wtype in EXTRA_TYPES and data.ndim == 2 and wtype not in ("q5_0", "q5_1"):
+        elif wtype in RANDOM_BLOCK_TYPES and data.ndim == 2:
             block = gguf.GGML_QUANT_SIZES[qtype][0]
             raw = random_blocks(wtype, data.size // block, float(data.std()), np.random.default_rng(data.size))
             w.add_tensor(name, raw.reshape(data.shape[0], -1), raw_dtype=qtype)

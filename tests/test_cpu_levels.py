@@ -346,16 +346,17 @@ def test_kquant_sums_do_not_overflow(level, wtype, sign):
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
-@pytest.mark.parametrize("wtype", ["q2_k", "q3_k"])
-def test_q2_k_q3_k_kernels_match_float64(level, wtype):
-    """q2_k and q3_k have no quantizer here (they are read, not written): random blocks with realistic
-    scales, at every level -- the decode dot (one and four vectors), the dequantization, and on AVX-512
-    q3_k's int8 prefill tile against the rounded x."""
+@pytest.mark.parametrize("wtype", ["q2_k", "q3_k", "iq4_nl"])
+def test_read_only_types_kernels_match_float64(level, wtype):
+    """q2_k, q3_k and iq4_nl have no quantizer here (they are read, not written): random blocks with
+    realistic scales, at every level -- the decode dot (one and four vectors), the dequantization, and
+    on AVX-512 the int8 prefill tile against the rounded x (q2_k has none)."""
     from gguf_util import random_blocks
 
     rng = np.random.default_rng(11)
     n = 768
-    rows = [random_blocks(wtype, n // 256, 1.0, rng).tobytes() for _ in range(16)]
+    block = 32 if wtype == "iq4_nl" else 256
+    rows = [random_blocks(wtype, n // block, 1.0, rng).tobytes() for _ in range(16)]
     wd = np.stack([_core.dequantize(wtype, r, n) for r in rows]).astype(np.float64)
     xs = rng.standard_normal((8, n)).astype(np.float32)
     np.testing.assert_array_equal(_testing.dequantize_active(wtype, rows[0], n), wd[0].astype(np.float32))
@@ -366,7 +367,7 @@ def test_q2_k_q3_k_kernels_match_float64(level, wtype):
         assert np.all(np.abs(got - exact[0]) <= bound[0])
     if level != "scalar":
         assert np.all(np.abs(_testing.dot_row_x4(wtype, rows[1], xs[:4]) - exact[:4, 1]) <= bound[:4, 1])
-    if level == "avx512" and wtype == "q3_k":
+    if level == "avx512" and wtype != "q2_k":
         got = _testing.dot_rows_tile16(wtype, b"".join(rows), xs)
         rounded = np.stack([_rounded_to_int8(x) for x in xs])
         np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())

@@ -20,7 +20,7 @@ from gguf_util import EXTRA_TYPES, random_blocks, write_tiny_gguf
 import quant_reference
 
 QUANTIZABLE = ("q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
-NATIVE = QUANTIZABLE + ("q2_k", "q3_k")   # these two are computed with, not quantized to
+NATIVE = QUANTIZABLE + ("q2_k", "q3_k", "iq4_nl")   # these three are computed with, not quantized to
 
 
 @pytest.mark.parametrize("wtype", list(EXTRA_TYPES))
@@ -28,7 +28,7 @@ def test_dequantization_is_bit_exact(wtype):
     qtype = EXTRA_TYPES[wtype]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(1)
-    raw = random_blocks(wtype, 64, 1.0, rng) if wtype in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k") else \
+    raw = random_blocks(wtype, 64, 1.0, rng) if wtype in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl") else \
         gguf.quants.quantize(rng.standard_normal(64 * block).astype(np.float32).reshape(8, -1), qtype)
     n = raw.size // gguf.GGML_QUANT_SIZES[qtype][1] * block
     np.testing.assert_array_equal(_core.dequantize(wtype, raw.tobytes(), n), gguf.quants.dequantize(raw, qtype).reshape(-1))

@@ -23,6 +23,7 @@ DTypeInfo dtype_info(DType t) {
         case DType::q5_k: return {"q5_k", 256, 176, true};
         case DType::q6_k: return {"q6_k", 256, 210, true};
         case DType::q8_k: return {"q8_k", 256, 292, false};
+        case DType::iq4_nl: return {"iq4_nl", 32, 18, true};
         case DType::i8: return {"i8", 1, 1, false};
         case DType::i16: return {"i16", 1, 2, false};
         case DType::i32: return {"i32", 1, 4, false};

@@ -12,6 +12,9 @@
 
 namespace tmill {
 
+// llama.cpp's iq4_nl codebook (a format fact: the values the files were made for)
+const int8_t kIQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
 namespace {
 
 float half(const uint8_t* p) { return fp16_to_fp32(static_cast<uint16_t>(p[0] | (p[1] << 8))); }
@@ -33,6 +36,12 @@ void q5(const uint8_t* b, bool with_min, float* out) {
         const int q = ((i < 16 ? qs[i] : qs[i - 16] >> 4) & 0x0F) | (((qh >> i) & 1) << 4);
         out[i] = with_min ? d * static_cast<float>(q) + m : d * static_cast<float>(q - 16);
     }
+}
+
+// iq4_nl: x_i = d * kIQ4NL[q_i]
+void iq4nl(const uint8_t* b, float* out) {
+    const float d = half(b);
+    for (int i = 0; i < 32; ++i) out[i] = d * static_cast<float>(kIQ4NL[(i < 16 ? b[2 + i] : b[2 + i - 16] >> 4) & 0x0F]);
 }
 
 // q2_k: element e is (qs[32 h + l] >> 2 s) & 3 (e = 128 h + 32 s + l) in sub-block e / 16, whose scale
@@ -336,15 +345,15 @@ void quantize_k6(const float* x, uint8_t* b) {
 
 bool extra_type(DType t) {
     switch (t) {
-        case DType::q5_0: case DType::q5_1: case DType::q2_k: case DType::q3_k: case DType::q4_k: case DType::q5_k:
-        case DType::q6_k:
+        case DType::q5_0: case DType::q5_1: case DType::iq4_nl: case DType::q2_k: case DType::q3_k: case DType::q4_k:
+        case DType::q5_k: case DType::q6_k:
             return true;
         default:
             return false;
     }
 }
 
-bool quantizes_extra(DType t) { return extra_type(t) && t != DType::q2_k && t != DType::q3_k; }
+bool quantizes_extra(DType t) { return extra_type(t) && t != DType::q2_k && t != DType::q3_k && t != DType::iq4_nl; }
 
 void dequantize_row_extra(DType t, const void* row, float* out, int64_t n) {
     const uint8_t* p = static_cast<const uint8_t*>(row);
@@ -353,6 +362,7 @@ void dequantize_row_extra(DType t, const void* row, float* out, int64_t n) {
         switch (t) {
             case DType::q5_0: q5(p, false, out); break;
             case DType::q5_1: q5(p, true, out); break;
+            case DType::iq4_nl: iq4nl(p, out); break;
             case DType::q2_k: q2k(p, out); break;
             case DType::q3_k: q3k(p, out); break;
             case DType::q4_k: q45k(p, false, out); break;

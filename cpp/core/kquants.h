@@ -1,6 +1,7 @@
-// The GGUF types beyond the legacy 4- and 8-bit ones: q5_0 / q5_1 (32-blocks with a fifth bit) and
-// the K-quants q2_k .. q6_k (super-blocks of 256 values with per-sub-block scales), all computed with
-// natively; all but q2_k and q3_k also quantized to.
+// The GGUF types beyond the legacy 4- and 8-bit ones: q5_0 / q5_1 (32-blocks with a fifth bit),
+// iq4_nl (32-blocks of 4-bit indices into a fixed non-linear codebook) and the K-quants q2_k .. q6_k
+// (super-blocks of 256 values with per-sub-block scales), all computed with natively; q5_*, q4_k,
+// q5_k and q6_k also quantized to.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +26,10 @@ void quantize_row_extra(DType t, const float* x, void* out, int64_t n);
 // q5_0 [d f16][qh u32][qs 16] (22 bytes), q5_1 [d][m][qh][qs] (24): element i takes its low four bits
 // from qs[i] (i < 16) or qs[i - 16] >> 4, its fifth bit from bit i of qh.
 constexpr int kQ5QhOffset(bool with_min) { return with_min ? 4 : 2; }
+
+// iq4_nl [d f16][qs 16] (18 bytes): element i is kIQ4NL[q] with q the low nibble of qs[i] (i < 16) or
+// the high one of qs[i - 16]; x = d * kIQ4NL[q].
+extern const int8_t kIQ4NL[16];
 
 // q4_k [d][dmin][scales 12][qs 128] (144 bytes) and q5_k [d][dmin][scales 12][qh 32][qs 128] (176):
 // sub-block b (of 8, 32 values each) takes nibble b % 2 of qs[32 (b / 2) + l], and for q5_k bit b

@@ -15,12 +15,15 @@ namespace tmill::cpu {
 namespace {
 
 // The types unpacked here, and whether their values carry an offset (x = d q + m).
-constexpr bool is_q5(DType t) { return t == DType::q5_0 || t == DType::q5_1; }
+// the 32-block types unpacked here
+constexpr bool is_block32(DType t) { return t == DType::q5_0 || t == DType::q5_1 || t == DType::iq4_nl; }
 constexpr bool has_offset(DType t) { return t == DType::q4_1 || t == DType::q5_1 || t == DType::q4_k || t == DType::q5_k; }
 // K-quants with a scale per half sub-block of 16: q2_k (and a min per half), q3_k and q6_k (signed
 // scales and levels, no mins); q4_k / q5_k have one scale and one min per sub-block of 32
 constexpr bool half_scales(DType t) { return t == DType::q2_k || t == DType::q3_k || t == DType::q6_k; }
 constexpr bool block_mins(DType t) { return t == DType::q4_k || t == DType::q5_k; }
+// the types whose int8 prefill tile holds signed levels (a scale per half block, no offset)
+constexpr bool signed_tile(DType t) { return t == DType::q3_k || t == DType::q6_k || t == DType::iq4_nl; }
 // a K-quant super-block's bytes
 constexpr int64_t super_bytes(DType t) {
     return t == DType::q2_k ? 84 : t == DType::q3_k ? 110 : t == DType::q4_k ? 144 : t == DType::q5_k ? 176 : 210;
@@ -35,11 +38,13 @@ constexpr size_t bytes_per_32() {
         case DType::q4_1: return 20;
         case DType::q5_0: return 22;
         case DType::q5_1: return 24;
+        case DType::iq4_nl: return 18;
         default: return 32;
     }
 }
 
-// q5_0 / q5_1 block i: x_j = d * q_j + m, q as signed bytes (q - 16 for q5_0, m = 0 there).
+// q5_0 / q5_1 / iq4_nl block i: x_j = d * q_j + m, q as signed bytes (q - 16 for q5_0, the codebook
+// value for iq4_nl; m = 0 but for q5_1).
 struct Quants32 {
     __m256i q;
     float d, m;
@@ -67,6 +72,13 @@ inline __m256i fifth_bits(uint32_t bits) {
 
 template <DType T>
 inline Quants32 quants32(const uint8_t* row, int64_t i) {
+    if constexpr (T == DType::iq4_nl) {
+        const uint8_t* b = row + i * 18;
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
+        const __m256i both = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+        const __m256i book = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kIQ4NL)));
+        return {_mm256_shuffle_epi8(book, both), half_at(b), 0.0f};
+    }
     constexpr bool with_min = T == DType::q5_1;
     const uint8_t* b = row + i * (with_min ? 24 : 22);
     Quants32 u;
@@ -204,7 +216,7 @@ inline void put_floats(__m256i q, const float* d_half, const float* m_half, floa
 // (d * sc) * q - dmin * m for the K-quants.
 template <DType T>
 void dequantize_extra(const uint8_t* row, float* out, int64_t n) {
-    if constexpr (T == DType::q5_0 || T == DType::q5_1) {
+    if constexpr (is_block32(T)) {
         for (int64_t i = 0; i < n / 32; ++i, out += 32) {
             const Quants32 u = quants32<T>(row, i);
             const float d[2] = {u.d, u.d}, m[2] = {u.m, u.m};

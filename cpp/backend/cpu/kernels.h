@@ -118,10 +118,10 @@ void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* su
 constexpr int kTile16Tokens = 8;
 // (16 float scales, 16 float minimums for q4_1, then the quants at this offset)
 // (q5_0 / q5_1 / q4_k / q5_k: 16 float scales, 16 float offsets, then the quants as unsigned bytes;
-// q3_k / q6_k: the scales of each half of 16 values, then per half the rows' -128 * sum of their
-// levels as int32, then the signed levels)
+// q3_k / q6_k / iq4_nl: the scales of each half of 16 values, then per half the rows' -128 * sum of
+// their levels as int32, then the signed levels)
 constexpr size_t tile16_quants_offset(DType t) {
-    return 64 * (t == DType::q4_0 ? 1 : t == DType::q3_k || t == DType::q6_k ? 4 : 2);
+    return 64 * (t == DType::q4_0 ? 1 : t == DType::q3_k || t == DType::q6_k || t == DType::iq4_nl ? 4 : 2);
 }
 constexpr size_t tile16_column_bytes(DType t) { return tile16_quants_offset(t) + 512; }
 
@@ -147,7 +147,8 @@ constexpr size_t kDecodePrefetchBytes = 2048;
 // take d and sum arrays of n / 32 floats).
 inline bool uses_prepared_x(const Kernels& k, DType t) {
     switch (t) {
-        case DType::q8_0: case DType::q4_0: case DType::q4_1: case DType::q5_0: case DType::q5_1: case DType::q2_k:
+        case DType::q8_0: case DType::q4_0: case DType::q4_1: case DType::q5_0: case DType::q5_1: case DType::iq4_nl:
+        case DType::q2_k:
         case DType::q3_k: case DType::q4_k: case DType::q5_k: case DType::q6_k:
             return k.prepare_x != nullptr;
         default:
@@ -158,7 +159,9 @@ inline bool superblock_x(DType t) {
     return t == DType::q2_k || t == DType::q3_k || t == DType::q4_k || t == DType::q5_k || t == DType::q6_k;
 }
 // the types repack16_rows takes (not q2_k: its mins per half sub-block have no place in the tile)
-inline bool repackable16(DType t) { return (superblock_x(t) && t != DType::q2_k) || t == DType::q5_0 || t == DType::q5_1; }
+inline bool repackable16(DType t) {
+    return (superblock_x(t) && t != DType::q2_k) || t == DType::q5_0 || t == DType::q5_1 || t == DType::iq4_nl;
+}
 inline auto prepare_for(const Kernels& k, DType t) { return superblock_x(t) ? k.prepare_x_k : k.prepare_x; }
 
 const Kernels& kernels_scalar();

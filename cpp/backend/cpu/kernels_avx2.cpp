@@ -454,6 +454,7 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
         }
         case DType::q5_0: return dequantize_extra<DType::q5_0>(static_cast<const uint8_t*>(row), out, n);
         case DType::q5_1: return dequantize_extra<DType::q5_1>(static_cast<const uint8_t*>(row), out, n);
+        case DType::iq4_nl: return dequantize_extra<DType::iq4_nl>(static_cast<const uint8_t*>(row), out, n);
         case DType::q4_k: return dequantize_extra<DType::q4_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q5_k: return dequantize_extra<DType::q5_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q2_k: return dequantize_extra<DType::q2_k>(static_cast<const uint8_t*>(row), out, n);
@@ -550,7 +551,7 @@ inline WideBlock widen(const uint8_t* row, int64_t i) {
     WideBlock w;
     __m128i lo, hi;
     w.m = 0.0f;
-    if constexpr (is_q5(T)) {
+    if constexpr (is_block32(T)) {
         const Quants32 u = quants32<T>(row, i);
         w.d = u.d;
         w.m = u.m;
@@ -690,6 +691,7 @@ void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* 
         case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
         case DType::q5_0: return dot_rows_prepared<DType::q5_0, NT>(row, q, d, sum, n, out);
         case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
+        case DType::iq4_nl: return dot_rows_prepared<DType::iq4_nl, NT>(row, q, d, sum, n, out);
         case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
         case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
         case DType::q2_k: return dot_rows_k<DType::q2_k, NT>(row, q, d, sum, n, out);

@@ -432,6 +432,7 @@ void dequantize(DType t, const void* row, float* out, int64_t n) {
         case DType::nf4: return dequantize_blocks<DType::nf4>(row, out, n);
         case DType::q5_0: return dequantize_extra<DType::q5_0>(static_cast<const uint8_t*>(row), out, n);
         case DType::q5_1: return dequantize_extra<DType::q5_1>(static_cast<const uint8_t*>(row), out, n);
+        case DType::iq4_nl: return dequantize_extra<DType::iq4_nl>(static_cast<const uint8_t*>(row), out, n);
         case DType::q4_k: return dequantize_extra<DType::q4_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q5_k: return dequantize_extra<DType::q5_k>(static_cast<const uint8_t*>(row), out, n);
         case DType::q2_k: return dequantize_extra<DType::q2_k>(static_cast<const uint8_t*>(row), out, n);
@@ -497,7 +498,7 @@ inline WideBlock widen(const uint8_t* row, int64_t i) {
     WideBlock w;
     w.m = 0.0f;
     __m256i bytes;
-    if constexpr (is_q5(T)) {
+    if constexpr (is_block32(T)) {
         const Quants32 u = quants32<T>(row, i);
         w.d = u.d;
         w.m = u.m;
@@ -637,6 +638,7 @@ void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* 
         case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
         case DType::q5_0: return dot_rows_prepared<DType::q5_0, NT>(row, q, d, sum, n, out);
         case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
+        case DType::iq4_nl: return dot_rows_prepared<DType::iq4_nl, NT>(row, q, d, sum, n, out);
         case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
         case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
         case DType::q2_k: return dot_rows_k<DType::q2_k, NT>(row, q, d, sum, n, out);
@@ -1005,7 +1007,7 @@ void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* 
                    uint8_t* out) {
     std::memcpy(out, scales, 64);
     std::memcpy(out + 64, offsets, 64);
-    if constexpr (half_scales(T)) std::memcpy(out + 128, level_sums, 128);
+    if constexpr (signed_tile(T)) std::memcpy(out + 128, level_sums, 128);
     __m512i first[4], second[4];
     for (int p = 0; p < 4; ++p) {
         first[p] = _mm512_loadu_si512(rows[4 * p]);        // rows 4p, 4p + 1
@@ -1022,15 +1024,15 @@ void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* 
     }
 }
 
-// Sixteen rows in their file layout (q5_0, q5_1, the K-quants) -> block columns for dot_tile16: per
+// Sixteen rows in their file layout (q5_0, q5_1, iq4_nl, the K-quants) -> block columns for dot_tile16: per
 // block of 32, the rows' float scales and offsets (x = scale * q + offset, as the reference dequantizer
 // rounds scale: d sc for the K-quants, d for q5_*; offsets -dmin m, -16 d for q5_0, m for q5_1; q6_k:
 // the second half's scales and both halves' -128 * sum of levels), then the quants (q6_k: the signed
 // levels q - 32). Rows n_rows .. 15 are zero.
 template <DType T>
 void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
-    constexpr bool k = !is_q5(T);
-    constexpr int64_t span = k ? 256 : 32, block = k ? super_bytes(T) : T == DType::q5_1 ? 24 : 22;
+    constexpr bool k = !is_block32(T);
+    constexpr int64_t span = k ? 256 : 32, block = k ? super_bytes(T) : static_cast<int64_t>(bytes_per_32<T>());
     constexpr int per_span = k ? 8 : 1;
     alignas(64) uint8_t staged[per_span][16][32];   // block of the span, row, quant
     alignas(64) float scales[per_span][16], offsets[per_span][16];
@@ -1045,7 +1047,15 @@ void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int6
             if (s + 2 < (k0 + kn) / span)   // sixteen streams: too many for the hardware prefetcher to follow
                 for (int64_t line = 0; line < block; line += 64)
                     _mm_prefetch(reinterpret_cast<const char*>(row) + (s + 2) * block + line, _MM_HINT_T0);
-            if constexpr (!k) {
+            if constexpr (T == DType::iq4_nl) {   // signed levels: the block's scale for both halves
+                const Quants32 u = quants32<T>(row, s);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(staged[0][r]), u.q);
+                scales[0][r] = offsets[0][r] = u.d;
+                const __m256i sums = _mm256_sad_epu8(_mm256_xor_si256(u.q, _mm256_set1_epi8(-128)), _mm256_setzero_si256());
+                for (int h = 0; h < 2; ++h)
+                    level_sums[0][h][r] = -128 * (static_cast<int>(_mm256_extract_epi64(sums, 2 * h) +
+                                                                   _mm256_extract_epi64(sums, 2 * h + 1)) - 128 * 16);
+            } else if constexpr (!k) {
                 const Quants32 u = quants32<T>(row, s);
                 const __m256i q = T == DType::q5_0 ? _mm256_add_epi8(u.q, _mm256_set1_epi8(16)) : u.q;
                 _mm256_store_si256(reinterpret_cast<__m256i*>(staged[0][r]), q);
@@ -1079,6 +1089,7 @@ void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, 
     switch (t) {
         case DType::q5_0: return repack16_rows_type<DType::q5_0>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q5_1: return repack16_rows_type<DType::q5_1>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::iq4_nl: return repack16_rows_type<DType::iq4_nl>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q4_k: return repack16_rows_type<DType::q4_k>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q5_k: return repack16_rows_type<DType::q5_k>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q3_k: return repack16_rows_type<DType::q3_k>(rows, row_stride, n_rows, k0, kn, out);
@@ -1086,7 +1097,7 @@ void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, 
     }
 }
 
-// q3_k / q6_k's sixteen rows against eight tokens: each half of a block column has its own scale, and
+// q3_k / q6_k / iq4_nl's sixteen rows against eight tokens: each half of a block column has its own scale, and
 // the levels l are signed, so x enters as unsigned bytes a + 128 and the repack's -128 * sum of levels
 // starts each sum: per half h (a the rounded x, dx its block scale)
 //   row r: d sc_rh * dx * sum_j l_j a_j   -- the dequantized row against the rounded x
@@ -1126,7 +1137,7 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
                 const float* const* sum, float* out) {
     switch (t) {
         case DType::q4_0: return dot_tile16_type<DType::q4_0>(w, n, q, d, sum, out);
-        case DType::q3_k: case DType::q6_k: return dot_tile16_signed(w, n, q, d, out);
+        case DType::q3_k: case DType::q6_k: case DType::iq4_nl: return dot_tile16_signed(w, n, q, d, out);
         default: return dot_tile16_type<DType::q4_1>(w, n, q, d, sum, out);   // q4_1, q5_*, q4_k, q5_k: scale and offset
     }
 }
