@@ -84,58 +84,52 @@ def _rounded_to_int8(x):
     return ((mx / np.float32(127.0)) * np.rint(blocks * inv)).astype(np.float64).reshape(x.shape)
 
 
-@pytest.mark.skipif("avx512" not in LEVELS, reason="the int8 prefill kernel needs AVX-512 VNNI")
+# the levels with an int8 prefill kernel (AVX-512: VPDPBUSD; AVX2: VPMADDUBSW + VPMADDWD)
+INT8_LEVELS = [lv for lv in LEVELS if lv != "scalar"]
+
+
+@pytest.mark.parametrize("level", INT8_LEVELS, indirect=True)
 @pytest.mark.parametrize("wtype", ["q4_0", "q4_1"])
 @pytest.mark.parametrize("n_rows", [8, 16])
 @pytest.mark.parametrize("n", [32, 1024])
-def test_int8_prefill_kernel_is_the_rounded_product(wtype, n_rows, n):
+def test_int8_prefill_kernel_is_the_rounded_product(level, wtype, n_rows, n):
     """The opt-in int8 prefill kernel computes exactly the dequantized rows against x rounded to int8
     per block (float rounding aside) -- not, e.g., the unsigned quants against the rounding error."""
-    before = _core.cpu_level()
-    _core.set_cpu_level("avx512")
-    try:
-        rng = np.random.default_rng(n + n_rows)
-        w = (rng.standard_normal((n_rows, n)) * 0.05 + 0.01).astype(np.float32)
-        xs = rng.standard_normal((8, n)).astype(np.float32)
-        xs[1] *= 1e-3
-        xs[2, :32] = 0.0
-        rows = b"".join(_core.quantize(wtype, r) for r in w)
-        wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-        got = _testing.dot_rows_tile16(wtype, rows, xs)
-        rounded = np.stack([_rounded_to_int8(x) for x in xs])
-        assert got.shape == (8, n_rows)
-        np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
-        exact = xs.astype(np.float64) @ wd.T
-        assert not np.allclose(got, exact, rtol=1e-6, atol=0)   # it does round
-    finally:
-        _core.set_cpu_level(before)
+    rng = np.random.default_rng(n + n_rows)
+    w = (rng.standard_normal((n_rows, n)) * 0.05 + 0.01).astype(np.float32)
+    xs = rng.standard_normal((8, n)).astype(np.float32)
+    xs[1] *= 1e-3
+    xs[2, :32] = 0.0
+    rows = b"".join(_core.quantize(wtype, r) for r in w)
+    wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
+    got = _testing.dot_rows_tile16(wtype, rows, xs)
+    rounded = np.stack([_rounded_to_int8(x) for x in xs])
+    assert got.shape == (8, n_rows)
+    np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
+    exact = xs.astype(np.float64) @ wd.T
+    assert not np.allclose(got, exact, rtol=1e-6, atol=0)   # it does round
 
 
-@pytest.mark.skipif("avx512" not in LEVELS, reason="the int8 prefill kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("level", INT8_LEVELS, indirect=True)
 @pytest.mark.parametrize("wtype", ["q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
 @pytest.mark.parametrize("n_rows", [16, 5])
-def test_int8_prefill_repacked_rows_kernel_is_the_rounded_product(wtype, n_rows):
+def test_int8_prefill_repacked_rows_kernel_is_the_rounded_product(level, wtype, n_rows):
     """The int8 prefill of q5_* and the K-quants: exactly the dequantized rows (every block's or
     sub-block's scale and offset) against x rounded to int8 per 32-block, float rounding aside;
     padding rows stay out."""
-    before = _core.cpu_level()
-    _core.set_cpu_level("avx512")
-    try:
-        rng = np.random.default_rng(n_rows)
-        n = 768
-        w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.01, 2, (n_rows, 1)) + 0.01).astype(np.float32)
-        xs = rng.standard_normal((8, n)).astype(np.float32)
-        xs[1] *= 1e-3
-        xs[2, :32] = 0.0
-        rows = b"".join(_core.quantize(wtype, r) for r in w)
-        wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-        got = _testing.dot_rows_tile16(wtype, rows, xs)
-        rounded = np.stack([_rounded_to_int8(x) for x in xs])
-        assert got.shape == (8, n_rows)
-        np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
-        assert not np.allclose(got, xs.astype(np.float64) @ wd.T, rtol=1e-6, atol=0)   # it does round
-    finally:
-        _core.set_cpu_level(before)
+    rng = np.random.default_rng(n_rows)
+    n = 768
+    w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.01, 2, (n_rows, 1)) + 0.01).astype(np.float32)
+    xs = rng.standard_normal((8, n)).astype(np.float32)
+    xs[1] *= 1e-3
+    xs[2, :32] = 0.0
+    rows = b"".join(_core.quantize(wtype, r) for r in w)
+    wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
+    got = _testing.dot_rows_tile16(wtype, rows, xs)
+    rounded = np.stack([_rounded_to_int8(x) for x in xs])
+    assert got.shape == (8, n_rows)
+    np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
+    assert not np.allclose(got, xs.astype(np.float64) @ wd.T, rtol=1e-6, atol=0)   # it does round
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
@@ -229,7 +223,6 @@ def test_rows_longer_than_a_column_chunk(level, tmp_path):
     assert rel_err(q4.logits(ids), q4.logits(ids, chunk=1)) < 1e-4
 
 
-@pytest.mark.skipif("avx512" not in LEVELS, reason="the int8 prefill kernel needs AVX-512 VNNI")
 @pytest.mark.parametrize("wtype", ["q4_0", "q4_1"])
 def test_int8_prefill_model(wtype, tmp_path):
     """load(int8_prefill=True): prompts of 8+ tokens run the int8 kernel on 4-bit weights (a Qwen2
@@ -242,18 +235,18 @@ def test_int8_prefill_model(wtype, tmp_path):
     transformers.Qwen2ForCausalLM(cfg).eval().save_pretrained(tmp_path, safe_serialization=True)
     ids = np.random.default_rng(8).integers(0, 328, size=29).tolist()
     before = _core.cpu_level()
-    _core.set_cpu_level("avx512")
     try:
-        exact = tokenmill.load(tmp_path, weights=wtype)
-        fast = tokenmill.load(tmp_path, weights=wtype, int8_prefill=True)
-        want, got = exact.logits(ids), fast.logits(ids)
-        assert 1e-5 < rel_err(got, want) < 4e-2
-        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
-        np.testing.assert_array_equal(fast.logits(ids, chunk=1), exact.logits(ids, chunk=1))
-        for level in set(LEVELS) - {"avx512"}:   # no int8 kernel there: the exact path runs
+        for level in INT8_LEVELS:
             _core.set_cpu_level(level)
-            np.testing.assert_array_equal(tokenmill.load(tmp_path, weights=wtype, int8_prefill=True).logits(ids),
-                                          tokenmill.load(tmp_path, weights=wtype).logits(ids))
+            exact = tokenmill.load(tmp_path, weights=wtype)
+            fast = tokenmill.load(tmp_path, weights=wtype, int8_prefill=True)
+            want, got = exact.logits(ids), fast.logits(ids)
+            assert 1e-5 < rel_err(got, want) < 4e-2, level
+            assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+            np.testing.assert_array_equal(fast.logits(ids, chunk=1), exact.logits(ids, chunk=1))
+        _core.set_cpu_level("scalar")   # no int8 kernel there: the exact path runs
+        np.testing.assert_array_equal(tokenmill.load(tmp_path, weights=wtype, int8_prefill=True).logits(ids),
+                                      tokenmill.load(tmp_path, weights=wtype).logits(ids))
     finally:
         _core.set_cpu_level(before)
 
@@ -350,7 +343,7 @@ def test_kquant_sums_do_not_overflow(level, wtype, sign):
 def test_read_only_types_kernels_match_float64(level, wtype):
     """q2_k, q3_k and iq4_nl have no quantizer here (they are read, not written): random blocks with
     realistic scales, at every level -- the decode dot (one and four vectors), the dequantization, and
-    on AVX-512 the int8 prefill tile against the rounded x (q2_k has none)."""
+    the int8 prefill tile against the rounded x (q2_k has none)."""
     from gguf_util import random_blocks
 
     rng = np.random.default_rng(11)
@@ -367,7 +360,7 @@ def test_read_only_types_kernels_match_float64(level, wtype):
         assert np.all(np.abs(got - exact[0]) <= bound[0])
     if level != "scalar":
         assert np.all(np.abs(_testing.dot_row_x4(wtype, rows[1], xs[:4]) - exact[:4, 1]) <= bound[:4, 1])
-    if level == "avx512" and wtype != "q2_k":
+    if level != "scalar" and wtype != "q2_k":
         got = _testing.dot_rows_tile16(wtype, b"".join(rows), xs)
         rounded = np.stack([_rounded_to_int8(x) for x in xs])
         np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())

@@ -152,16 +152,22 @@ def test_converted_on_load_equals_convert_and_falls_back_like_llama_quantize(def
     assert np.abs(got - want).max() < 0.2 * np.abs(want).max()
 
 
-@pytest.mark.skipif("avx512" not in _core.cpu_levels(), reason="the int8 prefill kernel needs AVX-512 VNNI")
+@pytest.mark.parametrize("level", [lv for lv in _core.cpu_levels() if lv != "scalar"])
 @pytest.mark.parametrize("wtype", [t for t in NATIVE if t != "q2_k"])   # q2_k's prefill stays exact
-def test_int8_prefill_of_the_models(k_files, wtype):
-    """load(int8_prefill=True) runs q5_* and K-quant prompts against x rounded to int8 (llama.cpp's
-    activation precision): logits near the exact ones with the same top tokens; decode steps stay exact."""
+def test_int8_prefill_of_the_models(k_files, wtype, level):
+    """load(int8_prefill=True) runs q5_*, iq4_nl and K-quant prompts against x rounded to int8 (llama.cpp's
+    activation precision) at the SIMD levels: logits near the exact ones with the same top tokens;
+    decode steps stay exact."""
     path = k_files[wtype][0]
     ids = np.random.default_rng(3).integers(0, 320, size=40).tolist()
-    exact, fast = tokenmill.load(path), tokenmill.load(path, int8_prefill=True)
-    want, got = exact.logits(ids), fast.logits(ids)
-    err = np.abs(got - want).max() / np.abs(want).max()
-    assert 1e-6 < err < 4e-2
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
-    np.testing.assert_array_equal(fast.logits(ids[:12], chunk=1), exact.logits(ids[:12], chunk=1))
+    before = _core.cpu_level()
+    _core.set_cpu_level(level)
+    try:
+        exact, fast = tokenmill.load(path), tokenmill.load(path, int8_prefill=True)
+        want, got = exact.logits(ids), fast.logits(ids)
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert 1e-6 < err < 4e-2
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+        np.testing.assert_array_equal(fast.logits(ids[:12], chunk=1), exact.logits(ids[:12], chunk=1))
+    finally:
+        _core.set_cpu_level(before)

@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "backend/cpu/kernels.h"
 #include "core/dtype.h"
 #include "core/kquants.h"
 
@@ -235,6 +236,85 @@ void dequantize_extra(const uint8_t* row, float* out, int64_t n) {
                 put_floats<T == DType::q2_k || block_mins(T)>(u.q[j], d, m, out);
             }
         }
+    }
+}
+
+// One block column of sixteen rows for dot_tile16 from their quants as bytes (rows[r][32]), scales,
+// offsets and (signed tiles) level sums: each level defines it with its own transpose.
+template <DType T>
+void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* offsets, const int32_t* level_sums,
+                   uint8_t* out);
+
+// Sixteen rows in their file layout (q5_0, q5_1, iq4_nl, the K-quants) -> block columns for dot_tile16: per
+// block of 32, the rows' float scales and offsets (x = scale * q + offset, as the reference dequantizer
+// rounds scale: d sc for the K-quants, d for q5_*; offsets -dmin m, -16 d for q5_0, m for q5_1; q6_k:
+// the second half's scales and both halves' -128 * sum of levels), then the quants (q6_k: the signed
+// levels q - 32). Rows n_rows .. 15 are zero.
+template <DType T>
+void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
+    constexpr bool k = !is_block32(T);
+    constexpr int64_t span = k ? 256 : 32, block = k ? super_bytes(T) : static_cast<int64_t>(bytes_per_32<T>());
+    constexpr int per_span = k ? 8 : 1;
+    alignas(64) uint8_t staged[per_span][16][32];   // block of the span, row, quant
+    alignas(64) float scales[per_span][16], offsets[per_span][16];
+    alignas(64) int32_t level_sums[per_span][2][16];   // q6_k: -128 * sum of each half's levels
+    std::memset(staged, 0, sizeof staged);             // rows n_rows .. 15 stay zero
+    std::memset(scales, 0, sizeof scales);
+    std::memset(offsets, 0, sizeof offsets);
+    std::memset(level_sums, 0, sizeof level_sums);
+    for (int64_t s = k0 / span; s < (k0 + kn) / span; ++s) {
+        for (int r = 0; r < n_rows; ++r) {
+            const uint8_t* row = rows + static_cast<size_t>(r) * row_stride;
+            if (s + 2 < (k0 + kn) / span)   // sixteen streams: too many for the hardware prefetcher to follow
+                for (int64_t line = 0; line < block; line += 64)
+                    _mm_prefetch(reinterpret_cast<const char*>(row) + (s + 2) * block + line, _MM_HINT_T0);
+            if constexpr (T == DType::iq4_nl) {   // signed levels: the block's scale for both halves
+                const Quants32 u = quants32<T>(row, s);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(staged[0][r]), u.q);
+                scales[0][r] = offsets[0][r] = u.d;
+                const __m256i sums = _mm256_sad_epu8(_mm256_xor_si256(u.q, _mm256_set1_epi8(-128)), _mm256_setzero_si256());
+                for (int h = 0; h < 2; ++h)
+                    level_sums[0][h][r] = -128 * (static_cast<int>(_mm256_extract_epi64(sums, 2 * h) +
+                                                                   _mm256_extract_epi64(sums, 2 * h + 1)) - 128 * 16);
+            } else if constexpr (!k) {
+                const Quants32 u = quants32<T>(row, s);
+                const __m256i q = T == DType::q5_0 ? _mm256_add_epi8(u.q, _mm256_set1_epi8(16)) : u.q;
+                _mm256_store_si256(reinterpret_cast<__m256i*>(staged[0][r]), q);
+                scales[0][r] = u.d;
+                offsets[0][r] = T == DType::q5_0 ? -16.0f * u.d : u.m;
+            } else {
+                KSuper u;
+                k_super<T>(row, s, u);
+                for (int j = 0; j < 8; ++j) {
+                    _mm256_store_si256(reinterpret_cast<__m256i*>(staged[j][r]), u.q[j]);
+                    scales[j][r] = u.d * static_cast<float>(k_scale<T>(u, j, 0));
+                    if constexpr (half_scales(T)) {   // q3_k / q6_k: sums of level + bias (unsigned) over 8 bytes, then per half
+                        constexpr int bias = T == DType::q6_k ? 32 : 4;
+                        offsets[j][r] = u.d * static_cast<float>(k_scale<T>(u, j, 1));
+                        const __m256i sums = _mm256_sad_epu8(_mm256_add_epi8(u.q[j], _mm256_set1_epi8(bias)), _mm256_setzero_si256());
+                        for (int h = 0; h < 2; ++h)
+                            level_sums[j][h][r] = -128 * (static_cast<int>(_mm256_extract_epi64(sums, 2 * h) +
+                                                                           _mm256_extract_epi64(sums, 2 * h + 1)) - bias * 16);
+                    } else {
+                        offsets[j][r] = -(u.dmin * static_cast<float>(u.m[j]));
+                    }
+                }
+            }
+        }
+        for (int j = 0; j < per_span; ++j, out += tile16_column_bytes(T))
+            emit_column16<T>(staged[j], scales[j], offsets[j], &level_sums[j][0][0], out);
+    }
+}
+
+void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
+    switch (t) {
+        case DType::q5_0: return repack16_rows_type<DType::q5_0>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::q5_1: return repack16_rows_type<DType::q5_1>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::iq4_nl: return repack16_rows_type<DType::iq4_nl>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::q4_k: return repack16_rows_type<DType::q4_k>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::q5_k: return repack16_rows_type<DType::q5_k>(rows, row_stride, n_rows, k0, kn, out);
+        case DType::q3_k: return repack16_rows_type<DType::q3_k>(rows, row_stride, n_rows, k0, kn, out);
+        default: return repack16_rows_type<DType::q6_k>(rows, row_stride, n_rows, k0, kn, out);   // callers check repackable16
     }
 }
 

@@ -8,6 +8,7 @@
 #include "backend/cpu/kernels.h"
 
 #include <array>
+#include <cstring>
 #include <utility>
 
 namespace tmill::cpu {
@@ -837,11 +838,126 @@ void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, in
     }
 }
 
+// ---- opt-in fast prefill (int8_prefill): sixteen rows against x rounded to int8, in dot_tile16's block
+// columns (kernels.h): VPMADDUBSW pairs the bytes (unsigned quants at most 63 against x at most 127: no
+// int16 saturation) and VPMADDWD sums four per int32 lane, row r in lane r % 8 of half r / 8.
+
+// rows[8][32 bytes] -> steps: step st (of 8) gets dword st of the eight rows, an 8 x 8 dword transpose
+inline void transpose8_dwords(const uint8_t (*rows)[32], uint8_t* steps, size_t step_bytes) {
+    __m256i r[8], t[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i]));
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {   // u[i]: dwords i and i + 4 of rows 0-3, u[i + 4] the same of rows 4-7
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(steps + i * step_bytes), _mm256_permute2x128_si256(u[i], u[i + 4], 0x20));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(steps + (i + 4) * step_bytes), _mm256_permute2x128_si256(u[i], u[i + 4], 0x31));
+    }
+}
+
+template <DType T>
+void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* offsets, const int32_t* level_sums,
+                   uint8_t* out) {
+    std::memcpy(out, scales, 64);
+    std::memcpy(out + 64, offsets, 64);
+    if constexpr (signed_tile(T)) std::memcpy(out + 128, level_sums, 128);
+    for (int g = 0; g < 2; ++g) transpose8_dwords(rows + 8 * g, out + tile16_quants_offset(T) + 32 * g, 64);
+}
+
+// Two eight-row groups (b null: zero rows) -> block columns of sixteen rows
+void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
+    const size_t quants = packed8_quants_offset(t), column = packed8_column_bytes(t);
+    alignas(32) uint8_t staged[16][32] = {};
+    alignas(32) float scales[16] = {}, offsets[16] = {};
+    for (int64_t i = 0; i < n / 32; ++i, out += tile16_column_bytes(t)) {
+        for (int g = 0; g < 2; ++g) {
+            const uint8_t* c = g == 0 ? a + i * column : b ? b + i * column : nullptr;
+            if (!c) continue;   // the zero rows stay zero
+            _mm256_store_ps(scales + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+            if (t == DType::q4_1) _mm256_store_ps(offsets + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+            for (int r = 0; r < 8; ++r) {
+                __m128i lo, hi;
+                unpack_nibbles(c + quants + 16 * r, &lo, &hi);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(staged[8 * g + r]), _mm256_set_m128i(hi, lo));
+            }
+        }
+        std::memcpy(out, scales, 64);
+        if (t == DType::q4_1) std::memcpy(out + 64, offsets, 64);
+        for (int g = 0; g < 2; ++g) transpose8_dwords(staged + 8 * g, out + tile16_quants_offset(t) + 32 * g, 64);
+    }
+}
+
+// Sixteen rows against eight tokens (dot_tile16 of kernels.h). Per block and token, a the rounded x, dx
+// its scale: unsigned quants, row r: dw_r * dx * sum_j q_j a_j + offset_r * dx * sum_j a_j (offset -8 dw
+// for q4_0); signed levels (q3_k, q6_k, iq4_nl): per half h, scale_rh * dx * sum_j l_j a_j, the products
+// taken as |l_j| times a_j with l_j's sign (so both bytes stay in VPMADDUBSW's ranges).
+template <DType T>
+void dot_tile16_type(const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
+                     const float* const* sum, float* out) {
+    constexpr int NT = kTile16Tokens;
+    constexpr bool is_signed = signed_tile(T);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NT][2];
+    for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n / 32; ++i, w += tile16_column_bytes(T)) {
+        const float* f = reinterpret_cast<const float*>(w);
+        const __m256 scale[2][2] = {{_mm256_loadu_ps(f), _mm256_loadu_ps(f + 8)}, {_mm256_loadu_ps(f + 16), _mm256_loadu_ps(f + 24)}};
+        __m256 offset[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        if constexpr (T == DType::q4_0)
+            for (int g = 0; g < 2; ++g) offset[g] = _mm256_mul_ps(scale[0][g], _mm256_set1_ps(-8.0f));
+        else if constexpr (!is_signed)
+            for (int g = 0; g < 2; ++g) offset[g] = scale[1][g];
+        // (the steps are read from L1 for every token: sixteen registers could not hold them and the sums)
+        const uint8_t* steps = w + tile16_quants_offset(T);
+        for (int t = 0; t < NT; ++t) {
+            __m256i isum[2][2] = {};   // [half of the block (signed tiles), group of eight rows]
+            for (int st = 0; st < 8; ++st) {
+                int32_t xs;
+                __builtin_memcpy(&xs, q[t] + 32 * i + 4 * st, 4);
+                const __m256i x = _mm256_set1_epi32(xs);
+                for (int g = 0; g < 2; ++g) {
+                    const __m256i ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(steps + 64 * st + 32 * g));
+                    const __m256i pairs = is_signed ? _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(x, ws))
+                                                    : _mm256_maddubs_epi16(ws, x);
+                    const int h = is_signed ? st / 4 : 0;
+                    isum[h][g] = _mm256_add_epi32(isum[h][g], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            const __m256 dx = _mm256_set1_ps(d[t][i]);
+            for (int g = 0; g < 2; ++g) {
+                acc[t][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0][g]), _mm256_mul_ps(scale[0][g], dx), acc[t][g]);
+                if constexpr (is_signed)
+                    acc[t][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[1][g]), _mm256_mul_ps(scale[1][g], dx), acc[t][g]);
+                else
+                    acc[t][g] = _mm256_fmadd_ps(offset[g], _mm256_set1_ps(sum[t][i]), acc[t][g]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; ++t)
+        for (int g = 0; g < 2; ++g) _mm256_storeu_ps(out + 16 * t + 8 * g, acc[t][g]);
+}
+
+void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
+                const float* const* sum, float* out) {
+    switch (t) {
+        case DType::q4_0: return dot_tile16_type<DType::q4_0>(w, n, q, d, sum, out);
+        case DType::q3_k: case DType::q6_k: case DType::iq4_nl: return dot_tile16_type<DType::q6_k>(w, n, q, d, sum, out);
+        default: return dot_tile16_type<DType::q4_1>(w, n, q, d, sum, out);   // q4_1, q5_*, q4_k, q5_k: scale and offset
+    }
+}
+
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row,
                     dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
-                    dot_row_prepared_x4, prepare_x8, dot_packed8, nullptr, dequantize_packed8, nullptr, nullptr, nullptr,
+                    dot_row_prepared_x4, prepare_x8, dot_packed8, nullptr, dequantize_packed8, repack16, dot_tile16, nullptr,
                     dot_packed8_tokens, gelu_erf,
-                    rows_dot_f16, rows_axpy_f16, nullptr, prepare_x_k};
+                    rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k};
 
 }  // namespace
 
