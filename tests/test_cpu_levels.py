@@ -84,6 +84,28 @@ def _rounded_to_int8(x):
     return ((mx / np.float32(127.0)) * np.rint(blocks * inv)).astype(np.float64).reshape(x.shape)
 
 
+def _assert_int8_tile_is_rounded_product(wtype, rows, wd, xs):
+    """The int8 prefill kernel on stored `rows` (dequantized: wd [n_rows, n]) against xs [8, n]: exactly
+    the dequantized rows against x rounded to int8 per 32-block (float rounding aside) -- not, e.g., the
+    unsigned quants against the rounding error, nor the unrounded product."""
+    got = _testing.dot_rows_tile16(wtype, rows, xs)
+    rounded = np.stack([_rounded_to_int8(x) for x in xs])
+    assert got.shape == (8, wd.shape[0])
+    np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
+    assert not np.allclose(got, xs.astype(np.float64) @ wd.T, rtol=1e-6, atol=0)   # it does round
+
+
+def _check_int8_tile(wtype, w, rng):
+    """w [n_rows, n] quantized to wtype against eight vectors: ordinary, tiny, and one with a zero block."""
+    n = w.shape[1]
+    xs = rng.standard_normal((8, n)).astype(np.float32)
+    xs[1] *= 1e-3
+    xs[2, :32] = 0.0
+    rows = [_core.quantize(wtype, r) for r in w]
+    wd = np.stack([_core.dequantize(wtype, r, n) for r in rows]).astype(np.float64)
+    _assert_int8_tile_is_rounded_product(wtype, b"".join(rows), wd, xs)
+
+
 # the levels with an int8 prefill kernel (AVX-512: VPDPBUSD; AVX2: VPMADDUBSW + VPMADDWD)
 INT8_LEVELS = [lv for lv in LEVELS if lv != "scalar"]
 
@@ -96,18 +118,7 @@ def test_int8_prefill_kernel_is_the_rounded_product(level, wtype, n_rows, n):
     """The opt-in int8 prefill kernel computes exactly the dequantized rows against x rounded to int8
     per block (float rounding aside) -- not, e.g., the unsigned quants against the rounding error."""
     rng = np.random.default_rng(n + n_rows)
-    w = (rng.standard_normal((n_rows, n)) * 0.05 + 0.01).astype(np.float32)
-    xs = rng.standard_normal((8, n)).astype(np.float32)
-    xs[1] *= 1e-3
-    xs[2, :32] = 0.0
-    rows = b"".join(_core.quantize(wtype, r) for r in w)
-    wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-    got = _testing.dot_rows_tile16(wtype, rows, xs)
-    rounded = np.stack([_rounded_to_int8(x) for x in xs])
-    assert got.shape == (8, n_rows)
-    np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
-    exact = xs.astype(np.float64) @ wd.T
-    assert not np.allclose(got, exact, rtol=1e-6, atol=0)   # it does round
+    _check_int8_tile(wtype, (rng.standard_normal((n_rows, n)) * 0.05 + 0.01).astype(np.float32), rng)
 
 
 @pytest.mark.parametrize("level", INT8_LEVELS, indirect=True)
@@ -118,18 +129,8 @@ def test_int8_prefill_repacked_rows_kernel_is_the_rounded_product(level, wtype, 
     sub-block's scale and offset) against x rounded to int8 per 32-block, float rounding aside;
     padding rows stay out."""
     rng = np.random.default_rng(n_rows)
-    n = 768
-    w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.01, 2, (n_rows, 1)) + 0.01).astype(np.float32)
-    xs = rng.standard_normal((8, n)).astype(np.float32)
-    xs[1] *= 1e-3
-    xs[2, :32] = 0.0
-    rows = b"".join(_core.quantize(wtype, r) for r in w)
-    wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-    got = _testing.dot_rows_tile16(wtype, rows, xs)
-    rounded = np.stack([_rounded_to_int8(x) for x in xs])
-    assert got.shape == (8, n_rows)
-    np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
-    assert not np.allclose(got, xs.astype(np.float64) @ wd.T, rtol=1e-6, atol=0)   # it does round
+    w = (rng.standard_normal((n_rows, 768)) * rng.uniform(0.01, 2, (n_rows, 1)) + 0.01).astype(np.float32)
+    _check_int8_tile(wtype, w, rng)
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)
@@ -361,6 +362,4 @@ def test_read_only_types_kernels_match_float64(level, wtype):
     if level != "scalar":
         assert np.all(np.abs(_testing.dot_row_x4(wtype, rows[1], xs[:4]) - exact[:4, 1]) <= bound[:4, 1])
     if level != "scalar" and wtype != "q2_k":
-        got = _testing.dot_rows_tile16(wtype, b"".join(rows), xs)
-        rounded = np.stack([_rounded_to_int8(x) for x in xs])
-        np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
+        _assert_int8_tile_is_rounded_product(wtype, b"".join(rows), wd, xs)
