@@ -309,6 +309,38 @@ def test_int8_decode_model(default_gguf, smollm):
         _core.set_cpu_level(before)
 
 
+@pytest.mark.skipif("avx512" not in LEVELS, reason="the int8 decode kernels need AVX-512 VNNI")
+@pytest.mark.parametrize("n", [32, 96, 576])
+def test_int8_decode_q8_0_kernel_is_the_rounded_product(n):
+    """int8_decode's q8_0 kernel (two blocks per VPDPBUSD, x offset to unsigned): the dequantized rows
+    against x rounded to int8 per block, float rounding aside -- also for quants of -128, which no
+    quantizer writes but a file may hold, and an odd last block -- and the same bits in every tile of
+    rows x tokens, which is what makes batched decode rows one-token steps."""
+    rng = np.random.default_rng(n)
+    w = (rng.standard_normal((7, n)) * rng.uniform(0.01, 2, (7, 1))).astype(np.float32)
+    rows = bytearray(b"".join(_core.quantize("q8_0", r) for r in w))
+    rows[2:34] = np.full(32, -128, np.int8).tobytes()   # row 0, block 0: every quant -128
+    rows = bytes(rows)
+    wd = np.stack([_core.dequantize("q8_0", rows[i * len(rows) // 7:(i + 1) * len(rows) // 7], n)
+                   for i in range(7)]).astype(np.float64)
+    assert np.all(wd[0, :32] == wd[0, 0]) and wd[0, 0] < 0
+    xs = rng.standard_normal((6, n)).astype(np.float32)
+    xs[1] *= 1e-3
+    xs[2, :32] = 0.0
+    before = _core.cpu_level()
+    _core.set_cpu_level("avx512")
+    try:
+        got = _testing.dot_rows_q8_0_int8(rows, xs)
+        rounded = np.stack([_rounded_to_int8(x) for x in xs])
+        np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-6 * (np.abs(rounded) @ np.abs(wd).T).max())
+        assert not np.allclose(got, xs.astype(np.float64) @ wd.T, rtol=1e-6, atol=0)   # it does round
+        for nr in range(1, 5):
+            for nt in range(1, 5):
+                np.testing.assert_array_equal(_testing.dot_rows_q8_0_int8(rows, xs, nr, nt), got, err_msg=f"{nr}x{nt}")
+    finally:
+        _core.set_cpu_level(before)
+
+
 def _extreme_kquant_row(wtype):
     """Two super-blocks whose every weight has the largest |quant x sub-block scale| the type allows
     (q6_k: q - 32 = -32 with scale -128; q4_k / q5_k: q = 15 / 31 with scale 63), where the integer

@@ -298,9 +298,9 @@ struct BackendOptions {
     // 32-block (llama.cpp's scheme; about twice the float tile's speed, logits move by a few percent
     // of their range), where the CPU has the kernel for it (AVX-512 VNNI); one-token decode stays exact
     bool int8_prefill = false;
-    // decode steps (fewer than 8 rows) do the same with 4-bit weights: x rounded to int8 per block,
-    // about twice the exact kernel's speed at llama.cpp's decode precision (a fast draft model);
-    // rows-as-decode passes stay exact
+    // decode steps (fewer than 8 rows) and rows as decode do the same with 4-bit and q8_0 weights: x
+    // rounded to int8 per block, llama.cpp's decode precision (a fast draft model, batched decode
+    // throughput); rows as decode equal the one-token steps of this setting
     bool int8_decode = false;
 };
 

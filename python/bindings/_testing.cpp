@@ -299,6 +299,50 @@ PYBIND11_MODULE(_testing, mod) {
     }, py::arg("type"), py::arg("rows"), py::arg("xs"),
        "8 or 16 stored 4-bit rows (1 to 16 q5_* / K-quant rows) against 8 vectors through the int8 prefill kernel -> [8, rows].");
 
+    mod.def("dot_rows_q8_0_int8", [](py::bytes data, py::handle xs_obj, int rows_per_call, int tokens_per_call) {
+        std::string_view view = data;
+        FloatArray xs = float_array(xs_obj, "xs", 2, false);
+        cpu::LevelPin pin;
+        const cpu::Kernels& k = cpu::kernels();
+        if (!k.dot_q8_0_int8 || !k.prepare_x8) fail(ErrorKind::invalid_arg, "no int8 q8_0 kernel at this level");
+        if (rows_per_call < 1 || rows_per_call > 4 || tokens_per_call < 1 || tokens_per_call > cpu::kPackedTokens)
+            fail(ErrorKind::invalid_arg, "rows_per_call must be in [1, 4] and tokens_per_call in [1, 4]");
+        const int64_t n_tokens = xs.shape(0), n = xs.shape(1);
+        const int64_t rb = n > 0 && n % 32 == 0 ? static_cast<int64_t>(row_bytes(DType::q8_0, n)) : 0;
+        const int64_t n_rows = rb ? static_cast<int64_t>(view.size()) / rb : 0;
+        if (!rb || n_rows < 1 || static_cast<int64_t>(view.size()) != n_rows * rb)
+            fail(ErrorKind::invalid_arg, "expected whole q8_0 rows of n values (n a multiple of 32)");
+        const int64_t nb = n / 32;
+        std::vector<int8_t> q(static_cast<size_t>(4 * n)), a(static_cast<size_t>(n * n_tokens));
+        std::vector<float> d(static_cast<size_t>(nb * n_tokens)), sum(static_cast<size_t>(nb)), rounded(static_cast<size_t>(nb));
+        for (int64_t j = 0; j < n_tokens; ++j) {
+            k.prepare_x8(xs.data() + j * n, n, q.data(), d.data() + j * nb, sum.data());
+            cpu::first_part(q.data(), d.data() + j * nb, n, a.data() + j * n, rounded.data());
+        }
+        const auto* rows = reinterpret_cast<const uint8_t*>(view.data());
+        FloatArray result({n_tokens, n_rows});
+        for (int64_t r0 = 0; r0 < n_rows; r0 += rows_per_call) {
+            const int nr = static_cast<int>(std::min<int64_t>(rows_per_call, n_rows - r0));
+            const void* rp[4];
+            for (int r = 0; r < nr; ++r) rp[r] = rows + (r0 + r) * rb;
+            for (int64_t t0 = 0; t0 < n_tokens; t0 += tokens_per_call) {
+                const int nt = static_cast<int>(std::min<int64_t>(tokens_per_call, n_tokens - t0));
+                const int8_t* ap[cpu::kPackedTokens];
+                const float* dp[cpu::kPackedTokens];
+                for (int t = 0; t < nt; ++t) {
+                    ap[t] = a.data() + (t0 + t) * n;
+                    dp[t] = d.data() + (t0 + t) * nb;
+                }
+                float out[4 * cpu::kPackedTokens];
+                k.dot_q8_0_int8(rp, nr, ap, dp, nt, n, out);
+                for (int r = 0; r < nr; ++r)
+                    for (int t = 0; t < nt; ++t) result.mutable_data()[(t0 + t) * n_rows + r0 + r] = out[r * nt + t];
+            }
+        }
+        return result;
+    }, py::arg("rows"), py::arg("xs"), py::arg("rows_per_call") = 4, py::arg("tokens_per_call") = 4,
+       "q8_0 rows against vectors rounded to int8 through int8_decode's kernel, in calls of the given tile -> [tokens, rows].");
+
     mod.def("attention", [](py::handle q_obj, py::handle k_obj, py::handle v_obj, int n_heads, int n_kv_heads,
                             const std::string& k_kind, const std::string& v_kind, int64_t window, int64_t ring,
                             int n_threads, const std::string& device) {

@@ -49,9 +49,9 @@ def load(
     more tokens (prompts, batches of 8+ sequences) multiply q4_0 / q4_1 weights by activations rounded
     to int8 per 32-block (about twice the exact path's speed on AVX-512 VNNI CPUs; logits move by a few
     percent of their range, as llama.cpp's do). Single-sequence decode, other weight types and CPUs
-    without VNNI keep the exact float path. `int8_decode` makes the same trade in decode steps (fewer
-    than 8 rows): about twice the exact speed on 4-bit weights at llama.cpp's decode precision -- a
-    fast draft model for speculative decoding, whose verification stays exact either way.
+    without VNNI keep the exact float path. `int8_decode` makes the same trade in decode steps and
+    rows computed as decode (q4_0 / q4_1 and q8_0 weights, llama.cpp's decode precision): a fast
+    draft model, or batched decode throughput; those rows are still the model's own one-token steps.
     `device` chooses the backend: "cpu" (always built); "cuda" / "hip" where tokenmill was built with
     them (an unbuilt one is an UnsupportedModelError saying how to build it).
     `memory` adds memory layers (memory-augmented models, `tokenmill.memory`): a memory-transformer

@@ -149,10 +149,10 @@ public:
             const Weight& w = *items[i].w;
             const bool packed = uses_packed(kern, w, T), tile16 = uses_tile16(kern, w, T), tile = uses_tile(kern, w, T);
             any_packed |= packed;
-            any_int8 |= packed && uses_int8_decode(kern);
+            any_int8 |= (packed && uses_int8_decode(kern)) || (small_batch && uses_int8_q8_0(kern, w));
             any_tile16 |= tile16;
             any_tile |= tile;
-            const bool prepared = !packed && small_batch && cpu::uses_prepared_x(kern, w.type);
+            const bool prepared = !packed && small_batch && cpu::uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
             (cpu::superblock_x(w.type) ? any_prepared_k : any_prepared) |= prepared;
             const int64_t unit_rows = tile16 ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
             first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
@@ -167,7 +167,7 @@ public:
         };
         if (any_prepared) prepare(x32_, kern.prepare_x);
         if (any_prepared_k) prepare(x256_, kern.prepare_x_k);
-        if (any_packed || any_tile16) {
+        if (any_packed || any_tile16 || any_int8) {
             xq8_.resize(static_cast<size_t>(4 * T * cols));
             xd8_.resize(static_cast<size_t>(T * nb));
             xsum8_.resize(static_cast<size_t>(T * nb));
@@ -249,6 +249,24 @@ public:
             auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
             if (!uses_tile(kern, w, T)) {
                 const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
+                if (uses_int8_q8_0(kern, w)) {   // int8 decode: the unit's rows against four tokens at a time
+                    const void* unit_rows[4];
+                    const int8_t* a[cpu::kPackedTokens];
+                    const float* d[cpu::kPackedTokens];
+                    float o[4 * cpu::kPackedTokens];
+                    for (int64_t r = r0; r < r1; ++r) unit_rows[r - r0] = row_ptr(r);
+                    for (int64_t t0 = 0; t0 < T; t0 += cpu::kPackedTokens) {
+                        const int nt = static_cast<int>(std::min<int64_t>(cpu::kPackedTokens, T - t0));
+                        for (int k = 0; k < nt; ++k) {
+                            a[k] = xa_.data() + (t0 + k) * cols;
+                            d[k] = xd8_.data() + (t0 + k) * nb;
+                        }
+                        kern.dot_q8_0_int8(unit_rows, static_cast<int>(r1 - r0), a, d, nt, cols, o);
+                        for (int64_t r = r0; r < r1; ++r)
+                            for (int k = 0; k < nt; ++k) out[(t0 + k) * rows + r] = o[(r - r0) * nt + k] + bias(r);
+                    }
+                    continue;
+                }
                 if (!cpu::uses_prepared_x(kern, w.type) && T == 1) {   // decode: straight from the stored type
                     for (int64_t r = r0; r < r1; ++r) out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
                     continue;
@@ -650,6 +668,10 @@ private:
     // ... with int8 decode, the packed kernel on x rounded to int8 (rows as decode too: they must
     // be what this model's one-token steps compute)
     bool uses_int8_decode(const cpu::Kernels& kern) const { return int8_decode_ && kern.dot_packed8_int8; }
+    // ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0)
+    bool uses_int8_q8_0(const cpu::Kernels& kern, const Weight& w) const {
+        return int8_decode_ && w.type == DType::q8_0 && !w.packed && kern.dot_q8_0_int8;
+    }
 
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {

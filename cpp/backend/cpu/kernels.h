@@ -106,6 +106,12 @@ struct Kernels {
     // prepare_x's): what dot_row_prepared(_x4) read for the K-quants, whose super-blocks then sum their
     // products in int32 with the sub-block scales folded into the weights. Null where prepare_x is.
     void (*prepare_x_k)(const float* x, int64_t n, int16_t* q, float* d, float* sum);
+    // int8_decode's q8_0 kernel: n_rows <= 4 Q8_0 rows (file layout) against nt <= kPackedTokens vectors
+    // rounded to int8 (a[k], d[k] as for dot_packed8_int8) -> out[r * nt + k], each (row, vector) with
+    // the same arithmetic in any tile, so batched decode rows equal one-token steps. Null where a
+    // level has none.
+    void (*dot_q8_0_int8)(const void* const* rows, int n_rows, const int8_t* const* a, const float* const* d, int nt,
+                          int64_t n, float* out);
 };
 
 constexpr int kPackedTokens = 4;

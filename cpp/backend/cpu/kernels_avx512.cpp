@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <utility>
 
 namespace tmill::cpu {
@@ -1069,11 +1070,80 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
     }
 }
 
+// Q8_0 rows against x rounded to int8 per 32-block (int8_decode: llama.cpp's q8_0 x q8_0). Two
+// blocks per register: VPDPBUSD takes x offset to unsigned (a + 128), its lanes start from the row's
+// -128 * (sum of the same four weights), so every int32 lane is the exact product sum; then per lane
+// the scale dw * dx. Each (row, token) runs the same operations whatever the tile, so batched decode
+// rows equal one-token steps bit for bit.
+inline __m512 pair_scales(float lo, float hi) { return _mm512_insertf32x8(_mm512_set1_ps(lo), _mm256_set1_ps(hi), 1); }
+
+template <int NR, int NT>
+void dot_q8_0_int8_tile(const uint8_t* const* rows, const int8_t* const* a, const float* const* d, int64_t n,
+                        float* out) {
+    constexpr int64_t block = 34;   // fp16 scale + 32 quants
+    const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
+    __m512 acc[NR][NT];
+    for (auto& row : acc)
+        for (__m512& v : row) v = _mm512_setzero_ps();
+    const int64_t nb = n / 32;
+    for (int64_t b = 0; b < nb; b += 2) {
+        const bool pair = b + 1 < nb;   // an odd last block fills the low half alone
+        const __mmask64 x_mask = pair ? ~__mmask64{0} : __mmask64{0xFFFFFFFF};
+        __m512i xu[NT];
+        __m512 dx[NT];
+        for (int t = 0; t < NT; ++t) {
+            xu[t] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(x_mask, a[t] + 32 * b), offset);
+            dx[t] = pair_scales(d[t][b], pair ? d[t][b + 1] : 0.0f);
+        }
+        for (int r = 0; r < NR; ++r) {
+            const uint8_t* blk = rows[r] + b * block;
+            const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+            const __m256i w_hi = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + block + 2))
+                                      : _mm256_setzero_si256();
+            const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(w_lo), w_hi, 1);
+            uint16_t h_lo, h_hi = 0;
+            std::memcpy(&h_lo, blk, 2);
+            if (pair) std::memcpy(&h_hi, blk + block, 2);
+            const __m512 dw = pair_scales(half(h_lo), half(h_hi));
+            const __m512i start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, w));
+            for (int t = 0; t < NT; ++t) {
+                const __m512i s = _mm512_dpbusd_epi32(start, xu[t], w);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dx[t]), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < NT; ++t) out[r * NT + t] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+template <int NR>
+void dot_q8_0_int8_rows(const uint8_t* const* rows, const int8_t* const* a, const float* const* d, int nt, int64_t n,
+                        float* out) {
+    switch (nt) {
+        case 4: return dot_q8_0_int8_tile<NR, 4>(rows, a, d, n, out);
+        case 3: return dot_q8_0_int8_tile<NR, 3>(rows, a, d, n, out);
+        case 2: return dot_q8_0_int8_tile<NR, 2>(rows, a, d, n, out);
+        default: return dot_q8_0_int8_tile<NR, 1>(rows, a, d, n, out);
+    }
+}
+
+void dot_q8_0_int8(const void* const* rows, int n_rows, const int8_t* const* a, const float* const* d, int nt, int64_t n,
+                   float* out) {
+    const auto* r = reinterpret_cast<const uint8_t* const*>(rows);
+    switch (n_rows) {
+        case 4: return dot_q8_0_int8_rows<4>(r, a, d, nt, n, out);
+        case 3: return dot_q8_0_int8_rows<3>(r, a, d, nt, n, out);
+        case 2: return dot_q8_0_int8_rows<2>(r, a, d, nt, n, out);
+        default: return dot_q8_0_int8_rows<1>(r, a, d, nt, n, out);
+    }
+}
+
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
-                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k};
+                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
+                      dot_q8_0_int8};
 
 }  // namespace
 
