@@ -118,6 +118,28 @@ def test_logprobs_are_the_models_log_softmax(smollm, client):
     assert np.allclose([t.logprob for t in first.top_logprobs], logp[top], atol=1e-3)
 
 
+def test_streamed_logprobs_are_the_unstreamed_ones(client, server):
+    """stream=True with logprobs: the chunks' entries, in order, are exactly the non-streamed answer's
+    (one per generated token, text and values), for chat and for completions."""
+    ask = dict(model=NAME, messages=QUESTION, max_tokens=20, temperature=0, logprobs=True, top_logprobs=2)
+    answer = client.chat.completions.create(**ask)
+    whole = answer.choices[0].logprobs.content
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert len(whole) == answer.usage.completion_tokens > 3
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in whole]
+    assert "".join(e.token for e in streamed) == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "logprobs": 2}
+    want = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        parts = [json.loads(line[6:])["choices"][0]["logprobs"] for line in r.iter_lines()
+                 if line.startswith("data: {")]
+    parts = [p for p in parts if p]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for p in parts for v in p[key]] == want[key], key
+    assert len(want["tokens"]) == 10
+
+
 def test_json_schema_response_format_validates(client):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                "population": {"type": "integer"}},

@@ -92,6 +92,9 @@ class Request:
         self._done = threading.Event()
         self.cancelled = False
         self.adapter_slot = -1   # the model's slot for config.adapter (set at submission)
+        # with config logprobs: one TokenLogprob per token event so far, filled before the event is
+        # put, so a reader of the k-th token event finds its entry at [k] (streamed logprobs)
+        self.token_logprobs: list = []
 
     # ---- scheduler side
     def _put(self, item) -> None:
@@ -553,6 +556,8 @@ class Scheduler:
         if seq.cache.n_past == 0 and len(seq.history) > 1:   # the context slid: its window is a new prompt
             slot.prompt_len = len(seq.history)
         for ev in events:
+            if ev[0] is not None and run.logprobs is not None:
+                slot.req.token_logprobs.append(run.logprobs[len(slot.req.token_logprobs)])
             slot.req._put(ev)
         if run.done:
             self._retire(slot)

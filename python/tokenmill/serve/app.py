@@ -236,30 +236,42 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
         return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
     async def stream(reqs, make_chunk, usage_of, endpoint: str):
-        """Server-sent events of n requests interleaved as their tokens come, then [DONE]."""
+        """Server-sent events of n requests interleaved as their tokens come, then [DONE]. With logprobs
+        asked for, a chunk carries the entries of the tokens whose text it brings (a token with no text
+        of its own yet -- part of a character, or held for a stop string -- rides with the next one)."""
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, req):
             try:
+                n_tokens = 0
                 async for tok, piece in watch(req):
-                    await merged.put((i, piece, None))
+                    lp = None
+                    if tok is not None:
+                        if n_tokens < len(req.token_logprobs):
+                            lp = req.token_logprobs[n_tokens]
+                        n_tokens += 1
+                    await merged.put((i, piece, lp, None))
                 res = req.wait(0)
-                await merged.put((i, None, res))
+                await merged.put((i, None, None, res))
             except Exception as exc:   # a request that failed ends its choice
-                await merged.put((i, None, exc))
+                await merged.put((i, None, None, exc))
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
         finished, results_ = 0, [None] * len(reqs)
+        pending: list[list] = [[] for _ in reqs]   # per choice: logprob entries not sent yet
         try:
             for i in range(len(reqs)):
                 first = make_chunk(i, None, None, start=True)
                 if first is not None:
                     yield sse(first)
             while finished < len(reqs):
-                i, piece, end = await merged.get()
+                i, piece, lp, end = await merged.get()
+                if lp is not None:
+                    pending[i].append(lp)
                 if end is None:
                     if piece:
-                        yield sse(make_chunk(i, piece, None))
+                        yield sse(make_chunk(i, piece, None, logprobs=pending[i] or None))
+                        pending[i] = []
                     continue
                 finished += 1
                 if isinstance(end, Exception):
@@ -267,7 +279,7 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
                     yield sse(err.body())
                     continue
                 results_[i] = end
-                yield sse(make_chunk(i, None, end.finish_reason))
+                yield sse(make_chunk(i, None, end.finish_reason, logprobs=pending[i] or None))
             done = [r for r in results_ if r is not None]
             if usage_of is not None:
                 yield sse(usage_of(done))
@@ -320,12 +332,11 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
             metrics.requests.labels("/v1/chat/completions", "200").inc()
             return P.chat_response(rid, body.model, len(ids), res, model.tokenizer)
 
-        def chunk(i, piece, finish, start=False):
+        def chunk(i, piece, finish, start=False, logprobs=None):
             if start:
                 return P.chat_chunk(rid, body.model, created, i, {"role": "assistant", "content": ""})
-            if finish is not None:
-                return P.chat_chunk(rid, body.model, created, i, {}, finish)
-            return P.chat_chunk(rid, body.model, created, i, {"content": piece})
+            lp = {"content": P.chat_logprob_entries(model.tokenizer, logprobs)} if logprobs else None
+            return P.chat_chunk(rid, body.model, created, i, {"content": piece} if finish is None else {}, finish, lp)
 
         usage_of = (lambda done: {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                                   "choices": [], "usage": P.usage(len(ids), done)}) if body.include_usage() else None
@@ -369,10 +380,14 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
                     "usage": P.usage(sum(lengths) * body.n, used)}
         reqs = all_reqs[0]
 
-        def chunk(i, piece, finish, start=False):
+        text_offset = [0] * len(reqs)   # per choice: where the next chunk's text starts
+
+        def chunk(i, piece, finish, start=False, logprobs=None):
             if start:
                 return None
-            return P.completion_chunk(rid, body.model, created, i, piece or "", finish)
+            lp = P.completion_logprob_fields(model.tokenizer, logprobs, text_offset[i]) if logprobs else None
+            text_offset[i] += len(piece or "")
+            return P.completion_chunk(rid, body.model, created, i, piece or "", finish, lp)
 
         usage_of = (lambda done: {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                                   "choices": [], "usage": P.usage(lengths[0], done)}) if body.include_usage() else None

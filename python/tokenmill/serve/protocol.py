@@ -177,35 +177,42 @@ def _token_text(tokenizer, token: int) -> str:
     return tokenizer.decode_unchecked([token])
 
 
-def chat_logprobs(tokenizer, result: GenerationResult) -> Optional[dict]:
-    if result.logprobs is None:
-        return None
+def chat_logprob_entries(tokenizer, logprobs) -> list[dict]:
+    """OpenAI's chat logprobs `content` entries for a list of TokenLogprob."""
     content = []
-    for lp in result.logprobs:
+    for lp in logprobs:
         text = _token_text(tokenizer, lp.token)
         content.append({
             "token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8")),
             "top_logprobs": [{"token": (t := _token_text(tokenizer, tid)), "logprob": v, "bytes": list(t.encode("utf-8"))}
                              for tid, v in lp.top],
         })
-    return {"content": content}
+    return content
 
 
-def completion_logprobs(tokenizer, result: GenerationResult) -> Optional[dict]:
-    if result.logprobs is None:
-        return None
-    tokens, offsets, offset = [], [], 0
-    for lp in result.logprobs:
+def chat_logprobs(tokenizer, result: GenerationResult) -> Optional[dict]:
+    return None if result.logprobs is None else {"content": chat_logprob_entries(tokenizer, result.logprobs)}
+
+
+def completion_logprob_fields(tokenizer, logprobs, offset: int = 0) -> dict:
+    """The completions API's logprobs object for a list of TokenLogprob whose text starts at `offset`
+    of the choice's text."""
+    tokens, offsets = [], []
+    for lp in logprobs:
         text = _token_text(tokenizer, lp.token)
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
     return {
         "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in result.logprobs],
-        "top_logprobs": [{_token_text(tokenizer, t): v for t, v in lp.top} for lp in result.logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{_token_text(tokenizer, t): v for t, v in lp.top} for lp in logprobs],
         "text_offset": offsets,
     }
+
+
+def completion_logprobs(tokenizer, result: GenerationResult) -> Optional[dict]:
+    return None if result.logprobs is None else completion_logprob_fields(tokenizer, result.logprobs)
 
 
 def chat_response(rid: str, model: str, prompt_tokens: int, results: list[GenerationResult], tokenizer) -> dict:
@@ -235,7 +242,8 @@ def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, fini
                          "finish_reason": FINISH_REASONS[finish] if finish else None}]}
 
 
-def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish: Optional[str] = None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish: Optional[str] = None,
+                     logprobs: Optional[dict] = None) -> dict:
     return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs,
                          "finish_reason": FINISH_REASONS[finish] if finish else None}]}
