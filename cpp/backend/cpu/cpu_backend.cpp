@@ -38,7 +38,8 @@ constexpr int64_t kMinParallelElements = 1 << 15;
 constexpr int64_t kElementChunk = 1 << 12;
 // RoPE handles head dimensions up to twice this (the model loader accepts up to 1024)
 constexpr int kMaxRopeHalf = 512;
-// Attention reads K and V in tiles of this many positions (converted into a per-thread buffer) ...
+// Attention reads K and V in tiles of this many positions (f32 and f16 in place, other kinds
+// converted into a per-thread buffer) ...
 constexpr int64_t kAttentionTile = 64;
 // ... and splits the positions of a query into parts of at least this many when it splits them.
 constexpr int64_t kMinAttentionPart = 128;
@@ -556,9 +557,12 @@ public:
                 // scores[g, j] = (q_g * scale) . k_j
                 for (int64_t j = part.j0, m; j < part.j1; j += m) {
                     m = tile_rows(kv.k, kv.k_ring, j, part.j1, ring_from);
-                    const float* rows = load_rows(kern, kv.k, kv.k_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
-                    for (int64_t g = 0; g < group; ++g)
-                        kern.rows_dot_f32(rows, m, hd, qs + g * hd, scores + g * n + (j - part.j0));
+                    const TileRows rows = load_rows(kern, kv.k, kv.k_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
+                    for (int64_t g = 0; g < group; ++g) {
+                        float* sg = scores + g * n + (j - part.j0);
+                        if (rows.f16) kern.rows_dot_f16(rows.f16, m, hd, qs + g * hd, sg);
+                        else kern.rows_dot_f32(rows.f32, m, hd, qs + g * hd, sg);
+                    }
                 }
                 // p[g, j] = exp(scores - max): softmax numerators and their sums
                 for (int64_t g = 0; g < group; ++g) {
@@ -570,9 +574,12 @@ public:
                 std::fill(acc, acc + group * hd, 0.0f);
                 for (int64_t j = part.j0, m; j < part.j1; j += m) {
                     m = tile_rows(kv.v, kv.v_ring, j, part.j1, ring_from);
-                    const float* rows = load_rows(kern, kv.v, kv.v_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
-                    for (int64_t g = 0; g < group; ++g)
-                        kern.rows_axpy_f32(acc + g * hd, rows, m, hd, hd, scores + g * n + (j - part.j0));
+                    const TileRows rows = load_rows(kern, kv.v, kv.v_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
+                    for (int64_t g = 0; g < group; ++g) {
+                        const float* pg = scores + g * n + (j - part.j0);
+                        if (rows.f16) kern.rows_axpy_f16(acc + g * hd, rows.f16, m, hd, hd, pg);
+                        else kern.rows_axpy_f32(acc + g * hd, rows.f32, m, hd, hd, pg);
+                    }
                 }
                 for (int64_t g = 0; g < group; ++g) {
                     if (split) {
@@ -618,34 +625,38 @@ public:
     }
 
 private:
-    // How many rows from p0 (before end) one attention tile takes: up to kAttentionTile, but fp32 rows
-    // that can be read in place stop at the end of their block run, so a paged cache is not copied
-    // (the per-row dots and the running sums are the same however the rows are tiled).
+    // A tile of K or V rows [m, hd] as the kernels read them: fp16 rows in place (main store or ring),
+    // f32 rows in place, any other kind converted to f32 in a buffer.
+    struct TileRows {
+        const float* f32 = nullptr;
+        const uint16_t* f16 = nullptr;
+    };
+
+    // How many rows from p0 (before end) one attention tile takes: up to kAttentionTile, but rows read
+    // in place (f32 and f16, and the fp16 ring) stop at the end of their run of contiguous slots, so a
+    // paged cache is not copied and every fp16 row is always read in place (the per-row dots and the
+    // running sums are the same however the rows are tiled).
     static int64_t tile_rows(const KVStore& main, const KVStore& ring, int64_t p0, int64_t end, int64_t ring_from) {
         const int64_t m = std::min(kAttentionTile, end - p0);
-        if (main.type != DType::f32 || (ring.data && p0 >= ring_from)) return m;
+        if (ring.data && p0 >= ring_from) return std::min(m, ring.capacity - p0 % ring.capacity);
         const int64_t main_end = ring.data ? std::min(p0 + m, ring_from) : p0 + m;
-        return main.contiguous(p0, main_end);
+        return main.type == DType::f32 || main.type == DType::f16 ? main.contiguous(p0, main_end) : main_end - p0;
     }
 
-    // Rows [p0, p1) of one KV head as floats [p1 - p0, hd]: fp32 main rows in place, anything else
-    // converted into buf; positions from ring_from on come from the fp16 ring.
-    static const float* load_rows(const cpu::Kernels& kern, const KVStore& main, const KVStore& ring, int kvh,
-                                  int64_t p0, int64_t p1, int64_t ring_from, int64_t hd, float* buf) {
-        const int64_t main_end = ring.data ? std::min(p1, ring_from) : p1;
-        if (main_end == p1 && main.type == DType::f32 && main.contiguous(p0, p1) == p1 - p0)
-            return reinterpret_cast<const float*>(main.row(kvh, p0));
-        for (int64_t p = p0; p < main_end;) {   // runs of contiguous rows (a pool's blocks)
-            const int64_t run = main.contiguous(p, main_end);
+    // Rows [p0, p1) of one KV head (a tile_rows run): positions from ring_from on come from the fp16
+    // ring, the others from the main store.
+    static TileRows load_rows(const cpu::Kernels& kern, const KVStore& main, const KVStore& ring, int kvh,
+                              int64_t p0, int64_t p1, int64_t ring_from, int64_t hd, float* buf) {
+        if (ring.data && p0 >= ring_from)
+            return {nullptr, reinterpret_cast<const uint16_t*>(ring.row(kvh, p0 % ring.capacity))};
+        if (main.type == DType::f32) return {reinterpret_cast<const float*>(main.row(kvh, p0)), nullptr};
+        if (main.type == DType::f16) return {nullptr, reinterpret_cast<const uint16_t*>(main.row(kvh, p0))};
+        for (int64_t p = p0; p < p1;) {   // runs of contiguous rows (a pool's blocks)
+            const int64_t run = main.contiguous(p, p1);
             kern.dequantize_row(main.type, main.row(kvh, p), buf + (p - p0) * hd, run * hd);
             p += run;
         }
-        for (int64_t p = std::max(p0, main_end); p < p1;) {   // ring slots wrap around
-            const int64_t slot = p % ring.capacity, run = std::min(p1 - p, ring.capacity - slot);
-            kern.dequantize_row(DType::f16, ring.row(kvh, slot), buf + (p - p0) * hd, run * hd);
-            p += run;
-        }
-        return buf;
+        return {buf, nullptr};
     }
 
     // Which kernels a weight's product with T tokens runs on: the eight-row integer kernel (few
