@@ -131,7 +131,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(bench.format_table(infer_bench.run(args.model, args.threads or 2, args.rows, args.num_tokens,
                                                  args.infer_batch, args.peer_rows,
                                                  engines=(args.engines or INFER_ENGINES).split(","),
-                                                 int8=args.int8_prefill)))
+                                                 int8=args.int8_prefill, pairs=args.repeats)))
         return 0
     if args.serve:
         from . import serve_bench
@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", default="1,4,16", help="comma-separated batch sizes")
     b.add_argument("--num-tokens", "--num_tokens", dest="num_tokens", type=int, default=64)
     b.add_argument("--prompt-len", dest="prompt_len", type=int, default=32)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=3,
+                   help="timed repeats (with --inferencer: runs of the Inferencer and the tokenmill loop side by side)")
     b.add_argument("--multiturn", action="store_true", help="also time a second turn with and without cache reuse")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--device", default="cpu", help=DEVICE_HELP)

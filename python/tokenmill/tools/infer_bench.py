@@ -48,7 +48,10 @@ def _rows_per_s(n_rows: int, seconds: float) -> float:
 
 
 def run(model_path, threads: int, rows: int, new_tokens: int, batch_size: int, peer_rows: Optional[int],
-        engines=("tokenmill-loop", "llama.cpp", "transformers", "ray"), int8: bool = False) -> list[dict]:
+        engines=("tokenmill-loop", "llama.cpp", "transformers", "ray"), int8: bool = False, pairs: int = 1) -> list[dict]:
+    """pairs > 1: after everything else, the Inferencer and the tokenmill loop run again, one after the
+    other, pairs - 1 more times, each pair with its own ratio (one-sequence decode speed drifts with
+    the host's memory traffic between runs; a pair shares the conditions)."""
     from ..pipelines.inferencer import Inferencer, InferencerConfig
     from ..engine.default_model import resolve_default
 
@@ -119,8 +122,22 @@ def run(model_path, threads: int, rows: int, new_tokens: int, batch_size: int, p
             out.append(dict(engine=f"tokenmill Inferencer on Ray (2 workers x {ray_cfg.threads_per_worker} thread)",
                             rows=rows, seconds=seconds, rows_per_s=_rows_per_s(rows, seconds),
                             tok_per_s=tokens / seconds, vs_loop="", same_text=f"{same:.0%}"))
+        for k in range(2, pairs + 1 if "tokenmill-loop" in engines else 0):
+            inf = Inferencer(config=cfg, progress=False, overwrite=True)
+            t = time.perf_counter()
+            inf.run()
+            again = _rows_per_s(rows, time.perf_counter() - t)
+            loop(f"tokenmill, one row at a time{mode} (pair {k})", lambda p: model.generate(p, new_tokens, temperature=0),
+                 rows)
+            loop_again = out[-1]["rows_per_s"]
+            out[-1]["vs_loop"] = "1.00x"
+            out.insert(len(out) - 1, dict(engine=f"tokenmill Inferencer (batch {batch_size}{mode}, pair {k})", rows=rows,
+                                          seconds=rows / again if again else 0.0, rows_per_s=again, tok_per_s=0.0,
+                                          vs_loop=f"{again / loop_again:.2f}x" if loop_again else "", same_text=""))
     loop_rate = next((r["rows_per_s"] for r in out if r["engine"].startswith("tokenmill, one row")), None)
     for r in out:
+        if r["vs_loop"]:   # a later pair's rows carry their own ratio
+            continue
         r["vs_loop"] = f"{r['rows_per_s'] / loop_rate:.2f}x" if loop_rate else ""
         r["tok_per_s"] = round(r["tok_per_s"], 1)
     out[0]["same_text"] = "100%"
