@@ -3,6 +3,9 @@
 // one); (2) out_row += u_row BT in units of 256 output columns. Each value is computed alone (a row
 // of A against one x; a column of BT summed over r in order), so how the work is split, and which
 // rows share the call, change nothing: a row gets a one-token pass's arithmetic in every rows mode.
+// Items that add to the same output (a mixture of adapters on one sequence) share each unit of
+// region 2 and add in item order: split across threads they would race on out, and even without a
+// lost update the order of the two additions would change its rounding from run to run.
 // Calls too small to pay for a parallel region's hand-off run on the calling thread.
 #include "backend/cpu/lora.h"
 
@@ -52,16 +55,23 @@ void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, in
     const size_t n = static_cast<size_t>(n_items);
     auto row_groups = [&](size_t i) { return (items[i].a->rows + kRowsPerUnit - 1) / kRowsPerUnit; };
     auto column_chunks = [&](size_t i) { return (items[i].bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit; };
-    std::vector<int64_t> u_offset(n + 1, 0), first_a(n + 1, 0), first_b(n + 1, 0);
+    std::vector<int64_t> u_offset(n + 1, 0), first_a(n + 1, 0);
+    // region 2 runs per output: outputs[o] lists the items adding to it, in item order
+    std::vector<std::vector<size_t>> outputs;
     int64_t macs = 0;
     for (size_t i = 0; i < n; ++i) {
         const LoraItem& it = items[i];
         const int64_t r = it.a->rows;
         u_offset[i + 1] = u_offset[i] + (it.n_rows * r + 15) / 16 * 16;   // own cache lines
         first_a[i + 1] = first_a[i] + it.n_rows * row_groups(i);
-        first_b[i + 1] = first_b[i] + it.n_rows * column_chunks(i);
         macs += it.n_rows * r * (it.a->cols + it.bt->cols);
+        auto same = std::find_if(outputs.begin(), outputs.end(), [&](const auto& o) { return items[o[0]].out == it.out; });
+        if (same == outputs.end()) outputs.push_back({i});
+        else same->push_back(i);
     }
+    std::vector<int64_t> first_b(outputs.size() + 1, 0);
+    for (size_t o = 0; o < outputs.size(); ++o)
+        first_b[o + 1] = first_b[o] + items[outputs[o][0]].n_rows * column_chunks(outputs[o][0]);
     if (static_cast<int64_t>(u.size()) < u_offset[n]) u.resize(static_cast<size_t>(u_offset[n]));
     auto region = [&](int64_t units, const std::function<void(int64_t, int64_t, int)>& fn) {
         if (macs < kMinParallelMacs) fn(0, units, 0);
@@ -79,13 +89,15 @@ void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, in
             for (int64_t j = 0; j < nj; ++j) ut[j] *= it.scale;
         }
     });
-    region(first_b[n], [&](int64_t u0, int64_t u1, int) {
+    region(first_b.back(), [&](int64_t u0, int64_t u1, int) {
         for (int64_t unit = u0; unit < u1; ++unit) {
-            const Unit at = unit_at(first_b, unit, column_chunks);
-            const LoraItem& it = items[at.i];
-            const int64_t r = it.a->rows, n_out = it.bt->cols, t = at.t;
-            const int64_t c0 = at.k * kColumnsPerUnit, nc = std::min(kColumnsPerUnit, n_out - c0);
-            rows_axpy(kern, *it.bt, c0, nc, u.data() + u_offset[at.i] + t * r, it.out + t * n_out + c0);
+            const Unit at = unit_at(first_b, unit, [&](size_t o) { return column_chunks(outputs[o][0]); });
+            for (size_t i : outputs[at.i]) {
+                const LoraItem& it = items[i];
+                const int64_t r = it.a->rows, n_out = it.bt->cols, t = at.t;
+                const int64_t c0 = at.k * kColumnsPerUnit, nc = std::min(kColumnsPerUnit, n_out - c0);
+                rows_axpy(kern, *it.bt, c0, nc, u.data() + u_offset[i] + t * r, it.out + t * n_out + c0);
+            }
         }
     });
 }
