@@ -122,15 +122,32 @@ def test_int8_prefill_kernel_is_the_rounded_product(level, wtype, n_rows, n):
 
 
 @pytest.mark.parametrize("level", INT8_LEVELS, indirect=True)
-@pytest.mark.parametrize("wtype", ["q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("wtype", ["q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"])
 @pytest.mark.parametrize("n_rows", [16, 5])
 def test_int8_prefill_repacked_rows_kernel_is_the_rounded_product(level, wtype, n_rows):
-    """The int8 prefill of q5_* and the K-quants: exactly the dequantized rows (every block's or
+    """The int8 prefill of q8_0, q5_* and the K-quants: exactly the dequantized rows (every block's or
     sub-block's scale and offset) against x rounded to int8 per 32-block, float rounding aside;
     padding rows stay out."""
     rng = np.random.default_rng(n_rows)
     w = (rng.standard_normal((n_rows, 768)) * rng.uniform(0.01, 2, (n_rows, 1)) + 0.01).astype(np.float32)
     _check_int8_tile(wtype, w, rng)
+
+
+@pytest.mark.parametrize("level", INT8_LEVELS, indirect=True)
+def test_int8_prefill_of_q8_0_takes_every_level_byte(level):
+    """q8_0 quants span -128..127 in a file (quantizers write -127..127, other writers may not): rows of
+    the extremes against x at its extremes, where a pair of products in AVX2's int16 sums comes
+    closest to saturating (2 * 128 * 127)."""
+    rng = np.random.default_rng(7)
+    n = 256
+    q = rng.choice(np.array([-128, -127, 127, 1, 0], np.int8), size=(16, n))
+    q[0] = -128
+    d = np.float16(0.01) * (1 + np.arange(16, dtype=np.float16))[:, None].repeat(n // 32, 1)
+    rows = b"".join(b"".join(d[r, b].tobytes() + q[r, 32 * b:32 * b + 32].tobytes() for b in range(n // 32)) for r in range(16))
+    wd = np.stack([_core.dequantize("q8_0", rows[r * n // 32 * 34:(r + 1) * n // 32 * 34], n) for r in range(16)])
+    assert wd[0, 0] == np.float32(np.float16(0.01)) * -128
+    xs = np.where(rng.random((8, n)) < 0.5, -1.0, 1.0).astype(np.float32) * rng.uniform(0.5, 3, (8, n)).astype(np.float32)
+    _assert_int8_tile_is_rounded_product("q8_0", rows, wd.astype(np.float64), xs)
 
 
 @pytest.mark.parametrize("level", LEVELS, indirect=True)

@@ -46,10 +46,10 @@ def load(
     q8_0 (as llama-quantize does); matrices whose rows fit no block keep their type, as `tokenmill
     convert` does.
     `int8_prefill` trades precision for prompt speed the way llama.cpp does: forward passes of 8 or
-    more tokens (prompts, batches of 8+ sequences) multiply q4_0 / q4_1 weights by activations rounded
-    to int8 per 32-block (about twice the exact path's speed on AVX-512 VNNI CPUs; logits move by a few
-    percent of their range, as llama.cpp's do). Single-sequence decode, other weight types and CPUs
-    without VNNI keep the exact float path. `int8_decode` makes the same trade in decode steps and
+    more tokens (prompts, batches of 8+ sequences) multiply q4_0 / q4_1 / q8_0 / q5_0 / q5_1 / iq4_nl and
+    K-quant (not q2_k) weights by activations rounded to int8 per 32-block (about twice the exact
+    path's speed with AVX-512 VNNI or AVX2; logits move by a few percent of their range, as llama.cpp's
+    do). Single-sequence decode, other weight types and the scalar level keep the exact float path. `int8_decode` makes the same trade in decode steps and
     rows computed as decode (q4_0 / q4_1 and q8_0 weights, llama.cpp's decode precision): a fast
     draft model, or batched decode throughput; those rows are still the model's own one-token steps.
     `device` chooses the backend: "cpu" (always built); "cuda" / "hip" where tokenmill was built with

@@ -24,7 +24,9 @@ constexpr bool has_offset(DType t) { return t == DType::q4_1 || t == DType::q5_1
 constexpr bool half_scales(DType t) { return t == DType::q2_k || t == DType::q3_k || t == DType::q6_k; }
 constexpr bool block_mins(DType t) { return t == DType::q4_k || t == DType::q5_k; }
 // the types whose int8 prefill tile holds signed levels (a scale per half block, no offset)
-constexpr bool signed_tile(DType t) { return t == DType::q3_k || t == DType::q6_k || t == DType::iq4_nl; }
+constexpr bool signed_tile(DType t) {
+    return t == DType::q3_k || t == DType::q6_k || t == DType::iq4_nl || t == DType::q8_0;
+}
 // a K-quant super-block's bytes
 constexpr int64_t super_bytes(DType t) {
     return t == DType::q2_k ? 84 : t == DType::q3_k ? 110 : t == DType::q4_k ? 144 : t == DType::q5_k ? 176 : 210;
@@ -44,8 +46,8 @@ constexpr size_t bytes_per_32() {
     }
 }
 
-// q5_0 / q5_1 / iq4_nl block i: x_j = d * q_j + m, q as signed bytes (q - 16 for q5_0, the codebook
-// value for iq4_nl; m = 0 but for q5_1).
+// q5_0 / q5_1 / iq4_nl / q8_0 block i: x_j = d * q_j + m, q as signed bytes (q - 16 for q5_0, the
+// codebook value for iq4_nl; m = 0 but for q5_1).
 struct Quants32 {
     __m256i q;
     float d, m;
@@ -73,6 +75,10 @@ inline __m256i fifth_bits(uint32_t bits) {
 
 template <DType T>
 inline Quants32 quants32(const uint8_t* row, int64_t i) {
+    if constexpr (T == DType::q8_0) {
+        const uint8_t* b = row + i * 34;
+        return {load32(b + 2), half_at(b), 0.0f};
+    }
     if constexpr (T == DType::iq4_nl) {
         const uint8_t* b = row + i * 18;
         const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2));
@@ -245,14 +251,14 @@ template <DType T>
 void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* offsets, const int32_t* level_sums,
                    uint8_t* out);
 
-// Sixteen rows in their file layout (q5_0, q5_1, iq4_nl, the K-quants) -> block columns for dot_tile16: per
+// Sixteen rows in their file layout (q8_0, q5_0, q5_1, iq4_nl, the K-quants) -> block columns for dot_tile16: per
 // block of 32, the rows' float scales and offsets (x = scale * q + offset, as the reference dequantizer
 // rounds scale: d sc for the K-quants, d for q5_*; offsets -dmin m, -16 d for q5_0, m for q5_1; q6_k:
 // the second half's scales and both halves' -128 * sum of levels), then the quants (q6_k: the signed
 // levels q - 32). Rows n_rows .. 15 are zero.
 template <DType T>
 void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
-    constexpr bool k = !is_block32(T);
+    constexpr bool k = !is_block32(T) && T != DType::q8_0;
     constexpr int64_t span = k ? 256 : 32, block = k ? super_bytes(T) : static_cast<int64_t>(bytes_per_32<T>());
     constexpr int per_span = k ? 8 : 1;
     alignas(64) uint8_t staged[per_span][16][32];   // block of the span, row, quant
@@ -268,7 +274,7 @@ void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int6
             if (s + 2 < (k0 + kn) / span)   // sixteen streams: too many for the hardware prefetcher to follow
                 for (int64_t line = 0; line < block; line += 64)
                     _mm_prefetch(reinterpret_cast<const char*>(row) + (s + 2) * block + line, _MM_HINT_T0);
-            if constexpr (T == DType::iq4_nl) {   // signed levels: the block's scale for both halves
+            if constexpr (T == DType::iq4_nl || T == DType::q8_0) {   // signed levels: the block's scale for both halves
                 const Quants32 u = quants32<T>(row, s);
                 _mm256_store_si256(reinterpret_cast<__m256i*>(staged[0][r]), u.q);
                 scales[0][r] = offsets[0][r] = u.d;
@@ -308,6 +314,7 @@ void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int6
 
 void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
     switch (t) {
+        case DType::q8_0: return repack16_rows_type<DType::q8_0>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q5_0: return repack16_rows_type<DType::q5_0>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q5_1: return repack16_rows_type<DType::q5_1>(rows, row_stride, n_rows, k0, kn, out);
         case DType::iq4_nl: return repack16_rows_type<DType::iq4_nl>(rows, row_stride, n_rows, k0, kn, out);

@@ -124,10 +124,11 @@ void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* su
 constexpr int kTile16Tokens = 8;
 // (16 float scales, 16 float minimums for q4_1, then the quants at this offset)
 // (q5_0 / q5_1 / q4_k / q5_k: 16 float scales, 16 float offsets, then the quants as unsigned bytes;
-// q3_k / q6_k / iq4_nl: the scales of each half of 16 values, then per half the rows' -128 * sum of
-// their levels as int32, then the signed levels)
+// q3_k / q6_k / iq4_nl / q8_0: the scales of each half of 16 values, then per half the rows' -128 * sum
+// of their levels as int32, then the signed levels)
 constexpr size_t tile16_quants_offset(DType t) {
-    return 64 * (t == DType::q4_0 ? 1 : t == DType::q3_k || t == DType::q6_k || t == DType::iq4_nl ? 4 : 2);
+    const bool signed_levels = t == DType::q3_k || t == DType::q6_k || t == DType::iq4_nl || t == DType::q8_0;
+    return 64 * (t == DType::q4_0 ? 1 : signed_levels ? 4 : 2);
 }
 constexpr size_t tile16_column_bytes(DType t) { return tile16_quants_offset(t) + 512; }
 
@@ -166,7 +167,8 @@ inline bool superblock_x(DType t) {
 }
 // the types repack16_rows takes (not q2_k: its mins per half sub-block have no place in the tile)
 inline bool repackable16(DType t) {
-    return (superblock_x(t) && t != DType::q2_k) || t == DType::q5_0 || t == DType::q5_1 || t == DType::iq4_nl;
+    return (superblock_x(t) && t != DType::q2_k) || t == DType::q5_0 || t == DType::q5_1 || t == DType::iq4_nl ||
+           t == DType::q8_0;
 }
 inline auto prepare_for(const Kernels& k, DType t) { return superblock_x(t) ? k.prepare_x_k : k.prepare_x; }
 

@@ -896,7 +896,7 @@ void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* o
 
 // Sixteen rows against eight tokens (dot_tile16 of kernels.h). Per block and token, a the rounded x, dx
 // its scale: unsigned quants, row r: dw_r * dx * sum_j q_j a_j + offset_r * dx * sum_j a_j (offset -8 dw
-// for q4_0); signed levels (q3_k, q6_k, iq4_nl): per half h, scale_rh * dx * sum_j l_j a_j, the products
+// for q4_0); signed levels (q3_k, q6_k, iq4_nl, q8_0): per half h, scale_rh * dx * sum_j l_j a_j, the products
 // taken as |l_j| times a_j with l_j's sign (so both bytes stay in VPMADDUBSW's ranges).
 template <DType T>
 void dot_tile16_type(const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d,
@@ -948,7 +948,7 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
                 const float* const* sum, float* out) {
     switch (t) {
         case DType::q4_0: return dot_tile16_type<DType::q4_0>(w, n, q, d, sum, out);
-        case DType::q3_k: case DType::q6_k: case DType::iq4_nl: return dot_tile16_type<DType::q6_k>(w, n, q, d, sum, out);
+        case DType::q3_k: case DType::q6_k: case DType::iq4_nl: case DType::q8_0: return dot_tile16_type<DType::q6_k>(w, n, q, d, sum, out);
         default: return dot_tile16_type<DType::q4_1>(w, n, q, d, sum, out);   // q4_1, q5_*, q4_k, q5_k: scale and offset
     }
 }

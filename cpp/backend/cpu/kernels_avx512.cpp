@@ -1025,11 +1025,11 @@ void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* 
     }
 }
 
-// q3_k / q6_k / iq4_nl's sixteen rows against eight tokens: each half of a block column has its own scale, and
+// q3_k / q6_k / iq4_nl / q8_0 sixteen rows against eight tokens: each half of a block column has its own scale, and
 // the levels l are signed, so x enters as unsigned bytes a + 128 and the repack's -128 * sum of levels
 // starts each sum: per half h (a the rounded x, dx its block scale)
 //   row r: d sc_rh * dx * sum_j l_j a_j   -- the dequantized row against the rounded x
-// (both types share the layout: tile16_quants_offset is the same for them)
+// (these types share the layout: tile16_quants_offset is the same for them)
 void dot_tile16_signed(const uint8_t* w, int64_t n, const int8_t* const* q, const float* const* d, float* out) {
     constexpr int NT = kTile16Tokens;
     constexpr DType T = DType::q6_k;
@@ -1065,7 +1065,7 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
                 const float* const* sum, float* out) {
     switch (t) {
         case DType::q4_0: return dot_tile16_type<DType::q4_0>(w, n, q, d, sum, out);
-        case DType::q3_k: case DType::q6_k: case DType::iq4_nl: return dot_tile16_signed(w, n, q, d, out);
+        case DType::q3_k: case DType::q6_k: case DType::iq4_nl: case DType::q8_0: return dot_tile16_signed(w, n, q, d, out);
         default: return dot_tile16_type<DType::q4_1>(w, n, q, d, sum, out);   // q4_1, q5_*, q4_k, q5_k: scale and offset
     }
 }
