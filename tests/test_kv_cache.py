@@ -125,10 +125,12 @@ def _qkv(T, N, n_heads=9, n_kv_heads=3, hd=64, seed=0):
 
 @pytest.mark.parametrize("level", _core.cpu_levels())
 @pytest.mark.parametrize("k_kind,v_kind", [(k, k) for k in CACHE_KINDS] + [("q8", "nf4"), ("fp16", "q4")])
-@pytest.mark.parametrize("T,N,window", [(1, 700, 0), (5, 40, 0), (3, 300, 100)])
+@pytest.mark.parametrize("T,N,window", [(1, 700, 0), (5, 40, 0), (3, 300, 100), (37, 37, 0), (16, 90, 0), (21, 300, 100)])
 def test_attention_reads_stored_kinds_like_dequantize_then_attend(level, k_kind, v_kind, T, N, window):
     """Decode (T=1 over a long context: positions split across threads), a short prefill, and a
-    window; the reference attends over the round-tripped K and V in float64."""
+    window; prefills of 8 rows or more (a whole prompt, one after earlier positions, one in a window)
+    take the blocked path (transposed keys, scores of 5 rows x 3 query heads per product); the
+    reference attends over the round-tripped K and V in float64."""
     q, k, v = _qkv(T, N)
     before = _core.cpu_level()
     _core.set_cpu_level(level)

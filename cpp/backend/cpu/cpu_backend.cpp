@@ -45,6 +45,10 @@ constexpr int64_t kAttentionTile = 64;
 constexpr int64_t kMinAttentionPart = 128;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
+// Prefill of a sequence with at least this many new rows (and no fp16 ring) takes its attention in
+// blocks of up to kQueryBlock query vectors that share their scores' key loads (attention_blocks).
+constexpr int64_t kBlockMinRows = 8;
+constexpr int64_t kQueryBlock = 16;
 
 class CpuBackend final : public Backend {
 public:
@@ -507,8 +511,17 @@ public:
                    const AttentionShape& shape) override {
         struct Part { int seg; int64_t t; int kvh; int64_t j0, j1; };   // positions [j0, j1)
         const int64_t hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
+        const cpu::Kernels& kern = cpu::kernels();
+        // prefill rows (fast mode) go by blocks; a ring's source depends on the query row, so not those
+        std::vector<char> blocked(static_cast<size_t>(n_segs), 0);
+        for (int s = 0; s < n_segs; ++s)
+            blocked[s] = !rows_as_decode_ && !invariant_ && kern.scores_block && segs[s].n_rows >= kBlockMinRows &&
+                         !segs[s].kv.has_ring();
+        attention_blocks(out, q, segs, n_segs, blocked, shape);
         int64_t pairs = 0;
-        for (int s = 0; s < n_segs; ++s) pairs += segs[s].n_rows * shape.n_kv_heads;
+        for (int s = 0; s < n_segs; ++s)
+            if (!blocked[s]) pairs += segs[s].n_rows * shape.n_kv_heads;
+        if (pairs == 0) return;
         // as decode: each row splits as it would alone (its KV heads are all the pairs)
         const int64_t split_pairs = rows_as_decode_ || invariant_ ? shape.n_kv_heads : pairs;
         const int64_t parts_wanted =
@@ -517,9 +530,9 @@ public:
         std::vector<int64_t> first_part;   // per (row, kv head) pair, into parts
         for (int s = 0; s < n_segs; ++s) {
             const AttentionSegment& seg = segs[s];
+            if (blocked[s]) continue;
             for (int64_t t = 0; t < seg.n_rows; ++t) {
-                const int64_t pos = seg.causal ? seg.n_past + t : seg.n_past + seg.n_rows - 1;   // last position seen
-                const int64_t start = seg.window > 0 ? std::max<int64_t>(0, pos - seg.window + 1) : 0;
+                const int64_t pos = last_position(seg, t), start = first_position(seg, t);
                 const int64_t n = pos + 1 - start;
                 const int64_t len = std::max<int64_t>(kMinAttentionPart, (n + parts_wanted - 1) / parts_wanted);
                 for (int h = 0; h < shape.n_kv_heads; ++h) {
@@ -533,7 +546,6 @@ public:
         // per part and query head of the group: running max m, sum l, and unnormalised output acc[hd]
         const int64_t stride = group * (hd + 2);
         if (split) partials_.resize(parts.size() * static_cast<size_t>(stride));
-        const cpu::Kernels& kern = cpu::kernels();
 
         pool_.parallel_for(static_cast<int64_t>(parts.size()), [&](int64_t i0, int64_t i1, int thread) {
             for (int64_t i = i0; i < i1; ++i) {
@@ -625,6 +637,118 @@ public:
     }
 
 private:
+    // The positions row t of a segment attends to: first_position .. last_position
+    static int64_t last_position(const AttentionSegment& seg, int64_t t) {
+        return seg.causal ? seg.n_past + t : seg.n_past + seg.n_rows - 1;
+    }
+    static int64_t first_position(const AttentionSegment& seg, int64_t t) {
+        return seg.window > 0 ? std::max<int64_t>(0, last_position(seg, t) - seg.window + 1) : 0;
+    }
+
+    // Attention of the blocked segments' rows. (1) Per (segment, KV head), K over every position its
+    // rows see, transposed once: kt_ [hd, n]. (2) Per block of rows whose query vectors (rows x GQA
+    // group, at most kQueryBlock) share a KV head: scores[nq, positions] = (q * scale) Kt in one
+    // product, then per query softmax over its own positions and the weighted V rows, each V tile
+    // read once for the whole block. Scores beyond a query's positions are computed and ignored.
+    void attention_blocks(float* out, const float* q, const AttentionSegment* segs, int n_segs,
+                          const std::vector<char>& blocked, const AttentionShape& shape) {
+        const int64_t hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
+        const int64_t rows_per_block = std::max<int64_t>(1, kQueryBlock / group);
+        struct Keys { int seg; int kvh; int64_t lo, n; size_t offset; };   // kt_ + offset: [hd, n] for lo..
+        struct Block { size_t keys; int64_t t0, t1; };
+        std::vector<Keys> keys;
+        std::vector<Block> blocks;
+        size_t kt_floats = 0;
+        for (int s = 0; s < n_segs; ++s) {
+            if (!blocked[s]) continue;
+            const AttentionSegment& seg = segs[s];
+            const int64_t lo = first_position(seg, 0), n = last_position(seg, seg.n_rows - 1) + 1 - lo;
+            for (int h = 0; h < shape.n_kv_heads; ++h) {
+                for (int64_t t0 = 0; t0 < seg.n_rows; t0 += rows_per_block)
+                    blocks.push_back({keys.size(), t0, std::min(seg.n_rows, t0 + rows_per_block)});
+                keys.push_back({s, h, lo, n, kt_floats});
+                kt_floats += static_cast<size_t>(hd * n);
+            }
+        }
+        if (keys.empty()) return;
+        if (kt_.size() < kt_floats) kt_.resize(kt_floats);
+        const cpu::Kernels& kern = cpu::kernels();
+
+        pool_.parallel_for(static_cast<int64_t>(keys.size()), [&](int64_t i0, int64_t i1, int thread) {
+            float* tile_buf = scratch(thread, kAttentionTile * hd);
+            for (int64_t i = i0; i < i1; ++i) {
+                const Keys& ks = keys[static_cast<size_t>(i)];
+                const KVLayerView& kv = segs[ks.seg].kv;
+                float* kt = kt_.data() + ks.offset;
+                const int64_t end = ks.lo + ks.n;
+                for (int64_t j = ks.lo, m; j < end; j += m) {
+                    m = tile_rows(kv.k, kv.k_ring, j, end, end);
+                    const TileRows rows = load_rows(kern, kv.k, kv.k_ring, ks.kvh, j, j + m, end, hd, tile_buf);
+                    const float* src = rows.f32;
+                    if (rows.f16) {
+                        kern.dequantize_row(DType::f16, rows.f16, tile_buf, m * hd);
+                        src = tile_buf;
+                    }
+                    for (int64_t d = 0; d < hd; ++d) {
+                        float* dst = kt + d * ks.n + (j - ks.lo);
+                        for (int64_t r = 0; r < m; ++r) dst[r] = src[r * hd + d];
+                    }
+                }
+            }
+        });
+
+        pool_.parallel_for(static_cast<int64_t>(blocks.size()), [&](int64_t b0, int64_t b1, int thread) {
+            for (int64_t b = b0; b < b1; ++b) {
+                const Block& blk = blocks[static_cast<size_t>(b)];
+                const Keys& ks = keys[blk.keys];
+                const AttentionSegment& seg = segs[ks.seg];
+                const KVLayerView& kv = seg.kv;
+                const int64_t nq = (blk.t1 - blk.t0) * group;
+                const int64_t lo = first_position(seg, blk.t0), end = last_position(seg, blk.t1 - 1) + 1, n = end - lo;
+                // scratch: scaled queries [nq, hd] | acc [nq, hd] | sum [nq] | scores [nq, n] | rows [tile, hd]
+                float* qs = scratch(thread, nq * (2 * hd + 1 + n) + kAttentionTile * hd);
+                float* acc = qs + nq * hd;
+                float* sum = acc + nq * hd;
+                float* scores = sum + nq;
+                float* tile_buf = scores + nq * n;
+                for (int64_t t = blk.t0; t < blk.t1; ++t)
+                    for (int64_t g = 0; g < group; ++g) {
+                        const float* qh = q + ((seg.row0 + t) * shape.n_heads + ks.kvh * group + g) * hd;
+                        float* dst = qs + ((t - blk.t0) * group + g) * hd;
+                        for (int64_t d = 0; d < hd; ++d) dst[d] = qh[d] * shape.scale;
+                    }
+                // scores[i, j] = (q_i * scale) . k_(lo + j)
+                kern.scores_block(qs, static_cast<int>(nq), hd, kt_.data() + ks.offset + (lo - ks.lo), ks.n, n, scores, n);
+                // per query, over its own positions [first, last]: p = exp(score - max), and their sum
+                for (int64_t i = 0; i < nq; ++i) {
+                    const int64_t t = blk.t0 + i / group;
+                    float* si = scores + i * n + (first_position(seg, t) - lo);
+                    const int64_t len = last_position(seg, t) + 1 - first_position(seg, t);
+                    sum[i] = kern.exp_sum(si, len, *std::max_element(si, si + len));
+                }
+                // acc[i] = sum_j p[i, j] v_j, a tile of V rows at a time for every query of the block
+                std::fill(acc, acc + nq * hd, 0.0f);
+                for (int64_t j = lo, m; j < end; j += m) {
+                    m = tile_rows(kv.v, kv.v_ring, j, end, end);
+                    const TileRows rows = load_rows(kern, kv.v, kv.v_ring, ks.kvh, j, j + m, end, hd, tile_buf);
+                    for (int64_t i = 0; i < nq; ++i) {
+                        const int64_t t = blk.t0 + i / group;
+                        const int64_t a = std::max(j, first_position(seg, t)), z = std::min(j + m, last_position(seg, t) + 1);
+                        if (a >= z) continue;
+                        const float* pi = scores + i * n + (a - lo);
+                        if (rows.f16) kern.rows_axpy_f16(acc + i * hd, rows.f16 + (a - j) * hd, z - a, hd, hd, pi);
+                        else kern.rows_axpy_f32(acc + i * hd, rows.f32 + (a - j) * hd, z - a, hd, hd, pi);
+                    }
+                }
+                for (int64_t i = 0; i < nq; ++i) {
+                    const int64_t t = blk.t0 + i / group, g = i % group;
+                    float* oh = out + ((seg.row0 + t) * shape.n_heads + ks.kvh * group + g) * hd;
+                    for (int64_t d = 0; d < hd; ++d) oh[d] = acc[i * hd + d] / sum[i];
+                }
+            }
+        });
+    }
+
     // A tile of K or V rows [m, hd] as the kernels read them: fp16 rows in place (main store or ring),
     // f32 rows in place, any other kind converted to f32 in a buffer.
     struct TileRows {
@@ -734,6 +858,7 @@ private:
 
     ThreadPool pool_;
     std::vector<std::vector<float>> scratch_;
+    std::vector<float> kt_;   // attention_blocks' transposed keys
     // activations prepared for the integer kernels: q [T, 2 * cols], d and sum [T, cols / 32]; by
     // prepare_x (32-block scales) and by prepare_x_k (super-block scales, for the K-quants)
     struct PreparedX {

@@ -1,5 +1,6 @@
 #include "backend/cpu/kernels.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -51,6 +52,16 @@ void rows_axpy_f16_scalar(float* y, const uint16_t* rows, int64_t n_rows, int64_
         for (int64_t i = 0; i < d; ++i) y[i] += w[j] * fp16_to_fp32(rows[j * stride + i]);
 }
 
+void scores_block_scalar(const float* q, int nq, int64_t hd, const float* kt, int64_t kt_stride, int64_t m, float* s,
+                         int64_t s_stride) {
+    for (int i = 0; i < nq; ++i) {
+        float* si = s + i * s_stride;
+        std::fill(si, si + m, 0.0f);
+        for (int64_t d = 0; d < hd; ++d)
+            for (int64_t j = 0; j < m; ++j) si[j] += q[i * hd + d] * kt[d * kt_stride + j];
+    }
+}
+
 float exp_sum_scalar(float* x, int64_t n, float shift) {
     float sum = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
@@ -100,7 +111,7 @@ const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scal
                       exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dot_rows_tokens_scalar,
                       dequantize_row, nullptr,
                       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf_scalar,
-                      rows_dot_f16_scalar, rows_axpy_f16_scalar, nullptr, nullptr, nullptr};
+                      rows_dot_f16_scalar, rows_axpy_f16_scalar, nullptr, nullptr, nullptr, scores_block_scalar};
 
 #if defined(__x86_64__) || defined(__i386__)
 // F16C from cpuid itself: __builtin_cpu_supports does not know it in every compiler (clang 14)

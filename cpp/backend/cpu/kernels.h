@@ -112,6 +112,11 @@ struct Kernels {
     // level has none.
     void (*dot_q8_0_int8)(const void* const* rows, int n_rows, const int8_t* const* a, const float* const* d, int nt,
                           int64_t n, float* out);
+    // Prefill attention's scores as a small matrix product: s[i * s_stride + j] = q_i . k_j for nq
+    // queries q [nq, hd] against m keys given transposed, kt[d * kt_stride + j] -- each loaded key
+    // vector feeds every query, and no score needs a horizontal sum.
+    void (*scores_block)(const float* q, int nq, int64_t hd, const float* kt, int64_t kt_stride, int64_t m, float* s,
+                         int64_t s_stride);
 };
 
 constexpr int kPackedTokens = 4;

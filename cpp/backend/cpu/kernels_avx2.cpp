@@ -7,6 +7,7 @@
 #include "backend/cpu/extra_quants_simd.h"
 #include "backend/cpu/kernels.h"
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <utility>
@@ -953,11 +954,48 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
     }
 }
 
+// Up to 6 queries against 16 keys per pass: two key vectors per dimension feed 2 x NQ FMAs whose
+// query factor is a broadcast (12 accumulators of the 16 registers).
+template <int NQ>
+void scores_queries(const float* q, int64_t hd, const float* kt, int64_t kt_stride, int64_t m, float* s, int64_t s_stride) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    auto mask = [&](int64_t r) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(r, 8))), lane); };
+    for (int64_t j = 0; j < m; j += 16) {
+        const __m256i m0 = mask(m - j), m1 = mask(m - j - 8);
+        __m256 acc[NQ][2];
+#pragma GCC unroll 6
+        for (int i = 0; i < NQ; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < hd; ++d) {
+            const float* k = kt + d * kt_stride + j;
+            const __m256 k0 = _mm256_maskload_ps(k, m0), k1 = _mm256_maskload_ps(k + 8, m1);
+#pragma GCC unroll 6
+            for (int i = 0; i < NQ; ++i) {
+                const __m256 qd = _mm256_broadcast_ss(q + i * hd + d);
+                acc[i][0] = _mm256_fmadd_ps(qd, k0, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(qd, k1, acc[i][1]);
+            }
+        }
+#pragma GCC unroll 6
+        for (int i = 0; i < NQ; ++i) {
+            _mm256_maskstore_ps(s + i * s_stride + j, m0, acc[i][0]);
+            _mm256_maskstore_ps(s + i * s_stride + j + 8, m1, acc[i][1]);
+        }
+    }
+}
+
+void scores_block(const float* q, int nq, int64_t hd, const float* kt, int64_t kt_stride, int64_t m, float* s,
+                  int64_t s_stride) {
+    using Fn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+    static constexpr Fn by_count[6] = {scores_queries<1>, scores_queries<2>, scores_queries<3>,
+                                       scores_queries<4>, scores_queries<5>, scores_queries<6>};
+    for (int i = 0; i < nq; i += 6) by_count[std::min(6, nq - i) - 1](q + i * hd, hd, kt, kt_stride, m, s + i * s_stride, s_stride);
+}
+
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row,
                     dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4, prepare_x8, dot_packed8, nullptr, dequantize_packed8, repack16, dot_tile16, nullptr,
                     dot_packed8_tokens, gelu_erf,
-                    rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k, nullptr};
+                    rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k, nullptr, scores_block};
 
 }  // namespace
 

@@ -1138,12 +1138,48 @@ void dot_q8_0_int8(const void* const* rows, int n_rows, const int8_t* const* a, 
     }
 }
 
+// Up to 8 queries against 32 keys per pass: two key vectors per dimension feed 2 x NQ FMAs whose
+// query factor is a broadcast (16 accumulators of the 32 registers).
+template <int NQ>
+void scores_queries(const float* q, int64_t hd, const float* kt, int64_t kt_stride, int64_t m, float* s, int64_t s_stride) {
+    auto mask = [](int64_t r) { return r >= 16 ? static_cast<__mmask16>(0xFFFF) : r <= 0 ? __mmask16{0} : tail_mask(r); };
+    for (int64_t j = 0; j < m; j += 32) {
+        const __mmask16 m0 = mask(m - j), m1 = mask(m - j - 16);
+        __m512 acc[NQ][2];
+#pragma GCC unroll 8
+        for (int i = 0; i < NQ; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < hd; ++d) {
+            const float* k = kt + d * kt_stride + j;
+            const __m512 k0 = _mm512_maskz_loadu_ps(m0, k), k1 = _mm512_maskz_loadu_ps(m1, k + 16);
+#pragma GCC unroll 8
+            for (int i = 0; i < NQ; ++i) {
+                const __m512 qd = _mm512_set1_ps(q[i * hd + d]);
+                acc[i][0] = _mm512_fmadd_ps(qd, k0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(qd, k1, acc[i][1]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < NQ; ++i) {
+            _mm512_mask_storeu_ps(s + i * s_stride + j, m0, acc[i][0]);
+            _mm512_mask_storeu_ps(s + i * s_stride + j + 16, m1, acc[i][1]);
+        }
+    }
+}
+
+void scores_block(const float* q, int nq, int64_t hd, const float* kt, int64_t kt_stride, int64_t m, float* s,
+                  int64_t s_stride) {
+    using Fn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t);
+    static constexpr Fn by_count[8] = {scores_queries<1>, scores_queries<2>, scores_queries<3>, scores_queries<4>,
+                                       scores_queries<5>, scores_queries<6>, scores_queries<7>, scores_queries<8>};
+    for (int i = 0; i < nq; i += 8) by_count[std::min(8, nq - i) - 1](q + i * hd, hd, kt, kt_stride, m, s + i * s_stride, s_stride);
+}
+
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
                       dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
-                      dot_q8_0_int8};
+                      dot_q8_0_int8, scores_block};
 
 }  // namespace
 
