@@ -1043,14 +1043,23 @@ void dot_tile16_signed(const uint8_t* w, int64_t n, const int8_t* const* q, cons
         __m512i ws[8];
 #pragma GCC unroll 8
         for (int st = 0; st < 8; ++st) ws[st] = _mm512_loadu_si512(w + tile16_quants_offset(T) + 64 * st);
+        // the tokens' bytes offset once per block column, so each VPDPBUSD's x is a broadcast load
+        // (offsetting each 4 bytes in a general register cost a register-to-vector move per VPDPBUSD)
+        alignas(32) uint8_t xu[NT][32];
+#pragma GCC unroll 8
+        for (int t = 0; t < NT; ++t)
+            _mm256_store_si256(reinterpret_cast<__m256i*>(xu[t]),
+                               _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[t] + 32 * i)),
+                                                _mm256_set1_epi8(-128)));
+        asm volatile("" ::: "memory");   // read xu back from memory: broadcast loads, not lane shuffles
 #pragma GCC unroll 8
         for (int t = 0; t < NT; ++t) {
             __m512i isum[2] = {start[0], start[1]};
 #pragma GCC unroll 8
             for (int st = 0; st < 8; ++st) {
-                uint32_t xs;
-                __builtin_memcpy(&xs, q[t] + 32 * i + 4 * st, 4);
-                isum[st / 4] = _mm512_dpbusd_epi32(isum[st / 4], _mm512_set1_epi32(static_cast<int>(xs ^ 0x80808080u)), ws[st]);
+                int32_t xs;
+                __builtin_memcpy(&xs, xu[t] + 4 * st, 4);
+                isum[st / 4] = _mm512_dpbusd_epi32(isum[st / 4], _mm512_set1_epi32(xs), ws[st]);
             }
             const __m512 dx = _mm512_set1_ps(d[t][i]);
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[0]), _mm512_mul_ps(scale[0], dx), acc[t]);
