@@ -15,6 +15,7 @@ import torch
 import transformers
 
 import tokenmill
+from tokenmill import _core
 from tokenmill.errors import ContextOverflowError, InvalidArgumentError, ModelFormatError, NumericalError
 from tokenmill.rag import Index, chunk_text, rerank
 from tokenmill.rag.rerank import score_documents
@@ -58,6 +59,25 @@ def test_minilm_embeddings_match_sentence_transformers_math(minilm, minilm_refer
     np.testing.assert_allclose(minilm.embed(TEXTS, batch_tokens=8), got, atol=1e-6, rtol=0)
     similar = minilm.embed(["A man plays the guitar.", "Someone is playing an instrument.", "The stock market fell."])
     assert similar[0] @ similar[1] > similar[0] @ similar[2] + 0.3
+
+
+@pytest.mark.parametrize("level", [lv for lv in _core.cpu_levels() if lv != "scalar"])
+def test_minilm_in_q8_0_with_int8_activations_stays_close(minilm_reference, level):
+    """The fast embedding setting (q8_0 weights against activations rounded to int8 per 32 values, as
+    a Q8_0 embedding GGUF runs in llama.cpp): near the reference vectors (cosine 0.999 typically), and
+    not the exact ones (it does round)."""
+    _, mean = minilm_reference(TEXTS)
+    want = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    before = _core.cpu_level()
+    _core.set_cpu_level(level)
+    try:
+        got = tokenmill.load(MINILM, weights="q8_0", int8_prefill=True).embed(TEXTS)
+        weights_only = tokenmill.load(MINILM, weights="q8_0").embed(TEXTS)
+    finally:
+        _core.set_cpu_level(before)
+    cosine = (got * want).sum(axis=1)
+    assert cosine.min() > 0.995 and np.median(cosine) > 0.999, cosine   # lowest: the empty text's 2 tokens
+    assert np.abs(got - weights_only).max() > 1e-4   # the activations were rounded
 
 
 def test_sentence_transformers_files_choose_pooling(tmp_path, minilm_reference):

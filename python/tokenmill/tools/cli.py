@@ -123,7 +123,7 @@ def _bench(args: argparse.Namespace) -> int:
         from . import rag_bench
 
         print(bench.format_table(rag_bench.run(args.rag, args.model, args.threads or 2,
-                                               rerank_queries=args.rerank_queries)))
+                                               rerank_queries=args.rerank_queries, repeats=args.repeats)))
         return 0
     if args.inferencer:
         from . import infer_bench
