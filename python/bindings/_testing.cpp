@@ -242,7 +242,7 @@ PYBIND11_MODULE(_testing, mod) {
             cpu::unpack_row8(t, group.data(), n, j, reinterpret_cast<uint8_t*>(unpacked.data()) + j * row_bytes(t, n));
         std::vector<int8_t> q(static_cast<size_t>(4 * n));
         std::vector<float> d(static_cast<size_t>(n / 32)), sum(static_cast<size_t>(n / 32));
-        k.prepare_x8(x.data(), n, q.data(), d.data(), sum.data());
+        k.prepare_x8(x.data(), n, q.data(), d.data(), sum.data(), 4);
         FloatArray out(8);
         k.dot_packed8(t, group.data(), q.data(), d.data(), sum.data(), n, out.mutable_data());
         FloatArray floats({int64_t{8}, n});
@@ -284,7 +284,7 @@ PYBIND11_MODULE(_testing, mod) {
         const int8_t* qp[NT];
         const float *dp[NT], *sp[NT];
         for (int j = 0; j < NT; ++j) {
-            k.prepare_x8(xs.data() + j * n, n, q.data() + 4 * j * n, d.data() + j * (n / 32), sum.data() + j * (n / 32));
+            k.prepare_x8(xs.data() + j * n, n, q.data() + 4 * j * n, d.data() + j * (n / 32), sum.data() + j * (n / 32), 1);
             cpu::first_part(q.data() + 4 * j * n, d.data() + j * (n / 32), n, a.data() + j * n, rounded.data() + j * (n / 32));
             qp[j] = a.data() + j * n;
             dp[j] = d.data() + j * (n / 32);
@@ -316,7 +316,7 @@ PYBIND11_MODULE(_testing, mod) {
         std::vector<int8_t> q(static_cast<size_t>(4 * n)), a(static_cast<size_t>(n * n_tokens));
         std::vector<float> d(static_cast<size_t>(nb * n_tokens)), sum(static_cast<size_t>(nb)), rounded(static_cast<size_t>(nb));
         for (int64_t j = 0; j < n_tokens; ++j) {
-            k.prepare_x8(xs.data() + j * n, n, q.data(), d.data() + j * nb, sum.data());
+            k.prepare_x8(xs.data() + j * n, n, q.data(), d.data() + j * nb, sum.data(), 1);
             cpu::first_part(q.data(), d.data() + j * nb, n, a.data() + j * n, rounded.data());
         }
         const auto* rows = reinterpret_cast<const uint8_t*>(view.data());

@@ -148,12 +148,13 @@ public:
         const cpu::Kernels& kern = cpu::kernels();
         const bool small_batch = (T < kPreparedMaxTokens && !invariant_) || rows_as_decode_;
         bool any_prepared = false, any_prepared_k = false, any_packed = false, any_tile16 = false, any_tile = false,
-             any_int8 = false;
+             any_int8 = false, any_packed_exact = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
             const Weight& w = *items[i].w;
             const bool packed = uses_packed(kern, w, T), tile16 = uses_tile16(kern, w, T), tile = uses_tile(kern, w, T);
             any_packed |= packed;
+            any_packed_exact |= packed && !uses_int8_decode(kern);   // the only reader of prepare_x8's parts 2..4
             any_int8 |= (packed && uses_int8_decode(kern)) || (small_batch && uses_int8_q8_0(kern, w));
             any_tile16 |= tile16;
             any_tile |= tile;
@@ -184,7 +185,7 @@ public:
             pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
                 for (int64_t t = t0; t < t1; ++t) {
                     int8_t* q = xq8_.data() + 4 * t * cols;
-                    kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb);
+                    kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb, any_packed_exact ? 4 : 1);
                     if (rounded)
                         cpu::first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb);
                 }

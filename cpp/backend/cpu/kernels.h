@@ -61,8 +61,9 @@ struct Kernels {
     // parts per element, x = d * (a + b / 2^7 + c / 2^14 + e / 2^21) per 32-block (error at most
     // d / 2^22, below float rounding of the block maximum), q [4n] holding a[32] b[32] c[32] e[32]
     // per block, plus the block sums -> out[8], the group's rows against x. Null where a level has
-    // no such path.
-    void (*prepare_x8)(const float* x, int64_t n, int8_t* q, float* d, float* sum);
+    // no such path. prepare_x8 writes the first `parts` parts of each block (1: only what the int8
+    // kernels read; the other 96 bytes of the block are left as they were).
+    void (*prepare_x8)(const float* x, int64_t n, int8_t* q, float* d, float* sum, int parts);
     void (*dot_packed8)(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                         float* out);
     // The same group against x rounded to int8 per 32-block (a [n], the first part; d its scales, sum

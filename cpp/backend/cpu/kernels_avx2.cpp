@@ -719,7 +719,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
 
 // x / d = a + b / 2^7 + c / 2^14 + e / 2^21 per 32-block, as the AVX-512 level lays it out: a =
 // round(x / d) in [-127, 127], then each part rounds 128 times the remainder of the one before.
-void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum) {
+void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum, int parts) {
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);   // undoes the packs' lane interleave
     for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 128) {
         const float mx = abs_max(x, 32);
@@ -728,7 +728,7 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum) {
         sum[b] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
         const __m256 inv = _mm256_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
         for (__m256& vi : v) vi = _mm256_mul_ps(vi, inv);
-        for (int part = 0; part < 4; ++part) {
+        for (int part = 0; part < parts; ++part) {
             __m256i whole[4];
             for (int g = 0; g < 4; ++g) {
                 whole[g] = _mm256_cvtps_epi32(v[g]);

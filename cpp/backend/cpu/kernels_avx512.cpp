@@ -665,7 +665,7 @@ void dot_row_prepared_x4(DType t, const void* row, const int16_t* q, const float
 
 // x / d = a + b / 2^7 + c / 2^14 + e / 2^21 per 32-block: a = round(x / d) in [-127, 127], then each
 // part rounds 128 times the remainder of the one before (in [-64, 64]).
-void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum) {
+void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum, int parts) {
     for (int64_t b = 0; b < n / 32; ++b, x += 32, q += 128) {
         __m512 v[2] = {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)};
         float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
@@ -674,7 +674,7 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum) {
         const __m512 inv = _mm512_set1_ps(mx > 0.0f ? 127.0f / mx : 0.0f);
         v[0] = _mm512_mul_ps(v[0], inv);
         v[1] = _mm512_mul_ps(v[1], inv);
-        for (int part = 0; part < 4; ++part)
+        for (int part = 0; part < parts; ++part)
             for (int h = 0; h < 2; ++h) {
                 __m512i whole = _mm512_cvtps_epi32(v[h]);
                 _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * part + 16 * h), _mm512_cvtsepi32_epi8(whole));
