@@ -283,8 +283,8 @@ def _rag(args: argparse.Namespace) -> int:
 
 
 DEVICE_HELP = "where the model runs: cpu, or cuda / hip (cuda:N) in a build with that backend"
-INT8_PREFILL_HELP = ("forward passes of 8+ tokens (prompts, batches) meet q4_0/q4_1 weights with activations "
-                     "rounded to int8, as in llama.cpp (~2x faster prefill)")
+INT8_PREFILL_HELP = ("forward passes of 8+ tokens (prompts, batches) meet q4_*, q5_*, q8_0, iq4_nl and K-quant "
+                     "(not q2_k) weights with activations rounded to int8, as in llama.cpp (~2x faster prefill)")
 
 
 def build_parser() -> argparse.ArgumentParser:
