@@ -188,6 +188,25 @@ def test_quantized_kinds_need_block_sized_heads(tiny_models):
         model.logits([1, 2, 3], cache_kind="q8")
 
 
+def test_batch_invariant_prompt_rows_do_not_depend_on_chunks_or_neighbours(smollm):
+    """A batch-invariant pass's prompt rows (the scheduler's) take blocked attention whatever their
+    number: a prompt in one pass, in chunks of 1 to 22 rows, or beside a decode row and another prompt,
+    gives the same logits bit for bit."""
+    ids = np.random.default_rng(4).integers(100, 40000, size=40).tolist()
+    whole = smollm.eval(smollm.new_cache(64), ids, logits="all", batch_invariant=True).logits
+    for sizes in ([1] * 9 + [31], [5, 13, 22], [21, 19]):
+        cache, parts, at = smollm.new_cache(64), [], 0
+        for n in sizes:
+            parts.append(smollm.eval(cache, ids[at:at + n], logits="all", batch_invariant=True).logits)
+            at += n
+        np.testing.assert_array_equal(np.concatenate(parts), whole, err_msg=str(sizes))
+    decoding, other = smollm.new_cache(64), smollm.new_cache(64)
+    smollm.eval(decoding, ids[:7], logits=None)
+    rows = smollm.eval_batch([decoding, smollm.new_cache(64), other], [[ids[7]], ids, ids[:3]], logits="all",
+                             batch_invariant=True, decode_rows=1).logits
+    np.testing.assert_array_equal(rows[1:41], whole)
+
+
 def test_fp16_cache_logits_stay_close_and_chunking_changes_nothing(smollm):
     ids = smollm.tokenize("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer")
     full = smollm.logits(ids)

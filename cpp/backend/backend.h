@@ -102,6 +102,7 @@ struct AttentionSegment {
     int64_t window;      // attend to at most this many latest positions; <= 0: unlimited
     KVLayerView kv;
     bool causal = true;  // false: every row attends to all of the segment's positions (encoders)
+    bool decode = false; // a batch-invariant pass's decode row: attends exactly as a lone decode step
 };
 
 struct AttentionShape {

@@ -141,10 +141,11 @@ void Model::forward(const ForwardRequest& req) {
            AttentionShape{static_cast<int>(hp_.n_head), static_cast<int>(hp_.n_head_kv), static_cast<int>(hp_.head_dim), scale});
     p.ctx.matmul = [this, &p](const MatmulItem* items, int n, const float* x) { project_rows(p, items, n, x); };
     int64_t row = 0;
+    const int64_t decode_rows = req.batch_invariant ? req.decode_rows : 0;   // the first rows of the pass
     for (const SequenceInput& in : req.batch) {
         const int64_t n_past = in.cache->n_past();
         for (int64_t i = 0; i < in.n; ++i) p.pos[static_cast<size_t>(row + i)] = static_cast<int32_t>(n_past + i);
-        p.segs.push_back({row, in.n, n_past, 0, {}, !spec_->encoder});   // window and KV view: per layer
+        p.segs.push_back({row, in.n, n_past, 0, {}, !spec_->encoder, row < decode_rows});   // window and KV view: per layer
         p.batch.push_back({row, in.n, n_past, in.cache, in.adapter});
         row += in.n;
     }

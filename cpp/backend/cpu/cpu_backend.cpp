@@ -46,7 +46,8 @@ constexpr int64_t kMinAttentionPart = 128;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
 // Prefill of a sequence with at least this many new rows (and no fp16 ring) takes its attention in
-// blocks of up to kQueryBlock query vectors that share their scores' key loads (attention_blocks).
+// blocks of up to kQueryBlock query vectors that share their scores' key loads (attention_blocks);
+// so do all prompt rows of a batch-invariant pass, whatever their number.
 constexpr int64_t kBlockMinRows = 8;
 constexpr int64_t kQueryBlock = 16;
 
@@ -513,11 +514,15 @@ public:
         struct Part { int seg; int64_t t; int kvh; int64_t j0, j1; };   // positions [j0, j1)
         const int64_t hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
         const cpu::Kernels& kern = cpu::kernels();
-        // prefill rows (fast mode) go by blocks; a ring's source depends on the query row, so not those
+        // prefill rows go by blocks (a ring's source depends on the query row, so not those): in fast
+        // mode from kBlockMinRows rows on; batch-invariant prompt rows always, as each row's result
+        // in a block is independent of the block (its scores and sums in a fixed order over its own
+        // positions), hence of how the prompt was chunked and batched
         std::vector<char> blocked(static_cast<size_t>(n_segs), 0);
-        for (int s = 0; s < n_segs; ++s)
-            blocked[s] = !rows_as_decode_ && !invariant_ && kern.scores_block && segs[s].n_rows >= kBlockMinRows &&
-                         !segs[s].kv.has_ring();
+        for (int s = 0; s < n_segs; ++s) {
+            const bool prompt = invariant_ ? !segs[s].decode : !rows_as_decode_ && segs[s].n_rows >= kBlockMinRows;
+            blocked[s] = prompt && kern.scores_block && !segs[s].kv.has_ring();
+        }
         attention_blocks(out, q, segs, n_segs, blocked, shape);
         int64_t pairs = 0;
         for (int s = 0; s < n_segs; ++s)
