@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/attention.h"
 #include "backend/cpu/memory_attention.h"
 #include "core/error.h"
 #include "core/quants.h"
@@ -38,18 +39,8 @@ constexpr int64_t kMinParallelElements = 1 << 15;
 constexpr int64_t kElementChunk = 1 << 12;
 // RoPE handles head dimensions up to twice this (the model loader accepts up to 1024)
 constexpr int kMaxRopeHalf = 512;
-// Attention reads K and V in tiles of this many positions (f32 and f16 in place, other kinds
-// converted into a per-thread buffer) ...
-constexpr int64_t kAttentionTile = 64;
-// ... and splits the positions of a query into parts of at least this many when it splits them.
-constexpr int64_t kMinAttentionPart = 128;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
-// Prefill of a sequence with at least this many new rows (and no fp16 ring) takes its attention in
-// blocks of up to kQueryBlock query vectors that share their scores' key loads (attention_blocks);
-// so do all prompt rows of a batch-invariant pass, whatever their number.
-constexpr int64_t kBlockMinRows = 8;
-constexpr int64_t kQueryBlock = 16;
 
 class CpuBackend final : public Backend {
 public:
@@ -506,134 +497,10 @@ public:
         });
     }
 
-    // Work unit: one (sequence row, KV head) and a range of cached positions; its query heads (the
-    // GQA group) share every K and V row read. Few such pairs (decode) split the positions into
-    // parts whose partial softmax sums are merged afterwards, so every thread has work.
     void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
                    const AttentionShape& shape) override {
-        struct Part { int seg; int64_t t; int kvh; int64_t j0, j1; };   // positions [j0, j1)
-        const int64_t hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
-        const cpu::Kernels& kern = cpu::kernels();
-        // prefill rows go by blocks (a ring's source depends on the query row, so not those): in fast
-        // mode from kBlockMinRows rows on; batch-invariant prompt rows always, as each row's result
-        // in a block is independent of the block (its scores and sums in a fixed order over its own
-        // positions), hence of how the prompt was chunked and batched
-        std::vector<char> blocked(static_cast<size_t>(n_segs), 0);
-        for (int s = 0; s < n_segs; ++s) {
-            const bool prompt = invariant_ ? !segs[s].decode : !rows_as_decode_ && segs[s].n_rows >= kBlockMinRows;
-            blocked[s] = prompt && kern.scores_block && !segs[s].kv.has_ring();
-        }
-        attention_blocks(out, q, segs, n_segs, blocked, shape);
-        int64_t pairs = 0;
-        for (int s = 0; s < n_segs; ++s)
-            if (!blocked[s]) pairs += segs[s].n_rows * shape.n_kv_heads;
-        if (pairs == 0) return;
-        // as decode: each row splits as it would alone (its KV heads are all the pairs)
-        const int64_t split_pairs = rows_as_decode_ || invariant_ ? shape.n_kv_heads : pairs;
-        const int64_t parts_wanted =
-            split_pairs >= 4 * pool_.size() ? 1 : (8 * pool_.size() + split_pairs - 1) / split_pairs;
-        std::vector<Part> parts;
-        std::vector<int64_t> first_part;   // per (row, kv head) pair, into parts
-        for (int s = 0; s < n_segs; ++s) {
-            const AttentionSegment& seg = segs[s];
-            if (blocked[s]) continue;
-            for (int64_t t = 0; t < seg.n_rows; ++t) {
-                const int64_t pos = last_position(seg, t), start = first_position(seg, t);
-                const int64_t n = pos + 1 - start;
-                const int64_t len = std::max<int64_t>(kMinAttentionPart, (n + parts_wanted - 1) / parts_wanted);
-                for (int h = 0; h < shape.n_kv_heads; ++h) {
-                    first_part.push_back(static_cast<int64_t>(parts.size()));
-                    for (int64_t j = start; j <= pos; j += len) parts.push_back({s, t, h, j, std::min(j + len, pos + 1)});
-                }
-            }
-        }
-        first_part.push_back(static_cast<int64_t>(parts.size()));
-        const bool split = parts.size() > static_cast<size_t>(pairs);
-        // per part and query head of the group: running max m, sum l, and unnormalised output acc[hd]
-        const int64_t stride = group * (hd + 2);
-        if (split) partials_.resize(parts.size() * static_cast<size_t>(stride));
-
-        pool_.parallel_for(static_cast<int64_t>(parts.size()), [&](int64_t i0, int64_t i1, int thread) {
-            for (int64_t i = i0; i < i1; ++i) {
-                const Part& part = parts[static_cast<size_t>(i)];
-                const AttentionSegment& seg = segs[part.seg];
-                const KVLayerView& kv = seg.kv;
-                const int64_t ring_from = kv.ring_from(seg.n_past + part.t, seg.n_past + seg.n_rows);
-                const int64_t n = part.j1 - part.j0, row = seg.row0 + part.t;
-                // scratch: scaled queries [group, hd] | acc [group, hd] | max, sum [group] | scores [group, n]
-                //          | rows [tile, hd]
-                float* qs = scratch(thread, group * (2 * hd + 2 + n) + kAttentionTile * hd);
-                float* acc = qs + group * hd;
-                float* mx = acc + group * hd;
-                float* sum = mx + group;
-                float* scores = sum + group;
-                float* tile_buf = scores + group * n;
-                for (int64_t g = 0; g < group; ++g) {
-                    const float* qh = q + (row * shape.n_heads + part.kvh * group + g) * hd;
-                    for (int64_t d = 0; d < hd; ++d) qs[g * hd + d] = qh[d] * shape.scale;
-                }
-                // scores[g, j] = (q_g * scale) . k_j
-                for (int64_t j = part.j0, m; j < part.j1; j += m) {
-                    m = tile_rows(kv.k, kv.k_ring, j, part.j1, ring_from);
-                    const TileRows rows = load_rows(kern, kv.k, kv.k_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
-                    for (int64_t g = 0; g < group; ++g) {
-                        float* sg = scores + g * n + (j - part.j0);
-                        if (rows.f16) kern.rows_dot_f16(rows.f16, m, hd, qs + g * hd, sg);
-                        else kern.rows_dot_f32(rows.f32, m, hd, qs + g * hd, sg);
-                    }
-                }
-                // p[g, j] = exp(scores - max): softmax numerators and their sums
-                for (int64_t g = 0; g < group; ++g) {
-                    const float* sg = scores + g * n;
-                    mx[g] = *std::max_element(sg, sg + n);
-                    sum[g] = kern.exp_sum(scores + g * n, n, mx[g]);
-                }
-                // acc[g] = sum_j p[g, j] v_j
-                std::fill(acc, acc + group * hd, 0.0f);
-                for (int64_t j = part.j0, m; j < part.j1; j += m) {
-                    m = tile_rows(kv.v, kv.v_ring, j, part.j1, ring_from);
-                    const TileRows rows = load_rows(kern, kv.v, kv.v_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
-                    for (int64_t g = 0; g < group; ++g) {
-                        const float* pg = scores + g * n + (j - part.j0);
-                        if (rows.f16) kern.rows_axpy_f16(acc + g * hd, rows.f16, m, hd, hd, pg);
-                        else kern.rows_axpy_f32(acc + g * hd, rows.f32, m, hd, hd, pg);
-                    }
-                }
-                for (int64_t g = 0; g < group; ++g) {
-                    if (split) {
-                        float* dst = partials_.data() + i * stride + g * (hd + 2);
-                        dst[0] = mx[g];
-                        dst[1] = sum[g];
-                        std::copy(acc + g * hd, acc + (g + 1) * hd, dst + 2);
-                    } else {
-                        float* oh = out + (row * shape.n_heads + part.kvh * group + g) * hd;
-                        for (int64_t d = 0; d < hd; ++d) oh[d] = acc[g * hd + d] / sum[g];
-                    }
-                }
-            }
-        });
-        if (!split) return;
-        // out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M), M = max_c m_c
-        pool_.parallel_for(pairs, [&](int64_t p0, int64_t p1, int) {
-            for (int64_t pair = p0; pair < p1; ++pair) {
-                const Part& first = parts[static_cast<size_t>(first_part[pair])];
-                const int64_t row = segs[first.seg].row0 + first.t;
-                for (int64_t g = 0; g < group; ++g) {
-                    float* oh = out + (row * shape.n_heads + first.kvh * group + g) * hd;
-                    float big = -INFINITY, total = 0.0f;
-                    for (int64_t c = first_part[pair]; c < first_part[pair + 1]; ++c)
-                        big = std::max(big, partials_[c * stride + g * (hd + 2)]);
-                    std::fill(oh, oh + hd, 0.0f);
-                    for (int64_t c = first_part[pair]; c < first_part[pair + 1]; ++c) {
-                        const float* src = partials_.data() + c * stride + g * (hd + 2);
-                        const float w = std::exp(src[0] - big);
-                        total += src[1] * w;
-                        for (int64_t d = 0; d < hd; ++d) oh[d] += src[2 + d] * w;
-                    }
-                    for (int64_t d = 0; d < hd; ++d) oh[d] /= total;
-                }
-            }
-        });
+        const RowsMode mode = rows_as_decode_ ? RowsMode::as_decode : invariant_ ? RowsMode::invariant : RowsMode::fast;
+        cpu::attention(pool_, attention_buffers_, mode, out, q, segs, n_segs, shape);
     }
 
     void lora_add(const LoraItem* items, int n_items) override { cpu::lora_add(pool_, lora_u_, items, n_items); }
@@ -643,152 +510,6 @@ public:
     }
 
 private:
-    // The positions row t of a segment attends to: first_position .. last_position
-    static int64_t last_position(const AttentionSegment& seg, int64_t t) {
-        return seg.causal ? seg.n_past + t : seg.n_past + seg.n_rows - 1;
-    }
-    static int64_t first_position(const AttentionSegment& seg, int64_t t) {
-        return seg.window > 0 ? std::max<int64_t>(0, last_position(seg, t) - seg.window + 1) : 0;
-    }
-
-    // Attention of the blocked segments' rows. (1) Per (segment, KV head), K over every position its
-    // rows see, transposed once: kt_ [hd, n]. (2) Per block of rows whose query vectors (rows x GQA
-    // group, at most kQueryBlock) share a KV head: scores[nq, positions] = (q * scale) Kt in one
-    // product, then per query softmax over its own positions and the weighted V rows, each V tile
-    // read once for the whole block. Scores beyond a query's positions are computed and ignored.
-    void attention_blocks(float* out, const float* q, const AttentionSegment* segs, int n_segs,
-                          const std::vector<char>& blocked, const AttentionShape& shape) {
-        const int64_t hd = shape.head_dim, group = shape.n_heads / shape.n_kv_heads;
-        const int64_t rows_per_block = std::max<int64_t>(1, kQueryBlock / group);
-        struct Keys { int seg; int kvh; int64_t lo, n; size_t offset; };   // kt_ + offset: [hd, n] for lo..
-        struct Block { size_t keys; int64_t t0, t1; };
-        std::vector<Keys> keys;
-        std::vector<Block> blocks;
-        size_t kt_floats = 0;
-        for (int s = 0; s < n_segs; ++s) {
-            if (!blocked[s]) continue;
-            const AttentionSegment& seg = segs[s];
-            const int64_t lo = first_position(seg, 0), n = last_position(seg, seg.n_rows - 1) + 1 - lo;
-            for (int h = 0; h < shape.n_kv_heads; ++h) {
-                for (int64_t t0 = 0; t0 < seg.n_rows; t0 += rows_per_block)
-                    blocks.push_back({keys.size(), t0, std::min(seg.n_rows, t0 + rows_per_block)});
-                keys.push_back({s, h, lo, n, kt_floats});
-                kt_floats += static_cast<size_t>(hd * n);
-            }
-        }
-        if (keys.empty()) return;
-        if (kt_.size() < kt_floats) kt_.resize(kt_floats);
-        const cpu::Kernels& kern = cpu::kernels();
-
-        pool_.parallel_for(static_cast<int64_t>(keys.size()), [&](int64_t i0, int64_t i1, int thread) {
-            float* tile_buf = scratch(thread, kAttentionTile * hd);
-            for (int64_t i = i0; i < i1; ++i) {
-                const Keys& ks = keys[static_cast<size_t>(i)];
-                const KVLayerView& kv = segs[ks.seg].kv;
-                float* kt = kt_.data() + ks.offset;
-                const int64_t end = ks.lo + ks.n;
-                for (int64_t j = ks.lo, m; j < end; j += m) {
-                    m = tile_rows(kv.k, kv.k_ring, j, end, end);
-                    const TileRows rows = load_rows(kern, kv.k, kv.k_ring, ks.kvh, j, j + m, end, hd, tile_buf);
-                    const float* src = rows.f32;
-                    if (rows.f16) {
-                        kern.dequantize_row(DType::f16, rows.f16, tile_buf, m * hd);
-                        src = tile_buf;
-                    }
-                    for (int64_t d = 0; d < hd; ++d) {
-                        float* dst = kt + d * ks.n + (j - ks.lo);
-                        for (int64_t r = 0; r < m; ++r) dst[r] = src[r * hd + d];
-                    }
-                }
-            }
-        });
-
-        pool_.parallel_for(static_cast<int64_t>(blocks.size()), [&](int64_t b0, int64_t b1, int thread) {
-            for (int64_t b = b0; b < b1; ++b) {
-                const Block& blk = blocks[static_cast<size_t>(b)];
-                const Keys& ks = keys[blk.keys];
-                const AttentionSegment& seg = segs[ks.seg];
-                const KVLayerView& kv = seg.kv;
-                const int64_t nq = (blk.t1 - blk.t0) * group;
-                const int64_t lo = first_position(seg, blk.t0), end = last_position(seg, blk.t1 - 1) + 1, n = end - lo;
-                // scratch: scaled queries [nq, hd] | acc [nq, hd] | sum [nq] | scores [nq, n] | rows [tile, hd]
-                float* qs = scratch(thread, nq * (2 * hd + 1 + n) + kAttentionTile * hd);
-                float* acc = qs + nq * hd;
-                float* sum = acc + nq * hd;
-                float* scores = sum + nq;
-                float* tile_buf = scores + nq * n;
-                for (int64_t t = blk.t0; t < blk.t1; ++t)
-                    for (int64_t g = 0; g < group; ++g) {
-                        const float* qh = q + ((seg.row0 + t) * shape.n_heads + ks.kvh * group + g) * hd;
-                        float* dst = qs + ((t - blk.t0) * group + g) * hd;
-                        for (int64_t d = 0; d < hd; ++d) dst[d] = qh[d] * shape.scale;
-                    }
-                // scores[i, j] = (q_i * scale) . k_(lo + j)
-                kern.scores_block(qs, static_cast<int>(nq), hd, kt_.data() + ks.offset + (lo - ks.lo), ks.n, n, scores, n);
-                // per query, over its own positions [first, last]: p = exp(score - max), and their sum
-                for (int64_t i = 0; i < nq; ++i) {
-                    const int64_t t = blk.t0 + i / group;
-                    float* si = scores + i * n + (first_position(seg, t) - lo);
-                    const int64_t len = last_position(seg, t) + 1 - first_position(seg, t);
-                    sum[i] = kern.exp_sum(si, len, *std::max_element(si, si + len));
-                }
-                // acc[i] = sum_j p[i, j] v_j, a tile of V rows at a time for every query of the block
-                std::fill(acc, acc + nq * hd, 0.0f);
-                for (int64_t j = lo, m; j < end; j += m) {
-                    m = tile_rows(kv.v, kv.v_ring, j, end, end);
-                    const TileRows rows = load_rows(kern, kv.v, kv.v_ring, ks.kvh, j, j + m, end, hd, tile_buf);
-                    for (int64_t i = 0; i < nq; ++i) {
-                        const int64_t t = blk.t0 + i / group;
-                        const int64_t a = std::max(j, first_position(seg, t)), z = std::min(j + m, last_position(seg, t) + 1);
-                        if (a >= z) continue;
-                        const float* pi = scores + i * n + (a - lo);
-                        if (rows.f16) kern.rows_axpy_f16(acc + i * hd, rows.f16 + (a - j) * hd, z - a, hd, hd, pi);
-                        else kern.rows_axpy_f32(acc + i * hd, rows.f32 + (a - j) * hd, z - a, hd, hd, pi);
-                    }
-                }
-                for (int64_t i = 0; i < nq; ++i) {
-                    const int64_t t = blk.t0 + i / group, g = i % group;
-                    float* oh = out + ((seg.row0 + t) * shape.n_heads + ks.kvh * group + g) * hd;
-                    for (int64_t d = 0; d < hd; ++d) oh[d] = acc[i * hd + d] / sum[i];
-                }
-            }
-        });
-    }
-
-    // A tile of K or V rows [m, hd] as the kernels read them: fp16 rows in place (main store or ring),
-    // f32 rows in place, any other kind converted to f32 in a buffer.
-    struct TileRows {
-        const float* f32 = nullptr;
-        const uint16_t* f16 = nullptr;
-    };
-
-    // How many rows from p0 (before end) one attention tile takes: up to kAttentionTile, but rows read
-    // in place (f32 and f16, and the fp16 ring) stop at the end of their run of contiguous slots, so a
-    // paged cache is not copied and every fp16 row is always read in place (the per-row dots and the
-    // running sums are the same however the rows are tiled).
-    static int64_t tile_rows(const KVStore& main, const KVStore& ring, int64_t p0, int64_t end, int64_t ring_from) {
-        const int64_t m = std::min(kAttentionTile, end - p0);
-        if (ring.data && p0 >= ring_from) return std::min(m, ring.capacity - p0 % ring.capacity);
-        const int64_t main_end = ring.data ? std::min(p0 + m, ring_from) : p0 + m;
-        return main.type == DType::f32 || main.type == DType::f16 ? main.contiguous(p0, main_end) : main_end - p0;
-    }
-
-    // Rows [p0, p1) of one KV head (a tile_rows run): positions from ring_from on come from the fp16
-    // ring, the others from the main store.
-    static TileRows load_rows(const cpu::Kernels& kern, const KVStore& main, const KVStore& ring, int kvh,
-                              int64_t p0, int64_t p1, int64_t ring_from, int64_t hd, float* buf) {
-        if (ring.data && p0 >= ring_from)
-            return {nullptr, reinterpret_cast<const uint16_t*>(ring.row(kvh, p0 % ring.capacity))};
-        if (main.type == DType::f32) return {reinterpret_cast<const float*>(main.row(kvh, p0)), nullptr};
-        if (main.type == DType::f16) return {nullptr, reinterpret_cast<const uint16_t*>(main.row(kvh, p0))};
-        for (int64_t p = p0; p < p1;) {   // runs of contiguous rows (a pool's blocks)
-            const int64_t run = main.contiguous(p, p1);
-            kern.dequantize_row(main.type, main.row(kvh, p), buf + (p - p0) * hd, run * hd);
-            p += run;
-        }
-        return {buf, nullptr};
-    }
-
     // Which kernels a weight's product with T tokens runs on: the eight-row integer kernel (few
     // tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
     // (Rows as decode: always the kernels of T = 1, each token on its own.)
@@ -864,7 +585,6 @@ private:
 
     ThreadPool pool_;
     std::vector<std::vector<float>> scratch_;
-    std::vector<float> kt_;   // attention_blocks' transposed keys
     // activations prepared for the integer kernels: q [T, 2 * cols], d and sum [T, cols / 32]; by
     // prepare_x (32-block scales) and by prepare_x_k (super-block scales, for the K-quants)
     struct PreparedX {
@@ -881,7 +601,7 @@ private:
     std::optional<cpu::LevelPin> level_;               // held during a pass
     bool rows_as_decode_ = false;                      // the RowsMode of the ops now running
     bool invariant_ = false;
-    std::vector<float> partials_;   // split attention: per part and query head, (max, sum, acc[hd])
+    cpu::AttentionBuffers attention_buffers_;
     std::vector<float> lora_u_;     // LoRA: scale * A x of every row of a projection group
     std::vector<std::vector<float>> memory_scratch_;   // memory attention: one buffer per thread
     bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (BackendOptions::int8_prefill) ...
