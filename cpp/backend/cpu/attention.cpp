@@ -28,6 +28,19 @@ int64_t first_position(const AttentionSegment& seg, int64_t t) {
     return seg.window > 0 ? std::max<int64_t>(0, last_position(seg, t) - seg.window + 1) : 0;
 }
 
+// The largest of n > 0 scores, eight lanes at a time: a shape the compiler vectorizes, which
+// std::max_element's loop is not (the maximum is the same in any order).
+float max_of(const float* x, int64_t n) {
+    float lane[8];
+    std::fill(lane, lane + 8, x[0]);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; ++k) lane[k] = lane[k] > x[i + k] ? lane[k] : x[i + k];
+    float m = *std::max_element(lane, lane + 8);
+    for (; i < n; ++i) m = std::max(m, x[i]);
+    return m;
+}
+
 // A tile of K or V rows [m, hd] as the kernels read them: fp16 rows in place (main store or ring),
 // f32 rows in place, any other kind converted to f32 in a buffer.
 struct TileRows {
@@ -141,7 +154,7 @@ void attention_blocks(ThreadPool& pool, AttentionBuffers& buf, float* out, const
                 const int64_t t = blk.t0 + i / group;
                 float* si = scores + i * n + (first_position(seg, t) - lo);
                 const int64_t len = last_position(seg, t) + 1 - first_position(seg, t);
-                sum[i] = kern.exp_sum(si, len, *std::max_element(si, si + len));
+                sum[i] = kern.exp_sum(si, len, max_of(si, len));
             }
             // acc[i] = sum_j p[i, j] v_j, a tile of V rows at a time for every query of the block
             std::fill(acc, acc + nq * hd, 0.0f);
@@ -185,7 +198,7 @@ void attention(ThreadPool& pool, AttentionBuffers& buf, RowsMode mode, float* ou
     std::vector<char> blocked(static_cast<size_t>(n_segs), 0);
     for (int s = 0; s < n_segs; ++s) {
         const bool prompt = invariant ? !segs[s].decode : !as_decode && segs[s].n_rows >= kBlockMinRows;
-        blocked[s] = prompt && kern.scores_block && !segs[s].kv.has_ring();
+        blocked[s] = prompt && segs[s].n_rows > 0 && kern.scores_block && !segs[s].kv.has_ring();
     }
     attention_blocks(pool, buf, out, q, segs, n_segs, blocked, shape);
     int64_t pairs = 0;
@@ -249,7 +262,7 @@ void attention(ThreadPool& pool, AttentionBuffers& buf, RowsMode mode, float* ou
             // p[g, j] = exp(scores - max): softmax numerators and their sums
             for (int64_t g = 0; g < group; ++g) {
                 const float* sg = scores + g * n;
-                mx[g] = *std::max_element(sg, sg + n);
+                mx[g] = max_of(sg, n);
                 sum[g] = kern.exp_sum(scores + g * n, n, mx[g]);
             }
             // acc[g] = sum_j p[g, j] v_j
