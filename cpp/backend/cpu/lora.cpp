@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <unordered_map>
 
 #include "backend/cpu/kernels.h"
 
@@ -58,6 +59,7 @@ void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, in
     std::vector<int64_t> u_offset(n + 1, 0), first_a(n + 1, 0);
     // region 2 runs per output: outputs[o] lists the items adding to it, in item order
     std::vector<std::vector<size_t>> outputs;
+    std::unordered_map<const float*, size_t> output_of;
     int64_t macs = 0;
     for (size_t i = 0; i < n; ++i) {
         const LoraItem& it = items[i];
@@ -65,9 +67,9 @@ void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, in
         u_offset[i + 1] = u_offset[i] + (it.n_rows * r + 15) / 16 * 16;   // own cache lines
         first_a[i + 1] = first_a[i] + it.n_rows * row_groups(i);
         macs += it.n_rows * r * (it.a->cols + it.bt->cols);
-        auto same = std::find_if(outputs.begin(), outputs.end(), [&](const auto& o) { return items[o[0]].out == it.out; });
-        if (same == outputs.end()) outputs.push_back({i});
-        else same->push_back(i);
+        const auto [at, added] = output_of.try_emplace(it.out, outputs.size());
+        if (added) outputs.emplace_back();
+        outputs[at->second].push_back(i);
     }
     std::vector<int64_t> first_b(outputs.size() + 1, 0);
     for (size_t o = 0; o < outputs.size(); ++o)
