@@ -23,10 +23,6 @@ constexpr bool has_offset(DType t) { return t == DType::q4_1 || t == DType::q5_1
 // scales and levels, no mins); q4_k / q5_k have one scale and one min per sub-block of 32
 constexpr bool half_scales(DType t) { return t == DType::q2_k || t == DType::q3_k || t == DType::q6_k; }
 constexpr bool block_mins(DType t) { return t == DType::q4_k || t == DType::q5_k; }
-// the types whose int8 prefill tile holds signed levels (a scale per half block, no offset)
-constexpr bool signed_tile(DType t) {
-    return t == DType::q3_k || t == DType::q6_k || t == DType::iq4_nl || t == DType::q8_0;
-}
 // a K-quant super-block's bytes
 constexpr int64_t super_bytes(DType t) {
     return t == DType::q2_k ? 84 : t == DType::q3_k ? 110 : t == DType::q4_k ? 144 : t == DType::q5_k ? 176 : 210;

@@ -128,14 +128,15 @@ void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* su
 
 // tokens per dot_tile16 call, and the bytes of one repack16 block column
 constexpr int kTile16Tokens = 8;
+// the types whose int8 prefill tile holds signed levels (a scale per half block, no offset)
+constexpr bool signed_tile(DType t) {
+    return t == DType::q3_k || t == DType::q6_k || t == DType::iq4_nl || t == DType::q8_0;
+}
 // (16 float scales, 16 float minimums for q4_1, then the quants at this offset)
 // (q5_0 / q5_1 / q4_k / q5_k: 16 float scales, 16 float offsets, then the quants as unsigned bytes;
-// q3_k / q6_k / iq4_nl / q8_0: the scales of each half of 16 values, then per half the rows' -128 * sum
-// of their levels as int32, then the signed levels)
-constexpr size_t tile16_quants_offset(DType t) {
-    const bool signed_levels = t == DType::q3_k || t == DType::q6_k || t == DType::iq4_nl || t == DType::q8_0;
-    return 64 * (t == DType::q4_0 ? 1 : signed_levels ? 4 : 2);
-}
+// the signed tiles: the scales of each half of 16 values, then per half the rows' -128 * sum of their
+// levels as int32, then the signed levels)
+constexpr size_t tile16_quants_offset(DType t) { return 64 * (t == DType::q4_0 ? 1 : signed_tile(t) ? 4 : 2); }
 constexpr size_t tile16_column_bytes(DType t) { return tile16_quants_offset(t) + 512; }
 
 // The eight-row layout of q4_0 / q4_1 weights: per block column, the eight rows' scales (fp16; for
