@@ -89,8 +89,7 @@ public:
         level_.reset();
     }
     void set_rows_mode(RowsMode mode) override {
-        rows_as_decode_ = mode == RowsMode::as_decode;
-        invariant_ = mode == RowsMode::invariant;
+        rows_mode_ = mode;
     }
 
     void get_rows(float* out, const Weight& table, const int32_t* ids, int64_t T) override {
@@ -138,7 +137,7 @@ public:
             return;
         }
         const cpu::Kernels& kern = cpu::kernels();
-        const bool small_batch = (T < kPreparedMaxTokens && !invariant_) || rows_as_decode_;
+        const bool small_batch = (T < kPreparedMaxTokens && !invariant()) || rows_as_decode();
         bool any_prepared = false, any_prepared_k = false, any_packed = false, any_tile16 = false, any_tile = false,
              any_int8 = false, any_packed_exact = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
@@ -499,8 +498,7 @@ public:
 
     void attention(float* out, const float* q, const AttentionSegment* segs, int n_segs,
                    const AttentionShape& shape) override {
-        const RowsMode mode = rows_as_decode_ ? RowsMode::as_decode : invariant_ ? RowsMode::invariant : RowsMode::fast;
-        cpu::attention(pool_, attention_buffers_, mode, out, q, segs, n_segs, shape);
+        cpu::attention(pool_, attention_buffers_, rows_mode_, out, q, segs, n_segs, shape);
     }
 
     void lora_add(const LoraItem* items, int n_items) override { cpu::lora_add(pool_, lora_u_, items, n_items); }
@@ -514,11 +512,11 @@ private:
     // tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
     // (Rows as decode: always the kernels of T = 1, each token on its own.)
     bool uses_packed(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
-        return ((T < kPreparedMaxTokens && !invariant_) || rows_as_decode_) && w.packed && kern.dot_packed8;
+        return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && w.packed && kern.dot_packed8;
     }
     bool uses_tile(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
-        if (invariant_) return true;
-        return T > 1 && !rows_as_decode_ && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
+        if (invariant()) return true;
+        return T > 1 && !rows_as_decode() && !(T < kPreparedMaxTokens && cpu::uses_prepared_x(kern, w.type));
     }
 
     // Rows per unit of the float tile path: a whole eight-row group of a packed weight (dequantized in
@@ -538,7 +536,7 @@ private:
     // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
     bool uses_tile16(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
         const bool repackable = w.packed || (cpu::repackable16(w.type) && kern.repack16_rows);
-        return int8_prefill_ && !rows_as_decode_ && (T >= kPreparedMaxTokens || invariant_) && repackable && kern.dot_tile16;
+        return int8_prefill_ && !rows_as_decode() && (T >= kPreparedMaxTokens || invariant()) && repackable && kern.dot_tile16;
     }
 
     // fn(i0, i1) over [0, n) in chunks of kElementChunk across the threads once there is enough work,
@@ -599,8 +597,9 @@ private:
     std::vector<std::unique_ptr<uint8_t[]>> packed_;   // eight-row copies of weights (pack)
     std::vector<std::unique_ptr<float[]>> vectors_;    // uploaded norm weights and biases
     std::optional<cpu::LevelPin> level_;               // held during a pass
-    bool rows_as_decode_ = false;                      // the RowsMode of the ops now running
-    bool invariant_ = false;
+    RowsMode rows_mode_ = RowsMode::fast;              // of the ops now running
+    bool rows_as_decode() const { return rows_mode_ == RowsMode::as_decode; }
+    bool invariant() const { return rows_mode_ == RowsMode::invariant; }
     cpu::AttentionBuffers attention_buffers_;
     std::vector<float> lora_u_;     // LoRA: scale * A x of every row of a projection group
     std::vector<std::vector<float>> memory_scratch_;   // memory attention: one buffer per thread
