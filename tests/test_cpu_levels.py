@@ -57,13 +57,14 @@ def test_small_batch_dot_matches_float64(level, wtype):
 
 
 @pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "scalar"], indirect=True)
-@pytest.mark.parametrize("wtype", ["q4_0", "q4_1"])
-@pytest.mark.parametrize("n", [32, 896, 4864])
+@pytest.mark.parametrize("wtype,n", [(t, n) for t in ("q4_0", "q4_1") for n in (32, 896, 4864)] +
+                         [("q4_k", 256), ("q4_k", 4864)])
 @pytest.mark.parametrize("x_scale", [1.0, 1e-4, 300.0])
 def test_eight_row_4bit_decode_matches_float64(level, wtype, n, x_scale):
-    """The eight-row layout's kernels (AVX-512: VPDPBUSD; AVX2: VPMADDUBSW + VPMADDWD)."""
+    """The eight-row layout's kernels (AVX-512: VPDPBUSD; AVX2: VPMADDUBSW + VPMADDWD); q4_k with each
+    row's own magnitude and offset, so its d, dmin and sub-block scales and mins all differ."""
     rng = np.random.default_rng(n)
-    w = rng.standard_normal((8, n)).astype(np.float32)
+    w = (rng.standard_normal((8, n)) * rng.uniform(0.01, 3, (8, 1)) + rng.uniform(-1, 1, (8, 1))).astype(np.float32)
     x = (rng.standard_normal(n) * x_scale).astype(np.float32)
     x[:32] = 0.0   # an all-zero block has scale 0
     rows = b"".join(_core.quantize(wtype, r) for r in w)
@@ -84,26 +85,27 @@ def _rounded_to_int8(x):
     return ((mx / np.float32(127.0)) * np.rint(blocks * inv)).astype(np.float64).reshape(x.shape)
 
 
-def _assert_int8_tile_is_rounded_product(wtype, rows, wd, xs):
+def _assert_int8_tile_is_rounded_product(wtype, rows, wd, xs, packed=False):
     """The int8 prefill kernel on stored `rows` (dequantized: wd [n_rows, n]) against xs [8, n]: exactly
     the dequantized rows against x rounded to int8 per 32-block (float rounding aside) -- not, e.g., the
     unsigned quants against the rounding error, nor the unrounded product."""
-    got = _testing.dot_rows_tile16(wtype, rows, xs)
+    got = _testing.dot_rows_tile16(wtype, rows, xs, packed=packed)
     rounded = np.stack([_rounded_to_int8(x) for x in xs])
     assert got.shape == (8, wd.shape[0])
     np.testing.assert_allclose(got, rounded @ wd.T, rtol=0, atol=1e-5 * (np.abs(rounded) @ np.abs(wd).T).max())
     assert not np.allclose(got, xs.astype(np.float64) @ wd.T, rtol=1e-6, atol=0)   # it does round
 
 
-def _check_int8_tile(wtype, w, rng):
-    """w [n_rows, n] quantized to wtype against eight vectors: ordinary, tiny, and one with a zero block."""
+def _check_int8_tile(wtype, w, rng, packed=False):
+    """w [n_rows, n] quantized to wtype against eight vectors: ordinary, tiny, and one with a zero block
+    (packed: the tile repacked from eight-row groups, not from the rows)."""
     n = w.shape[1]
     xs = rng.standard_normal((8, n)).astype(np.float32)
     xs[1] *= 1e-3
     xs[2, :32] = 0.0
     rows = [_core.quantize(wtype, r) for r in w]
     wd = np.stack([_core.dequantize(wtype, r, n) for r in rows]).astype(np.float64)
-    _assert_int8_tile_is_rounded_product(wtype, b"".join(rows), wd, xs)
+    _assert_int8_tile_is_rounded_product(wtype, b"".join(rows), wd, xs, packed)
 
 
 # the levels with an int8 prefill kernel (AVX-512: VPDPBUSD; AVX2: VPMADDUBSW + VPMADDWD)
@@ -111,14 +113,15 @@ INT8_LEVELS = [lv for lv in LEVELS if lv != "scalar"]
 
 
 @pytest.mark.parametrize("level", INT8_LEVELS, indirect=True)
-@pytest.mark.parametrize("wtype", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("wtype,n", [(t, n) for t in ("q4_0", "q4_1") for n in (32, 1024)] + [("q4_k", 1024)])
 @pytest.mark.parametrize("n_rows", [8, 16])
-@pytest.mark.parametrize("n", [32, 1024])
 def test_int8_prefill_kernel_is_the_rounded_product(level, wtype, n_rows, n):
     """The opt-in int8 prefill kernel computes exactly the dequantized rows against x rounded to int8
-    per block (float rounding aside) -- not, e.g., the unsigned quants against the rounding error."""
+    per block (float rounding aside) -- not, e.g., the unsigned quants against the rounding error --
+    from the eight-row groups decode reads."""
     rng = np.random.default_rng(n + n_rows)
-    _check_int8_tile(wtype, (rng.standard_normal((n_rows, n)) * 0.05 + 0.01).astype(np.float32), rng)
+    w = rng.standard_normal((n_rows, n)) * rng.uniform(0.02, 0.1, (n_rows, 1)) + 0.01
+    _check_int8_tile(wtype, w.astype(np.float32), rng, packed=True)
 
 
 @pytest.mark.parametrize("level", INT8_LEVELS, indirect=True)

@@ -130,6 +130,32 @@ def test_rows_as_decode_are_one_token_steps_at_every_level(k_files, wtype):
         _core.set_cpu_level(before)
 
 
+@pytest.mark.skipif("avx512" not in _core.cpu_levels(), reason="the int8 decode kernels need AVX-512 VNNI")
+def test_int8_decode_of_q4_k(k_files):
+    """load(int8_decode=True) on q4_k (its eight-row groups): one-token steps take x rounded to int8,
+    near the exact steps with the same top tokens, and a verification pass's rows are those steps bit
+    for bit."""
+    path = k_files["q4_k"][0]
+    ids = np.random.default_rng(4).integers(0, 320, size=40).tolist()
+    before = _core.cpu_level()
+    _core.set_cpu_level("avx512")
+    try:
+        steps = {}
+        for int8 in (False, True):
+            model = tokenmill.load(path, int8_decode=int8)
+            cache = model.new_cache(64)
+            model.eval(cache, ids[:24], logits=None)
+            steps[int8] = np.stack([model.eval(cache, [t]).logits[0] for t in ids[24:]])
+            cache = model.new_cache(64)
+            model.eval(cache, ids[:24], logits=None)
+            np.testing.assert_array_equal(model.eval(cache, ids[24:], logits="all", decode_exact=True).logits, steps[int8])
+        err = np.abs(steps[True] - steps[False]).max() / np.abs(steps[False]).max()
+        assert 1e-6 < err < 4e-2
+        assert (steps[True].argmax(-1) == steps[False].argmax(-1)).mean() >= 0.9
+    finally:
+        _core.set_cpu_level(before)
+
+
 def test_converted_on_load_equals_convert_and_falls_back_like_llama_quantize(default_gguf, tmp_path):
     """A K-quant target on SmolLM2: its 576-wide matrices are no whole super-blocks, so they take q5_0
     for q4_k and q8_0 for q6_k (llama-quantize's fallbacks), the 1536-wide FFN down projections the

@@ -252,14 +252,14 @@ PYBIND11_MODULE(_testing, mod) {
        "Eight stored 4-bit rows against x through the eight-row layout (decode on AVX-512), the rows "
        "read back from that layout as bytes, and as floats (prefill).");
 
-    mod.def("dot_rows_tile16", [](py::handle type, py::bytes data, py::handle xs_obj) {
+    mod.def("dot_rows_tile16", [](py::handle type, py::bytes data, py::handle xs_obj, bool packed) {
         std::string_view view = data;
         FloatArray xs = float_array(xs_obj, "xs", 2, false);
         DType t = type_of(type);
         cpu::LevelPin pin;
         const cpu::Kernels& k = cpu::kernels();
         constexpr int NT = cpu::kTile16Tokens;
-        const bool kquant = cpu::repackable16(t) && k.repack16_rows;
+        const bool kquant = !packed && cpu::repackable16(t) && k.repack16_rows;
         if (!(cpu::packable8(t) || kquant) || !k.dot_tile16)
             fail(ErrorKind::invalid_arg, "no int8 prefill path for " + dtype_name(t) + " at this level");
         if (xs.shape(0) != NT) fail(ErrorKind::invalid_arg, "xs must have shape [8, n]");
@@ -296,8 +296,9 @@ PYBIND11_MODULE(_testing, mod) {
         for (int j = 0; j < NT; ++j)
             for (int64_t r = 0; r < n_rows; ++r) result.mutable_data()[j * n_rows + r] = out[16 * j + r];
         return result;
-    }, py::arg("type"), py::arg("rows"), py::arg("xs"),
-       "8 or 16 stored 4-bit rows (1 to 16 q5_* / K-quant rows) against 8 vectors through the int8 prefill kernel -> [8, rows].");
+    }, py::arg("type"), py::arg("rows"), py::arg("xs"), py::arg("packed") = false,
+       "8 or 16 stored 4-bit rows (1 to 16 q5_* / K-quant rows) against 8 vectors through the int8 prefill kernel -> [8, rows]; "
+       "packed: repacked from eight-row groups (the types pack_rows8 takes), not from the rows.");
 
     mod.def("dot_rows_q8_0_int8", [](py::bytes data, py::handle xs_obj, int rows_per_call, int tokens_per_call) {
         std::string_view view = data;

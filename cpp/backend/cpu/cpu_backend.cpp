@@ -104,7 +104,7 @@ public:
         matmul_group(&item, 1, x, T);
     }
 
-    // q4_0 / q4_1 matrices get the eight-row layout where the level has a kernel for it; decode then
+    // q4_0 / q4_1 / q4_k matrices get the eight-row layout where the level has a kernel for it; decode then
     // reads only that copy, prefill dequantizes (or, with int8 prefill, repacks) rows from it, so the
     // mapped original goes cold.
     void pack(Weight& w) {

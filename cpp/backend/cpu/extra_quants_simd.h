@@ -321,6 +321,54 @@ void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, 
     }
 }
 
+// Block columns of an eight-row group (pack_rows8), in order i = 0, 1, ...: where column i's quants
+// are, the rows' weight scales dw and their offsets per unit of x (q4_0: -8 dw, q4_1: m, q4_k: d sc_j
+// and -dmin m_j, rounded as the reference dequantizer rounds them: x = dw * q + offset). A q4_k
+// super-block's scales and mins unpack once, at its first column, for the eight rows at once.
+template <DType T>
+class GroupColumns {
+public:
+    explicit GroupColumns(const uint8_t* group) : group_(group) {}
+
+    const uint8_t* at(int64_t i, __m256* dw, __m256* offset) {
+        if constexpr (T == DType::q4_k) {
+            const int j = static_cast<int>(i % 8);
+            if (j == 0) load_super(group_ + (i / 8) * kK4GroupSuper);
+            const __m128i shift = _mm_cvtsi32_si128(8 * (j % 4));
+            const __m256i sc = _mm256_and_si256(_mm256_srl_epi32(scales_[j / 4], shift), _mm256_set1_epi32(0xFF));
+            const __m256i m = _mm256_and_si256(_mm256_srl_epi32(mins_[j / 4], shift), _mm256_set1_epi32(0xFF));
+            *dw = _mm256_mul_ps(d_, _mm256_cvtepi32_ps(sc));
+            *offset = _mm256_mul_ps(neg_dmin_, _mm256_cvtepi32_ps(m));
+        } else {
+            const uint8_t* c = group_ + i * packed8_column_bytes(T);
+            *dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+            *offset = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+                                       : _mm256_mul_ps(*dw, _mm256_set1_ps(-8.0f));
+        }
+        return group_ + packed8_quants_at(T, i);
+    }
+
+private:
+    // k4_scales_mins for eight rows: scales and mins 0-3 in the bytes of scales_[0] / mins_[0],
+    // 4-7 in scales_[1] / mins_[1], one 32-bit lane per row
+    void load_super(const uint8_t* h) {
+        d_ = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+        neg_dmin_ = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 16))));
+        const __m256i w0 = load32(h + 32), w1 = load32(h + 64), w2 = load32(h + 96);
+        const __m256i low6 = _mm256_set1_epi32(0x3f3f3f3f), low4 = _mm256_set1_epi32(0x0f0f0f0f),
+                      top2 = _mm256_set1_epi32(0x03030303);
+        scales_[0] = _mm256_and_si256(w0, low6);
+        mins_[0] = _mm256_and_si256(w1, low6);
+        scales_[1] = _mm256_or_si256(_mm256_and_si256(w2, low4), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w0, 6), top2), 4));
+        mins_[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(w2, 4), low4),
+                                   _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(w1, 6), top2), 4));
+    }
+
+    const uint8_t* group_;
+    __m256 d_ = _mm256_setzero_ps(), neg_dmin_ = _mm256_setzero_ps();
+    __m256i scales_[2] = {}, mins_[2] = {};
+};
+
 }  // namespace
 
 }  // namespace tmill::cpu

@@ -11,6 +11,7 @@
 #endif
 
 #include "core/error.h"
+#include "core/kquants.h"
 #include "core/quants.h"
 
 namespace tmill::cpu {
@@ -174,15 +175,58 @@ const Kernels& kernels_scalar() { return kScalar; }
 
 // ---- the eight-row layout (a data format, the same at every level)
 
-bool packable8(DType t) { return t == DType::q4_0 || t == DType::q4_1; }
+bool packable8(DType t) { return t == DType::q4_0 || t == DType::q4_1 || t == DType::q4_k; }
 
 namespace {
 // where a block keeps its scale, minimum (q4_1) and quants
 struct BlockFields { size_t d, m, qs; };
 BlockFields fields(DType t) { return t == DType::q4_1 ? BlockFields{0, 2, 4} : BlockFields{0, 0, 2}; }
+
+// q4_k: a super-block's 128 quant bytes hold sub-block 2c in the low nibbles of bytes 32c..32c+31
+// and sub-block 2c + 1 in their high nibbles; a group column holds each sub-block as q4_1 does
+void pack_k4(const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group) {
+    for (int64_t s = 0; s < n / 256; ++s) {
+        uint8_t* out = group + s * kK4GroupSuper;
+        for (int r = 0; r < 8; ++r) {
+            const uint8_t* b = rows + r * row_stride + s * 144;
+            std::memcpy(out + 2 * r, b, 2);
+            std::memcpy(out + 16 + 2 * r, b + 2, 2);
+            for (int w = 0; w < 3; ++w) std::memcpy(out + 32 + 32 * w + 4 * r, b + kK4Scales + 4 * w, 4);
+            const uint8_t* qs = b + kK4Qs;
+            for (int j = 0; j < 8; ++j) {
+                const int shift = 4 * (j % 2);
+                uint8_t* q = out + kK4GroupHeader + 128 * j + 16 * r;
+                for (int l = 0; l < 16; ++l)
+                    q[l] = static_cast<uint8_t>(((qs[32 * (j / 2) + l] >> shift) & 0x0F) |
+                                                (((qs[32 * (j / 2) + 16 + l] >> shift) & 0x0F) << 4));
+            }
+        }
+    }
+}
+
+void unpack_k4(const uint8_t* group, int64_t n, int r, uint8_t* row) {
+    for (int64_t s = 0; s < n / 256; ++s) {
+        const uint8_t* in = group + s * kK4GroupSuper;
+        uint8_t* b = row + s * 144;
+        std::memcpy(b, in + 2 * r, 2);
+        std::memcpy(b + 2, in + 16 + 2 * r, 2);
+        for (int w = 0; w < 3; ++w) std::memcpy(b + kK4Scales + 4 * w, in + 32 + 32 * w + 4 * r, 4);
+        uint8_t* qs = b + kK4Qs;
+        std::memset(qs, 0, 128);
+        for (int j = 0; j < 8; ++j) {
+            const int shift = 4 * (j % 2);
+            const uint8_t* q = in + kK4GroupHeader + 128 * j + 16 * r;
+            for (int l = 0; l < 16; ++l) {
+                qs[32 * (j / 2) + l] |= static_cast<uint8_t>((q[l] & 0x0F) << shift);
+                qs[32 * (j / 2) + 16 + l] |= static_cast<uint8_t>((q[l] >> 4) << shift);
+            }
+        }
+    }
+}
 }  // namespace
 
 void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group) {
+    if (t == DType::q4_k) return pack_k4(rows, row_stride, n, group);
     const BlockFields f = fields(t);
     const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), quants = packed8_quants_offset(t);
     for (int64_t i = 0; i < n / 32; ++i) {
@@ -197,6 +241,7 @@ void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint
 }
 
 void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row) {
+    if (t == DType::q4_k) return unpack_k4(group, n, j, row);
     const BlockFields f = fields(t);
     const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), quants = packed8_quants_offset(t);
     for (int64_t i = 0; i < n / 32; ++i) {

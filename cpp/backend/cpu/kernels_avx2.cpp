@@ -750,26 +750,24 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum, int 
 template <DType T, int NT>
 void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const float* const* d,
                              const float* const* sum, int64_t n, float* out) {
-    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     const __m256i low4 = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi16(1), shifted = _mm256_set1_epi16(128);
     const __m256 low_pair = _mm256_set1_ps(1.0f / 16384.0f);
     __m256 acc[NT][4];
-    __m256 block_sums[NT];   // per row: sum_i (-8 dw or m) * sum(x of block i)
+    __m256 block_sums[NT];   // per row: sum_i offset_i * sum(x of block i)
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
         for (__m256& a : acc[t]) a = _mm256_setzero_ps();
         block_sums[t] = _mm256_setzero_ps();
     }
+    GroupColumns<T> columns(group);
     for (int64_t i = 0; i < n / 32; ++i) {
-        const uint8_t* c = group + i * column;
+        __m256 dw, per_row;
+        const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
         _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-        const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
-                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
         __m256i lo[4], hi[4];
         for (int k = 0; k < 4; ++k) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + quants + 32 * k));
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * k));
             lo[k] = _mm256_and_si256(w, low4);
             hi[k] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
         }
@@ -815,27 +813,42 @@ void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const fl
 
 void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                  float* out) {
-    // callers check packable8 first
-    if (t == DType::q4_1) dot_packed8_tokens_type<DType::q4_1, 1>(group, &q, &d, &sum, n, out);
-    else dot_packed8_tokens_type<DType::q4_0, 1>(group, &q, &d, &sum, n, out);
+    switch (t) {   // callers check packable8 first
+        case DType::q4_1: return dot_packed8_tokens_type<DType::q4_1, 1>(group, &q, &d, &sum, n, out);
+        case DType::q4_k: return dot_packed8_tokens_type<DType::q4_k, 1>(group, &q, &d, &sum, n, out);
+        default: return dot_packed8_tokens_type<DType::q4_0, 1>(group, &q, &d, &sum, n, out);
+    }
 }
 
 void dot_packed8_tokens(DType t, const uint8_t* group, const int8_t* const* q, const float* const* d,
                         const float* const* sum, int nt, int64_t n, float* out) {
-    if (t == DType::q4_1) dot_packed8_tokens_n<DType::q4_1>(group, q, d, sum, nt, n, out);
-    else dot_packed8_tokens_n<DType::q4_0>(group, q, d, sum, nt, n, out);
+    switch (t) {
+        case DType::q4_1: return dot_packed8_tokens_n<DType::q4_1>(group, q, d, sum, nt, n, out);
+        case DType::q4_k: return dot_packed8_tokens_n<DType::q4_k>(group, q, d, sum, nt, n, out);
+        default: return dot_packed8_tokens_n<DType::q4_0>(group, q, d, sum, nt, n, out);
+    }
 }
 
 // One group's rows as floats, each row's blocks as dequantize_row gives them.
-void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
-    const bool has_min = t == DType::q4_1;
-    const size_t quants = packed8_quants_offset(t), column = packed8_column_bytes(t);
+template <DType T>
+void dequantize_packed8_type(const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
+    constexpr bool has_offset = T != DType::q4_0;   // q4_0: q - 8 instead
     alignas(32) float d[8], m[8] = {};
+    GroupColumns<T> columns(group);
     for (int64_t i = 0; i < n / 32; ++i) {
-        const uint8_t* c = group + i * column;
-        _mm256_store_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
-        if (has_min) _mm256_store_ps(m, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
-        for (int r = 0; r < 8; ++r) nibble_block_floats(c + quants + 16 * r, d[r], m[r], has_min, out + r * out_stride + 32 * i);
+        __m256 dw, offset;
+        const uint8_t* c = columns.at(i, &dw, &offset);   // the column's quants
+        _mm256_store_ps(d, dw);
+        if (has_offset) _mm256_store_ps(m, offset);
+        for (int r = 0; r < 8; ++r) nibble_block_floats(c + 16 * r, d[r], m[r], has_offset, out + r * out_stride + 32 * i);
+    }
+}
+
+void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
+    switch (t) {
+        case DType::q4_1: return dequantize_packed8_type<DType::q4_1>(group, n, out, out_stride);
+        case DType::q4_k: return dequantize_packed8_type<DType::q4_k>(group, n, out, out_stride);
+        default: return dequantize_packed8_type<DType::q4_0>(group, n, out, out_stride);
     }
 }
 
@@ -872,26 +885,37 @@ void emit_column16(const uint8_t (*rows)[32], const float* scales, const float* 
     for (int g = 0; g < 2; ++g) transpose8_dwords(rows + 8 * g, out + tile16_quants_offset(T) + 32 * g, 64);
 }
 
-// Two eight-row groups (b null: zero rows) -> block columns of sixteen rows
-void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
-    const size_t quants = packed8_quants_offset(t), column = packed8_column_bytes(t);
+// Two eight-row groups (b null: zero rows) -> block columns of sixteen rows (q4_k's tile is q4_1's: a
+// scale and an offset per row and block)
+template <DType T>
+void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
     alignas(32) uint8_t staged[16][32] = {};
     alignas(32) float scales[16] = {}, offsets[16] = {};
-    for (int64_t i = 0; i < n / 32; ++i, out += tile16_column_bytes(t)) {
+    GroupColumns<T> columns[2] = {GroupColumns<T>(a), GroupColumns<T>(b)};
+    for (int64_t i = 0; i < n / 32; ++i, out += tile16_column_bytes(T)) {
         for (int g = 0; g < 2; ++g) {
-            const uint8_t* c = g == 0 ? a + i * column : b ? b + i * column : nullptr;
-            if (!c) continue;   // the zero rows stay zero
-            _mm256_store_ps(scales + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
-            if (t == DType::q4_1) _mm256_store_ps(offsets + 8 * g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+            if (g == 1 && !b) continue;   // the zero rows stay zero
+            __m256 dw, offset;
+            const uint8_t* c = columns[g].at(i, &dw, &offset);   // the column's quants
+            _mm256_store_ps(scales + 8 * g, dw);
+            if (T != DType::q4_0) _mm256_store_ps(offsets + 8 * g, offset);
             for (int r = 0; r < 8; ++r) {
                 __m128i lo, hi;
-                unpack_nibbles(c + quants + 16 * r, &lo, &hi);
+                unpack_nibbles(c + 16 * r, &lo, &hi);
                 _mm256_store_si256(reinterpret_cast<__m256i*>(staged[8 * g + r]), _mm256_set_m128i(hi, lo));
             }
         }
         std::memcpy(out, scales, 64);
-        if (t == DType::q4_1) std::memcpy(out + 64, offsets, 64);
-        for (int g = 0; g < 2; ++g) transpose8_dwords(staged + 8 * g, out + tile16_quants_offset(t) + 32 * g, 64);
+        if (T != DType::q4_0) std::memcpy(out + 64, offsets, 64);
+        for (int g = 0; g < 2; ++g) transpose8_dwords(staged + 8 * g, out + tile16_quants_offset(T) + 32 * g, 64);
+    }
+}
+
+void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
+    switch (t) {
+        case DType::q4_1: return repack16_type<DType::q4_1>(a, b, n, out);
+        case DType::q4_k: return repack16_type<DType::q4_k>(a, b, n, out);
+        default: return repack16_type<DType::q4_0>(a, b, n, out);
     }
 }
 

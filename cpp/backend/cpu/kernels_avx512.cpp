@@ -693,27 +693,26 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum, int 
 template <DType T, int NT>
 void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const float* const* d,
                              const float* const* sum, int64_t n, float* out) {
-    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
     const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                                     _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
     const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
     __m512 acc[NT][2];
-    __m256 block_sums[NT];   // per row: sum_i (-8 dw or m) * sum(x of block i)
+    __m256 block_sums[NT];   // per row: sum_i offset_i * sum(x of block i)
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
         acc[t][0] = acc[t][1] = _mm512_setzero_ps();
         block_sums[t] = _mm256_setzero_ps();
     }
+    GroupColumns<T> columns(group);
     for (int64_t i = 0; i < n / 32; ++i) {
-        const uint8_t* c = group + i * column;
+        __m256 dw, per_row;
+        const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
         _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-        const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
-                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        if constexpr (T == DType::q4_k) _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
         __m512i lo[2], hi[2];
         for (int h = 0; h < 2; ++h) {
-            const __m512i w = _mm512_loadu_si512(c + quants + 64 * h);
+            const __m512i w = _mm512_loadu_si512(c + 64 * h);
             lo[h] = _mm512_and_si512(w, low4);
             hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
         }
@@ -764,27 +763,25 @@ void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const fl
 template <DType T>
 void dot_packed8_int8_type(const uint8_t* group, const int8_t* a, const float* d, const float* sum, int64_t n,
                            float* out) {
-    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
     const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                                     _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
     __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
     __m256 block_sums = _mm256_setzero_ps();
+    GroupColumns<T> columns(group);
     for (int64_t i = 0; i < n / 32; ++i) {
-        const uint8_t* c = group + i * column;
+        __m256 dw, per_row;
+        const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
         _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
         const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[i])));
         const __m512i x_lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 32 * i)));
         const __m512i x_hi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 32 * i + 16)));
         for (int h = 0; h < 2; ++h) {
-            const __m512i w = _mm512_loadu_si512(c + quants + 64 * h);
+            const __m512i w = _mm512_loadu_si512(c + 64 * h);
             const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
             const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, x_lo), hi, x_hi);
             acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(row_of_lane[h], scale), acc[h]);
         }
-        const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
-                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
         block_sums = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[i]), block_sums);
     }
     alignas(64) float lanes[32];
@@ -801,7 +798,6 @@ void dot_packed8_int8_type(const uint8_t* group, const int8_t* a, const float* d
 template <DType T, int NT>
 void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, const float* const* d,
                                   const float* const* sum, int64_t n, float* out) {
-    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
     const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
                                     _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
@@ -812,14 +808,13 @@ void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, 
         acc[t][0] = acc[t][1] = _mm512_setzero_ps();
         block_sums[t] = _mm256_setzero_ps();
     }
+    GroupColumns<T> columns(group);
     for (int64_t i = 0; i < n / 32; ++i) {
-        const uint8_t* c = group + i * column;
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-        const __m256 per_row = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
-                                                : _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f));
+        __m256 dw, per_row;
+        const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
         __m512i lo[2], hi[2];
         for (int h = 0; h < 2; ++h) {
-            const __m512i w = _mm512_loadu_si512(c + quants + 64 * h);
+            const __m512i w = _mm512_loadu_si512(c + 64 * h);
             lo[h] = _mm512_and_si512(w, low4);
             hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
         }
@@ -860,44 +855,55 @@ void dot_packed8_int8_tokens_n(const uint8_t* group, const int8_t* const* a, con
 
 void dot_packed8_int8_tokens(DType t, const uint8_t* group, const int8_t* const* a, const float* const* d,
                              const float* const* sum, int nt, int64_t n, float* out) {
-    if (t == DType::q4_1) dot_packed8_int8_tokens_n<DType::q4_1>(group, a, d, sum, nt, n, out);
-    else dot_packed8_int8_tokens_n<DType::q4_0>(group, a, d, sum, nt, n, out);
+    switch (t) {   // callers check packable8 first
+        case DType::q4_1: return dot_packed8_int8_tokens_n<DType::q4_1>(group, a, d, sum, nt, n, out);
+        case DType::q4_k: return dot_packed8_int8_tokens_n<DType::q4_k>(group, a, d, sum, nt, n, out);
+        default: return dot_packed8_int8_tokens_n<DType::q4_0>(group, a, d, sum, nt, n, out);
+    }
 }
 
 void dot_packed8_int8(DType t, const uint8_t* group, const int8_t* a, const float* d, const float* sum, int64_t n,
                       float* out) {
-    if (t == DType::q4_1) dot_packed8_int8_type<DType::q4_1>(group, a, d, sum, n, out);
-    else dot_packed8_int8_type<DType::q4_0>(group, a, d, sum, n, out);
+    switch (t) {
+        case DType::q4_1: return dot_packed8_int8_type<DType::q4_1>(group, a, d, sum, n, out);
+        case DType::q4_k: return dot_packed8_int8_type<DType::q4_k>(group, a, d, sum, n, out);
+        default: return dot_packed8_int8_type<DType::q4_0>(group, a, d, sum, n, out);
+    }
 }
 
 void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                  float* out) {
-    // callers check packable8 first
-    if (t == DType::q4_1) dot_packed8_tokens_type<DType::q4_1, 1>(group, &q, &d, &sum, n, out);
-    else dot_packed8_tokens_type<DType::q4_0, 1>(group, &q, &d, &sum, n, out);
+    switch (t) {
+        case DType::q4_1: return dot_packed8_tokens_type<DType::q4_1, 1>(group, &q, &d, &sum, n, out);
+        case DType::q4_k: return dot_packed8_tokens_type<DType::q4_k, 1>(group, &q, &d, &sum, n, out);
+        default: return dot_packed8_tokens_type<DType::q4_0, 1>(group, &q, &d, &sum, n, out);
+    }
 }
 
 void dot_packed8_tokens(DType t, const uint8_t* group, const int8_t* const* q, const float* const* d,
                         const float* const* sum, int nt, int64_t n, float* out) {
-    if (t == DType::q4_1) dot_packed8_tokens_n<DType::q4_1>(group, q, d, sum, nt, n, out);
-    else dot_packed8_tokens_n<DType::q4_0>(group, q, d, sum, nt, n, out);
+    switch (t) {
+        case DType::q4_1: return dot_packed8_tokens_n<DType::q4_1>(group, q, d, sum, nt, n, out);
+        case DType::q4_k: return dot_packed8_tokens_n<DType::q4_k>(group, q, d, sum, nt, n, out);
+        default: return dot_packed8_tokens_n<DType::q4_0>(group, q, d, sum, nt, n, out);
+    }
 }
 
 // One group's rows as floats: per block column, the eight scales (and minimums) convert in one
 // instruction, then each row's 16 quant bytes as in dequantize_row.
 template <DType T>
 void dequantize_packed8_type(const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
-    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     alignas(32) float d[8], m[8] = {};
+    GroupColumns<T> columns(group);
     for (int64_t i = 0; i < n / 32; ++i) {
-        const uint8_t* c = group + i * column;
-        _mm256_store_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
-        if constexpr (T == DType::q4_1)
-            _mm256_store_ps(m, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16))));
+        __m256 dw, offset;
+        const uint8_t* c = columns.at(i, &dw, &offset);   // the column's quants
+        _mm256_store_ps(d, dw);
+        if constexpr (T != DType::q4_0) _mm256_store_ps(m, offset);   // q4_0: q - 8 instead
 #pragma GCC unroll 8
         for (int r = 0; r < 8; ++r) {
             __m512 lo, hi;
-            nibble_floats<T>(c + quants + 16 * r, d[r], m[r], &lo, &hi);
+            nibble_floats<T == DType::q4_0 ? T : DType::q4_1>(c + 16 * r, d[r], m[r], &lo, &hi);
             _mm512_storeu_ps(out + r * out_stride + 32 * i, lo);
             _mm512_storeu_ps(out + r * out_stride + 32 * i + 16, hi);
         }
@@ -905,8 +911,11 @@ void dequantize_packed8_type(const uint8_t* group, int64_t n, float* out, int64_
 }
 
 void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
-    if (t == DType::q4_1) dequantize_packed8_type<DType::q4_1>(group, n, out, out_stride);
-    else dequantize_packed8_type<DType::q4_0>(group, n, out, out_stride);   // callers check packable8 first
+    switch (t) {   // callers check packable8 first
+        case DType::q4_1: return dequantize_packed8_type<DType::q4_1>(group, n, out, out_stride);
+        case DType::q4_k: return dequantize_packed8_type<DType::q4_k>(group, n, out, out_stride);
+        default: return dequantize_packed8_type<DType::q4_0>(group, n, out, out_stride);
+    }
 }
 
 // ---- opt-in fast prefill of 4-bit weights: sixteen rows per register, x as one int8 part
@@ -917,23 +926,20 @@ void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, in
 // sixteen rows by four broadcast bytes of x.
 template <DType T>
 void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
-    constexpr size_t quants = packed8_quants_offset(T), column = packed8_column_bytes(T);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
+    GroupColumns<T> columns_a(a), columns_b(b);
     for (int64_t i = 0; i < n / 32; ++i, out += tile16_column_bytes(T)) {
-        const uint8_t* ca = a + i * column;
-        const uint8_t* cb = b ? b + i * column : nullptr;
-        auto halves = [&](const uint8_t* c, size_t at) {   // eight fp16 values -> floats (zero without a group)
-            return c ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + at))) : _mm256_setzero_ps();
-        };
-        _mm512_storeu_ps(reinterpret_cast<float*>(out), _mm512_insertf32x8(_mm512_castps256_ps512(halves(ca, 0)), halves(cb, 0), 1));
-        if constexpr (T == DType::q4_1)
-            _mm512_storeu_ps(reinterpret_cast<float*>(out + 64),
-                             _mm512_insertf32x8(_mm512_castps256_ps512(halves(ca, 16)), halves(cb, 16), 1));
+        __m256 dw_a, offset_a, dw_b = _mm256_setzero_ps(), offset_b = _mm256_setzero_ps();   // zero rows without b
+        const uint8_t* ca = columns_a.at(i, &dw_a, &offset_a);   // the columns' quants
+        const uint8_t* cb = b ? columns_b.at(i, &dw_b, &offset_b) : nullptr;
+        _mm512_storeu_ps(reinterpret_cast<float*>(out), _mm512_insertf32x8(_mm512_castps256_ps512(dw_a), dw_b, 1));
+        if constexpr (T != DType::q4_0)
+            _mm512_storeu_ps(reinterpret_cast<float*>(out + 64), _mm512_insertf32x8(_mm512_castps256_ps512(offset_a), offset_b, 1));
         // rows 0-3, 4-7, 8-11, 12-15: int32 lane 4 * (r % 4) + j holds bytes 4j..4j+3 of row r
         __m512i rows[4];
         for (int k = 0; k < 4; ++k) {
             const uint8_t* c = k < 2 ? ca : cb;
-            rows[k] = c ? _mm512_loadu_si512(c + quants + 64 * (k % 2)) : _mm512_setzero_si512();
+            rows[k] = c ? _mm512_loadu_si512(c + 64 * (k % 2)) : _mm512_setzero_si512();
         }
         uint8_t* steps = out + tile16_quants_offset(T);
         for (int nibble = 0; nibble < 2; ++nibble) {
@@ -953,8 +959,11 @@ void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) 
 }
 
 void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
-    if (t == DType::q4_1) repack16_type<DType::q4_1>(a, b, n, out);
-    else repack16_type<DType::q4_0>(a, b, n, out);
+    switch (t) {   // q4_k's tile is q4_1's: a scale and an offset per row and block
+        case DType::q4_1: return repack16_type<DType::q4_1>(a, b, n, out);
+        case DType::q4_k: return repack16_type<DType::q4_k>(a, b, n, out);
+        default: return repack16_type<DType::q4_0>(a, b, n, out);
+    }
 }
 
 // Sixteen rows against eight tokens. Per block and token, with x rounded to dx * a (a = round(x / dx)):
