@@ -709,7 +709,7 @@ void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const
         __m256 dw, per_row;
         const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
         _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
-        if constexpr (T == DType::q4_k) _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
         __m512i lo[2], hi[2];
         for (int h = 0; h < 2; ++h) {
             const __m512i w = _mm512_loadu_si512(c + 64 * h);
@@ -773,6 +773,7 @@ void dot_packed8_int8_type(const uint8_t* group, const int8_t* a, const float* d
         __m256 dw, per_row;
         const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
         _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
         const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[i])));
         const __m512i x_lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 32 * i)));
         const __m512i x_hi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 32 * i + 16)));
@@ -812,6 +813,8 @@ void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, 
     for (int64_t i = 0; i < n / 32; ++i) {
         __m256 dw, per_row;
         const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
         __m512i lo[2], hi[2];
         for (int h = 0; h < 2; ++h) {
             const __m512i w = _mm512_loadu_si512(c + 64 * h);
