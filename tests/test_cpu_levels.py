@@ -57,12 +57,13 @@ def test_small_batch_dot_matches_float64(level, wtype):
 
 
 @pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "scalar"], indirect=True)
-@pytest.mark.parametrize("wtype,n", [(t, n) for t in ("q4_0", "q4_1") for n in (32, 896, 4864)] +
+@pytest.mark.parametrize("wtype,n", [(t, n) for t in ("q4_0", "q4_1", "q5_0", "q5_1") for n in (32, 896, 4864)] +
                          [("q4_k", 256), ("q4_k", 4864)])
 @pytest.mark.parametrize("x_scale", [1.0, 1e-4, 300.0])
 def test_eight_row_4bit_decode_matches_float64(level, wtype, n, x_scale):
-    """The eight-row layout's kernels (AVX-512: VPDPBUSD; AVX2: VPMADDUBSW + VPMADDWD); q4_k with each
-    row's own magnitude and offset, so its d, dmin and sub-block scales and mins all differ."""
+    """The eight-row layout's kernels (AVX-512: VPDPBUSD; AVX2: VPMADDUBSW + VPMADDWD), q5_* with their
+    fifth bits; rows of their own magnitude and offset, so q4_k's d, dmin and sub-block scales and mins
+    all differ."""
     rng = np.random.default_rng(n)
     w = (rng.standard_normal((8, n)) * rng.uniform(0.01, 3, (8, 1)) + rng.uniform(-1, 1, (8, 1))).astype(np.float32)
     x = (rng.standard_normal(n) * x_scale).astype(np.float32)
@@ -113,7 +114,8 @@ INT8_LEVELS = [lv for lv in LEVELS if lv != "scalar"]
 
 
 @pytest.mark.parametrize("level", INT8_LEVELS, indirect=True)
-@pytest.mark.parametrize("wtype,n", [(t, n) for t in ("q4_0", "q4_1") for n in (32, 1024)] + [("q4_k", 1024)])
+@pytest.mark.parametrize("wtype,n", [(t, n) for t in ("q4_0", "q4_1") for n in (32, 1024)] +
+                         [("q4_k", 1024), ("q5_0", 1024), ("q5_1", 1024)])
 @pytest.mark.parametrize("n_rows", [8, 16])
 def test_int8_prefill_kernel_is_the_rounded_product(level, wtype, n_rows, n):
     """The opt-in int8 prefill kernel computes exactly the dequantized rows against x rounded to int8

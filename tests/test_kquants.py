@@ -131,11 +131,12 @@ def test_rows_as_decode_are_one_token_steps_at_every_level(k_files, wtype):
 
 
 @pytest.mark.skipif("avx512" not in _core.cpu_levels(), reason="the int8 decode kernels need AVX-512 VNNI")
-def test_int8_decode_of_q4_k(k_files):
-    """load(int8_decode=True) on q4_k (its eight-row groups): one-token steps take x rounded to int8,
-    near the exact steps with the same top tokens, and a verification pass's rows are those steps bit
-    for bit."""
-    path = k_files["q4_k"][0]
+@pytest.mark.parametrize("wtype", ["q4_k", "q5_0", "q5_1"])
+def test_int8_decode_of_the_eight_row_types(k_files, wtype):
+    """load(int8_decode=True) on the types that join q4_* in eight-row groups: one-token steps take x
+    rounded to int8, near the exact steps with the same top tokens, and a verification pass's rows are
+    those steps bit for bit."""
+    path = k_files[wtype][0]
     ids = np.random.default_rng(4).integers(0, 320, size=40).tolist()
     before = _core.cpu_level()
     _core.set_cpu_level("avx512")

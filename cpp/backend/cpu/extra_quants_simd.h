@@ -322,8 +322,9 @@ void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, 
 }
 
 // Block columns of an eight-row group (pack_rows8), in order i = 0, 1, ...: where column i's quants
-// are, the rows' weight scales dw and their offsets per unit of x (q4_0: -8 dw, q4_1: m, q4_k: d sc_j
-// and -dmin m_j, rounded as the reference dequantizer rounds them: x = dw * q + offset). A q4_k
+// are, the rows' weight scales dw and their offsets per unit of x (q4_0: -8 dw, q5_0: -16 dw, q4_1 /
+// q5_1: m, q4_k: d sc_j and -dmin m_j, rounded as the reference dequantizer rounds them: x = dw * q +
+// offset, q unsigned). A q4_k
 // super-block's scales and mins unpack once, at its first column, for the eight rows at once.
 template <DType T>
 class GroupColumns {
@@ -342,8 +343,9 @@ public:
         } else {
             const uint8_t* c = group_ + i * packed8_column_bytes(T);
             *dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-            *offset = T == DType::q4_1 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
-                                       : _mm256_mul_ps(*dw, _mm256_set1_ps(-8.0f));
+            *offset = T == DType::q4_1 || T == DType::q5_1
+                          ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
+                          : _mm256_mul_ps(*dw, _mm256_set1_ps(T == DType::q5_0 ? -16.0f : -8.0f));
         }
         return group_ + packed8_quants_at(T, i);
     }
@@ -368,6 +370,46 @@ private:
     __m256 d_ = _mm256_setzero_ps(), neg_dmin_ = _mm256_setzero_ps();
     __m256i scales_[2] = {}, mins_[2] = {};
 };
+
+// A q5_* group column's fifth bits (its quants at c): the mask of rows 4h..4h+3, nibble nib (bit
+// 16 (r % 4) + l: value l, or 16 + l, of row r) ...
+inline uint64_t fifth_bit_mask(const uint8_t* c, int h, int nib) {
+    uint64_t m;
+    std::memcpy(&m, c - 32 + 16 * h + 8 * nib, 8);
+    return m;
+}
+// ... and row r's 32 of them, as its block's qh
+inline uint32_t fifth_bits_of_row(const uint8_t* c, int r) {
+    const int shift = 16 * (r % 4);
+    return static_cast<uint32_t>((fifth_bit_mask(c, r / 4, 0) >> shift) & 0xFFFF) |
+           static_cast<uint32_t>((fifth_bit_mask(c, r / 4, 1) >> shift) & 0xFFFF) << 16;
+}
+
+// Row r of a q5_* group column as its 32 quants in value order (q5_0: q - 16, as quants32 gives them).
+template <DType T>
+inline __m256i five_bit_row(const uint8_t* c, int r) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16 * r));
+    const __m256i both = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    const __m256i q = _mm256_or_si256(both, fifth_bits(fifth_bits_of_row(c, r)));
+    return T == DType::q5_0 ? _mm256_sub_epi8(q, _mm256_set1_epi8(16)) : q;
+}
+
+// A q5_* group's rows as floats, rounded as dequantize_row rounds them (d q for q5_0, d q + m for q5_1).
+template <DType T>
+void dequantize_packed8_five(const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
+    alignas(32) float d[8], m[8];
+    GroupColumns<T> columns(group);
+    for (int64_t i = 0; i < n / 32; ++i) {
+        __m256 dw, offset;
+        const uint8_t* c = columns.at(i, &dw, &offset);
+        _mm256_store_ps(d, dw);
+        _mm256_store_ps(m, offset);
+        for (int r = 0; r < 8; ++r) {
+            const float dd[2] = {d[r], d[r]}, mm[2] = {m[r], m[r]};
+            put_floats<T == DType::q5_1>(five_bit_row<T>(c, r), dd, mm, out + r * out_stride + 32 * i);
+        }
+    }
+}
 
 }  // namespace
 

@@ -175,12 +175,22 @@ const Kernels& kernels_scalar() { return kScalar; }
 
 // ---- the eight-row layout (a data format, the same at every level)
 
-bool packable8(DType t) { return t == DType::q4_0 || t == DType::q4_1 || t == DType::q4_k; }
+bool packable8(DType t) { return t == DType::q4_0 || t == DType::q4_1 || t == DType::q4_k || five_bit(t); }
 
 namespace {
-// where a block keeps its scale, minimum (q4_1) and quants
-struct BlockFields { size_t d, m, qs; };
-BlockFields fields(DType t) { return t == DType::q4_1 ? BlockFields{0, 2, 4} : BlockFields{0, 0, 2}; }
+// where a block keeps its scale, minimum (q4_1, q5_1), fifth bits (q5_*) and quants
+struct BlockFields { size_t d, m, qh, qs; };
+BlockFields fields(DType t) {
+    switch (t) {
+        case DType::q4_1: return {0, 2, 0, 4};
+        case DType::q5_0: return {0, 0, 2, 6};
+        case DType::q5_1: return {0, 2, 4, 8};
+        default: return {0, 0, 0, 2};
+    }
+}
+constexpr bool with_min(DType t) { return t == DType::q4_1 || t == DType::q5_1; }
+// the mask (of four, 64-bit) holding nibble nib's fifth bits of row j, at bit 16 (j % 4)
+size_t mask_of(int j, int nib) { return static_cast<size_t>(2 * (j / 4) + nib); }
 
 // q4_k: a super-block's 128 quant bytes hold sub-block 2c in the low nibbles of bytes 32c..32c+31
 // and sub-block 2c + 1 in their high nibbles; a group column holds each sub-block as q4_1 does
@@ -231,12 +241,20 @@ void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint
     const size_t block = dtype_info(t).block_bytes, col = packed8_column_bytes(t), quants = packed8_quants_offset(t);
     for (int64_t i = 0; i < n / 32; ++i) {
         uint8_t* out = group + i * col;
+        uint64_t masks[4] = {};
         for (int j = 0; j < 8; ++j) {
             const uint8_t* b = rows + j * row_stride + i * block;
             std::memcpy(out + 2 * j, b + f.d, 2);
-            if (t == DType::q4_1) std::memcpy(out + 16 + 2 * j, b + f.m, 2);
+            if (with_min(t)) std::memcpy(out + 16 + 2 * j, b + f.m, 2);
             std::memcpy(out + quants + 16 * j, b + f.qs, 16);
+            if (five_bit(t)) {
+                uint32_t qh;
+                std::memcpy(&qh, b + f.qh, 4);
+                for (int nib = 0; nib < 2; ++nib)
+                    masks[mask_of(j, nib)] |= static_cast<uint64_t>((qh >> (16 * nib)) & 0xFFFF) << (16 * (j % 4));
+            }
         }
+        if (five_bit(t)) std::memcpy(out + quants - 32, masks, 32);
     }
 }
 
@@ -248,8 +266,16 @@ void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row) 
         const uint8_t* in = group + i * col;
         uint8_t* b = row + i * block;
         std::memcpy(b + f.d, in + 2 * j, 2);
-        if (t == DType::q4_1) std::memcpy(b + f.m, in + 16 + 2 * j, 2);
+        if (with_min(t)) std::memcpy(b + f.m, in + 16 + 2 * j, 2);
         std::memcpy(b + f.qs, in + quants + 16 * j, 16);
+        if (five_bit(t)) {
+            uint64_t masks[4];
+            std::memcpy(masks, in + quants - 32, 32);
+            uint32_t qh = 0;
+            for (int nib = 0; nib < 2; ++nib)
+                qh |= static_cast<uint32_t>((masks[mask_of(j, nib)] >> (16 * (j % 4))) & 0xFFFF) << (16 * nib);
+            std::memcpy(b + f.qh, &qh, 4);
+        }
     }
 }
 

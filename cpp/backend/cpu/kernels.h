@@ -57,7 +57,7 @@ struct Kernels {
     // bit for bit what dot_row_prepared gives it (the row is widened once for all four)
     void (*dot_row_prepared_x4)(DType t, const void* row, const int16_t* q, const float* d, const float* sum,
                                 int64_t n, float* out);
-    // 4-bit weights (q4_0, q4_1, q4_k) in groups of eight rows (pack_rows8) against x prepared as four int8
+    // 4- and 5-bit weights (packable8) in groups of eight rows (pack_rows8) against x prepared as four int8
     // parts per element, x = d * (a + b / 2^7 + c / 2^14 + e / 2^21) per 32-block (error at most
     // d / 2^22, below float rounding of the block maximum), q [4n] holding a[32] b[32] c[32] e[32]
     // per block, plus the block sums -> out[8], the group's rows against x. Null where a level has
@@ -139,16 +139,22 @@ constexpr bool signed_tile(DType t) {
 constexpr size_t tile16_quants_offset(DType t) { return 64 * (t == DType::q4_0 ? 1 : signed_tile(t) ? 4 : 2); }
 constexpr size_t tile16_column_bytes(DType t) { return tile16_quants_offset(t) + 512; }
 
-// The eight-row layout of q4_0 / q4_1 / q4_k weights: per block column, the eight rows' scales (fp16;
+// The eight-row layout of q4_0 / q4_1 / q4_k / q5_0 / q5_1 weights: per block column, the eight rows' scales (fp16;
 // for q4_1 then their minimums), then their 16 bytes of quants each -- one aligned read feeds eight
 // rows and their scales convert in one instruction. Groups follow each other (n / 32 block columns
 // each). q4_k keeps its super-blocks: per 256 columns a header of the rows' d and dmin (fp16) and
 // their 12 scale bytes as three 32-bit words (word w of row r at 32 + 32 w + 4 r), then the eight
 // sub-blocks as block columns without scales, their nibbles re-laid as q4_1's (value l in the low
 // nibble of byte l, value 16 + l in the high one) -- 144 bytes per row and super-block, as in the file.
+// q5_0 / q5_1 columns hold the rows' fifth bits between the scales (and minimums) and the quants, as
+// 64-bit masks: for the rows 4h..4h+3, the low nibbles' bits at 16 h, the high ones' at 16 h + 8, bit
+// 16 j + l the fifth bit of value l (high: 16 + l) of row 4 h + j -- one mask per register of four rows.
 bool packable8(DType t);
-// bytes of a block column: the scales, the minimums (q4_1 only), then the quants at this offset
-constexpr size_t packed8_quants_offset(DType t) { return 16 * (t == DType::q4_1 ? 2 : 1); }
+constexpr bool five_bit(DType t) { return t == DType::q5_0 || t == DType::q5_1; }
+// bytes of a block column: the scales, the minimums (q4_1, q5_1), the fifth bits (q5_*), then the quants at this offset
+constexpr size_t packed8_quants_offset(DType t) {
+    return 16 * (t == DType::q4_1 || t == DType::q5_1 ? 2 : 1) + (five_bit(t) ? 32 : 0);
+}
 // (q4_k: the average over a super-block, so column k0 of a group is k0 / 32 of them in, k0 a multiple of 256)
 constexpr size_t packed8_column_bytes(DType t) { return t == DType::q4_k ? 144 : packed8_quants_offset(t) + 8 * 16; }
 constexpr size_t kK4GroupHeader = 128, kK4GroupSuper = 8 * 144;

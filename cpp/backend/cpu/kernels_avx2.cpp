@@ -770,6 +770,11 @@ void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const
             const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * k));
             lo[k] = _mm256_and_si256(w, low4);
             hi[k] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+            if constexpr (five_bit(T)) {   // rows 2k and 2k + 1: half k % 2 of the four-row masks
+                const int shift = 32 * (k % 2);
+                lo[k] = _mm256_or_si256(lo[k], fifth_bits(static_cast<uint32_t>(fifth_bit_mask(c, k / 2, 0) >> shift)));
+                hi[k] = _mm256_or_si256(hi[k], fifth_bits(static_cast<uint32_t>(fifth_bit_mask(c, k / 2, 1) >> shift)));
+            }
         }
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
@@ -816,6 +821,8 @@ void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d,
     switch (t) {   // callers check packable8 first
         case DType::q4_1: return dot_packed8_tokens_type<DType::q4_1, 1>(group, &q, &d, &sum, n, out);
         case DType::q4_k: return dot_packed8_tokens_type<DType::q4_k, 1>(group, &q, &d, &sum, n, out);
+        case DType::q5_0: return dot_packed8_tokens_type<DType::q5_0, 1>(group, &q, &d, &sum, n, out);
+        case DType::q5_1: return dot_packed8_tokens_type<DType::q5_1, 1>(group, &q, &d, &sum, n, out);
         default: return dot_packed8_tokens_type<DType::q4_0, 1>(group, &q, &d, &sum, n, out);
     }
 }
@@ -825,6 +832,8 @@ void dot_packed8_tokens(DType t, const uint8_t* group, const int8_t* const* q, c
     switch (t) {
         case DType::q4_1: return dot_packed8_tokens_n<DType::q4_1>(group, q, d, sum, nt, n, out);
         case DType::q4_k: return dot_packed8_tokens_n<DType::q4_k>(group, q, d, sum, nt, n, out);
+        case DType::q5_0: return dot_packed8_tokens_n<DType::q5_0>(group, q, d, sum, nt, n, out);
+        case DType::q5_1: return dot_packed8_tokens_n<DType::q5_1>(group, q, d, sum, nt, n, out);
         default: return dot_packed8_tokens_n<DType::q4_0>(group, q, d, sum, nt, n, out);
     }
 }
@@ -848,6 +857,8 @@ void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, in
     switch (t) {
         case DType::q4_1: return dequantize_packed8_type<DType::q4_1>(group, n, out, out_stride);
         case DType::q4_k: return dequantize_packed8_type<DType::q4_k>(group, n, out, out_stride);
+        case DType::q5_0: return dequantize_packed8_five<DType::q5_0>(group, n, out, out_stride);
+        case DType::q5_1: return dequantize_packed8_five<DType::q5_1>(group, n, out, out_stride);
         default: return dequantize_packed8_type<DType::q4_0>(group, n, out, out_stride);
     }
 }
@@ -902,7 +913,9 @@ void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) 
             for (int r = 0; r < 8; ++r) {
                 __m128i lo, hi;
                 unpack_nibbles(c + 16 * r, &lo, &hi);
-                _mm256_store_si256(reinterpret_cast<__m256i*>(staged[8 * g + r]), _mm256_set_m128i(hi, lo));
+                __m256i q = _mm256_set_m128i(hi, lo);
+                if constexpr (five_bit(T)) q = _mm256_or_si256(q, fifth_bits(fifth_bits_of_row(c, r)));
+                _mm256_store_si256(reinterpret_cast<__m256i*>(staged[8 * g + r]), q);
             }
         }
         std::memcpy(out, scales, 64);
@@ -915,6 +928,8 @@ void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* o
     switch (t) {
         case DType::q4_1: return repack16_type<DType::q4_1>(a, b, n, out);
         case DType::q4_k: return repack16_type<DType::q4_k>(a, b, n, out);
+        case DType::q5_0: return repack16_type<DType::q5_0>(a, b, n, out);
+        case DType::q5_1: return repack16_type<DType::q5_1>(a, b, n, out);
         default: return repack16_type<DType::q4_0>(a, b, n, out);
     }
 }

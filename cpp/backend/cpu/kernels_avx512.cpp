@@ -683,6 +683,13 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum, int 
     }
 }
 
+// q5_*: the fifth bits (16) of the four rows in register h of a group column (quants at c), both nibbles
+inline void add_fifth_bits(const uint8_t* c, int h, __m512i& lo, __m512i& hi) {
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(fifth_bit_mask(c, h, 0)), lo, sixteen);
+    hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(fifth_bit_mask(c, h, 1)), hi, sixteen);
+}
+
 // One group (eight rows) against NT prepared x's (q[t], d[t], sum[t] token t's). Per block column,
 // each half of the group is one 64-byte register: four rows of 16 quant bytes, so int32 lane l
 // belongs to row l / 4 and x's 16 bytes are broadcast to every 128-bit lane. Parts pair up in int32
@@ -715,6 +722,7 @@ void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const
             const __m512i w = _mm512_loadu_si512(c + 64 * h);
             lo[h] = _mm512_and_si512(w, low4);
             hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            if constexpr (five_bit(T)) add_fifth_bits(c, h, lo[h], hi[h]);
         }
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
@@ -779,7 +787,8 @@ void dot_packed8_int8_type(const uint8_t* group, const int8_t* a, const float* d
         const __m512i x_hi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 32 * i + 16)));
         for (int h = 0; h < 2; ++h) {
             const __m512i w = _mm512_loadu_si512(c + 64 * h);
-            const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            if constexpr (five_bit(T)) add_fifth_bits(c, h, lo, hi);
             const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, x_lo), hi, x_hi);
             acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(row_of_lane[h], scale), acc[h]);
         }
@@ -820,6 +829,7 @@ void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, 
             const __m512i w = _mm512_loadu_si512(c + 64 * h);
             lo[h] = _mm512_and_si512(w, low4);
             hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            if constexpr (five_bit(T)) add_fifth_bits(c, h, lo[h], hi[h]);
         }
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
@@ -861,6 +871,8 @@ void dot_packed8_int8_tokens(DType t, const uint8_t* group, const int8_t* const*
     switch (t) {   // callers check packable8 first
         case DType::q4_1: return dot_packed8_int8_tokens_n<DType::q4_1>(group, a, d, sum, nt, n, out);
         case DType::q4_k: return dot_packed8_int8_tokens_n<DType::q4_k>(group, a, d, sum, nt, n, out);
+        case DType::q5_0: return dot_packed8_int8_tokens_n<DType::q5_0>(group, a, d, sum, nt, n, out);
+        case DType::q5_1: return dot_packed8_int8_tokens_n<DType::q5_1>(group, a, d, sum, nt, n, out);
         default: return dot_packed8_int8_tokens_n<DType::q4_0>(group, a, d, sum, nt, n, out);
     }
 }
@@ -870,6 +882,8 @@ void dot_packed8_int8(DType t, const uint8_t* group, const int8_t* a, const floa
     switch (t) {
         case DType::q4_1: return dot_packed8_int8_type<DType::q4_1>(group, a, d, sum, n, out);
         case DType::q4_k: return dot_packed8_int8_type<DType::q4_k>(group, a, d, sum, n, out);
+        case DType::q5_0: return dot_packed8_int8_type<DType::q5_0>(group, a, d, sum, n, out);
+        case DType::q5_1: return dot_packed8_int8_type<DType::q5_1>(group, a, d, sum, n, out);
         default: return dot_packed8_int8_type<DType::q4_0>(group, a, d, sum, n, out);
     }
 }
@@ -879,6 +893,8 @@ void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d,
     switch (t) {
         case DType::q4_1: return dot_packed8_tokens_type<DType::q4_1, 1>(group, &q, &d, &sum, n, out);
         case DType::q4_k: return dot_packed8_tokens_type<DType::q4_k, 1>(group, &q, &d, &sum, n, out);
+        case DType::q5_0: return dot_packed8_tokens_type<DType::q5_0, 1>(group, &q, &d, &sum, n, out);
+        case DType::q5_1: return dot_packed8_tokens_type<DType::q5_1, 1>(group, &q, &d, &sum, n, out);
         default: return dot_packed8_tokens_type<DType::q4_0, 1>(group, &q, &d, &sum, n, out);
     }
 }
@@ -888,6 +904,8 @@ void dot_packed8_tokens(DType t, const uint8_t* group, const int8_t* const* q, c
     switch (t) {
         case DType::q4_1: return dot_packed8_tokens_n<DType::q4_1>(group, q, d, sum, nt, n, out);
         case DType::q4_k: return dot_packed8_tokens_n<DType::q4_k>(group, q, d, sum, nt, n, out);
+        case DType::q5_0: return dot_packed8_tokens_n<DType::q5_0>(group, q, d, sum, nt, n, out);
+        case DType::q5_1: return dot_packed8_tokens_n<DType::q5_1>(group, q, d, sum, nt, n, out);
         default: return dot_packed8_tokens_n<DType::q4_0>(group, q, d, sum, nt, n, out);
     }
 }
@@ -917,6 +935,8 @@ void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, in
     switch (t) {   // callers check packable8 first
         case DType::q4_1: return dequantize_packed8_type<DType::q4_1>(group, n, out, out_stride);
         case DType::q4_k: return dequantize_packed8_type<DType::q4_k>(group, n, out, out_stride);
+        case DType::q5_0: return dequantize_packed8_five<DType::q5_0>(group, n, out, out_stride);
+        case DType::q5_1: return dequantize_packed8_five<DType::q5_1>(group, n, out, out_stride);
         default: return dequantize_packed8_type<DType::q4_0>(group, n, out, out_stride);
     }
 }
@@ -947,8 +967,12 @@ void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) 
         uint8_t* steps = out + tile16_quants_offset(T);
         for (int nibble = 0; nibble < 2; ++nibble) {
             __m512i q[4];
-            for (int k = 0; k < 4; ++k)
+            for (int k = 0; k < 4; ++k) {
                 q[k] = nibble ? _mm512_and_si512(_mm512_srli_epi16(rows[k], 4), low4) : _mm512_and_si512(rows[k], low4);
+                if constexpr (five_bit(T))
+                    if (const uint8_t* c = k < 2 ? ca : cb)
+                        q[k] = _mm512_mask_add_epi8(q[k], _cvtu64_mask64(fifth_bit_mask(c, k % 2, nibble)), q[k], _mm512_set1_epi8(16));
+            }
             for (int j = 0; j < 4; ++j) {
                 // lanes 0-3 <- lanes j, 4+j, 8+j, 12+j of the first source, lanes 4-7 <- the same of the second
                 const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 28, 24, 20, 16, 12, 8, 4, 0),
@@ -965,6 +989,8 @@ void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* o
     switch (t) {   // q4_k's tile is q4_1's: a scale and an offset per row and block
         case DType::q4_1: return repack16_type<DType::q4_1>(a, b, n, out);
         case DType::q4_k: return repack16_type<DType::q4_k>(a, b, n, out);
+        case DType::q5_0: return repack16_type<DType::q5_0>(a, b, n, out);
+        case DType::q5_1: return repack16_type<DType::q5_1>(a, b, n, out);
         default: return repack16_type<DType::q4_0>(a, b, n, out);
     }
 }
