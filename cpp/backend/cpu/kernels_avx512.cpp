@@ -1144,6 +1144,8 @@ void dot_q8_0_int8_tile(const uint8_t* const* rows, const int8_t* const* a, cons
         }
         for (int r = 0; r < NR; ++r) {
             const uint8_t* blk = rows[r] + b * block;
+            _mm_prefetch(reinterpret_cast<const char*>(blk) + kDecodePrefetchBytes, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(blk) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
             const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
             const __m256i w_hi = pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + block + 2))
                                       : _mm256_setzero_si256();
