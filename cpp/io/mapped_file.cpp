@@ -43,6 +43,16 @@ std::shared_ptr<MappedFile> MappedFile::from_bytes(const uint8_t* data, size_t s
     return f;
 }
 
+bool MappedFile::release(const uint8_t* p, size_t n) const {
+    if (p < data_ || p + n > data_ + size_ || n == 0) return false;
+    if (!mapped_) return true;
+    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page,
+                    end = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+    if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+    return true;
+}
+
 MappedFile::~MappedFile() {
     if (mapped_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }

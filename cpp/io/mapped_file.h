@@ -23,6 +23,9 @@ public:
     const uint8_t* data() const { return data_; }
     size_t size() const { return size_; }
     const std::string& path() const { return path_; }
+    // Whether [p, p + n) lies in this map; if so, the whole pages inside it leave this process's
+    // resident set (a copy now serves their reads; a later read faults them back from the page cache).
+    bool release(const uint8_t* p, size_t n) const;
 
 private:
     MappedFile() = default;

@@ -123,8 +123,14 @@ Weight Model::weight_rows(const std::string& name, const TensorRef& t, int64_t r
     const TensorRef* src = converted(name, t, t.shape[1], cols);
     const std::string bias_name = name.substr(0, name.size() - 6) + "bias";   // "...weight" -> "...bias"
     std::vector<float> bias = host_vector(bias_name, t.shape[1], false);
-    return backend_->upload_weight(src->type, rows, cols, src->data + static_cast<size_t>(row0) * row_bytes(src->type, cols),
-                                   bias.empty() ? nullptr : bias.data() + row0, use);
+    const uint8_t* data = src->data + static_cast<size_t>(row0) * row_bytes(src->type, cols);
+    Weight w = backend_->upload_weight(src->type, rows, cols, data, bias.empty() ? nullptr : bias.data() + row0, use);
+    if (w.data != data || w.packed) {   // the backend reads a copy of its own: the mapped original goes cold
+        const size_t bytes = static_cast<size_t>(rows) * row_bytes(src->type, cols);
+        for (const auto& file : weights_.files)
+            if (file->release(data, bytes)) break;
+    }
+    return w;
 }
 
 std::vector<float> Model::host_vector(const std::string& name, int64_t n, bool required) {

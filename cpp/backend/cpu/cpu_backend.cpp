@@ -107,12 +107,25 @@ public:
         matmul_group(&item, 1, x, T);
     }
 
-    // q4_0 / q4_1 / q4_k matrices get the eight-row layout where the level has a kernel for it; decode then
-    // reads only that copy, prefill dequantizes (or, with int8 prefill, repacks) rows from it, so the
-    // mapped original goes cold.
+    // q4_0 / q4_1 / q4_k / q5_* matrices get the eight-row layout where the level has a kernel for it;
+    // decode then reads only that copy, prefill dequantizes (or, with int8 prefill, repacks) rows from
+    // it. The other block-quantized matrices are copied as they are into the same huge-page chunks,
+    // which decode streams faster than the file's map (a 1B-shape Q6_K +9 %, Gemma 3 Q4_K_M with its
+    // q8_0 output matrix +23-27 %). Either way the mapped original goes cold (the model releases it).
     void pack(Weight& w) {
         const cpu::Kernels& kern = cpu::kernels();
-        if (!kern.dot_packed8 || !cpu::packable8(w.type) || w.rows % 8 != 0 || w.cols % 32 != 0) return;
+        if (!kern.dot_packed8 || !cpu::packable8(w.type) || w.rows % 8 != 0 || w.cols % 32 != 0) {
+            if (cpu::uses_prepared_x(kern, w.type)) {
+                const size_t stride = w.row_stride;
+                uint8_t* dst = pack_space(static_cast<size_t>(w.rows) * stride);
+                const uint8_t* src = w.data;
+                pool_.parallel_for(w.rows, [&](int64_t r0, int64_t r1, int) {
+                    std::memcpy(dst + r0 * stride, src + r0 * stride, static_cast<size_t>(r1 - r0) * stride);
+                });
+                w.data = dst;
+            }
+            return;
+        }
         const size_t group_bytes = static_cast<size_t>(w.cols / 32) * cpu::packed8_column_bytes(w.type);
         uint8_t* dst = pack_space(group_bytes * static_cast<size_t>(w.rows / 8));
         pool_.parallel_for(w.rows / 8, [&](int64_t g0, int64_t g1, int) {
@@ -123,10 +136,10 @@ public:
         w.packed = dst;
     }
 
-    // Room for an eight-row copy: copies follow each other in chunks of at least 64 MB, 2 MB-aligned
+    // Room for a weight's copy: copies follow each other in chunks of at least 64 MB, 2 MB-aligned
     // and advised as huge pages -- decode streams every copy once per token, and on 4 KB pages the
-    // TLB misses cost 10-13 % of decode (SmolLM2 Q4_1 157-165 -> 178-187 tok/s, a 1B-shape Q4_K
-    // 24.4 -> 26.8-27.2, 2 threads). A weight of its own huge page each would waste most of it.
+    // TLB misses cost 5-15 % of decode (SmolLM2 Q4_1 174-178 -> 184-191 tok/s, a 1B-shape Q4_K
+    // 25.4-26.1 -> 27.6-27.8, 2 threads). Huge pages of their own would triple SmolLM2's memory.
     uint8_t* pack_space(size_t bytes) {
         constexpr size_t kHuge = size_t{2} << 20, kChunk = size_t{64} << 20;
         bytes = (bytes + 63) / 64 * 64;
@@ -135,7 +148,7 @@ public:
             packed_.emplace_back(static_cast<uint8_t*>(std::aligned_alloc(kHuge, size)), std::free);
             if (!packed_.back()) {
                 packed_.pop_back();
-                fail(ErrorKind::resource, "no memory for the eight-row copies of the weights (" + std::to_string(size) + " bytes)");
+                fail(ErrorKind::resource, "no memory for the copies of the weights (" + std::to_string(size) + " bytes)");
             }
 #ifdef MADV_HUGEPAGE
             madvise(packed_.back().get(), size, MADV_HUGEPAGE);   // a hint: without huge pages all still works
@@ -620,7 +633,7 @@ private:
     std::vector<float> xd8_, xsum8_;
     std::vector<int8_t> xa_;            // int8 prefill: x rounded to int8 [T, cols] ...
     std::vector<float> xsum_rounded_;   // ... and its block sums [T, cols / 32]
-    std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> packed_;   // chunks of eight-row copies (pack_space) ...
+    std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> packed_;   // chunks of weight copies (pack_space) ...
     size_t pack_used_ = 0, pack_size_ = 0;                             // ... and the last one's use and size
     std::vector<std::unique_ptr<float[]>> vectors_;    // uploaded norm weights and biases
     std::optional<cpu::LevelPin> level_;               // held during a pass
