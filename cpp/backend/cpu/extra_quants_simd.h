@@ -1,6 +1,7 @@
-// Unpacking of the 5-bit legacy types and the K-quants (layouts in core/kquants.h) with AVX2, for
-// the AVX2 and AVX-512 kernel files alone (both are compiled with AVX2 enabled). Everything is in an
-// anonymous namespace, so each of those files keeps its own copy, compiled with its own flags.
+// Unpacking of the 5-bit legacy types and the K-quants (layouts in core/kquants.h), and the reading
+// of eight-row group columns (kernels.h), with AVX2, for the AVX2 and AVX-512 kernel files alone
+// (both are compiled with AVX2 enabled). Everything is in an anonymous namespace, so each of those
+// files keeps its own copy, compiled with its own flags.
 #pragma once
 
 #include <immintrin.h>
@@ -324,8 +325,8 @@ void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, 
 // Block columns of an eight-row group (pack_rows8), in order i = 0, 1, ...: where column i's quants
 // are, the rows' weight scales dw and their offsets per unit of x (q4_0: -8 dw, q5_0: -16 dw, q4_1 /
 // q5_1: m, q4_k: d sc_j and -dmin m_j, rounded as the reference dequantizer rounds them: x = dw * q +
-// offset, q unsigned). A q4_k
-// super-block's scales and mins unpack once, at its first column, for the eight rows at once.
+// offset, q unsigned). A q4_k super-block's scales and mins unpack once, at its first column, for the
+// eight rows at once.
 template <DType T>
 class GroupColumns {
 public:
