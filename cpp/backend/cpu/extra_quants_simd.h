@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "backend/cpu/kernels.h"
 #include "core/dtype.h"
@@ -319,6 +320,19 @@ void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, 
         case DType::q5_k: return repack16_rows_type<DType::q5_k>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q3_k: return repack16_rows_type<DType::q3_k>(rows, row_stride, n_rows, k0, kn, out);
         default: return repack16_rows_type<DType::q6_k>(rows, row_stride, n_rows, k0, kn, out);   // callers check repackable16
+    }
+}
+
+// fn(std::integral_constant<DType, T>{}) for the eight-row type t (callers check packable8 first): the
+// one list of the types every packed kernel is instantiated for.
+template <typename Fn>
+inline void with_packed_type(DType t, Fn&& fn) {
+    switch (t) {
+        case DType::q4_1: return fn(std::integral_constant<DType, DType::q4_1>{});
+        case DType::q4_k: return fn(std::integral_constant<DType, DType::q4_k>{});
+        case DType::q5_0: return fn(std::integral_constant<DType, DType::q5_0>{});
+        case DType::q5_1: return fn(std::integral_constant<DType, DType::q5_1>{});
+        default: return fn(std::integral_constant<DType, DType::q4_0>{});
     }
 }
 

@@ -818,24 +818,12 @@ void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const fl
 
 void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                  float* out) {
-    switch (t) {   // callers check packable8 first
-        case DType::q4_1: return dot_packed8_tokens_type<DType::q4_1, 1>(group, &q, &d, &sum, n, out);
-        case DType::q4_k: return dot_packed8_tokens_type<DType::q4_k, 1>(group, &q, &d, &sum, n, out);
-        case DType::q5_0: return dot_packed8_tokens_type<DType::q5_0, 1>(group, &q, &d, &sum, n, out);
-        case DType::q5_1: return dot_packed8_tokens_type<DType::q5_1, 1>(group, &q, &d, &sum, n, out);
-        default: return dot_packed8_tokens_type<DType::q4_0, 1>(group, &q, &d, &sum, n, out);
-    }
+    with_packed_type(t, [&](auto type) { dot_packed8_tokens_type<decltype(type)::value, 1>(group, &q, &d, &sum, n, out); });
 }
 
 void dot_packed8_tokens(DType t, const uint8_t* group, const int8_t* const* q, const float* const* d,
                         const float* const* sum, int nt, int64_t n, float* out) {
-    switch (t) {
-        case DType::q4_1: return dot_packed8_tokens_n<DType::q4_1>(group, q, d, sum, nt, n, out);
-        case DType::q4_k: return dot_packed8_tokens_n<DType::q4_k>(group, q, d, sum, nt, n, out);
-        case DType::q5_0: return dot_packed8_tokens_n<DType::q5_0>(group, q, d, sum, nt, n, out);
-        case DType::q5_1: return dot_packed8_tokens_n<DType::q5_1>(group, q, d, sum, nt, n, out);
-        default: return dot_packed8_tokens_n<DType::q4_0>(group, q, d, sum, nt, n, out);
-    }
+    with_packed_type(t, [&](auto type) { dot_packed8_tokens_n<decltype(type)::value>(group, q, d, sum, nt, n, out); });
 }
 
 // One group's rows as floats, each row's blocks as dequantize_row gives them.
@@ -854,13 +842,11 @@ void dequantize_packed8_type(const uint8_t* group, int64_t n, float* out, int64_
 }
 
 void dequantize_packed8(DType t, const uint8_t* group, int64_t n, float* out, int64_t out_stride) {
-    switch (t) {
-        case DType::q4_1: return dequantize_packed8_type<DType::q4_1>(group, n, out, out_stride);
-        case DType::q4_k: return dequantize_packed8_type<DType::q4_k>(group, n, out, out_stride);
-        case DType::q5_0: return dequantize_packed8_five<DType::q5_0>(group, n, out, out_stride);
-        case DType::q5_1: return dequantize_packed8_five<DType::q5_1>(group, n, out, out_stride);
-        default: return dequantize_packed8_type<DType::q4_0>(group, n, out, out_stride);
-    }
+    with_packed_type(t, [&](auto type) {
+        constexpr DType T = decltype(type)::value;
+        if constexpr (five_bit(T)) dequantize_packed8_five<T>(group, n, out, out_stride);
+        else dequantize_packed8_type<T>(group, n, out, out_stride);
+    });
 }
 
 // ---- opt-in fast prefill (int8_prefill): sixteen rows against x rounded to int8, in dot_tile16's block
@@ -925,13 +911,7 @@ void repack16_type(const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) 
 }
 
 void repack16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* out) {
-    switch (t) {
-        case DType::q4_1: return repack16_type<DType::q4_1>(a, b, n, out);
-        case DType::q4_k: return repack16_type<DType::q4_k>(a, b, n, out);
-        case DType::q5_0: return repack16_type<DType::q5_0>(a, b, n, out);
-        case DType::q5_1: return repack16_type<DType::q5_1>(a, b, n, out);
-        default: return repack16_type<DType::q4_0>(a, b, n, out);
-    }
+    with_packed_type(t, [&](auto type) { repack16_type<decltype(type)::value>(a, b, n, out); });
 }
 
 // Sixteen rows against eight tokens (dot_tile16 of kernels.h). Per block and token, a the rounded x, dx
