@@ -358,7 +358,7 @@ public:
         } else {
             const uint8_t* c = group_ + i * packed8_column_bytes(T);
             *dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
-            *offset = T == DType::q4_1 || T == DType::q5_1
+            *offset = packed8_minimums(T)
                           ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16)))
                           : _mm256_mul_ps(*dw, _mm256_set1_ps(T == DType::q5_0 ? -16.0f : -8.0f));
         }

@@ -188,7 +188,6 @@ BlockFields fields(DType t) {
         default: return {0, 0, 0, 2};
     }
 }
-constexpr bool with_min(DType t) { return t == DType::q4_1 || t == DType::q5_1; }
 // the mask (of four, 64-bit) holding nibble nib's fifth bits of row j, at bit 16 (j % 4)
 size_t mask_of(int j, int nib) { return static_cast<size_t>(2 * (j / 4) + nib); }
 
@@ -245,7 +244,7 @@ void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint
         for (int j = 0; j < 8; ++j) {
             const uint8_t* b = rows + j * row_stride + i * block;
             std::memcpy(out + 2 * j, b + f.d, 2);
-            if (with_min(t)) std::memcpy(out + 16 + 2 * j, b + f.m, 2);
+            if (packed8_minimums(t)) std::memcpy(out + 16 + 2 * j, b + f.m, 2);
             std::memcpy(out + quants + 16 * j, b + f.qs, 16);
             if (five_bit(t)) {
                 uint32_t qh;
@@ -266,7 +265,7 @@ void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row) 
         const uint8_t* in = group + i * col;
         uint8_t* b = row + i * block;
         std::memcpy(b + f.d, in + 2 * j, 2);
-        if (with_min(t)) std::memcpy(b + f.m, in + 16 + 2 * j, 2);
+        if (packed8_minimums(t)) std::memcpy(b + f.m, in + 16 + 2 * j, 2);
         std::memcpy(b + f.qs, in + quants + 16 * j, 16);
         if (five_bit(t)) {
             uint64_t masks[4];

@@ -151,9 +151,11 @@ constexpr size_t tile16_column_bytes(DType t) { return tile16_quants_offset(t) +
 // 16 j + l the fifth bit of value l (high: 16 + l) of row 4 h + j -- one mask per register of four rows.
 bool packable8(DType t);
 constexpr bool five_bit(DType t) { return t == DType::q5_0 || t == DType::q5_1; }
+// the types whose group columns hold the rows' minimums (fp16) after their scales
+constexpr bool packed8_minimums(DType t) { return t == DType::q4_1 || t == DType::q5_1; }
 // bytes of a block column: the scales, the minimums (q4_1, q5_1), the fifth bits (q5_*), then the quants at this offset
 constexpr size_t packed8_quants_offset(DType t) {
-    return 16 * (t == DType::q4_1 || t == DType::q5_1 ? 2 : 1) + (five_bit(t) ? 32 : 0);
+    return 16 * (packed8_minimums(t) ? 2 : 1) + (five_bit(t) ? 32 : 0);
 }
 // (q4_k: the average over a super-block, so column k0 of a group is k0 / 32 of them in, k0 a multiple of 256)
 constexpr size_t packed8_column_bytes(DType t) { return t == DType::q4_k ? 144 : packed8_quants_offset(t) + 8 * 16; }
