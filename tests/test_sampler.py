@@ -125,6 +125,29 @@ def test_greedy_is_argmax_with_first_index_on_ties():
     assert sampler.sample(logits, np.zeros(0, np.int32)) == 1
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 15, 16, 17, 49152, 49155])
+def test_greedy_over_vocabulary_sizes_takes_the_first_maximum(n):
+    # the vectorized passes work four and sixteen values at a time; ties and tails must still
+    # give numpy's first maximum
+    rng = np.random.default_rng(n)
+    sampler = _core.Sampler(make_params(temperature=0.0), n)
+    for _ in range(20):
+        logits = rng.integers(-4, 4, n).astype(np.float32)
+        assert sampler.sample(logits, np.zeros(0, np.int32)) == int(np.argmax(logits))
+    logits = np.zeros(n, np.float32)
+    logits[-1] = 1.0
+    assert sampler.sample(logits, np.zeros(0, np.int32)) == n - 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("at", [0, 6, 49154])
+def test_a_non_finite_logit_is_named_wherever_it_is(bad, at):
+    logits = np.zeros(49155, np.float32)
+    logits[at] = bad
+    with pytest.raises(tokenmill.errors.NumericalError, match=f"logit {at} is"):
+        _core.Sampler(make_params(temperature=0.0), logits.size).sample(logits, np.zeros(0, np.int32))
+
+
 def test_logit_bias_can_ban_and_force():
     logits = np.zeros(6, np.float32)
     sampler = _core.Sampler(make_params(temperature=0.0, logit_bias=[(4, 10.0)]), 6)

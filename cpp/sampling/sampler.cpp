@@ -1,13 +1,85 @@
 #include "sampling/sampler.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <string>
 #include <unordered_map>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "core/error.h"
 
 namespace tmill {
+
+namespace {
+
+// The sampler runs once per sequence per step on the scheduler's thread while the compute threads
+// wait, so its passes over the vocabulary use SSE2 (every x86-64 has it) four values at a time; the
+// compiler vectorizes neither a loop with an early exit nor std::max_element. A greedy step on a
+// 49,152-token vocabulary took 81 us with those, 14 us now (with the call from Python).
+#if defined(__SSE2__)
+constexpr bool kSse2 = true;
+#else
+constexpr bool kSse2 = false;
+#endif
+
+// out = x, and whether every value is finite (|x| <= FLT_MAX fails for inf and NaN)
+bool copy_finite(const float* x, int64_t n, float* out) {
+    int64_t i = 0;
+    bool ok = true;
+#if defined(__SSE2__)
+    const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff)), largest = _mm_set1_ps(FLT_MAX);
+    __m128 all = _mm_castsi128_ps(_mm_set1_epi32(-1));
+    for (; i + 4 <= n; i += 4) {
+        const __m128 v = _mm_loadu_ps(x + i);
+        _mm_storeu_ps(out + i, v);
+        all = _mm_and_ps(all, _mm_cmple_ps(_mm_and_ps(v, abs_mask), largest));
+    }
+    ok = _mm_movemask_ps(all) == 0xF;
+#endif
+    for (; i < n; ++i) {
+        out[i] = x[i];
+        ok &= std::fabs(x[i]) <= FLT_MAX;
+    }
+    return ok;
+}
+
+// The index of the largest of n > 0 finite values, the smallest such index on ties (as
+// std::max_element): the maximum first, then the first value equal to it.
+int64_t first_argmax(const float* x, int64_t n) {
+    float best = x[0];
+    int64_t i = 0;
+    if constexpr (kSse2) {
+#if defined(__SSE2__)
+        __m128 m0 = _mm_set1_ps(x[0]), m1 = m0, m2 = m0, m3 = m0;
+        for (; i + 16 <= n; i += 16) {
+            m0 = _mm_max_ps(m0, _mm_loadu_ps(x + i));
+            m1 = _mm_max_ps(m1, _mm_loadu_ps(x + i + 4));
+            m2 = _mm_max_ps(m2, _mm_loadu_ps(x + i + 8));
+            m3 = _mm_max_ps(m3, _mm_loadu_ps(x + i + 12));
+        }
+        alignas(16) float lanes[4];
+        _mm_store_ps(lanes, _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3)));
+        best = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+#endif
+    }
+    for (; i < n; ++i) best = std::max(best, x[i]);
+    i = 0;
+#if defined(__SSE2__)
+    const __m128 target = _mm_set1_ps(best);
+    for (; i + 4 <= n; i += 4) {
+        const int hits = _mm_movemask_ps(_mm_cmpeq_ps(_mm_loadu_ps(x + i), target));
+        if (hits) return i + __builtin_ctz(static_cast<unsigned>(hits));
+    }
+#endif
+    while (x[i] != best) ++i;
+    return i;
+}
+
+}  // namespace
 
 void validate(const SamplerParams& p, int64_t n_vocab) {
     auto bad = [](const std::string& msg) { fail(ErrorKind::invalid_arg, msg); };
@@ -135,11 +207,12 @@ int32_t Sampler::draw(const int32_t* ids, const double* probs, size_t n) {
 int32_t Sampler::filter(const float* logits, const int32_t* history, int64_t n_history,
                         const std::vector<int32_t>* allowed) {
     const SamplerParams& p = params_;
-    for (int64_t i = 0; i < n_vocab_; ++i)
-        if (!std::isfinite(logits[i]))
-            fail(ErrorKind::numeric, "logit " + std::to_string(i) + " is " + std::to_string(logits[i]) +
-                                         "; the model's output is not a distribution");
-    work_.assign(logits, logits + n_vocab_);
+    work_.resize(static_cast<size_t>(n_vocab_));
+    if (!copy_finite(logits, n_vocab_, work_.data())) {
+        const int64_t i = std::find_if(logits, logits + n_vocab_, [](float x) { return !std::isfinite(x); }) - logits;
+        fail(ErrorKind::numeric, "logit " + std::to_string(i) + " is " + std::to_string(logits[i]) +
+                                     "; the model's output is not a distribution");
+    }
     apply_penalties(work_.data(), history, n_history);
     candidates_.clear();
     if (allowed) {   // everything outside the allowed set is banned
@@ -152,7 +225,7 @@ int32_t Sampler::filter(const float* logits, const int32_t* history, int64_t n_h
         std::fill(work_.begin(), work_.end(), -INFINITY);
         for (size_t i = 0; i < allowed->size(); ++i) work_[static_cast<size_t>((*allowed)[i])] = kept[i];
     }
-    const auto best = std::max_element(work_.begin(), work_.end());
+    const auto best = work_.begin() + first_argmax(work_.data(), n_vocab_);
     if (*best == -INFINITY)
         fail(ErrorKind::invalid_arg, allowed ? "no token can be sampled: the allowed tokens are all banned"
                                              : "no token can be sampled: logit_bias bans every token of the vocabulary");
