@@ -765,63 +765,32 @@ void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const fl
     }
 }
 
-// The eight-row group against x rounded to int8 per 32-block (the first part of prepare_x8 alone:
-// llama.cpp's decode precision) -- a quarter of the VPDPBUSD work of the exact kernel above. a [n]
-// the rounded x, d its block scales, sum the block sums of the rounded x.
-template <DType T>
-void dot_packed8_int8_type(const uint8_t* group, const int8_t* a, const float* d, const float* sum, int64_t n,
-                           float* out) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-    const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                                    _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m256 block_sums = _mm256_setzero_ps();
-    GroupColumns<T> columns(group);
-    for (int64_t i = 0; i < n / 32; ++i) {
-        __m256 dw, per_row;
-        const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
-        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
-        const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[i])));
-        const __m512i x_lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 32 * i)));
-        const __m512i x_hi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 32 * i + 16)));
-        for (int h = 0; h < 2; ++h) {
-            const __m512i w = _mm512_loadu_si512(c + 64 * h);
-            __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-            if constexpr (five_bit(T)) add_fifth_bits(c, h, lo, hi);
-            const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, x_lo), hi, x_hi);
-            acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(row_of_lane[h], scale), acc[h]);
-        }
-        block_sums = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[i]), block_sums);
-    }
-    alignas(64) float lanes[32];
-    alignas(32) float extra[8];
-    _mm512_store_ps(lanes, acc[0]);
-    _mm512_store_ps(lanes + 16, acc[1]);
-    _mm256_store_ps(extra, block_sums);
-    for (int r = 0; r < 8; ++r) out[r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
-}
-
-// The kernel above for NT tokens: the same operations per token in the same order (the scale
-// permutation commutes with the per-token product, which stays dw * d as above), so every token's
-// eight sums are bit-identical to a call of its own; the nibbles unpack once for all NT.
+// The eight-row group against NT vectors rounded to int8 per 32-block (the first part of prepare_x8
+// alone: llama.cpp's decode precision) -- a quarter of the VPDPBUSD work of the exact kernel above.
+// a[t] the rounded x, d[t] its block scales, sum[t] the block sums of the rounded x. Per block, each
+// row's 32 products are summed in int32 (exact) before one conversion, so every (row, vector) pair
+// runs the same float operations as in the sixteen-row AMX kernel (amx_int8_tiles) and in any
+// tile of tokens:
+//   acc_r = fma(float(sum_j q_rj a_j), dw_r * dx, acc_r) per block, extra_r = fma(c_r, dx sum_j a_j,
+//   extra_r) for the offset c_r (q4_0: -8 dw_r, q4_1: m_r), out_r = acc_r + extra_r.
+// The nibbles unpack once for all NT vectors.
 template <DType T, int NT>
 void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, const float* const* d,
                                   const float* const* sum, int64_t n, float* out) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-    const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                                    _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
-    __m512 acc[NT][2];
-    __m256 block_sums[NT];
+    // after the lane sums below, 128-bit lane k holds rows k, k, k + 4, k + 4
+    const __m512i row_of_lane = _mm512_set_epi32(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
+    __m512 acc[NT];
+    __m256 extra[NT];
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
-        acc[t][0] = acc[t][1] = _mm512_setzero_ps();
-        block_sums[t] = _mm256_setzero_ps();
+        acc[t] = _mm512_setzero_ps();
+        extra[t] = _mm256_setzero_ps();
     }
     GroupColumns<T> columns(group);
     for (int64_t i = 0; i < n / 32; ++i) {
-        __m256 dw, per_row;
-        const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
+        __m256 dw, offset;
+        const uint8_t* c = columns.at(i, &dw, &offset);   // the column's quants
         _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
         __m512i lo[2], hi[2];
@@ -831,28 +800,35 @@ void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, 
             hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
             if constexpr (five_bit(T)) add_fifth_bits(c, h, lo[h], hi[h]);
         }
+        const __m512 dw_lanes = _mm512_permutexvar_ps(row_of_lane, _mm512_castps256_ps512(dw));
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
-            const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[t][i])));
             const __m512i x_lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a[t] + 32 * i)));
             const __m512i x_hi =
                 _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a[t] + 32 * i + 16)));
-            for (int h = 0; h < 2; ++h) {
-                const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[h], x_lo), hi[h], x_hi);
-                acc[t][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(row_of_lane[h], scale), acc[t][h]);
-            }
-            block_sums[t] = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[t][i]), block_sums[t]);
+            // rows 0-3 and 4-7, four partial sums per row (128-bit lane k: row k, or k + 4) ...
+            const __m512i s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[0], x_lo), hi[0], x_hi);
+            const __m512i s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[1], x_lo), hi[1], x_hi);
+            // ... added up in two steps: lane k holds (row k, row k, row k + 4, row k + 4)
+            const __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(s0, s1), _mm512_unpackhi_epi64(s0, s1));
+            const __m512i rows = _mm512_add_epi32(u, _mm512_shuffle_epi32(u, _MM_PERM_CDAB));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(rows), _mm512_mul_ps(dw_lanes, _mm512_set1_ps(d[t][i])), acc[t]);
+            extra[t] = _mm256_fmadd_ps(offset, _mm256_set1_ps(sum[t][i]), extra[t]);
         }
     }
     for (int t = 0; t < NT; ++t) {
-        alignas(64) float lanes[32];
-        alignas(32) float extra[8];
-        _mm512_store_ps(lanes, acc[t][0]);
-        _mm512_store_ps(lanes + 16, acc[t][1]);
-        _mm256_store_ps(extra, block_sums[t]);
-        for (int r = 0; r < 8; ++r)
-            out[8 * t + r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
+        alignas(64) float lanes[16];
+        alignas(32) float e[8];
+        _mm512_store_ps(lanes, acc[t]);
+        _mm256_store_ps(e, extra[t]);
+        for (int r = 0; r < 8; ++r) out[8 * t + r] = lanes[4 * (r % 4) + 2 * (r / 4)] + e[r];
     }
+}
+
+template <DType T>
+void dot_packed8_int8_type(const uint8_t* group, const int8_t* a, const float* d, const float* sum, int64_t n,
+                           float* out) {
+    dot_packed8_int8_tokens_type<T, 1>(group, &a, &d, &sum, n, out);
 }
 
 template <DType T>
