@@ -42,6 +42,11 @@ constexpr int64_t kMinParallelElements = 1 << 15;
 constexpr int64_t kElementChunk = 1 << 12;
 // RoPE handles head dimensions up to twice this (the model loader accepts up to 1024)
 constexpr int kMaxRopeHalf = 512;
+// int8 decode rows of packed weights go to the AMX kernel from this many tokens on: its scaling of
+// the int32 sums costs the same for 1 to 16 tokens, so below this the VNNI kernel is faster
+// (SmolLM2 Q4_1 generate_batch: 4 sequences 342 tok/s on AMX against 498, 8: 525 against 564,
+// 16: 660 against 620)
+constexpr int64_t kAmxMinTokens = 12;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
 
@@ -163,7 +168,8 @@ public:
 
     // Several products of the same input share parallel regions (and, for the integer kernels, one
     // preparation of x). Work is cut into units of rows across all the weights: 16 for the int8
-    // prefill kernel, 8 for packed decode, the level's tile height for the float tile, else 4.
+    // prefill kernel and AMX decode, 8 for packed decode, the level's tile height for the float tile,
+    // else 4.
     void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) override {
         const int64_t cols = items[0].w->cols;
         if (T > kTokenBlock) {   // activations meet the weights a block of tokens at a time
@@ -178,7 +184,7 @@ public:
         const cpu::Kernels& kern = cpu::kernels();
         const bool small_batch = (T < kPreparedMaxTokens && !invariant()) || rows_as_decode();
         bool any_prepared = false, any_prepared_k = false, any_packed = false, any_tile16 = false, any_tile = false,
-             any_int8 = false, any_packed_exact = false;
+             any_int8 = false, any_packed_exact = false, any_amx = false;
         std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
         for (int i = 0; i < n_items; ++i) {
             const Weight& w = *items[i].w;
@@ -188,9 +194,10 @@ public:
             any_int8 |= (packed && uses_int8_decode(kern)) || (small_batch && uses_int8_q8_0(kern, w));
             any_tile16 |= tile16;
             any_tile |= tile;
+            any_amx |= uses_amx(kern, w, T);
             const bool prepared = !packed && small_batch && cpu::uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
             (cpu::superblock_x(w.type) ? any_prepared_k : any_prepared) |= prepared;
-            const int64_t unit_rows = tile16 ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
+            const int64_t unit_rows = tile16 || uses_amx(kern, w, T) ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
             first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
         }
         const int64_t nb = cols / 32;
@@ -221,6 +228,7 @@ public:
                 }
             });
         }
+        if (any_amx) amx_tiles(T, cols);
         // column chunks [k0, k0 + chunk) for the tile paths, whole blocks of every weight's type (256
         // values for the K-quants); the other paths run in the first pass
         int64_t block = 32;
@@ -245,28 +253,16 @@ public:
             float* out = items[i].out;
             auto bias = [&](int64_t r) { return w.bias ? w.bias[r] : 0.0f; };
             if (!uses_tile(kern, w, T) && k0 > 0) continue;
+            if (uses_amx(kern, w, T)) {
+                amx_unit(w, out, T, 16 * (u - first_unit[i]));
+                continue;
+            }
             if (uses_packed(kern, w, T)) {
                 // one group of eight rows against each token
                 const int64_t r0 = 8 * (u - first_unit[i]);
                 const uint8_t* group = packed_group(w, r0);
-                const bool int8 = uses_int8_decode(kern);
-                const auto tokens_kernel = int8 ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens;
-                if (tokens_kernel && T > 1) {   // tokens share the unpacking
-                    constexpr int NT = cpu::kPackedTokens;
-                    const int8_t* a[NT];
-                    const float *d[NT], *sum[NT];
-                    float o[8 * NT];
-                    for (int64_t t0 = 0; t0 < T; t0 += NT) {
-                        const int nt = static_cast<int>(std::min<int64_t>(NT, T - t0));
-                        for (int k = 0; k < nt; ++k) {
-                            a[k] = int8 ? xa_.data() + (t0 + k) * cols : xq8_.data() + 4 * (t0 + k) * cols;
-                            d[k] = xd8_.data() + (t0 + k) * nb;
-                            sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t0 + k) * nb;
-                        }
-                        tokens_kernel(w.type, group, a, d, sum, nt, cols, o);
-                        for (int k = 0; k < nt; ++k)
-                            for (int j = 0; j < 8; ++j) out[(t0 + k) * w.rows + r0 + j] = o[8 * k + j] + bias(r0 + j);
-                    }
+                if (T > 1 && (uses_int8_decode(kern) ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens)) {
+                    packed_tokens(w, out, r0, 0, T);   // tokens share the unpacking
                     continue;
                 }
                 for (int64_t t = 0; t < T; ++t) {
@@ -379,6 +375,75 @@ public:
                         store_chunk(out + (t + k) * rows + r0 + sub, o + tr * k, nr, w, r0 + sub, k0);
                 }
             }
+        }
+    }
+
+    // The eight rows of the group at r0 against tokens [t0, t1), kPackedTokens per call of the
+    // tokens kernel (exact, or int8 decode's)
+    void packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1) {
+        const cpu::Kernels& kern = cpu::kernels();
+        const int64_t cols = w.cols, nb = cols / 32;
+        const bool int8 = uses_int8_decode(kern);
+        const auto tokens_kernel = int8 ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens;
+        constexpr int NT = cpu::kPackedTokens;
+        const int8_t* a[NT];
+        const float *d[NT], *sum[NT];
+        float o[8 * NT];
+        for (int64_t t = t0; t < t1; t += NT) {
+            const int nt = static_cast<int>(std::min<int64_t>(NT, t1 - t));
+            for (int k = 0; k < nt; ++k) {
+                a[k] = int8 ? xa_.data() + (t + k) * cols : xq8_.data() + 4 * (t + k) * cols;
+                d[k] = xd8_.data() + (t + k) * nb;
+                sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t + k) * nb;
+            }
+            tokens_kernel(w.type, packed_group(w, r0), a, d, sum, nt, cols, o);
+            for (int k = 0; k < nt; ++k)
+                for (int j = 0; j < 8; ++j) out[(t + k) * w.rows + r0 + j] = o[8 * k + j] + (w.bias ? w.bias[r0 + j] : 0.0f);
+        }
+    }
+
+    // int8 decode rows on AMX: the two groups from row r0 against the tokens, kAmxTokens at a time
+    // (amx_tiles laid them out); a last chunk of fewer than kAmxMinTokens takes the VNNI kernel,
+    // whose bits are the same
+    void amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
+        const cpu::Kernels& kern = cpu::kernels();
+        const int64_t nb = w.cols / 32;
+        const uint8_t* b = r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
+        const int rows = b ? 16 : 8;
+        float o[16 * cpu::kAmxTokens];
+        for (int64_t t0 = 0, c = 0; t0 < T; t0 += cpu::kAmxTokens, ++c) {
+            const int nt = static_cast<int>(std::min<int64_t>(cpu::kAmxTokens, T - t0));
+            if (nt < kAmxMinTokens) {
+                for (int g = 0; g < rows / 8; ++g) packed_tokens(w, out, r0 + 8 * g, t0, T);
+                break;
+            }
+            kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, x_tiles_.data() + c * nb * 512,
+                                      x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16,
+                                      nt, w.cols, o);
+            for (int k = 0; k < nt; ++k)
+                for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + (w.bias ? w.bias[r0 + r] : 0.0f);
+        }
+    }
+
+    // x rounded to int8 (xa_) as the AMX kernel's tiles, per chunk of kAmxTokens tokens: x_tiles_
+    // [chunks, cols / 32, 512], x_tile_scales_ [chunks, 2 (scales, sums), cols / 32, 16]
+    void amx_tiles(int64_t T, int64_t cols) {
+        const cpu::Kernels& kern = cpu::kernels();
+        const int64_t nb = cols / 32, chunks = (T + cpu::kAmxTokens - 1) / cpu::kAmxTokens;
+        x_tiles_.resize(static_cast<size_t>(chunks * nb * 512));
+        x_tile_scales_.resize(static_cast<size_t>(chunks * 2 * nb * 16));
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t t0 = c * cpu::kAmxTokens;
+            const int nt = static_cast<int>(std::min<int64_t>(cpu::kAmxTokens, T - t0));
+            const int8_t* a[cpu::kAmxTokens];
+            const float *d[cpu::kAmxTokens], *sum[cpu::kAmxTokens];
+            for (int k = 0; k < nt; ++k) {
+                a[k] = xa_.data() + (t0 + k) * cols;
+                d[k] = xd8_.data() + (t0 + k) * nb;
+                sum[k] = xsum_rounded_.data() + (t0 + k) * nb;
+            }
+            kern.amx_x_tiles(a, d, sum, nt, cols, x_tiles_.data() + c * nb * 512,
+                             x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16);
         }
     }
 
@@ -567,6 +632,10 @@ private:
     // ... with int8 decode, the packed kernel on x rounded to int8 (rows as decode too: they must
     // be what this model's one-token steps compute)
     bool uses_int8_decode(const cpu::Kernels& kern) const { return int8_decode_ && kern.dot_packed8_int8; }
+    // ... on AMX from kAmxMinTokens tokens on (each row's bits those of the VNNI kernel)
+    bool uses_amx(const cpu::Kernels& kern, const Weight& w, int64_t T) const {
+        return T >= kAmxMinTokens && uses_packed(kern, w, T) && uses_int8_decode(kern) && kern.dot_packed8_int8_amx;
+    }
     // ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0)
     bool uses_int8_q8_0(const cpu::Kernels& kern, const Weight& w) const {
         return int8_decode_ && w.type == DType::q8_0 && !w.packed && kern.dot_q8_0_int8;
@@ -633,6 +702,8 @@ private:
     std::vector<float> xd8_, xsum8_;
     std::vector<int8_t> xa_;            // int8 prefill: x rounded to int8 [T, cols] ...
     std::vector<float> xsum_rounded_;   // ... and its block sums [T, cols / 32]
+    std::vector<int8_t> x_tiles_;         // ... and as AMX tiles (amx_tiles) ...
+    std::vector<float> x_tile_scales_;    // ... with their scales and block sums
     std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> packed_;   // chunks of weight copies (pack_space) ...
     size_t pack_used_ = 0, pack_size_ = 0;                             // ... and the last one's use and size
     std::vector<std::unique_ptr<float[]>> vectors_;    // uploaded norm weights and biases
