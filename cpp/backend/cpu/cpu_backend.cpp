@@ -251,7 +251,6 @@ public:
             int i = static_cast<int>(std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin()) - 1;
             const Weight& w = *items[i].w;
             float* out = items[i].out;
-            auto bias = [&](int64_t r) { return w.bias ? w.bias[r] : 0.0f; };
             if (!uses_tile(kern, w, T) && k0 > 0) continue;
             if (uses_amx(kern, w, T)) {
                 amx_unit(w, out, T, 16 * (u - first_unit[i]));
@@ -273,7 +272,7 @@ public:
                     else
                         kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
                                          xsum8_.data() + t * nb, cols, o);
-                    for (int k = 0; k < 8; ++k) out[t * w.rows + r0 + k] = o[k] + bias(r0 + k);
+                    for (int k = 0; k < 8; ++k) out[t * w.rows + r0 + k] = o[k] + bias_at(w, r0 + k);
                 }
                 continue;
             }
@@ -295,12 +294,12 @@ public:
                         }
                         kern.dot_q8_0_int8(unit_rows, static_cast<int>(r1 - r0), a, d, nt, cols, o);
                         for (int64_t r = r0; r < r1; ++r)
-                            for (int k = 0; k < nt; ++k) out[(t0 + k) * rows + r] = o[(r - r0) * nt + k] + bias(r);
+                            for (int k = 0; k < nt; ++k) out[(t0 + k) * rows + r] = o[(r - r0) * nt + k] + bias_at(w, r);
                     }
                     continue;
                 }
                 if (!cpu::uses_prepared_x(kern, w.type) && T == 1) {   // decode: straight from the stored type
-                    for (int64_t r = r0; r < r1; ++r) out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias(r);
+                    for (int64_t r = r0; r < r1; ++r) out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias_at(w, r);
                     continue;
                 }
                 if (!cpu::uses_prepared_x(kern, w.type)) {   // rows as decode: the same arithmetic, per tile
@@ -314,7 +313,7 @@ public:
                         for (int k = 0; k < nt; ++k) xs[k] = x + (t0 + k) * cols;
                         kern.dot_rows_tokens(w.type, unit_rows, static_cast<int>(r1 - r0), xs, nt, cols, o);
                         for (int64_t r = r0; r < r1; ++r)
-                            for (int k = 0; k < nt; ++k) out[(t0 + k) * rows + r] = o[(r - r0) * nt + k] + bias(r);
+                            for (int k = 0; k < nt; ++k) out[(t0 + k) * rows + r] = o[(r - r0) * nt + k] + bias_at(w, r);
                     }
                     continue;
                 }
@@ -327,12 +326,12 @@ public:
                         float o[4];
                         kern.dot_row_prepared_x4(w.type, row_ptr(r), px.q.data() + 2 * t * cols, px.d.data() + t * nb,
                                                  px.sum.data() + t * nb, cols, o);
-                        for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + bias(r);
+                        for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + bias_at(w, r);
                     }
                     for (; t < T; ++t)
                         out[t * rows + r] = kern.dot_row_prepared(w.type, row_ptr(r), px.q.data() + 2 * t * cols,
                                                                   px.d.data() + t * nb, px.sum.data() + t * nb, cols) +
-                                            bias(r);
+                                            bias_at(w, r);
                 }
                 continue;
             }
@@ -398,7 +397,7 @@ public:
             }
             tokens_kernel(w.type, packed_group(w, r0), a, d, sum, nt, cols, o);
             for (int k = 0; k < nt; ++k)
-                for (int j = 0; j < 8; ++j) out[(t + k) * w.rows + r0 + j] = o[8 * k + j] + (w.bias ? w.bias[r0 + j] : 0.0f);
+                for (int j = 0; j < 8; ++j) out[(t + k) * w.rows + r0 + j] = o[8 * k + j] + bias_at(w, r0 + j);
         }
     }
 
@@ -421,7 +420,7 @@ public:
                                       x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16,
                                       nt, w.cols, o);
             for (int k = 0; k < nt; ++k)
-                for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + (w.bias ? w.bias[r0 + r] : 0.0f);
+                for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
         }
     }
 
@@ -670,6 +669,7 @@ private:
     }
 
     // the eight-row group of a packed weight that holds row r, from block column k0 / 32 on
+    static float bias_at(const Weight& w, int64_t r) { return w.bias ? w.bias[r] : 0.0f; }
     static const uint8_t* packed_group(const Weight& w, int64_t r, int64_t k0 = 0) {
         return w.packed + static_cast<size_t>(r / 8 * (w.cols / 32) + k0 / 32) * cpu::packed8_column_bytes(w.type);
     }
@@ -678,7 +678,7 @@ private:
     // bias), later ones add.
     static void store_chunk(float* dst, const float* o, int64_t nr, const Weight& w, int64_t r0, int64_t k0) {
         if (k0 == 0)
-            for (int64_t r = 0; r < nr; ++r) dst[r] = o[r] + (w.bias ? w.bias[r0 + r] : 0.0f);
+            for (int64_t r = 0; r < nr; ++r) dst[r] = o[r] + bias_at(w, r0 + r);
         else
             for (int64_t r = 0; r < nr; ++r) dst[r] += o[r];
     }

@@ -1197,10 +1197,10 @@ bool amx_int8_usable() {
 #endif
 }
 
-// Per block the unit multiplies tiles: C [16 rows, nt tokens] int32 (tile 0) = A, the weights as
-// unsigned bytes [16 rows, 32 values] (tile 1), times B, the tokens' int8 values [8 groups of four
-// values, nt tokens x 4] (tile 2) -- each (row, token) the exact int32 sum of the block's 32
-// products, which the vector units then scale as dot_packed8_int8_tokens_type does.
+// Per block the unit multiplies tiles: C [16 rows, nt tokens] int32 = A, the weights as unsigned
+// bytes [16 rows, 32 values], times B, the tokens' int8 values [8 groups of four values, nt tokens
+// x 4] -- each (row, token) the exact int32 sum of the block's 32 products, which the vector units
+// then scale as dot_packed8_int8_tokens_type does. (configure_tiles numbers the tiles.)
 struct TileConfig {
     uint8_t palette = 1, start_row = 0;
     uint8_t reserved[14] = {};
@@ -1221,10 +1221,16 @@ void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* con
     }
 }
 
-// A group column's eight rows as the A tile's rows (value l of row r at 32 r + l): per register of
-// four rows, the low nibbles (values 0-15) and the high ones (16-31) interleave by row.
+// Block column i of a group as eight rows of the A tile (value l of row r at dst + 32 r + l), its
+// rows' scales into dw[0..7]: per register of four rows, the low nibbles (values 0-15) and the high
+// ones (16-31) interleave by row.
 template <DType T>
-__attribute__((target("amx-tile,amx-int8"))) inline void rows_as_bytes(const uint8_t* c, uint8_t* dst) {
+inline void column_as_rows(GroupColumns<T>& columns, int64_t i, float* dw, uint8_t* dst) {
+    __m256 dw8, offset;
+    const uint8_t* c = columns.at(i, &dw8, &offset);
+    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+    _mm256_store_ps(dw, dw8);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m512i rows01 = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), rows23 = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
     for (int h = 0; h < 2; ++h) {
@@ -1254,6 +1260,7 @@ __attribute__((target("amx-tile,amx-int8"))) inline void configure_tiles(int nt)
 // tiles and are stored together, so the store -> tile load -> product -> tile store -> vector load
 // latency is paid once per round rather than once per block.
 constexpr int kAmxRound = 4;
+static_assert(kAmxRound == 4, "dot_packed8_int8_amx_type names one product and one store per C tile 0-3");
 
 template <DType T>
 __attribute__((target("amx-tile,amx-int8"))) void dot_packed8_int8_amx_type(
@@ -1274,47 +1281,31 @@ __attribute__((target("amx-tile,amx-int8"))) void dot_packed8_int8_amx_type(
     for (int64_t i0 = 0; i0 < nb; i0 += kAmxRound) {
         const int count = static_cast<int>(std::min<int64_t>(kAmxRound, nb - i0));
         for (int k = 0; k < count; ++k) {
-            __m256 dw8, off8;
-            const uint8_t* ca = col_a.at(i0 + k, &dw8, &off8);
-            _mm_prefetch(reinterpret_cast<const char*>(ca) + kDecodePrefetchBytes, _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(ca) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
-            _mm256_store_ps(dw[k], dw8);
-            rows_as_bytes<T>(ca, weights[k]);
-            if (group_b) {
-                const uint8_t* cb = col_b.at(i0 + k, &dw8, &off8);
-                _mm_prefetch(reinterpret_cast<const char*>(cb) + kDecodePrefetchBytes, _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char*>(cb) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
-                _mm256_store_ps(dw[k] + 8, dw8);
-                rows_as_bytes<T>(cb, weights[k] + 256);
-            }
+            column_as_rows(col_a, i0 + k, dw[k], weights[k]);
+            if (group_b) column_as_rows(col_b, i0 + k, dw[k] + 8, weights[k] + 256);
         }
         const int8_t* x = tiles + 512 * i0;
-        _tile_zero(0);
-        _tile_loadd(4, weights[0], 32);
-        _tile_loadd(6, x, 64);
-        _tile_dpbusd(0, 4, 6);
-        if (count > 1) {
-            _tile_zero(1);
-            _tile_loadd(5, weights[1], 32);
-            _tile_loadd(7, x + 512, 64);
-            _tile_dpbusd(1, 5, 7);
-        }
-        if (count > 2) {
-            _tile_zero(2);
-            _tile_loadd(4, weights[2], 32);
-            _tile_loadd(6, x + 1024, 64);
-            _tile_dpbusd(2, 4, 6);
-        }
-        if (count > 3) {
-            _tile_zero(3);
-            _tile_loadd(5, weights[3], 32);
-            _tile_loadd(7, x + 1536, 64);
-            _tile_dpbusd(3, 5, 7);
-        }
-        _tile_stored(0, sums[0], 64);
-        if (count > 1) _tile_stored(1, sums[1], 64);
-        if (count > 2) _tile_stored(2, sums[2], 64);
-        if (count > 3) _tile_stored(3, sums[3], 64);
+        // Block k of the round into C tile k, the A and B tiles alternating between 4/6 and 5/7 (tile
+        // numbers are immediates of the instructions, hence macros rather than a loop)
+#define TMILL_AMX_PRODUCT(k, a, b)                 \
+    if (count > k) {                               \
+        _tile_zero(k);                             \
+        _tile_loadd(a, weights[k], 32);            \
+        _tile_loadd(b, x + 512 * k, 64);           \
+        _tile_dpbusd(k, a, b);                     \
+    }
+#define TMILL_AMX_STORE(k) \
+    if (count > k) _tile_stored(k, sums[k], 64);
+        TMILL_AMX_PRODUCT(0, 4, 6)
+        TMILL_AMX_PRODUCT(1, 5, 7)
+        TMILL_AMX_PRODUCT(2, 4, 6)
+        TMILL_AMX_PRODUCT(3, 5, 7)
+        TMILL_AMX_STORE(0)
+        TMILL_AMX_STORE(1)
+        TMILL_AMX_STORE(2)
+        TMILL_AMX_STORE(3)
+#undef TMILL_AMX_PRODUCT
+#undef TMILL_AMX_STORE
         for (int k = 0; k < count; ++k) {
             const __m512 dxv = _mm512_loadu_ps(dx + 16 * (i0 + k));
 #pragma GCC unroll 16
