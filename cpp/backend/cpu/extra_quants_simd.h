@@ -393,6 +393,15 @@ inline uint64_t fifth_bit_mask(const uint8_t* c, int h, int nib) {
     std::memcpy(&m, c - 32 + 16 * h + 8 * nib, 8);
     return m;
 }
+#if defined(__AVX512BW__)
+// (AVX-512 files) the fifth bits (16) of the four rows in register h of a group column (quants at c),
+// added to both nibbles
+inline void add_fifth_bits(const uint8_t* c, int h, __m512i& lo, __m512i& hi) {
+    const __m512i sixteen = _mm512_set1_epi8(16);
+    lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(fifth_bit_mask(c, h, 0)), lo, sixteen);
+    hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(fifth_bit_mask(c, h, 1)), hi, sixteen);
+}
+#endif
 // ... and row r's 32 of them, as its block's qh
 inline uint32_t fifth_bits_of_row(const uint8_t* c, int r) {
     const int shift = 16 * (r % 4);

@@ -218,6 +218,8 @@ inline auto prepare_for(const Kernels& k, DType t) { return superblock_x(t) ? k.
 const Kernels& kernels_scalar();
 const Kernels& kernels_avx2();     // only valid when the CPU has AVX2, FMA and F16C
 const Kernels& kernels_avx512();   // only valid when it also has AVX-512 F, BW, VL, DQ and VNNI
+// Sets the AMX entries of an AVX-512 table where this CPU and OS allow them (kernels_amx.cpp)
+void add_amx_kernels(Kernels& k);
 
 // The active table (chosen on first use; set_level overrides it).
 const Kernels& kernels();

@@ -4,13 +4,8 @@
 // 32-value block per register, masked loads instead of scalar tails, a 16-entry nf4 codebook in one
 // register, VPDPWSSD (int16 pairs multiplied and summed into int32 in one instruction) on the
 // integer path, and VPDPBUSD (four byte products per int32 lane) on 4-bit weights repacked in
-// eight-row groups. Where the CPU has AMX (Sapphire Rapids on), int8 decode of many tokens runs on
-// its tile unit; those functions carry their own target attribute and are only reached after
-// amx_int8_usable().
-#include <cpuid.h>
+// eight-row groups. (The AMX kernels, where the CPU has them, are in kernels_amx.cpp.)
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "core/quants.h"
 #include "backend/cpu/extra_quants_simd.h"
@@ -18,9 +13,7 @@
 
 #include <algorithm>
 #include <array>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <utility>
 
 namespace tmill::cpu {
@@ -690,13 +683,6 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum, int 
     }
 }
 
-// q5_*: the fifth bits (16) of the four rows in register h of a group column (quants at c), both nibbles
-inline void add_fifth_bits(const uint8_t* c, int h, __m512i& lo, __m512i& hi) {
-    const __m512i sixteen = _mm512_set1_epi8(16);
-    lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(fifth_bit_mask(c, h, 0)), lo, sixteen);
-    hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(fifth_bit_mask(c, h, 1)), hi, sixteen);
-}
-
 // One group (eight rows) against NT prepared x's (q[t], d[t], sum[t] token t's). Per block column,
 // each half of the group is one 64-byte register: four rows of 16 quant bytes, so int32 lane l
 // belongs to row l / 4 and x's 16 bytes are broadcast to every 128-bit lane. Parts pair up in int32
@@ -1175,177 +1161,6 @@ void scores_block(const float* q, int nq, int64_t hd, const float* kt, int64_t k
     for (int i = 0; i < nq; i += 8) by_count[std::min(8, nq - i) - 1](q + i * hd, hd, kt, kt_stride, m, s + i * s_stride, s_stride);
 }
 
-// ---- AMX: int8 decode of many tokens on the tile unit
-
-// Whether this process may use AMX-TILE and AMX-INT8: cpuid says the CPU has them, the OS saves
-// their state (XCR0 bits 17 and 18), and Linux grants the tile data permission (arch_prctl
-// ARCH_REQ_XCOMP_PERM). TOKENMILL_AMX=0 turns the kernels off.
-bool amx_int8_usable() {
-    const char* env = std::getenv("TOKENMILL_AMX");
-    if (env && std::string(env) == "0") return false;
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 25))) return false;
-    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;   // OSXSAVE
-    uint32_t xcr0_lo, xcr0_hi;
-    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-    if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;
-#if defined(__linux__)
-    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-#else
-    return false;
-#endif
-}
-
-// Per block the unit multiplies tiles: C [16 rows, nt tokens] int32 = A, the weights as unsigned
-// bytes [16 rows, 32 values], times B, the tokens' int8 values [8 groups of four values, nt tokens
-// x 4] -- each (row, token) the exact int32 sum of the block's 32 products, which the vector units
-// then scale as dot_packed8_int8_tokens_type does. (configure_tiles numbers the tiles.)
-struct TileConfig {
-    uint8_t palette = 1, start_row = 0;
-    uint8_t reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
-void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n,
-                 int8_t* tiles, float* dx, float* sx) {
-    for (int64_t i = 0; i < n / 32; ++i) {
-        int32_t* tile = reinterpret_cast<int32_t*>(tiles + 512 * i);
-        for (int j = 0; j < 8; ++j)
-            for (int t = 0; t < nt; ++t) std::memcpy(tile + 16 * j + t, a[t] + 32 * i + 4 * j, 4);
-        for (int t = 0; t < kAmxTokens; ++t) {
-            dx[16 * i + t] = t < nt ? d[t][i] : 0.0f;
-            sx[16 * i + t] = t < nt ? sum[t][i] : 0.0f;
-        }
-    }
-}
-
-// Block column i of a group as eight rows of the A tile (value l of row r at dst + 32 r + l), its
-// rows' scales into dw[0..7]: per register of four rows, the low nibbles (values 0-15) and the high
-// ones (16-31) interleave by row.
-template <DType T>
-inline void column_as_rows(GroupColumns<T>& columns, int64_t i, float* dw, uint8_t* dst) {
-    __m256 dw8, offset;
-    const uint8_t* c = columns.at(i, &dw8, &offset);
-    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
-    _mm256_store_ps(dw, dw8);
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const __m512i rows01 = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), rows23 = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-    for (int h = 0; h < 2; ++h) {
-        const __m512i w = _mm512_loadu_si512(c + 64 * h);
-        __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-        if constexpr (five_bit(T)) add_fifth_bits(c, h, lo, hi);
-        _mm512_store_si512(dst + 128 * h, _mm512_permutex2var_epi64(lo, rows01, hi));
-        _mm512_store_si512(dst + 128 * h + 64, _mm512_permutex2var_epi64(lo, rows23, hi));
-    }
-}
-
-// The tile shapes for nt tokens: C tiles 0-3 [16 rows, nt int32], A tiles 4-5 [16 rows, 32 bytes], B
-// tiles 6-7 [8, 4 nt bytes]. Loaded once per thread and token count: a thread keeps its tiles
-// configured between calls (LDTILECFG costs about as much as a block's products).
-__attribute__((target("amx-tile,amx-int8"))) inline void configure_tiles(int nt) {
-    thread_local int configured = 0;
-    if (configured == nt) return;
-    TileConfig config;
-    for (int c = 0; c < 4; ++c) config.rows[c] = 16, config.colsb[c] = static_cast<uint16_t>(4 * nt);
-    for (int a = 4; a < 6; ++a) config.rows[a] = 16, config.colsb[a] = 32;
-    for (int b = 6; b < 8; ++b) config.rows[b] = 8, config.colsb[b] = static_cast<uint16_t>(4 * nt);
-    _tile_loadconfig(&config);
-    configured = nt;
-}
-
-// Four blocks per round: their weights are laid out first, then the four products run into four C
-// tiles and are stored together, so the store -> tile load -> product -> tile store -> vector load
-// latency is paid once per round rather than once per block.
-constexpr int kAmxRound = 4;
-static_assert(kAmxRound == 4, "dot_packed8_int8_amx_type names one product and one store per C tile 0-3");
-
-template <DType T>
-__attribute__((target("amx-tile,amx-int8"))) void dot_packed8_int8_amx_type(
-    const uint8_t* group_a, const uint8_t* group_b, const int8_t* tiles, const float* dx, const float* sx, int nt,
-    int64_t n, float* out) {
-    configure_tiles(nt);
-    alignas(64) uint8_t weights[kAmxRound][16 * 32];
-    alignas(64) int32_t sums[kAmxRound][16 * 16];
-    alignas(64) float dw[kAmxRound][16];
-    alignas(32) float offset[16];
-    if (!group_b)
-        for (auto& w : weights) std::memset(w + 256, 0, 256);
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
-    const int64_t nb = n / 32;
-    for (int64_t i0 = 0; i0 < nb; i0 += kAmxRound) {
-        const int count = static_cast<int>(std::min<int64_t>(kAmxRound, nb - i0));
-        for (int k = 0; k < count; ++k) {
-            column_as_rows(col_a, i0 + k, dw[k], weights[k]);
-            if (group_b) column_as_rows(col_b, i0 + k, dw[k] + 8, weights[k] + 256);
-        }
-        const int8_t* x = tiles + 512 * i0;
-        // Block k of the round into C tile k, the A and B tiles alternating between 4/6 and 5/7 (tile
-        // numbers are immediates of the instructions, hence macros rather than a loop)
-#define TMILL_AMX_PRODUCT(k, a, b)                 \
-    if (count > k) {                               \
-        _tile_zero(k);                             \
-        _tile_loadd(a, weights[k], 32);            \
-        _tile_loadd(b, x + 512 * k, 64);           \
-        _tile_dpbusd(k, a, b);                     \
-    }
-#define TMILL_AMX_STORE(k) \
-    if (count > k) _tile_stored(k, sums[k], 64);
-        TMILL_AMX_PRODUCT(0, 4, 6)
-        TMILL_AMX_PRODUCT(1, 5, 7)
-        TMILL_AMX_PRODUCT(2, 4, 6)
-        TMILL_AMX_PRODUCT(3, 5, 7)
-        TMILL_AMX_STORE(0)
-        TMILL_AMX_STORE(1)
-        TMILL_AMX_STORE(2)
-        TMILL_AMX_STORE(3)
-#undef TMILL_AMX_PRODUCT
-#undef TMILL_AMX_STORE
-        for (int k = 0; k < count; ++k) {
-            const __m512 dxv = _mm512_loadu_ps(dx + 16 * (i0 + k));
-#pragma GCC unroll 16
-            for (int r = 0; r < 16; ++r)
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[k] + 16 * r)),
-                                         _mm512_mul_ps(_mm512_set1_ps(dw[k][r]), dxv), acc[r]);
-        }
-    }
-    alignas(64) float lanes[16 * 16];
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) _mm512_store_ps(lanes + 16 * r, acc[r]);
-    // the offsets' terms, a second pass over the columns' scales: fma(c_r, dx sum_j a_j, extra_r)
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    GroupColumns<T> off_a(group_a), off_b(group_b ? group_b : group_a);
-    for (int64_t i = 0; i < nb; ++i) {
-        __m256 dw8, off8;
-        off_a.at(i, &dw8, &off8);
-        _mm256_store_ps(offset, off8);
-        if (group_b) {
-            off_b.at(i, &dw8, &off8);
-            _mm256_store_ps(offset + 8, off8);
-        }
-        const __m512 sxv = _mm512_loadu_ps(sx + 16 * i);
-#pragma GCC unroll 16
-        for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(offset[r]), sxv, acc[r]);
-    }
-    const int rows = group_b ? 16 : 8;
-    for (int r = 0; r < rows; ++r) {
-        alignas(64) float e[16];
-        _mm512_store_ps(e, acc[r]);
-        for (int t = 0; t < nt; ++t) out[16 * t + r] = lanes[16 * r + t] + e[t];
-    }
-}
-
-void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
-                          const float* sx, int nt, int64_t n, float* out) {
-    with_packed_type(t, [&](auto type) { dot_packed8_int8_amx_type<decltype(type)::value>(a, b, tiles, dx, sx, nt, n, out); });
-}
-
 const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows_axpy_f32,
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
@@ -1358,10 +1173,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
 const Kernels& kernels_avx512() {
     static const Kernels table = [] {
         Kernels k = kAvx512;
-        if (amx_int8_usable()) {
-            k.amx_x_tiles = amx_x_tiles;
-            k.dot_packed8_int8_amx = dot_packed8_int8_amx;
-        }
+        add_amx_kernels(k);
         return k;
     }();
     return table;

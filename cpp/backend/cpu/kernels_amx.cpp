@@ -1,0 +1,197 @@
+// AMX kernels (Intel's tile unit, Sapphire Rapids on): int8 decode rows of the eight-row types, many
+// tokens at a time. This file alone is compiled with AMX-TILE and AMX-INT8 (besides the AVX-512
+// level's flags), and its kernels join the AVX-512 table only after amx_int8_usable().
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "backend/cpu/extra_quants_simd.h"
+#include "backend/cpu/kernels.h"
+
+namespace tmill::cpu {
+
+namespace {
+
+// Whether this process may use AMX-TILE and AMX-INT8: cpuid says the CPU has them, the OS saves
+// their state (XCR0 bits 17 and 18), and Linux grants the tile data permission (arch_prctl
+// ARCH_REQ_XCOMP_PERM). TOKENMILL_AMX=0 turns the kernels off.
+bool amx_int8_usable() {
+    const char* env = std::getenv("TOKENMILL_AMX");
+    if (env && std::string(env) == "0") return false;
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 25))) return false;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;   // OSXSAVE
+    uint32_t xcr0_lo, xcr0_hi;
+    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;
+#if defined(__linux__)
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+    return false;
+#endif
+}
+
+// Per block the unit multiplies tiles: C [16 rows, nt tokens] int32 = A, the weights as unsigned
+// bytes [16 rows, 32 values], times B, the tokens' int8 values [8 groups of four values, nt tokens
+// x 4] -- each (row, token) the exact int32 sum of the block's 32 products, which the vector units
+// then scale as dot_packed8_int8_tokens_type does. (configure_tiles numbers the tiles.)
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0;
+    uint8_t reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n,
+                 int8_t* tiles, float* dx, float* sx) {
+    for (int64_t i = 0; i < n / 32; ++i) {
+        int32_t* tile = reinterpret_cast<int32_t*>(tiles + 512 * i);
+        for (int j = 0; j < 8; ++j)
+            for (int t = 0; t < nt; ++t) std::memcpy(tile + 16 * j + t, a[t] + 32 * i + 4 * j, 4);
+        for (int t = 0; t < kAmxTokens; ++t) {
+            dx[16 * i + t] = t < nt ? d[t][i] : 0.0f;
+            sx[16 * i + t] = t < nt ? sum[t][i] : 0.0f;
+        }
+    }
+}
+
+// Block column i of a group as eight rows of the A tile (value l of row r at dst + 32 r + l), its
+// rows' scales into dw[0..7]: per register of four rows, the low nibbles (values 0-15) and the high
+// ones (16-31) interleave by row.
+template <DType T>
+inline void column_as_rows(GroupColumns<T>& columns, int64_t i, float* dw, uint8_t* dst) {
+    __m256 dw8, offset;
+    const uint8_t* c = columns.at(i, &dw8, &offset);
+    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+    _mm256_store_ps(dw, dw8);
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i rows01 = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), rows23 = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    for (int h = 0; h < 2; ++h) {
+        const __m512i w = _mm512_loadu_si512(c + 64 * h);
+        __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        if constexpr (five_bit(T)) add_fifth_bits(c, h, lo, hi);
+        _mm512_store_si512(dst + 128 * h, _mm512_permutex2var_epi64(lo, rows01, hi));
+        _mm512_store_si512(dst + 128 * h + 64, _mm512_permutex2var_epi64(lo, rows23, hi));
+    }
+}
+
+// The tile shapes for nt tokens: C tiles 0-3 [16 rows, nt int32], A tiles 4-5 [16 rows, 32 bytes], B
+// tiles 6-7 [8, 4 nt bytes]. Loaded once per thread and token count: a thread keeps its tiles
+// configured between calls (LDTILECFG costs about as much as a block's products).
+inline void configure_tiles(int nt) {
+    thread_local int configured = 0;
+    if (configured == nt) return;
+    TileConfig config;
+    for (int c = 0; c < 4; ++c) config.rows[c] = 16, config.colsb[c] = static_cast<uint16_t>(4 * nt);
+    for (int a = 4; a < 6; ++a) config.rows[a] = 16, config.colsb[a] = 32;
+    for (int b = 6; b < 8; ++b) config.rows[b] = 8, config.colsb[b] = static_cast<uint16_t>(4 * nt);
+    _tile_loadconfig(&config);
+    configured = nt;
+}
+
+// Four blocks per round: their weights are laid out first, then the four products run into four C
+// tiles and are stored together, so the store -> tile load -> product -> tile store -> vector load
+// latency is paid once per round rather than once per block.
+constexpr int kAmxRound = 4;
+static_assert(kAmxRound == 4, "dot_packed8_int8_amx_type names one product and one store per C tile 0-3");
+
+template <DType T>
+void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* tiles, const float* dx,
+                               const float* sx, int nt, int64_t n, float* out) {
+    configure_tiles(nt);
+    alignas(64) uint8_t weights[kAmxRound][16 * 32];
+    alignas(64) int32_t sums[kAmxRound][16 * 16];
+    alignas(64) float dw[kAmxRound][16];
+    alignas(32) float offset[16];
+    if (!group_b)
+        for (auto& w : weights) std::memset(w + 256, 0, 256);
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
+    const int64_t nb = n / 32;
+    for (int64_t i0 = 0; i0 < nb; i0 += kAmxRound) {
+        const int count = static_cast<int>(std::min<int64_t>(kAmxRound, nb - i0));
+        for (int k = 0; k < count; ++k) {
+            column_as_rows(col_a, i0 + k, dw[k], weights[k]);
+            if (group_b) column_as_rows(col_b, i0 + k, dw[k] + 8, weights[k] + 256);
+        }
+        const int8_t* x = tiles + 512 * i0;
+        // Block k of the round into C tile k, the A and B tiles alternating between 4/6 and 5/7 (tile
+        // numbers are immediates of the instructions, hence macros rather than a loop)
+#define TMILL_AMX_PRODUCT(k, a, b)                 \
+    if (count > k) {                               \
+        _tile_zero(k);                             \
+        _tile_loadd(a, weights[k], 32);            \
+        _tile_loadd(b, x + 512 * k, 64);           \
+        _tile_dpbusd(k, a, b);                     \
+    }
+#define TMILL_AMX_STORE(k) \
+    if (count > k) _tile_stored(k, sums[k], 64);
+        TMILL_AMX_PRODUCT(0, 4, 6)
+        TMILL_AMX_PRODUCT(1, 5, 7)
+        TMILL_AMX_PRODUCT(2, 4, 6)
+        TMILL_AMX_PRODUCT(3, 5, 7)
+        TMILL_AMX_STORE(0)
+        TMILL_AMX_STORE(1)
+        TMILL_AMX_STORE(2)
+        TMILL_AMX_STORE(3)
+#undef TMILL_AMX_PRODUCT
+#undef TMILL_AMX_STORE
+        for (int k = 0; k < count; ++k) {
+            const __m512 dxv = _mm512_loadu_ps(dx + 16 * (i0 + k));
+#pragma GCC unroll 16
+            for (int r = 0; r < 16; ++r)
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[k] + 16 * r)),
+                                         _mm512_mul_ps(_mm512_set1_ps(dw[k][r]), dxv), acc[r]);
+        }
+    }
+    alignas(64) float lanes[16 * 16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) _mm512_store_ps(lanes + 16 * r, acc[r]);
+    // the offsets' terms, a second pass over the columns' scales: fma(c_r, dx sum_j a_j, extra_r)
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    GroupColumns<T> off_a(group_a), off_b(group_b ? group_b : group_a);
+    for (int64_t i = 0; i < nb; ++i) {
+        __m256 dw8, off8;
+        off_a.at(i, &dw8, &off8);
+        _mm256_store_ps(offset, off8);
+        if (group_b) {
+            off_b.at(i, &dw8, &off8);
+            _mm256_store_ps(offset + 8, off8);
+        }
+        const __m512 sxv = _mm512_loadu_ps(sx + 16 * i);
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(offset[r]), sxv, acc[r]);
+    }
+    const int rows = group_b ? 16 : 8;
+    for (int r = 0; r < rows; ++r) {
+        alignas(64) float e[16];
+        _mm512_store_ps(e, acc[r]);
+        for (int t = 0; t < nt; ++t) out[16 * t + r] = lanes[16 * r + t] + e[t];
+    }
+}
+
+void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
+                          const float* sx, int nt, int64_t n, float* out) {
+    with_packed_type(t, [&](auto type) { dot_packed8_int8_amx_type<decltype(type)::value>(a, b, tiles, dx, sx, nt, n, out); });
+}
+
+}  // namespace
+
+void add_amx_kernels(Kernels& k) {
+    if (!amx_int8_usable()) return;
+    k.amx_x_tiles = amx_x_tiles;
+    k.dot_packed8_int8_amx = dot_packed8_int8_amx;
+}
+
+}  // namespace tmill::cpu
