@@ -242,6 +242,13 @@ public:
     // the low-rank additions of one projection group (several projections, segments, adapters) as
     // one unit of work; every row computed alone, with the same arithmetic in every rows mode
     virtual void lora_add(const LoraItem* items, int n_items) = 0;
+    // matmul_group, then lora_add of additions to its outputs (lora items read x's rows and add to
+    // the items' outputs): one call, so a backend may run both in one pass over its threads
+    virtual void matmul_group_lora(const MatmulItem* items, int n_items, const float* x, int64_t T,
+                                   const LoraItem* lora, int n_lora) {
+        matmul_group(items, n_items, x, T);
+        if (n_lora > 0) lora_add(lora, n_lora);
+    }
     // out[T, n_heads * head_dim] = for each row t and head h (kv head h / (n_heads / n_kv_heads)):
     //   sum over groups g of routes[t]: g.weight * sum_j p_j * s_j V_j,
     //   p = softmax over g's slots j of scale * s_j * (q_th . K_j),  s_j = kv_scale of j's span

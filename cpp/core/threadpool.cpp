@@ -7,13 +7,6 @@
 #include <string>
 #include <utility>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define TM_CPU_RELAX() _mm_pause()
-#else
-#define TM_CPU_RELAX() std::this_thread::yield()
-#endif
-
 namespace tmill {
 
 namespace {
@@ -39,7 +32,7 @@ void ThreadPool::worker_loop(int index) {
     for (;;) {
         int spins = 0;
         while (generation_.load(std::memory_order_acquire) == seen && spins < kSpinIterations) {
-            TM_CPU_RELAX();
+            cpu_relax();
             ++spins;
         }
         if (generation_.load(std::memory_order_acquire) == seen) {
@@ -79,7 +72,7 @@ void ThreadPool::run(const std::function<void(int)>& fn) {
     }
     wake_.notify_all();
     run_guarded(fn, 0);
-    while (pending_.load(std::memory_order_acquire) != 0) TM_CPU_RELAX();
+    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
     if (failed_.load(std::memory_order_acquire)) {
         std::exception_ptr error;
         {

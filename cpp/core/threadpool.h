@@ -11,7 +11,20 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace tmill {
+
+// One turn of a spin-wait: tells the core (and its hyperthread sibling) that this thread only waits.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+}
 
 class ThreadPool {
 public:

@@ -47,8 +47,16 @@ struct ForwardContext {
 class ForwardExtension {
 public:
     virtual ~ForwardExtension() = default;
-    // outs[i].out[T, n_out] hold W x + b of a group of `layer`'s projections that share the input
-    // x[T, n_in] (Q/K/V, gate/up, or one alone; backend memory)
+    // Before a group of `layer`'s projections that share the input x[T, n_in] (Q/K/V, gate/up, or one
+    // alone; backend memory) is computed: low-rank additions to its outputs outs[i].out[T, n_out],
+    // appended to `add`. The backend runs them with the projections (Backend::matmul_group_lora),
+    // before any extension's after_projections.
+    virtual void low_rank_additions(const ForwardContext& ctx, int64_t layer, const ProjectionOutput* outs, int n,
+                                    const float* x, int64_t n_in, std::vector<LoraItem>& add) {
+        (void)ctx, (void)layer, (void)outs, (void)n, (void)x, (void)n_in, (void)add;
+    }
+    // outs[i].out[T, n_out] hold W x + b (and the low-rank additions) of a group of `layer`'s
+    // projections that share the input x[T, n_in] (backend memory)
     virtual void after_projections(const ForwardContext& ctx, int64_t layer, const ProjectionOutput* outs, int n,
                                    const float* x, int64_t n_in) {
         (void)ctx, (void)layer, (void)outs, (void)n, (void)x, (void)n_in;

@@ -40,6 +40,7 @@ struct Model::Pass {
     std::vector<BatchSegment> batch;       // the same, as extensions see it
     AttentionShape shape;
     ForwardContext ctx;
+    std::vector<LoraItem> low_rank;        // one projection group's low-rank additions (reused)
 };
 
 // The model's sliding window (Mistral) and the cache's local window: the narrower one applies.
@@ -139,7 +140,7 @@ void Model::forward(const ForwardRequest& req) {
     const float scale = hp_.attn_scale > 0.0f ? hp_.attn_scale : 1.0f / std::sqrt(static_cast<float>(hp_.head_dim));
     Pass p(req, T, *backend_,
            AttentionShape{static_cast<int>(hp_.n_head), static_cast<int>(hp_.n_head_kv), static_cast<int>(hp_.head_dim), scale});
-    p.ctx.matmul = [this, &p](const MatmulItem* items, int n, const float* x) { project_rows(p, items, n, x); };
+    p.ctx.matmul = [this, &p](const MatmulItem* items, int n, const float* x) { project_rows(p, items, n, x, {}); };
     int64_t row = 0;
     const int64_t decode_rows = req.batch_invariant ? req.decode_rows : 0;   // the first rows of the pass
     for (const SequenceInput& in : req.batch) {
@@ -207,10 +208,11 @@ RowsMode Model::default_mode(const ForwardRequest& req) const {
 
 // The products of one input with several weights for every row of the pass. A batch-invariant pass
 // computes its decode rows and its prompt rows each with their own arithmetic.
-void Model::project_rows(Pass& p, const MatmulItem* items, int n, const float* x) {
+void Model::project_rows(Pass& p, const MatmulItem* items, int n, const float* x, const std::vector<LoraItem>& lora) {
     const int64_t D = p.req.batch_invariant ? std::min(p.req.decode_rows, p.T) : 0;
+    const int n_lora = static_cast<int>(lora.size());
     if (D == 0) {
-        backend_->matmul_group(items, n, x, p.T);
+        backend_->matmul_group_lora(items, n, x, p.T, lora.data(), n_lora);
     } else {
         backend_->set_rows_mode(RowsMode::as_decode);
         backend_->matmul_group(items, n, x, D);
@@ -221,16 +223,20 @@ void Model::project_rows(Pass& p, const MatmulItem* items, int n, const float* x
             backend_->matmul_group(rest, n, x + D * items[0].w->cols, p.T - D);
         }
         backend_->set_rows_mode(default_mode(p.req));
+        if (n_lora > 0) backend_->lora_add(lora.data(), n_lora);
     }
 }
 
-// A layer's projections of one input, then the extensions' additions to each output (the adapter seam).
+// A layer's projections of one input with the extensions' low-rank additions, then their other
+// changes to each output (the adapter seam).
 void Model::project(Pass& p, const MatmulItem* items, const Projection* roles, int n, const float* x, int64_t layer) {
-    project_rows(p, items, n, x);
-    if (extensions_.empty()) return;
+    p.low_rank.clear();
     ProjectionOutput outs[4];
     for (int i = 0; i < n; ++i) outs[i] = {roles[i], items[i].out, items[i].w->rows};
-    for (const auto& ext : extensions_) ext->after_projections(p.ctx, layer, outs, n, x, items[0].w->cols);
+    const int64_t n_in = items[0].w->cols;
+    for (const auto& ext : extensions_) ext->low_rank_additions(p.ctx, layer, outs, n, x, n_in, p.low_rank);
+    project_rows(p, items, n, x, p.low_rank);
+    for (const auto& ext : extensions_) ext->after_projections(p.ctx, layer, outs, n, x, n_in);
 }
 
 // x += Wo · attn(rope(Wq·h), rope(Wk·h), Wv·h),  h = norm(x)

@@ -124,11 +124,10 @@ void LoraSet::set_slot(int32_t slot, Mix mix) {
 
 // Runs of consecutive sequences on the same slot share items; each adapter of the slot's mix adds
 // its pair of every projection of the group it targets.
-void LoraSet::after_projections(const ForwardContext& ctx, int64_t layer, const ProjectionOutput* outs, int n,
-                                const float* x, int64_t n_in) {
+void LoraSet::low_rank_additions(const ForwardContext& ctx, int64_t layer, const ProjectionOutput* outs, int n,
+                                 const float* x, int64_t n_in, std::vector<LoraItem>& add) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (slots_.empty()) return;
-    items_.clear();
     const auto& segs = ctx.segments;
     for (size_t s = 0; s < segs.size();) {
         size_t e = s + 1;
@@ -141,13 +140,12 @@ void LoraSet::after_projections(const ForwardContext& ctx, int64_t layer, const 
                     if (const LoraAdapter::Pair* pair = adapter->find(layer, outs[i].role)) {
                         if (pair->a.cols != n_in || pair->bt.cols != outs[i].n_out)
                             fail(ErrorKind::invalid_arg, "LoRA shapes do not match the projection");
-                        items_.push_back({outs[i].out + row0 * outs[i].n_out, x + row0 * n_in, &pair->a, &pair->bt,
+                        add.push_back({outs[i].out + row0 * outs[i].n_out, x + row0 * n_in, &pair->a, &pair->bt,
                                           pair->scale * user_scale, rows});
                     }
         }
         s = e;
     }
-    if (!items_.empty()) ctx.backend.lora_add(items_.data(), static_cast<int>(items_.size()));
 }
 
 }  // namespace tmill

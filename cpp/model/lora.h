@@ -66,13 +66,12 @@ public:
     // slot >= 0; an empty mix clears it
     void set_slot(int32_t slot, Mix mix);
 
-    void after_projections(const ForwardContext& ctx, int64_t layer, const ProjectionOutput* outs, int n,
-                           const float* x, int64_t n_in) override;
+    void low_rank_additions(const ForwardContext& ctx, int64_t layer, const ProjectionOutput* outs, int n,
+                            const float* x, int64_t n_in, std::vector<LoraItem>& add) override;
 
 private:
     std::mutex mutex_;                 // slots change from other threads while passes run
     std::map<int32_t, Mix> slots_;
-    std::vector<LoraItem> items_;      // one pass's items for one projection group
 };
 
 }  // namespace tmill

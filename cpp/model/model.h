@@ -129,7 +129,7 @@ private:
     void validate(const ForwardRequest& req, int64_t& T) const;
     void embed(Pass& p);
     void norm(float* out, const float* in, const Norm& n, int64_t rows);
-    void project_rows(Pass& p, const MatmulItem* items, int n, const float* x);
+    void project_rows(Pass& p, const MatmulItem* items, int n, const float* x, const std::vector<LoraItem>& lora);
     void project(Pass& p, const MatmulItem* items, const Projection* roles, int n, const float* x, int64_t layer);
     RowsMode default_mode(const ForwardRequest& req) const;
     void attention_block(Pass& p, int64_t l);

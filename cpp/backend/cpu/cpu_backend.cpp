@@ -1,5 +1,6 @@
 // The CPU backend: activations in host memory, ops split over a persistent thread pool.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -171,6 +172,15 @@ public:
     // prefill kernel and AMX decode, 8 for packed decode, the level's tile height for the float tile,
     // else 4.
     void matmul_group(const MatmulItem* items, int n_items, const float* x, int64_t T) override {
+        matmul_group_lora(items, n_items, x, T, nullptr, 0);
+    }
+
+    // LoRA additions of a pass whose product runs in one region (decode steps, small batches) join
+    // that region: each thread goes on from a fixed share of the weights' units to its share of the
+    // additions, instead of a region of their own -- per projection group one hand-off to the
+    // workers and one wait for the slowest thread fewer.
+    void matmul_group_lora(const MatmulItem* items, int n_items, const float* x, int64_t T, const LoraItem* lora,
+                           int n_lora) override {
         const int64_t cols = items[0].w->cols;
         if (T > kTokenBlock) {   // activations meet the weights a block of tokens at a time
             const int64_t n_blocks = (T + kTokenBlock - 1) / kTokenBlock, block = (T + n_blocks - 1) / n_blocks;
@@ -179,6 +189,7 @@ public:
                 for (int i = 0; i < n_items; ++i) part[i].out = items[i].out + t0 * items[i].w->rows;
                 matmul_group(part.data(), n_items, x + t0 * cols, std::min(block, T - t0));
             }
+            if (n_lora > 0) lora_add(lora, n_lora);
             return;
         }
         const cpu::Kernels& kern = cpu::kernels();
@@ -234,11 +245,20 @@ public:
         int64_t block = 32;
         for (int i = 0; i < n_items; ++i) block = std::max<int64_t>(block, dtype_info(items[i].w->type).block_size);
         const int64_t n_chunks = any_tile ? (cols + kPrefillColumnChunk - 1) / kPrefillColumnChunk : 1;
+        if (n_chunks == 1 && n_lora > 0) {
+            const cpu::LoraPlan plan(lora_u_, lora, n_lora);
+            cpu::run_lora(pool_, plan, [&](int thread, int n_threads) {
+                const int64_t n = first_unit[n_items], u0 = n * thread / n_threads, u1 = n * (thread + 1) / n_threads;
+                if (u0 < u1) matmul_units(items, first_unit, x, T, u0, u1, thread, 0, cols);
+            });
+            return;
+        }
         const int64_t chunk = (cols / n_chunks + block - 1) / block * block;
         for (int64_t k0 = 0; k0 < cols; k0 += chunk)
             pool_.parallel_for(first_unit[n_items], [&](int64_t u0, int64_t u1, int thread) {
                 matmul_units(items, first_unit, x, T, u0, u1, thread, k0, std::min(chunk, cols - k0));
             });
+        if (n_lora > 0) lora_add(lora, n_lora);
     }
 
     // Units [u0, u1) of a matmul_group; tile-path units cover columns [k0, k0 + kn) and add to out

@@ -1,16 +1,13 @@
-// Two parallel regions per projection group: (1) u[row, r] = scale * A x_row for every item's rows,
-// in units of 16 rows of A (each unit writes whole cache lines of u, so the threads never share
-// one); (2) out_row += u_row BT in units of 256 output columns. Each value is computed alone (a row
-// of A against one x; a column of BT summed over r in order), so how the work is split, and which
-// rows share the call, change nothing: a row gets a one-token pass's arithmetic in every rows mode.
-// Items that add to the same output (a mixture of adapters on one sequence) share each unit of
-// region 2 and add in item order: split across threads they would race on out, and even without a
-// lost update the order of the two additions would change its rounding from run to run.
-// Calls too small to pay for a parallel region's hand-off run on the calling thread.
+// Each value is computed alone (a row of A against one x; a column of BT summed over r in order),
+// so how the work is split, and which rows share the call, change nothing: a row gets a one-token
+// pass's arithmetic in every rows mode. Each item's u rows start on cache lines of their own. Items
+// that add to the same output (a mixture of adapters on one sequence) share each up unit and add in
+// item order: split across threads they would race on out, and even without a lost update the order
+// of the two additions would change its rounding from run to run.
 #include "backend/cpu/lora.h"
 
 #include <algorithm>
-#include <functional>
+#include <atomic>
 #include <unordered_map>
 
 #include "backend/cpu/kernels.h"
@@ -18,8 +15,8 @@
 namespace tmill::cpu {
 
 namespace {
-constexpr int64_t kRowsPerUnit = 16;            // rows of A per unit of region 1
-constexpr int64_t kColumnsPerUnit = 256;        // output columns per unit of region 2 (a multiple of 64)
+constexpr int64_t kRowsPerUnit = 4;             // rows of A per down unit (threads take fixed shares: small, to balance)
+constexpr int64_t kColumnsPerUnit = 256;        // output columns per up unit (a multiple of 64)
 constexpr int64_t kMinParallelMacs = 1 << 14;   // smaller calls stay on the calling thread
 
 // r rows of A (f32 or f16) against x -> out[r]
@@ -37,7 +34,7 @@ void rows_axpy(const Kernels& kern, const Weight& bt, int64_t c0, int64_t nc, co
         kern.rows_axpy_f32(y, reinterpret_cast<const float*>(bt.data) + c0, bt.rows, nc, bt.cols, u);
 }
 
-// Where a unit of a region falls: item i, row t of it, and the unit's index k within that row, given
+// Where a unit of one kind falls: item i, row t of it, and the unit's index k within that row, given
 // each item's first unit and units per row (per_row(item)).
 struct Unit {
     size_t i;
@@ -51,57 +48,86 @@ Unit unit_at(const std::vector<int64_t>& first, int64_t unit, const PerRow& per_
 }
 }  // namespace
 
-void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, int n_items) {
-    const Kernels& kern = kernels();
+LoraPlan::LoraPlan(std::vector<float>& u, const LoraItem* items, int n_items) : items_(items) {
     const size_t n = static_cast<size_t>(n_items);
-    auto row_groups = [&](size_t i) { return (items[i].a->rows + kRowsPerUnit - 1) / kRowsPerUnit; };
-    auto column_chunks = [&](size_t i) { return (items[i].bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit; };
-    std::vector<int64_t> u_offset(n + 1, 0), first_a(n + 1, 0);
-    // region 2 runs per output: outputs[o] lists the items adding to it, in item order
-    std::vector<std::vector<size_t>> outputs;
-    std::unordered_map<const float*, size_t> output_of;
-    int64_t macs = 0;
+    u_offset_.assign(n + 1, 0);
+    first_down_.assign(n + 1, 0);
+    std::unordered_map<const float*, std::vector<size_t>> by_output;
+    std::vector<const float*> outputs;   // in order of first appearance
     for (size_t i = 0; i < n; ++i) {
         const LoraItem& it = items[i];
         const int64_t r = it.a->rows;
-        u_offset[i + 1] = u_offset[i] + (it.n_rows * r + 15) / 16 * 16;   // own cache lines
-        first_a[i + 1] = first_a[i] + it.n_rows * row_groups(i);
-        macs += it.n_rows * r * (it.a->cols + it.bt->cols);
-        const auto [at, added] = output_of.try_emplace(it.out, outputs.size());
-        if (added) outputs.emplace_back();
-        outputs[at->second].push_back(i);
+        u_offset_[i + 1] = u_offset_[i] + (it.n_rows * r + 15) / 16 * 16;
+        first_down_[i + 1] = first_down_[i] + it.n_rows * ((r + kRowsPerUnit - 1) / kRowsPerUnit);
+        macs_ += it.n_rows * r * (it.a->cols + it.bt->cols);
+        auto& list = by_output[it.out];
+        if (list.empty()) outputs.push_back(it.out);
+        list.push_back(i);
     }
-    std::vector<int64_t> first_b(outputs.size() + 1, 0);
-    for (size_t o = 0; o < outputs.size(); ++o)
-        first_b[o + 1] = first_b[o] + items[outputs[o][0]].n_rows * column_chunks(outputs[o][0]);
-    if (static_cast<int64_t>(u.size()) < u_offset[n]) u.resize(static_cast<size_t>(u_offset[n]));
-    auto region = [&](int64_t units, const std::function<void(int64_t, int64_t, int)>& fn) {
-        if (macs < kMinParallelMacs) fn(0, units, 0);
-        else pool.parallel_for(units, fn);
-    };
+    first_up_.assign(outputs.size() + 1, 0);
+    output_first_.assign(outputs.size() + 1, 0);
+    for (size_t o = 0; o < outputs.size(); ++o) {
+        const auto& list = by_output[outputs[o]];
+        const LoraItem& it = items[list[0]];
+        output_items_.insert(output_items_.end(), list.begin(), list.end());
+        output_first_[o + 1] = output_items_.size();
+        first_up_[o + 1] = first_up_[o] + it.n_rows * ((it.bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit);
+    }
+    if (u.size() < static_cast<size_t>(u_offset_[n])) u.resize(static_cast<size_t>(u_offset_[n]));
+    u_ = u.data();
+}
 
-    region(first_a[n], [&](int64_t u0, int64_t u1, int) {
-        for (int64_t unit = u0; unit < u1; ++unit) {
-            const Unit at = unit_at(first_a, unit, row_groups);
-            const LoraItem& it = items[at.i];
-            const int64_t r = it.a->rows, n_in = it.a->cols, t = at.t;
-            const int64_t j0 = at.k * kRowsPerUnit, nj = std::min(kRowsPerUnit, r - j0);
-            float* ut = u.data() + u_offset[at.i] + t * r + j0;
-            rows_dot(kern, *it.a, j0, nj, it.x + t * n_in, ut);
-            for (int64_t j = 0; j < nj; ++j) ut[j] *= it.scale;
-        }
+// u = scale * A x for kRowsPerUnit rows of A of one item's row
+void LoraPlan::down(int64_t unit) const {
+    const Unit at = unit_at(first_down_, unit, [&](size_t i) { return (items_[i].a->rows + kRowsPerUnit - 1) / kRowsPerUnit; });
+    const LoraItem& it = items_[at.i];
+    const int64_t r = it.a->rows, n_in = it.a->cols;
+    const int64_t j0 = at.k * kRowsPerUnit, nj = std::min(kRowsPerUnit, r - j0);
+    float* ut = u_ + u_offset_[at.i] + at.t * r + j0;
+    rows_dot(kernels(), *it.a, j0, nj, it.x + at.t * n_in, ut);
+    for (int64_t j = 0; j < nj; ++j) ut[j] *= it.scale;
+}
+
+// out += u BT over kColumnsPerUnit columns of one output's row, its items in item order
+void LoraPlan::up(int64_t unit) const {
+    const Unit at = unit_at(first_up_, unit, [&](size_t o) {
+        return (items_[output_items_[output_first_[o]]].bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit;
     });
-    region(first_b.back(), [&](int64_t u0, int64_t u1, int) {
-        for (int64_t unit = u0; unit < u1; ++unit) {
-            const Unit at = unit_at(first_b, unit, [&](size_t o) { return column_chunks(outputs[o][0]); });
-            for (size_t i : outputs[at.i]) {
-                const LoraItem& it = items[i];
-                const int64_t r = it.a->rows, n_out = it.bt->cols, t = at.t;
-                const int64_t c0 = at.k * kColumnsPerUnit, nc = std::min(kColumnsPerUnit, n_out - c0);
-                rows_axpy(kern, *it.bt, c0, nc, u.data() + u_offset[i] + t * r, it.out + t * n_out + c0);
-            }
+    for (size_t k = output_first_[at.i]; k < output_first_[at.i + 1]; ++k) {
+        const size_t i = output_items_[k];
+        const LoraItem& it = items_[i];
+        const int64_t r = it.a->rows, n_out = it.bt->cols;
+        const int64_t c0 = at.k * kColumnsPerUnit, nc = std::min(kColumnsPerUnit, n_out - c0);
+        rows_axpy(kernels(), *it.bt, c0, nc, u_ + u_offset_[i] + at.t * r, it.out + at.t * n_out + c0);
+    }
+}
+
+void run_lora(ThreadPool& pool, const LoraPlan& plan, const std::function<void(int, int)>& before) {
+    const int n_threads = pool.size();
+    const int64_t n_down = plan.n_down(), n_up = plan.n_up();
+    std::atomic<int> arrived{0};
+    pool.run([&](int t) {
+        auto share = [&](int64_t n) { return std::pair<int64_t, int64_t>{n * t / n_threads, n * (t + 1) / n_threads}; };
+        try {
+            if (before) before(t, n_threads);
+            const auto [d0, d1] = share(n_down);
+            for (int64_t unit = d0; unit < d1; ++unit) plan.down(unit);
+        } catch (...) {
+            arrived.fetch_add(n_threads, std::memory_order_acq_rel);   // nobody waits for this thread
+            throw;                                                     // pool.run rethrows it
         }
+        arrived.fetch_add(1, std::memory_order_acq_rel);
+        while (arrived.load(std::memory_order_acquire) < n_threads) tmill::cpu_relax();
+        const auto [u0, u1] = share(n_up);
+        for (int64_t unit = u0; unit < u1; ++unit) plan.up(unit);
     });
+}
+
+void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, int n_items) {
+    const LoraPlan plan(u, items, n_items);
+    if (plan.macs() >= kMinParallelMacs && pool.size() > 1) return run_lora(pool, plan, nullptr);
+    for (int64_t unit = 0; unit < plan.n_down(); ++unit) plan.down(unit);
+    for (int64_t unit = 0; unit < plan.n_up(); ++unit) plan.up(unit);
 }
 
 }  // namespace tmill::cpu
