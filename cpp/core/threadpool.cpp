@@ -83,7 +83,7 @@ void ThreadPool::run(const std::function<void(int)>& fn) {
     }
 }
 
-void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
+void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn, int chunks_per_thread) {
     if (n <= 0) return;
     if (n_threads_ == 1 || n == 1) {
         fn(0, n, 0);
@@ -91,7 +91,7 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
     }
     // Chunks handed out on demand: a thread that started late or runs slower takes fewer, so
     // nobody waits long at the end of a region.
-    const int64_t n_chunks = std::min<int64_t>(n, static_cast<int64_t>(n_threads_) * 8);
+    const int64_t n_chunks = std::min<int64_t>(n, static_cast<int64_t>(n_threads_) * chunks_per_thread);
     std::atomic<int64_t> next{0};
     run([&](int t) {
         for (int64_t c = next.fetch_add(1, std::memory_order_relaxed);

@@ -40,9 +40,9 @@ public:
     // An exception thrown on any thread is rethrown here, in the caller, once all are done.
     void run(const std::function<void(int)>& fn);
 
-    // Splits [0, n) into contiguous chunks taken by the threads as they free up:
-    // fn(begin, end, thread_index), possibly several calls per thread.
-    void parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
+    // Splits [0, n) into contiguous chunks (chunks_per_thread per thread) taken by the threads as
+    // they free up: fn(begin, end, thread_index), possibly several calls per thread.
+    void parallel_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn, int chunks_per_thread = 8);
 
 private:
     void worker_loop(int index);
