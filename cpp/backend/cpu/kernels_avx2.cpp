@@ -86,6 +86,7 @@ void rows_dot_f16(const uint16_t* rows, int64_t n_rows, int64_t d, const float* 
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 16 <= d; i += 16) {
+            _mm_prefetch(reinterpret_cast<const char*>(r + i) + kDecodePrefetchBytes, _MM_HINT_T0);
             acc0 = _mm256_fmadd_ps(load8(r + i), _mm256_loadu_ps(x + i), acc0);
             acc1 = _mm256_fmadd_ps(load8(r + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
         }
@@ -106,6 +107,8 @@ void rows_axpy(float* y, const E* rows, int64_t n_rows, int64_t d, int64_t strid
         for (int64_t j = 0; j < n_rows; ++j) {
             __m256 wj = _mm256_set1_ps(w[j]);
             const E* r = rows + j * stride + c;
+            for (int line = 0; line < 64 * static_cast<int>(sizeof(E)); line += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(r + kRowsAxpyPrefetchColumns) + line, _MM_HINT_T0);
             for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(wj, load8(r + 8 * k), acc[k]);
         }
         for (int k = 0; k < 8; ++k) _mm256_storeu_ps(y + c + 8 * k, acc[k]);

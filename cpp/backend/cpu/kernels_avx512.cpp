@@ -97,7 +97,10 @@ void rows_dot(const E* rows, int64_t n_rows, int64_t d, const float* x, float* o
         for (int64_t i = 0; i < d; i += 16) {
             const __mmask16 m = d - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - i);
             const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
-            for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(load16(r[k] + i, m), xv, acc[k]);
+            for (int k = 0; k < 4; ++k) {
+                _mm_prefetch(reinterpret_cast<const char*>(r[k] + i) + kDecodePrefetchBytes, _MM_HINT_T0);
+                acc[k] = _mm512_fmadd_ps(load16(r[k] + i, m), xv, acc[k]);
+            }
         }
         alignas(16) float sums[4];
         _mm_store_ps(sums, reduce4(acc[0], acc[1], acc[2], acc[3]));
@@ -117,6 +120,8 @@ void rows_axpy(float* y, const E* rows, int64_t n_rows, int64_t d, int64_t strid
         for (int64_t j = 0; j < n_rows; ++j) {
             __m512 wj = _mm512_set1_ps(w[j]);
             const E* r = rows + j * stride + c;
+            for (int line = 0; line < 64 * static_cast<int>(sizeof(E)); line += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(r + kRowsAxpyPrefetchColumns) + line, _MM_HINT_T0);
             for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(wj, load16(r + 16 * k), acc[k]);
         }
         for (int k = 0; k < 4; ++k) _mm512_storeu_ps(y + c + 16 * k, acc[k]);
