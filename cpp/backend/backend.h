@@ -120,7 +120,8 @@ struct MatmulItem {
 
 // One low-rank addition of a LoRA adapter to a projection's output, for n_rows consecutive rows:
 // out[n_rows, bt.cols] += scale * (x[n_rows, a.cols] A^T) BT, with A [r, n_in] and BT = B^T [r, n_out]
-// (f32 or f16 weights; out and x point at the first row).
+// (f32 or f16 weights; out and x point at the first row). In a call, items adding to the same output
+// (the same out, n_rows and bt.cols) are adjacent, in the order they add.
 struct LoraItem {
     float* out;
     const float* x;

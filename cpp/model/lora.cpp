@@ -135,8 +135,8 @@ void LoraSet::low_rank_additions(const ForwardContext& ctx, int64_t layer, const
         const auto slot = segs[s].adapter < 0 ? slots_.end() : slots_.find(segs[s].adapter);
         if (slot != slots_.end()) {
             const int64_t row0 = segs[s].row0, rows = segs[e - 1].row0 + segs[e - 1].n_rows - row0;
-            for (const auto& [adapter, user_scale] : slot->second)
-                for (int i = 0; i < n; ++i)
+            for (int i = 0; i < n; ++i)   // an output's items adjacent (Backend::lora_add), in the mix's order
+                for (const auto& [adapter, user_scale] : slot->second)
                     if (const LoraAdapter::Pair* pair = adapter->find(layer, outs[i].role)) {
                         if (pair->a.cols != n_in || pair->bt.cols != outs[i].n_out)
                             fail(ErrorKind::invalid_arg, "LoRA shapes do not match the projection");

@@ -252,8 +252,8 @@ public:
         for (int i = 0; i < n_items; ++i) block = std::max<int64_t>(block, dtype_info(items[i].w->type).block_size);
         const int64_t n_chunks = any_tile ? (cols + kPrefillColumnChunk - 1) / kPrefillColumnChunk : 1;
         if (n_chunks == 1 && n_lora > 0) {
-            const cpu::LoraPlan plan(lora_u_, lora, n_lora);
-            cpu::run_lora(pool_, plan, [&](int thread, int n_threads) {
+            lora_plan_.reset(lora, n_lora);
+            cpu::run_lora(pool_, lora_plan_, [&](int thread, int n_threads) {
                 const int64_t n = first_unit[n_items], u0 = n * thread / n_threads, u1 = n * (thread + 1) / n_threads;
                 if (u0 < u1) matmul_units(items, first_unit, x, T, u0, u1, thread, 0, cols);
             });
@@ -631,7 +631,7 @@ public:
         cpu::attention(pool_, attention_buffers_, rows_mode_, out, q, segs, n_segs, shape);
     }
 
-    void lora_add(const LoraItem* items, int n_items) override { cpu::lora_add(pool_, lora_u_, items, n_items); }
+    void lora_add(const LoraItem* items, int n_items) override { cpu::lora_add(pool_, lora_plan_, items, n_items); }
     void memory_attention(float* out, const float* q, int64_t T, const MemoryRoute* routes, const MemoryGroup* groups,
                           const MemorySpan* spans, const MemoryTable& table, const AttentionShape& shape) override {
         cpu::memory_attention(pool_, memory_scratch_, out, q, T, routes, groups, spans, table, shape);
@@ -739,7 +739,7 @@ private:
     bool rows_as_decode() const { return rows_mode_ == RowsMode::as_decode; }
     bool invariant() const { return rows_mode_ == RowsMode::invariant; }
     cpu::AttentionBuffers attention_buffers_;
-    std::vector<float> lora_u_;     // LoRA: scale * A x of every row of a projection group
+    cpu::LoraPlan lora_plan_;       // LoRA: the units of a projection group's additions and their scratch
     std::vector<std::vector<float>> memory_scratch_;   // memory attention: one buffer per thread
     bool int8_prefill_;   // 4-bit weights meet x rounded to int8 in prefill (BackendOptions::int8_prefill) ...
     bool int8_decode_;    // ... and in decode (BackendOptions::int8_decode)

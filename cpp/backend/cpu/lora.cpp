@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <unordered_map>
 
 #include "backend/cpu/kernels.h"
 
@@ -48,42 +47,35 @@ Unit unit_at(const std::vector<int64_t>& first, int64_t unit, const PerRow& per_
 }
 }  // namespace
 
-LoraPlan::LoraPlan(std::vector<float>& u, const LoraItem* items, int n_items) : items_(items) {
+void LoraPlan::reset(const LoraItem* items, int n_items) {
     const size_t n = static_cast<size_t>(n_items);
+    items_ = items;
+    macs_ = 0;
     u_offset_.assign(n + 1, 0);
     first_down_.assign(n + 1, 0);
-    std::unordered_map<const float*, std::vector<size_t>> by_output;
-    std::vector<const float*> outputs;   // in order of first appearance
+    first_up_.assign(1, 0);
+    output_first_.assign(1, 0);
     for (size_t i = 0; i < n; ++i) {
         const LoraItem& it = items[i];
         const int64_t r = it.a->rows;
         u_offset_[i + 1] = u_offset_[i] + (it.n_rows * r + 15) / 16 * 16;
         first_down_[i + 1] = first_down_[i] + it.n_rows * ((r + kRowsPerUnit - 1) / kRowsPerUnit);
         macs_ += it.n_rows * r * (it.a->cols + it.bt->cols);
-        auto& list = by_output[it.out];
-        if (list.empty()) outputs.push_back(it.out);
-        list.push_back(i);
+        if (i + 1 == n || items[i + 1].out != it.out) {   // the last item of its output
+            output_first_.push_back(i + 1);
+            first_up_.push_back(first_up_.back() + it.n_rows * ((it.bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit));
+        }
     }
-    first_up_.assign(outputs.size() + 1, 0);
-    output_first_.assign(outputs.size() + 1, 0);
-    for (size_t o = 0; o < outputs.size(); ++o) {
-        const auto& list = by_output[outputs[o]];
-        const LoraItem& it = items[list[0]];
-        output_items_.insert(output_items_.end(), list.begin(), list.end());
-        output_first_[o + 1] = output_items_.size();
-        first_up_[o + 1] = first_up_[o] + it.n_rows * ((it.bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit);
-    }
-    if (u.size() < static_cast<size_t>(u_offset_[n])) u.resize(static_cast<size_t>(u_offset_[n]));
-    u_ = u.data();
+    if (u_.size() < static_cast<size_t>(u_offset_[n])) u_.resize(static_cast<size_t>(u_offset_[n]));
 }
 
 // u = scale * A x for kRowsPerUnit rows of A of one item's row
-void LoraPlan::down(int64_t unit) const {
+void LoraPlan::down(int64_t unit) {
     const Unit at = unit_at(first_down_, unit, [&](size_t i) { return (items_[i].a->rows + kRowsPerUnit - 1) / kRowsPerUnit; });
     const LoraItem& it = items_[at.i];
     const int64_t r = it.a->rows, n_in = it.a->cols;
     const int64_t j0 = at.k * kRowsPerUnit, nj = std::min(kRowsPerUnit, r - j0);
-    float* ut = u_ + u_offset_[at.i] + at.t * r + j0;
+    float* ut = u_.data() + u_offset_[at.i] + at.t * r + j0;
     rows_dot(kernels(), *it.a, j0, nj, it.x + at.t * n_in, ut);
     for (int64_t j = 0; j < nj; ++j) ut[j] *= it.scale;
 }
@@ -91,18 +83,17 @@ void LoraPlan::down(int64_t unit) const {
 // out += u BT over kColumnsPerUnit columns of one output's row, its items in item order
 void LoraPlan::up(int64_t unit) const {
     const Unit at = unit_at(first_up_, unit, [&](size_t o) {
-        return (items_[output_items_[output_first_[o]]].bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit;
+        return (items_[output_first_[o]].bt->cols + kColumnsPerUnit - 1) / kColumnsPerUnit;
     });
-    for (size_t k = output_first_[at.i]; k < output_first_[at.i + 1]; ++k) {
-        const size_t i = output_items_[k];
+    for (size_t i = output_first_[at.i]; i < output_first_[at.i + 1]; ++i) {
         const LoraItem& it = items_[i];
         const int64_t r = it.a->rows, n_out = it.bt->cols;
         const int64_t c0 = at.k * kColumnsPerUnit, nc = std::min(kColumnsPerUnit, n_out - c0);
-        rows_axpy(kernels(), *it.bt, c0, nc, u_ + u_offset_[i] + at.t * r, it.out + at.t * n_out + c0);
+        rows_axpy(kernels(), *it.bt, c0, nc, u_.data() + u_offset_[i] + at.t * r, it.out + at.t * n_out + c0);
     }
 }
 
-void run_lora(ThreadPool& pool, const LoraPlan& plan, const std::function<void(int, int)>& before) {
+void run_lora(ThreadPool& pool, LoraPlan& plan, const std::function<void(int, int)>& before) {
     const int n_threads = pool.size();
     const int64_t n_down = plan.n_down(), n_up = plan.n_up();
     std::atomic<int> arrived{0};
@@ -123,8 +114,8 @@ void run_lora(ThreadPool& pool, const LoraPlan& plan, const std::function<void(i
     });
 }
 
-void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, int n_items) {
-    const LoraPlan plan(u, items, n_items);
+void lora_add(ThreadPool& pool, LoraPlan& plan, const LoraItem* items, int n_items) {
+    plan.reset(items, n_items);
     if (plan.macs() >= kMinParallelMacs && pool.size() > 1) return run_lora(pool, plan, nullptr);
     for (int64_t unit = 0; unit < plan.n_down(); ++unit) plan.down(unit);
     for (int64_t unit = 0; unit < plan.n_up(); ++unit) plan.up(unit);

@@ -16,23 +16,23 @@ namespace tmill::cpu {
 // kind are independent.
 class LoraPlan {
 public:
-    // u: scratch the plan resizes and writes
-    LoraPlan(std::vector<float>& u, const LoraItem* items, int n_items);
+    // Lays out the units of items (items adding to the same output adjacent, as Backend::lora_add
+    // asks), reusing the plan's buffers from call to call.
+    void reset(const LoraItem* items, int n_items);
     int64_t n_down() const { return first_down_.back(); }
     int64_t n_up() const { return first_up_.back(); }
     int64_t macs() const { return macs_; }
-    void down(int64_t unit) const;
+    void down(int64_t unit);
     void up(int64_t unit) const;
 
 private:
-    const LoraItem* items_;
-    float* u_ = nullptr;
+    const LoraItem* items_ = nullptr;
     int64_t macs_ = 0;
-    std::vector<int64_t> u_offset_;      // [n_items]: each item's u rows, on cache lines of their own
+    std::vector<float> u_;               // scale * A x of every item's rows, each item's on cache lines of its own
+    std::vector<int64_t> u_offset_;      // [n_items + 1]
     std::vector<int64_t> first_down_;    // [n_items + 1]: each item's first down unit
     std::vector<int64_t> first_up_;      // [n_outputs + 1]: each output's first up unit
-    std::vector<size_t> output_items_;   // the items of output o: [output_first_[o], output_first_[o + 1])
-    std::vector<size_t> output_first_;
+    std::vector<size_t> output_first_;   // [n_outputs + 1]: the items of output o, [output_first_[o], output_first_[o + 1])
 };
 
 // A plan's units in one parallel region, each thread taking a fixed share: first its share of other
@@ -40,9 +40,9 @@ private:
 // the down units, then, once every thread has got that far, of the up units. Fixed shares because
 // a decode step's regions last a few microseconds, and every cache line a shared work counter or a
 // second region's hand-off passes between the cores costs a noticeable part of that.
-void run_lora(ThreadPool& pool, const LoraPlan& plan, const std::function<void(int, int)>& before);
+void run_lora(ThreadPool& pool, LoraPlan& plan, const std::function<void(int, int)>& before);
 
 // out += scale * B (A x) for every item: on the pool unless the call is too small to pay for it.
-void lora_add(ThreadPool& pool, std::vector<float>& u, const LoraItem* items, int n_items);
+void lora_add(ThreadPool& pool, LoraPlan& plan, const LoraItem* items, int n_items);
 
 }  // namespace tmill::cpu
