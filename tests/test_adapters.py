@@ -331,3 +331,33 @@ def test_an_f16_adapter_is_kept_in_fp16_and_equals_peft(adapters, tmp_path, leve
     finally:
         tokenmill._core.set_cpu_level(before)
     np.testing.assert_allclose(got, _hf_logits(half, PROMPT), atol=1e-4, rtol=0)
+
+
+def test_an_f32_adapter_loaded_as_f16_equals_it_saved_in_f16(adapters, tmp_path):
+    """dtype="f16" rounds an f32 adapter's pairs to fp16: half the stored bytes, and logits bit for bit
+    those of the same adapter saved in f16; values beyond fp16's range and unknown dtypes are refused."""
+    directory, pm, ad = adapters[CASES[0]]
+    tensors = safetensors.torch.load_file(ad / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    saved_f16 = tmp_path / "f16"
+    saved_f16.mkdir()
+    (saved_f16 / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    safetensors.torch.save_file({k: v.half() for k, v in tensors.items()}, saved_f16 / "adapter_model.safetensors")
+    model = tokenmill.load(directory)
+    f32 = model.load_adapter(ad, name="f32")
+    rounded = model.load_adapter(ad, name="rounded", dtype="f16")
+    saved = model.load_adapter(saved_f16, name="saved")
+    assert rounded.stored_bytes == saved.stored_bytes == f32.stored_bytes // 2
+    logits = {n: model.eval(model.new_cache(64), PROMPT, logits="all", adapter=n).logits for n in ("f32", "rounded", "saved")}
+    np.testing.assert_array_equal(logits["rounded"], logits["saved"])
+    assert 0 < np.abs(logits["rounded"] - logits["f32"]).max() < 1e-3   # fp16 rounding of the pairs, no more
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        model.load_adapter(ad, name="x", dtype="bf16")
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "adapter_config.json").write_text((ad / "adapter_config.json").read_text())
+    big = {k: (v * 1e6 if "lora_A" in k else v) for k, v in tensors.items()}
+    safetensors.torch.save_file(big, huge / "adapter_model.safetensors")
+    with pytest.raises(InvalidArgumentError, match="beyond fp16's range"):
+        model.load_adapter(huge, name="huge", dtype="f16")
+    assert model.load_adapter(huge, name="huge").stored_bytes == f32.stored_bytes   # kept in f32 by default

@@ -239,6 +239,18 @@ def read_adapter(path: PathLike, model_hp) -> tuple[dict, AdapterInfo]:
     return pairs.items, AdapterInfo(p.name, str(p), fmt, tuple(sorted(pairs.ranks)), alpha, targets, n_params)
 
 
+def _rounded_to_f16(values: np.ndarray, key, what: str) -> np.ndarray:
+    """values rounded to the nearest fp16 (kept as f32: the core then stores them in fp16, which holds
+    them exactly); values beyond fp16's range are an error, not infinities."""
+    with np.errstate(over="ignore"):
+        rounded = values.astype(np.float16)
+    if not np.isfinite(rounded).all():
+        layer, proj = key
+        raise InvalidArgumentError(f"LoRA layer {layer} {proj}: {what} has values beyond fp16's range; "
+                                   "load it with dtype='auto'")
+    return rounded.astype(np.float32)
+
+
 class AdapterRegistry:
     """A model's loaded adapters and the slots of their mixes (thread-safe)."""
 
@@ -250,8 +262,13 @@ class AdapterRegistry:
         self._next_slot = 0
         self._lock = threading.RLock()
 
-    def load(self, path: PathLike, name: Optional[str] = None, scale: float = 1.0) -> AdapterInfo:
+    def load(self, path: PathLike, name: Optional[str] = None, scale: float = 1.0, dtype: str = "auto") -> AdapterInfo:
+        if dtype not in ("auto", "f16"):
+            raise InvalidArgumentError(f"dtype must be 'auto' or 'f16', got {dtype!r}")
         pairs, info = read_adapter(path, self._model.hparams)
+        if dtype == "f16":
+            pairs = {key: (_rounded_to_f16(a, key, "A"), _rounded_to_f16(b, key, "B"), s)
+                     for key, (a, b, s) in pairs.items()}
         info.name = info.name if name is None else name
         if not isinstance(info.name, str) or not info.name:
             raise InvalidArgumentError(f"an adapter's name must be a non-empty string, got {info.name!r}")

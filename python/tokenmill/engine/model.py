@@ -397,12 +397,15 @@ class EngineModel:
         return native.new_sampler(self.n_vocab, **params)
 
     # ---- adapters
-    def load_adapter(self, path: PathLike, name: Optional[str] = None, scale: float = 1.0) -> AdapterInfo:
+    def load_adapter(self, path: PathLike, name: Optional[str] = None, scale: float = 1.0,
+                     dtype: str = "auto") -> AdapterInfo:
         """Loads a LoRA adapter (a PEFT directory or a llama.cpp GGUF LoRA file) under `name` (default:
         the file or directory name); `scale` is what a request naming it alone applies. The base
-        weights are untouched: requests choose an adapter, a mix or none (`adapter=`); the adapter's
-        weights are kept in f32."""
-        return self._adapters.load(path, name, scale)
+        weights are untouched: requests choose an adapter, a mix or none (`adapter=`). `dtype`: how
+        the adapter's weights are kept -- "auto": fp16 where it holds a pair's values exactly (an
+        adapter saved in f16), else f32; "f16": rounded to fp16 (half the bytes a decode step
+        streams, as llama.cpp's f16 LoRA files keep them)."""
+        return self._adapters.load(path, name, scale, dtype)
 
     def unload_adapter(self, name: str) -> None:
         self._adapters.unload(name)
