@@ -229,7 +229,7 @@ def test_k_policy_maximises_tokens_per_second():
         for rows in (1, 1, 3, 5, 9, 1):
             p.observe_pass(rows, fixed + per_row * rows)
         for _ in range(KPolicy.WARMUP_STEPS):
-            p.observe_step(10, round(10 * alpha), draft * 10)
+            p.observe_step(10, round(10 * alpha), draft * 10, 10)
         return p
 
     assert policy(0.9, 0.004, 0.001).choose(16) == 7      # cheap rows, good drafts: long drafts (the optimum)
@@ -239,3 +239,28 @@ def test_k_policy_maximises_tokens_per_second():
     assert policy(0.9, 0.004, 0.001).choose(3) <= 3       # never beyond the room left
     fresh = KPolicy(SpeculativeOptions())
     assert fresh.choose(16) == KPolicy.PROBE_K and not fresh.has_plain_cost()
+    # a step whose drafting time is all a prefill (timed = 0) says nothing of the cost per draft token
+    p = policy(0.9, 0.004, 0.001)
+    p.observe_step(2, 2, 0.0, 0)
+    assert p.draft_cost == 0.0 and p.choose(16) >= 7   # the all-accepted step raised alpha a little
+
+
+def test_a_draft_models_prompt_prefill_is_not_taken_for_its_cost_per_token(smollm, default_gguf):
+    """The draft model's first step prefills the prompt: timed apart, so the cost per drafted token the
+    k policy sees is a decode step's. The file's own Q4_1 weights drafting for its f16 copy (the same
+    values, a third of the bytes) then keep drafting; before, the prefill counted as two draft tokens'
+    cost, and the generator went to plain decoding for good after its three warm-up steps."""
+    from tokenmill.generation.speculative import ModelDrafter
+
+    draft = smollm
+    drafter = ModelDrafter(draft, tokenmill.GenerateConfig(temperature=0))
+    prompt = np.array(draft.tokenize("Write a long story about a lighthouse keeper and the sea."), dtype=np.int32)
+    first = drafter.propose(prompt, 3)
+    assert first.catch_up_seconds > 0 and first.timed == 2 and len(first.tokens) == 3
+    after = drafter.propose(np.concatenate([prompt, np.array(first.tokens[:1], dtype=np.int32)]), 3)
+    assert after.catch_up_seconds == 0 and after.timed == 3   # one new token: an ordinary draft step
+    gen = SpeculativeGenerator(tokenmill.load(default_gguf, weights="f16"), draft, temperature=0, max_new_tokens=64, ignore_eos=True,
+                               spec_k=4, spec_k_adaptive=True, spec_k_max=8)
+    gen.generate(prompt.tolist())
+    stats = gen.last.speculative
+    assert stats.accepted == stats.proposed and stats.proposed > 32, stats   # the same model drafts all along

@@ -58,13 +58,18 @@ MIN_PROPOSALS = 16      # ... from this many on
 
 class Draft:
     """Proposed tokens and, for each, the distribution it was drawn from ((ids, probs)); None means a
-    point mass at the token (greedy drafts, prompt lookup)."""
+    point mass at the token (greedy drafts, prompt lookup). catch_up_seconds: time the drafter spent
+    on context it had not seen beyond one new token (a draft model's prefill of the prompt), a one-off
+    that is not a cost per drafted token; the other drafting time went to the last `timed` tokens."""
 
-    __slots__ = ("tokens", "dists")
+    __slots__ = ("tokens", "dists", "catch_up_seconds", "timed")
 
-    def __init__(self, tokens: list[int], dists: Optional[list] = None):
+    def __init__(self, tokens: list[int], dists: Optional[list] = None, catch_up_seconds: float = 0.0,
+                 timed: Optional[int] = None):
         self.tokens = tokens
         self.dists = dists
+        self.catch_up_seconds = catch_up_seconds
+        self.timed = len(tokens) if timed is None else timed
 
 
 class LookupDrafter:
@@ -127,6 +132,11 @@ class ModelDrafter:
         self.sync(history)
         seq = self.seq
         k = min(k, seq.capacity - len(seq.history))
+        catch_up = 0.0
+        if k > 0 and len(seq.history) - seq.cache.n_past > 1:   # a prefill, not a draft step: timed apart
+            t0 = time.perf_counter()
+            evaluate(self.model, [seq])
+            catch_up = time.perf_counter() - t0
         tokens, dists = [], None if self.greedy else []
         for _ in range(k):
             evaluate(self.model, [seq])
@@ -138,7 +148,7 @@ class ModelDrafter:
                 dists.append((ids, probs))
             tokens.append(token)
             seq.append(token)
-        return Draft(tokens, dists)
+        return Draft(tokens, dists, catch_up, len(tokens) - 1 if catch_up else len(tokens))
 
 
 class HybridDrafter:
@@ -204,6 +214,7 @@ class KPolicy:
         self.draft_cost = 0.0
         self.passes: collections.deque = collections.deque(maxlen=self.HISTORY)
         self.steps = 0
+        self.timed_steps = 0   # steps that measured the drafter's cost per token
 
     def observe_pass(self, rows: int, seconds: float) -> None:
         self.passes.append((rows, seconds))
@@ -211,11 +222,14 @@ class KPolicy:
     def has_plain_cost(self) -> bool:
         return any(rows == 1 for rows, _ in self.passes)
 
-    def observe_step(self, proposed: int, accepted: int, draft_seconds: float) -> None:
+    def observe_step(self, proposed: int, accepted: int, draft_seconds: float, timed: int) -> None:
+        """draft_seconds: the drafting time of the step's last `timed` drafts (a prefill excluded)."""
         rate = accepted / proposed
         self.alpha = rate if self.alpha is None else (1 - self.DECAY) * self.alpha + self.DECAY * rate
-        per_token = draft_seconds / proposed
-        self.draft_cost = per_token if self.steps == 0 else (1 - self.DECAY) * self.draft_cost + self.DECAY * per_token
+        if timed > 0:
+            per_token = draft_seconds / timed
+            self.draft_cost = per_token if self.timed_steps == 0 else (1 - self.DECAY) * self.draft_cost + self.DECAY * per_token
+            self.timed_steps += 1
         self.steps += 1
 
     def _cost_line(self) -> Optional[tuple[float, float]]:
@@ -388,10 +402,10 @@ class SpeculativeGenerator(Generator):
             events += run.push(next_token, rows[n])
         seq.logits = None
         seq.cache.truncate(min(seq.cache.n_past, len(seq.history) - 1))
-        self._account(stats, m, n, draft_seconds)
+        self._account(stats, m, n, draft, draft_seconds)
         return events
 
-    def _account(self, stats: SpeculativeStats, proposed: int, accepted: int, draft_seconds: float) -> None:
+    def _account(self, stats: SpeculativeStats, proposed: int, accepted: int, draft: Draft, draft_seconds: float) -> None:
         stats.proposed += proposed
         stats.accepted += accepted
         stats.steps += 1
@@ -399,7 +413,7 @@ class SpeculativeGenerator(Generator):
         self.proposed_total += proposed
         self.accepted_total += accepted
         spec = self.spec
-        self.policy.observe_step(proposed, accepted, draft_seconds)
+        self.policy.observe_step(proposed, accepted, draft_seconds - draft.catch_up_seconds, draft.timed)
         self._window.append((proposed, accepted))
         while sum(p for p, _ in self._window) - self._window[0][0] >= WINDOW_PROPOSALS:
             self._window.popleft()
