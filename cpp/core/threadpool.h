@@ -4,11 +4,13 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <condition_variable>
 #include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -24,6 +26,12 @@ inline void cpu_relax() {
 #else
     std::this_thread::yield();
 #endif
+}
+
+// Thread t's contiguous share [first, second) of n items split evenly over n_threads (a region whose
+// threads take fixed shares rather than chunks from a shared counter).
+inline std::pair<int64_t, int64_t> fixed_share(int64_t n, int t, int n_threads) {
+    return {n * t / n_threads, n * (t + 1) / n_threads};
 }
 
 class ThreadPool {

@@ -141,7 +141,7 @@ void LoraSet::low_rank_additions(const ForwardContext& ctx, int64_t layer, const
                         if (pair->a.cols != n_in || pair->bt.cols != outs[i].n_out)
                             fail(ErrorKind::invalid_arg, "LoRA shapes do not match the projection");
                         add.push_back({outs[i].out + row0 * outs[i].n_out, x + row0 * n_in, &pair->a, &pair->bt,
-                                          pair->scale * user_scale, rows});
+                                       pair->scale * user_scale, rows});
                     }
         }
         s = e;

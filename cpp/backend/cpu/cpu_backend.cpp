@@ -254,7 +254,7 @@ public:
         if (n_chunks == 1 && n_lora > 0) {
             lora_plan_.reset(lora, n_lora);
             cpu::run_lora(pool_, lora_plan_, [&](int thread, int n_threads) {
-                const int64_t n = first_unit[n_items], u0 = n * thread / n_threads, u1 = n * (thread + 1) / n_threads;
+                const auto [u0, u1] = fixed_share(first_unit[n_items], thread, n_threads);
                 if (u0 < u1) matmul_units(items, first_unit, x, T, u0, u1, thread, 0, cols);
             });
             return;
@@ -695,8 +695,9 @@ private:
         });
     }
 
-    // the eight-row group of a packed weight that holds row r, from block column k0 / 32 on
+    // the bias of row r (0 without one)
     static float bias_at(const Weight& w, int64_t r) { return w.bias ? w.bias[r] : 0.0f; }
+    // the eight-row group of a packed weight that holds row r, from block column k0 / 32 on
     static const uint8_t* packed_group(const Weight& w, int64_t r, int64_t k0 = 0) {
         return w.packed + static_cast<size_t>(r / 8 * (w.cols / 32) + k0 / 32) * cpu::packed8_column_bytes(w.type);
     }

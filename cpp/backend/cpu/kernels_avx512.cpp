@@ -767,7 +767,7 @@ void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const fl
 // alone: llama.cpp's decode precision) -- a quarter of the VPDPBUSD work of the exact kernel above.
 // a[t] the rounded x, d[t] its block scales, sum[t] the block sums of the rounded x. Per block, each
 // row's 32 products are summed in int32 (exact) before one conversion, so every (row, vector) pair
-// runs the same float operations as in the sixteen-row AMX kernel (amx_int8_tiles) and in any
+// runs the same float operations as in the sixteen-row AMX kernel (dot_packed8_int8_amx) and in any
 // tile of tokens:
 //   acc_r = fma(float(sum_j q_rj a_j), dw_r * dx, acc_r) per block, extra_r = fma(c_r, dx sum_j a_j,
 //   extra_r) for the offset c_r (q4_0: -8 dw_r, q4_1: m_r), out_r = acc_r + extra_r.

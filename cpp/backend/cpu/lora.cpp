@@ -98,10 +98,9 @@ void run_lora(ThreadPool& pool, LoraPlan& plan, const std::function<void(int, in
     const int64_t n_down = plan.n_down(), n_up = plan.n_up();
     std::atomic<int> arrived{0};
     pool.run([&](int t) {
-        auto share = [&](int64_t n) { return std::pair<int64_t, int64_t>{n * t / n_threads, n * (t + 1) / n_threads}; };
         try {
             if (before) before(t, n_threads);
-            const auto [d0, d1] = share(n_down);
+            const auto [d0, d1] = fixed_share(n_down, t, n_threads);
             for (int64_t unit = d0; unit < d1; ++unit) plan.down(unit);
         } catch (...) {
             arrived.fetch_add(n_threads, std::memory_order_acq_rel);   // nobody waits for this thread
@@ -109,7 +108,7 @@ void run_lora(ThreadPool& pool, LoraPlan& plan, const std::function<void(int, in
         }
         arrived.fetch_add(1, std::memory_order_acq_rel);
         while (arrived.load(std::memory_order_acquire) < n_threads) tmill::cpu_relax();
-        const auto [u0, u1] = share(n_up);
+        const auto [u0, u1] = fixed_share(n_up, t, n_threads);
         for (int64_t unit = u0; unit < u1; ++unit) plan.up(unit);
     });
 }
