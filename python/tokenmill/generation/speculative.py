@@ -60,16 +60,19 @@ class Draft:
     """Proposed tokens and, for each, the distribution it was drawn from ((ids, probs)); None means a
     point mass at the token (greedy drafts, prompt lookup). catch_up_seconds: time the drafter spent
     on context it had not seen beyond one new token (a draft model's prefill of the prompt), a one-off
-    that is not a cost per drafted token; the other drafting time went to the last `timed` tokens."""
+    that is not a cost per drafted token; that pass also gave the first draft."""
 
-    __slots__ = ("tokens", "dists", "catch_up_seconds", "timed")
+    __slots__ = ("tokens", "dists", "catch_up_seconds")
 
-    def __init__(self, tokens: list[int], dists: Optional[list] = None, catch_up_seconds: float = 0.0,
-                 timed: Optional[int] = None):
+    def __init__(self, tokens: list[int], dists: Optional[list] = None, catch_up_seconds: float = 0.0):
         self.tokens = tokens
         self.dists = dists
         self.catch_up_seconds = catch_up_seconds
-        self.timed = len(tokens) if timed is None else timed
+
+    @property
+    def timed(self) -> int:
+        """The drafts whose drafting time is outside catch_up_seconds (all but the first after a catch-up)."""
+        return len(self.tokens) - (1 if self.catch_up_seconds else 0)
 
 
 class LookupDrafter:
@@ -148,7 +151,7 @@ class ModelDrafter:
                 dists.append((ids, probs))
             tokens.append(token)
             seq.append(token)
-        return Draft(tokens, dists, catch_up, len(tokens) - 1 if catch_up else len(tokens))
+        return Draft(tokens, dists, catch_up)
 
 
 class HybridDrafter:
