@@ -1,0 +1,489 @@
+// The matmul dispatch of the CPU backend: units of rows across a group's weights, the kernel each
+// weight's product takes, and the activations each kernel family needs prepared once per call.
+#include "backend/cpu/matmul.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include <sys/mman.h>
+
+#include "backend/cpu/kernels.h"
+#include "core/error.h"
+#include "core/quants.h"
+
+namespace tmill::cpu {
+
+namespace {
+
+// Below this many tokens, block-quantized weights use the integer kernels; from it on, the float
+// tile on dequantized rows is faster (each row's widening is amortised over more tokens) -- or, with
+// int8 prefill, the sixteen-row int8 kernel on 4-bit weights.
+constexpr int64_t kPreparedMaxTokens = 8;
+// Prefill reads weights in column chunks of at most this many values: a tile's dequantized rows
+// (8 x 960 floats, 30 KiB) stay in L1 and the chunk of x (128 tokens: 480 KiB of floats, 120 KiB as
+// int8) in L2. Chunks are the outer loop, so every row tile of a chunk finds that part of x already
+// there. (Not 1024: 4 KiB row strides ran ~5 % slower; 1,024 columns go as 2 x 512, 2,048 as 3 x 704.)
+constexpr int64_t kPrefillColumnChunk = 960;
+// ... and more tokens than this go through a matmul in (near-equal) blocks of at most this many, so
+// that chunk of x (256 x 960 floats, 960 KiB) is still in L2 when the next row tile reads it: an
+// encoder batch of 4,096 rows otherwise streams x from memory once per row tile (MiniLM, 2 cores:
+// 5.8k -> 10.7k tokens/s). Each token's arithmetic is the same in any block.
+constexpr int64_t kTokenBlock = 256;
+// A product on the decode kernels (decode steps, small batches: regions of a few to some tens of
+// microseconds) is cut into this many chunks per thread, not parallel_for's usual 8: every chunk
+// taken from the shared counter passes its cache line between the cores, and with units this uniform
+// the balance that finer chunks buy costs more than it saves (SmolLM2 Q4_1 decode, 2 threads: 1
+// chunk 1.04-1.10x the speed of 8; 16 sequences int8 1.02-1.13x).
+constexpr int kOnePassChunksPerThread = 1;
+// int8 decode rows of packed weights go to the AMX kernel from this many tokens on: its scaling of
+// the int32 sums costs the same for 1 to 16 tokens, so below this the VNNI kernel is faster
+// (SmolLM2 Q4_1 generate_batch: 4 sequences 342 tok/s on AMX against 498, 8: 525 against 564,
+// 16: 660 against 620)
+constexpr int64_t kAmxMinTokens = 12;
+// Rows-as-decode passes run float weight rows against this many tokens per call
+constexpr int kMaxExactTokens = 32;
+
+// the bias of row r (0 without one)
+float bias_at(const Weight& w, int64_t r) { return w.bias ? w.bias[r] : 0.0f; }
+// the eight-row group of a packed weight that holds row r, from block column k0 / 32 on
+const uint8_t* packed_group(const Weight& w, int64_t r, int64_t k0 = 0) {
+    return w.packed + static_cast<size_t>(r / 8 * (w.cols / 32) + k0 / 32) * packed8_column_bytes(w.type);
+}
+
+// One token's results for rows r0.. of a column chunk: the first chunk writes them (plus the
+// bias), later ones add.
+void store_chunk(float* dst, const float* o, int64_t nr, const Weight& w, int64_t r0, int64_t k0) {
+    if (k0 == 0)
+        for (int64_t r = 0; r < nr; ++r) dst[r] = o[r] + bias_at(w, r0 + r);
+    else
+        for (int64_t r = 0; r < nr; ++r) dst[r] += o[r];
+}
+
+}  // namespace
+
+Matmul::Matmul(ThreadPool& pool, bool int8_prefill, bool int8_decode)
+    : pool_(pool), scratch_(static_cast<size_t>(pool.size())), int8_prefill_(int8_prefill), int8_decode_(int8_decode) {}
+
+// q4_0 / q4_1 / q4_k / q5_* matrices get the eight-row layout where the level has a kernel for it;
+// decode then reads only that copy, prefill dequantizes (or, with int8 prefill, repacks) rows from
+// it. The other block-quantized matrices are copied as they are into the same huge-page chunks,
+// which decode streams faster than the file's map (a 1B-shape Q6_K +9 %, Gemma 3 Q4_K_M with its
+// q8_0 output matrix +23-27 %). Either way the mapped original goes cold (the model releases it).
+void Matmul::pack(Weight& w) {
+    const Kernels& kern = kernels();
+    if (!kern.dot_packed8 || !packable8(w.type) || w.rows % 8 != 0 || w.cols % 32 != 0) {
+        if (uses_prepared_x(kern, w.type)) {
+            const size_t stride = w.row_stride;
+            uint8_t* dst = pack_space(static_cast<size_t>(w.rows) * stride);
+            const uint8_t* src = w.data;
+            pool_.parallel_for(w.rows, [&](int64_t r0, int64_t r1, int) {
+                std::memcpy(dst + r0 * stride, src + r0 * stride, static_cast<size_t>(r1 - r0) * stride);
+            });
+            w.data = dst;
+        }
+        return;
+    }
+    const size_t group_bytes = static_cast<size_t>(w.cols / 32) * packed8_column_bytes(w.type);
+    uint8_t* dst = pack_space(group_bytes * static_cast<size_t>(w.rows / 8));
+    pool_.parallel_for(w.rows / 8, [&](int64_t g0, int64_t g1, int) {
+        for (int64_t g = g0; g < g1; ++g)
+            pack_rows8(w.type, w.data + static_cast<size_t>(8 * g) * w.row_stride, w.row_stride, w.cols,
+                            dst + static_cast<size_t>(g) * group_bytes);
+    });
+    w.packed = dst;
+}
+
+// Room for a weight's copy: copies follow each other in chunks of at least 64 MB, 2 MB-aligned
+// and advised as huge pages -- decode streams every copy once per token, and on 4 KB pages the
+// TLB misses cost 5-15 % of decode (SmolLM2 Q4_1 174-178 -> 184-191 tok/s, a 1B-shape Q4_K
+// 25.4-26.1 -> 27.6-27.8, 2 threads). Huge pages of their own would triple SmolLM2's memory.
+uint8_t* Matmul::pack_space(size_t bytes) {
+    constexpr size_t kHuge = size_t{2} << 20, kChunk = size_t{64} << 20;
+    bytes = (bytes + 63) / 64 * 64;
+    if (packed_.empty() || pack_used_ + bytes > pack_size_) {
+        const size_t size = std::max(kChunk, (bytes + kHuge - 1) / kHuge * kHuge);
+        packed_.emplace_back(static_cast<uint8_t*>(std::aligned_alloc(kHuge, size)), std::free);
+        if (!packed_.back()) {
+            packed_.pop_back();
+            fail(ErrorKind::resource, "no memory for the copies of the weights (" + std::to_string(size) + " bytes)");
+        }
+#ifdef MADV_HUGEPAGE
+        madvise(packed_.back().get(), size, MADV_HUGEPAGE);   // a hint: without huge pages all still works
+#endif
+        pack_used_ = 0;
+        pack_size_ = size;
+    }
+    uint8_t* at = packed_.back().get() + pack_used_;
+    pack_used_ += bytes;
+    return at;
+}
+
+// Several products of the same input share parallel regions (and, for the integer kernels, one
+// preparation of x). Work is cut into units of rows across all the weights: 16 for the int8
+// prefill kernel and AMX decode, 8 for packed decode, the level's tile height for the float tile,
+// else 4. LoRA additions of a pass whose product runs in one region (decode steps, small batches)
+// join that region: each thread goes on from a fixed share of the weights' units to its share of
+// the additions, instead of a region of their own -- per projection group one hand-off to the
+// workers and one wait for the slowest thread fewer.
+void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T, const LoraItem* lora, int n_lora,
+                 LoraPlan& lora_plan, RowsMode mode) {
+    mode_ = mode;
+    const int64_t cols = items[0].w->cols;
+    if (T > kTokenBlock) {   // activations meet the weights a block of tokens at a time
+        const int64_t n_blocks = (T + kTokenBlock - 1) / kTokenBlock, block = (T + n_blocks - 1) / n_blocks;
+        std::vector<MatmulItem> part(items, items + n_items);
+        for (int64_t t0 = 0; t0 < T; t0 += block) {
+            for (int i = 0; i < n_items; ++i) part[i].out = items[i].out + t0 * items[i].w->rows;
+            run(part.data(), n_items, x + t0 * cols, std::min(block, T - t0), nullptr, 0, lora_plan, mode);
+        }
+        if (n_lora > 0) lora_add(pool_, lora_plan, lora, n_lora);
+        return;
+    }
+    const Kernels& kern = kernels();
+    const bool small_batch = (T < kPreparedMaxTokens && !invariant()) || rows_as_decode();
+    bool any_prepared = false, any_prepared_k = false, any_packed = false, any_tile16 = false, any_tile = false,
+         any_int8 = false, any_packed_exact = false, any_amx = false;
+    std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
+    for (int i = 0; i < n_items; ++i) {
+        const Weight& w = *items[i].w;
+        const bool packed = uses_packed(kern, w, T), tile16 = uses_tile16(kern, w, T), tile = uses_tile(kern, w, T);
+        any_packed |= packed;
+        any_packed_exact |= packed && !uses_int8_decode(kern);   // the only reader of prepare_x8's parts 2..4
+        any_int8 |= (packed && uses_int8_decode(kern)) || (small_batch && uses_int8_q8_0(kern, w));
+        any_tile16 |= tile16;
+        any_tile |= tile;
+        any_amx |= uses_amx(kern, w, T);
+        const bool prepared = !packed && small_batch && uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
+        (superblock_x(w.type) ? any_prepared_k : any_prepared) |= prepared;
+        const int64_t unit_rows = tile16 || uses_amx(kern, w, T) ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
+        first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
+    }
+    const int64_t nb = cols / 32;
+    auto prepare = [&](PreparedX& p, auto prepare_fn) {
+        p.q.resize(static_cast<size_t>(2 * T * cols));
+        p.d.resize(static_cast<size_t>(T * nb));
+        p.sum.resize(static_cast<size_t>(T * nb));
+        for (int64_t t = 0; t < T; ++t)
+            prepare_fn(x + t * cols, cols, p.q.data() + 2 * t * cols, p.d.data() + t * nb, p.sum.data() + t * nb);
+    };
+    if (any_prepared) prepare(x32_, kern.prepare_x);
+    if (any_prepared_k) prepare(x256_, kern.prepare_x_k);
+    if (any_packed || any_tile16 || any_int8) {
+        xq8_.resize(static_cast<size_t>(4 * T * cols));
+        xd8_.resize(static_cast<size_t>(T * nb));
+        xsum8_.resize(static_cast<size_t>(T * nb));
+        const bool rounded = any_tile16 || any_int8;
+        if (rounded) {
+            xa_.resize(static_cast<size_t>(T * cols));
+            xsum_rounded_.resize(static_cast<size_t>(T * nb));
+        }
+        pool_.parallel_for(T, [&](int64_t t0, int64_t t1, int) {
+            for (int64_t t = t0; t < t1; ++t) {
+                int8_t* q = xq8_.data() + 4 * t * cols;
+                kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb, any_packed_exact ? 4 : 1);
+                if (rounded)
+                    first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb);
+            }
+        });
+    }
+    if (any_amx) amx_tiles(T, cols);
+    // column chunks [k0, k0 + chunk) for the tile paths, whole blocks of every weight's type (256
+    // values for the K-quants); the other paths run in the first pass
+    int64_t block = 32;
+    for (int i = 0; i < n_items; ++i) block = std::max<int64_t>(block, dtype_info(items[i].w->type).block_size);
+    const int64_t n_chunks = any_tile ? (cols + kPrefillColumnChunk - 1) / kPrefillColumnChunk : 1;
+    if (n_chunks == 1 && n_lora > 0) {
+        lora_plan.reset(lora, n_lora);
+        run_lora(pool_, lora_plan, [&](int thread, int n_threads) {
+            const auto [u0, u1] = fixed_share(first_unit[n_items], thread, n_threads);
+            if (u0 < u1) matmul_units(items, first_unit, x, T, u0, u1, thread, 0, cols);
+        });
+        return;
+    }
+    const int64_t chunk = (cols / n_chunks + block - 1) / block * block;
+    const int chunks_per_thread = any_tile ? 8 : kOnePassChunksPerThread;
+    for (int64_t k0 = 0; k0 < cols; k0 += chunk)
+        pool_.parallel_for(first_unit[n_items], [&](int64_t u0, int64_t u1, int thread) {
+            matmul_units(items, first_unit, x, T, u0, u1, thread, k0, std::min(chunk, cols - k0));
+        }, chunks_per_thread);
+    if (n_lora > 0) lora_add(pool_, lora_plan, lora, n_lora);
+}
+
+// Units [u0, u1) of a matmul_group; tile-path units cover columns [k0, k0 + kn) and add to out
+// after the first chunk, the others run whole when k0 = 0.
+void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& first_unit, const float* x, int64_t T,
+                  int64_t u0, int64_t u1, int thread, int64_t k0, int64_t kn) {
+    const int64_t cols = items[0].w->cols, nb = cols / 32;
+    const Kernels& kern = kernels();
+    for (int64_t u = u0; u < u1; ++u) {
+        int i = static_cast<int>(std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin()) - 1;
+        const Weight& w = *items[i].w;
+        float* out = items[i].out;
+        if (!uses_tile(kern, w, T) && k0 > 0) continue;
+        if (uses_amx(kern, w, T)) {
+            amx_unit(w, out, T, 16 * (u - first_unit[i]));
+            continue;
+        }
+        if (uses_packed(kern, w, T)) {
+            // one group of eight rows against each token
+            const int64_t r0 = 8 * (u - first_unit[i]);
+            const uint8_t* group = packed_group(w, r0);
+            if (T > 1 && (uses_int8_decode(kern) ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens)) {
+                packed_tokens(w, out, r0, 0, T);   // tokens share the unpacking
+                continue;
+            }
+            for (int64_t t = 0; t < T; ++t) {
+                float o[8];
+                if (uses_int8_decode(kern))
+                    kern.dot_packed8_int8(w.type, group, xa_.data() + t * cols, xd8_.data() + t * nb,
+                                          xsum_rounded_.data() + t * nb, cols, o);
+                else
+                    kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
+                                     xsum8_.data() + t * nb, cols, o);
+                for (int k = 0; k < 8; ++k) out[t * w.rows + r0 + k] = o[k] + bias_at(w, r0 + k);
+            }
+            continue;
+        }
+        const int64_t rows = w.rows;
+        auto row_ptr = [&](int64_t r) { return w.data + static_cast<size_t>(r) * w.row_stride; };
+        if (!uses_tile(kern, w, T)) {
+            const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
+            if (uses_int8_q8_0(kern, w)) {   // int8 decode: the unit's rows against four tokens at a time
+                const void* unit_rows[4];
+                const int8_t* a[kPackedTokens];
+                const float* d[kPackedTokens];
+                float o[4 * kPackedTokens];
+                for (int64_t r = r0; r < r1; ++r) unit_rows[r - r0] = row_ptr(r);
+                for (int64_t t0 = 0; t0 < T; t0 += kPackedTokens) {
+                    const int nt = static_cast<int>(std::min<int64_t>(kPackedTokens, T - t0));
+                    for (int k = 0; k < nt; ++k) {
+                        a[k] = xa_.data() + (t0 + k) * cols;
+                        d[k] = xd8_.data() + (t0 + k) * nb;
+                    }
+                    kern.dot_q8_0_int8(unit_rows, static_cast<int>(r1 - r0), a, d, nt, cols, o);
+                    for (int64_t r = r0; r < r1; ++r)
+                        for (int k = 0; k < nt; ++k) out[(t0 + k) * rows + r] = o[(r - r0) * nt + k] + bias_at(w, r);
+                }
+                continue;
+            }
+            if (!uses_prepared_x(kern, w.type) && T == 1) {   // decode: straight from the stored type
+                for (int64_t r = r0; r < r1; ++r) out[r] = kern.dot_row(w.type, row_ptr(r), x, cols) + bias_at(w, r);
+                continue;
+            }
+            if (!uses_prepared_x(kern, w.type)) {   // rows as decode: the same arithmetic, per tile
+                // the unit's rows against every token, in register tiles with dot_row's arithmetic
+                const void* unit_rows[4];
+                const float* xs[kMaxExactTokens];
+                float o[4 * kMaxExactTokens];
+                for (int64_t r = r0; r < r1; ++r) unit_rows[r - r0] = row_ptr(r);
+                for (int64_t t0 = 0; t0 < T; t0 += kMaxExactTokens) {
+                    const int nt = static_cast<int>(std::min<int64_t>(kMaxExactTokens, T - t0));
+                    for (int k = 0; k < nt; ++k) xs[k] = x + (t0 + k) * cols;
+                    kern.dot_rows_tokens(w.type, unit_rows, static_cast<int>(r1 - r0), xs, nt, cols, o);
+                    for (int64_t r = r0; r < r1; ++r)
+                        for (int k = 0; k < nt; ++k) out[(t0 + k) * rows + r] = o[(r - r0) * nt + k] + bias_at(w, r);
+                }
+                continue;
+            }
+            // integer dots; each row stays in L1 while the tokens pass, four per widening (the same
+            // arithmetic per token as one at a time, so rows as decode take this path too)
+            const PreparedX& px = superblock_x(w.type) ? x256_ : x32_;
+            for (int64_t r = r0; r < r1; ++r) {
+                int64_t t = 0;
+                for (; t + 4 <= T; t += 4) {
+                    float o[4];
+                    kern.dot_row_prepared_x4(w.type, row_ptr(r), px.q.data() + 2 * t * cols, px.d.data() + t * nb,
+                                             px.sum.data() + t * nb, cols, o);
+                    for (int k = 0; k < 4; ++k) out[(t + k) * rows + r] = o[k] + bias_at(w, r);
+                }
+                for (; t < T; ++t)
+                    out[t * rows + r] = kern.dot_row_prepared(w.type, row_ptr(r), px.q.data() + 2 * t * cols,
+                                                              px.d.data() + t * nb, px.sum.data() + t * nb, cols) +
+                                        bias_at(w, r);
+            }
+            continue;
+        }
+        if (uses_tile16(kern, w, T)) {
+            tile16_unit(w, out, T, u - first_unit[i], thread, k0, kn);
+            continue;
+        }
+        // prefill: dequantize the unit's rows (columns k0..k0 + kn), then run the tokens past them a
+        // tile (tr rows) at a time
+        const int64_t tr = kern.tile_rows, unit = tile_unit_rows(kern, w), r0 = unit * (u - first_unit[i]);
+        const int64_t nr_unit = std::min(unit, rows - r0);
+        float* buf = scratch(thread, (unit + 1) * kn);   // the rows, then room for one packed row's bytes
+        if (w.packed && kern.dequantize_packed8) {   // r0 is a group's first row
+            kern.dequantize_packed8(w.type, packed_group(w, r0, k0), kn, buf, kn);
+        } else {
+            for (int64_t k = 0; k < unit; ++k) {
+                float* dst = buf + k * kn;
+                const int64_t r = r0 + k;
+                if (k >= nr_unit) {
+                    std::fill(dst, dst + kn, 0.0f);   // padding rows
+                } else if (w.packed) {   // a level without the packed kernels, after the load
+                    uint8_t* row = reinterpret_cast<uint8_t*>(buf + unit * kn);
+                    unpack_row8(w.type, packed_group(w, r, k0), kn, static_cast<int>(r % 8), row);
+                    kern.dequantize_row(w.type, row, dst, kn);
+                } else {
+                    kern.dequantize_row(w.type, row_ptr(r) + row_bytes(w.type, k0), dst, kn);
+                }
+            }
+        }
+        const int64_t width = kern.tile_tokens;
+        const float* xs[kMaxTileTokens];
+        float o[kMaxTileRows * kMaxTileTokens];
+        for (int64_t sub = 0; sub < nr_unit; sub += tr) {
+            const int64_t nr = std::min(tr, nr_unit - sub);
+            for (int64_t t = 0; t < T; t += width) {
+                for (int64_t k = 0; k < width; ++k)   // a short last tile repeats the last token
+                    xs[k] = x + std::min(t + k, T - 1) * cols + k0;
+                kern.dot_f32_tile(buf + sub * kn, kn, xs, kn, o);
+                for (int64_t k = 0; k < width && t + k < T; ++k)
+                    store_chunk(out + (t + k) * rows + r0 + sub, o + tr * k, nr, w, r0 + sub, k0);
+            }
+        }
+    }
+}
+
+// The eight rows of the group at r0 against tokens [t0, t1), kPackedTokens per call of the
+// tokens kernel (exact, or int8 decode's)
+void Matmul::packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1) {
+    const Kernels& kern = kernels();
+    const int64_t cols = w.cols, nb = cols / 32;
+    const bool int8 = uses_int8_decode(kern);
+    const auto tokens_kernel = int8 ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens;
+    constexpr int NT = kPackedTokens;
+    const int8_t* a[NT];
+    const float *d[NT], *sum[NT];
+    float o[8 * NT];
+    for (int64_t t = t0; t < t1; t += NT) {
+        const int nt = static_cast<int>(std::min<int64_t>(NT, t1 - t));
+        for (int k = 0; k < nt; ++k) {
+            a[k] = int8 ? xa_.data() + (t + k) * cols : xq8_.data() + 4 * (t + k) * cols;
+            d[k] = xd8_.data() + (t + k) * nb;
+            sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t + k) * nb;
+        }
+        tokens_kernel(w.type, packed_group(w, r0), a, d, sum, nt, cols, o);
+        for (int k = 0; k < nt; ++k)
+            for (int j = 0; j < 8; ++j) out[(t + k) * w.rows + r0 + j] = o[8 * k + j] + bias_at(w, r0 + j);
+    }
+}
+
+// int8 decode rows on AMX: the two groups from row r0 against the tokens, kAmxTokens at a time
+// (amx_tiles laid them out); a last chunk of fewer than kAmxMinTokens takes the VNNI kernel,
+// whose bits are the same
+void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
+    const Kernels& kern = kernels();
+    const int64_t nb = w.cols / 32;
+    const uint8_t* b = r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
+    const int rows = b ? 16 : 8;
+    float o[16 * kAmxTokens];
+    for (int64_t t0 = 0, c = 0; t0 < T; t0 += kAmxTokens, ++c) {
+        const int nt = static_cast<int>(std::min<int64_t>(kAmxTokens, T - t0));
+        if (nt < kAmxMinTokens) {
+            for (int g = 0; g < rows / 8; ++g) packed_tokens(w, out, r0 + 8 * g, t0, T);
+            break;
+        }
+        kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, x_tiles_.data() + c * nb * 512,
+                                  x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16,
+                                  nt, w.cols, o);
+        for (int k = 0; k < nt; ++k)
+            for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
+    }
+}
+
+// x rounded to int8 (xa_) as the AMX kernel's tiles, per chunk of kAmxTokens tokens: x_tiles_
+// [chunks, cols / 32, 512], x_tile_scales_ [chunks, 2 (scales, sums), cols / 32, 16]
+void Matmul::amx_tiles(int64_t T, int64_t cols) {
+    const Kernels& kern = kernels();
+    const int64_t nb = cols / 32, chunks = (T + kAmxTokens - 1) / kAmxTokens;
+    x_tiles_.resize(static_cast<size_t>(chunks * nb * 512));
+    x_tile_scales_.resize(static_cast<size_t>(chunks * 2 * nb * 16));
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t t0 = c * kAmxTokens;
+        const int nt = static_cast<int>(std::min<int64_t>(kAmxTokens, T - t0));
+        const int8_t* a[kAmxTokens];
+        const float *d[kAmxTokens], *sum[kAmxTokens];
+        for (int k = 0; k < nt; ++k) {
+            a[k] = xa_.data() + (t0 + k) * cols;
+            d[k] = xd8_.data() + (t0 + k) * nb;
+            sum[k] = xsum_rounded_.data() + (t0 + k) * nb;
+        }
+        kern.amx_x_tiles(a, d, sum, nt, cols, x_tiles_.data() + c * nb * 512,
+                         x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16);
+    }
+}
+
+// Opt-in int8 prefill, unit u of a packed 4-bit, q5_* or K-quant weight: sixteen rows, columns k0..k0 + kn,
+// repacked (per call: a kept copy would take twice the 4-bit weights' memory) and run against the
+// tokens eight at a time (x rounded to int8 in xa_, xd8_, xsum_rounded_).
+void Matmul::tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn) {
+    const Kernels& kern = kernels();
+    const int64_t cols = w.cols, nb = cols / 32, r0 = 16 * u, nr = std::min<int64_t>(16, w.rows - r0);
+    uint8_t* rows = reinterpret_cast<uint8_t*>(
+        scratch(thread, static_cast<int64_t>((kn / 32) * tile16_column_bytes(w.type) / sizeof(float))));
+    if (w.packed)
+        kern.repack16(w.type, packed_group(w, r0, k0), nr > 8 ? packed_group(w, r0 + 8, k0) : nullptr, kn, rows);
+    else   // q5_* and the K-quants, from their rows
+        kern.repack16_rows(w.type, w.data + static_cast<size_t>(r0) * w.row_stride, w.row_stride, static_cast<int>(nr), k0,
+                        kn, rows);
+    constexpr int NT = kTile16Tokens;
+    const int8_t* q[NT];
+    const float *d[NT], *sum[NT];
+    float o[16 * NT];
+    for (int64_t t = 0; t < T; t += NT) {
+        for (int k = 0; k < NT; ++k) {   // a short last tile repeats the last token
+            const int64_t tk = std::min<int64_t>(t + k, T - 1);
+            q[k] = xa_.data() + tk * cols + k0;
+            d[k] = xd8_.data() + tk * nb + k0 / 32;
+            sum[k] = xsum_rounded_.data() + tk * nb + k0 / 32;
+        }
+        kern.dot_tile16(w.type, rows, kn, q, d, sum, o);
+        for (int64_t k = 0; k < NT && t + k < T; ++k) store_chunk(out + (t + k) * w.rows + r0, o + 16 * k, nr, w, r0, k0);
+    }
+}
+
+// Which kernels a weight's product with T tokens runs on: the eight-row integer kernel (few
+// tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
+// (Rows as decode: always the kernels of T = 1, each token on its own.)
+bool Matmul::uses_packed(const Kernels& kern, const Weight& w, int64_t T) const {
+    return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && w.packed && kern.dot_packed8;
+}
+bool Matmul::uses_tile(const Kernels& kern, const Weight& w, int64_t T) const {
+    if (invariant()) return true;
+    return T > 1 && !rows_as_decode() && !(T < kPreparedMaxTokens && uses_prepared_x(kern, w.type));
+}
+
+// Rows per unit of the float tile path: a whole eight-row group of a packed weight (dequantized in
+// one call, then run as tiles of the level's height), else one tile.
+int64_t Matmul::tile_unit_rows(const Kernels& kern, const Weight& w) const {
+    return w.packed && kern.dequantize_packed8 ? 8 : kern.tile_rows;
+}
+
+// ... with int8 decode, the packed kernel on x rounded to int8 (rows as decode too: they must
+// be what this model's one-token steps compute)
+bool Matmul::uses_int8_decode(const Kernels& kern) const { return int8_decode_ && kern.dot_packed8_int8; }
+// ... on AMX from kAmxMinTokens tokens on (each row's bits those of the VNNI kernel)
+bool Matmul::uses_amx(const Kernels& kern, const Weight& w, int64_t T) const {
+    return T >= kAmxMinTokens && uses_packed(kern, w, T) && uses_int8_decode(kern) && kern.dot_packed8_int8_amx;
+}
+// ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0)
+bool Matmul::uses_int8_q8_0(const Kernels& kern, const Weight& w) const {
+    return int8_decode_ && w.type == DType::q8_0 && !w.packed && kern.dot_q8_0_int8;
+}
+
+// ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
+bool Matmul::uses_tile16(const Kernels& kern, const Weight& w, int64_t T) const {
+    const bool repackable = w.packed || (repackable16(w.type) && kern.repack16_rows);
+    return int8_prefill_ && !rows_as_decode() && (T >= kPreparedMaxTokens || invariant()) && repackable && kern.dot_tile16;
+}
+
+float* Matmul::scratch(int thread, int64_t n) {
+    std::vector<float>& buf = scratch_[static_cast<size_t>(thread)];
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+    return buf.data();
+}
+
+}  // namespace tmill::cpu

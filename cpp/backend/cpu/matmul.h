@@ -1,0 +1,73 @@
+// Products of weights with activations on the CPU (Backend::matmul, matmul_group, matmul_group_lora):
+// which kernel each weight's product with T tokens runs on, the copies of the weights those kernels
+// read, the activations prepared for them, and how the work is cut across the pool.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/lora.h"
+#include "core/threadpool.h"
+
+namespace tmill::cpu {
+
+struct Kernels;
+
+class Matmul {
+public:
+    // int8_prefill / int8_decode: 4-bit weights meet x rounded to int8 in prefill / in decode
+    // (BackendOptions)
+    Matmul(ThreadPool& pool, bool int8_prefill, bool int8_decode);
+
+    // Gives a matrix the copy its kernels read (Weight::packed, or w.data moved to a copy).
+    void pack(Weight& w);
+
+    // out_i[T, rows_i] = x[T, cols] @ W_i^T + bias_i for every item, then the LoRA additions (lora may
+    // be empty), with the arithmetic mode asks for (backend.h)
+    void run(const MatmulItem* items, int n_items, const float* x, int64_t T, const LoraItem* lora, int n_lora,
+             LoraPlan& lora_plan, RowsMode mode);
+
+private:
+    // activations prepared for the per-row integer kernels: q [T, 2 * cols], d and sum [T, cols / 32]
+    struct PreparedX {
+        std::vector<int16_t> q;
+        std::vector<float> d, sum;
+    };
+
+    uint8_t* pack_space(size_t bytes);
+    void matmul_units(const MatmulItem* items, const std::vector<int64_t>& first_unit, const float* x, int64_t T,
+                      int64_t u0, int64_t u1, int thread, int64_t k0, int64_t kn);
+    void packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1);
+    void amx_unit(const Weight& w, float* out, int64_t T, int64_t r0);
+    void amx_tiles(int64_t T, int64_t cols);
+    void tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn);
+    float* scratch(int thread, int64_t n);
+
+    bool uses_packed(const Kernels& kern, const Weight& w, int64_t T) const;
+    bool uses_tile(const Kernels& kern, const Weight& w, int64_t T) const;
+    int64_t tile_unit_rows(const Kernels& kern, const Weight& w) const;
+    bool uses_int8_decode(const Kernels& kern) const;
+    bool uses_amx(const Kernels& kern, const Weight& w, int64_t T) const;
+    bool uses_int8_q8_0(const Kernels& kern, const Weight& w) const;
+    bool uses_tile16(const Kernels& kern, const Weight& w, int64_t T) const;
+    bool rows_as_decode() const { return mode_ == RowsMode::as_decode; }
+    bool invariant() const { return mode_ == RowsMode::invariant; }
+
+    ThreadPool& pool_;
+    std::vector<std::vector<float>> scratch_;   // per thread: dequantized or repacked rows of a unit
+    PreparedX x32_, x256_;       // by prepare_x (32-block scales) and prepare_x_k (super-block scales, K-quants)
+    std::vector<int8_t> xq8_;    // ... and for the packed 4-bit kernel [T, 4 * cols]
+    std::vector<float> xd8_, xsum8_;
+    std::vector<int8_t> xa_;            // int8 kernels: x rounded to int8 [T, cols] ...
+    std::vector<float> xsum_rounded_;   // ... and its block sums [T, cols / 32]
+    std::vector<int8_t> x_tiles_;         // ... and as AMX tiles (amx_tiles) ...
+    std::vector<float> x_tile_scales_;    // ... with their scales and block sums
+    std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> packed_;   // chunks of weight copies (pack_space) ...
+    size_t pack_used_ = 0, pack_size_ = 0;                             // ... and the last one's use and size
+    RowsMode mode_ = RowsMode::fast;   // of the product now running
+    bool int8_prefill_, int8_decode_;
+};
+
+}  // namespace tmill::cpu
