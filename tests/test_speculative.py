@@ -264,3 +264,21 @@ def test_a_draft_models_prompt_prefill_is_not_taken_for_its_cost_per_token(smoll
     gen.generate(prompt.tolist())
     stats = gen.last.speculative
     assert stats.accepted == stats.proposed and stats.proposed > 32, stats   # the same model drafts all along
+
+
+def test_drafts_that_start_to_hit_late_are_taken_up(smollm):
+    """Asked to repeat a passage, SmolLM2 writes a line of its own and then loops on it: prompt lookup
+    drafts miss at first, so the policy goes to plain decoding, and hit every token once the loop
+    starts. Probes must find the loop and keep drafting while each step beats plain decoding; before,
+    the first fallback lasted 128 tokens and the lagging acceptance average sent each successful probe
+    back to plain decoding (5 of 128 tokens drafted)."""
+    from tokenmill.tools.spec_bench import grounded_prompts
+
+    ids = smollm.chat_prompt([{"role": "user", "content": dict(grounded_prompts())["repeat"]}])
+    plain = Generator(smollm, temperature=0, max_new_tokens=128, ignore_eos=True).generate(ids)
+    assert len(set(plain[-60:])) < 30   # the output loops (what this test is about)
+    spec = SpeculativeGenerator(smollm, "lookup", temperature=0, max_new_tokens=128, ignore_eos=True, spec_k=8,
+                                spec_k_adaptive=True, spec_k_max=16, spec_disable_below_accept=0.3)
+    assert spec.generate(ids) == plain
+    stats = spec.last.speculative
+    assert stats.accepted >= 50 and stats.plain_tokens <= 64, stats

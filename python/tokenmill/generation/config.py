@@ -303,7 +303,7 @@ class SpeculativeOptions:
     method: str = "reject_sampling"
     extra_token: bool = True
     disable_below_accept: float = 0.0
-    probe_interval: int = 128
+    probe_interval: int = 32
     lookup_ngram_min: int = 2
     lookup_ngram_max: int = 4
     lookup_first: bool = False

@@ -28,10 +28,13 @@ included as T = 1) and the drafter's cost per token:
     E(k) = (1 - alpha^(k+1)) / (1 - alpha)        tokens a step yields (accepted drafts + 1)
     rate(k) = E(k) / (a + b (k + 1) + k c_draft)   against plain decoding's 1 / (a + b)
 
-and when no k beats plain decoding it decodes plainly for spec_probe_interval tokens, then probes
-again. Without adaptation k stays spec_k. Either way, when the acceptance over the last 64 proposed
-tokens (measured from 16 on) is below spec_disable_below_accept, the next spec_probe_interval tokens
-are decoded plainly, then drafting resumes with a fresh window."""
+and when no k beats plain decoding it decodes plainly for spec_probe_interval tokens (doubling while
+probes fail), then probes again at k = 2 -- unless the last step itself yielded its tokens faster than
+plain decoding would have: the averages lag behind drafts that have just started to hit (output that
+fell into a loop, a passage being copied), so it probes on. Without adaptation k stays spec_k.
+Either way, when the acceptance over the last 64 proposed tokens (measured from 16 on) is below
+spec_disable_below_accept, the next spec_probe_interval tokens are decoded plainly, then drafting
+resumes with a fresh window."""
 
 from __future__ import annotations
 
@@ -225,6 +228,10 @@ class KPolicy:
     def has_plain_cost(self) -> bool:
         return any(rows == 1 for rows, _ in self.passes)
 
+    def plain_seconds(self) -> float:
+        """The median recent one-row pass: what a plainly decoded token costs."""
+        return float(np.median([t for rows, t in self.passes if rows == 1]))
+
     def observe_step(self, proposed: int, accepted: int, draft_seconds: float, timed: int) -> None:
         """draft_seconds: the drafting time of the step's last `timed` drafts (a prefill excluded)."""
         rate = accepted / proposed
@@ -289,6 +296,7 @@ class SpeculativeGenerator(Generator):
         self.policy = KPolicy(self.spec)
         self._backoff = self.spec.probe_interval   # plain tokens before the next probe (doubles while probes fail)
         self._probe = False
+        self._paid = False   # whether the last speculative step yielded tokens faster than plain decoding
         self._window: collections.deque = collections.deque()   # (proposed, accepted) of recent steps
         self._plain_left = 0                                      # tokens to decode plainly (fallback)
         self.proposed_total = 0
@@ -329,7 +337,11 @@ class SpeculativeGenerator(Generator):
                 self.k = min(KPolicy.PROBE_K, k_limit)
             else:
                 self.k = self.policy.choose(k_limit)
-                if self.k == 0:   # no k beats plain decoding: decode plainly, then probe; back off while it fails
+                if self.k == 0 and self._paid:
+                    # the averages lag, but the last step yielded tokens faster than plain decoding
+                    # (drafts that just started to hit, e.g. the output caught in a loop): probe on
+                    self.k = min(KPolicy.PROBE_K, k_limit)
+                elif self.k == 0:   # no k beats plain decoding: decode plainly, then probe; back off while it fails
                     self._plain_left, self._probe = self._backoff, True
                     self._backoff = min(2 * self._backoff, 1024)
                     return self._plain_step(run)
@@ -368,7 +380,8 @@ class SpeculativeGenerator(Generator):
         t0 = time.perf_counter()
         rows = self.model.eval_batch([seq.cache], [np.concatenate([seq.history.view(L - 1), np.asarray(tokens, np.int32)])],
                                      logits="all", adapters=[seq.adapter_slot], decode_exact=True).logits   # [m + 1, vocab]
-        self.policy.observe_pass(m + 1, time.perf_counter() - t0)
+        pass_seconds = time.perf_counter() - t0
+        self.policy.observe_pass(m + 1, pass_seconds)
         # the histories rows i see: the context plus the first i drafts (the penalties' input)
         context = np.concatenate([seq.history.view(), np.asarray(tokens, np.int32)])
         greedy = run.config.sampling.temperature == 0
@@ -405,7 +418,10 @@ class SpeculativeGenerator(Generator):
             events += run.push(next_token, rows[n])
         seq.logits = None
         seq.cache.truncate(min(seq.cache.n_past, len(seq.history) - 1))
+        yielded = n + (next_token is not None)
         self._account(stats, m, n, draft, draft_seconds)
+        self._paid = self.policy.has_plain_cost() and (
+            yielded * self.policy.plain_seconds() > pass_seconds + draft_seconds - draft.catch_up_seconds)
         return events
 
     def _account(self, stats: SpeculativeStats, proposed: int, accepted: int, draft: Draft, draft_seconds: float) -> None:

@@ -3,8 +3,10 @@ peers' own speculative modes, side by side in one run, greedy, on the same promp
 never a test). Three scenarios:
 
 1. input-grounded prompts (repeat, rewrite, extract from, continue a 400-800 token passage of real
-   text or code): tokenmill prompt lookup vs plain; llama-cpp-python's LlamaPromptLookupDecoding vs
-   its plain decoding; transformers' prompt_lookup_num_tokens vs its plain generate;
+   text or code): tokenmill prompt lookup vs plain (and, as engine tokenmill-int8, with int8 decode:
+   llama.cpp's precision, where a verification row costs a third of an exact one); llama-cpp-python's
+   LlamaPromptLookupDecoding vs its plain decoding; transformers' prompt_lookup_num_tokens vs its
+   plain generate;
 2. the default model converted to f16 as target, drafted for by its q4_0 and q8_0 copies and by the
    file's own weights, on open-ended chat prompts;
 3. open-ended prompts where lookup finds little: the fallback must keep plain speed.
@@ -157,11 +159,14 @@ def run(path: Optional[Path] = None, threads: int = 2, new_tokens: int = 128, re
                 peers["transformers"] = _TransformersLookup(path, threads)
             except ImportError as exc:
                 log(f"skipping transformers: {exc}")
-        bench = _PlainAndSpec(target, "lookup", new_tokens, lookup_kw)
+        benches = {"tokenmill": _PlainAndSpec(target, "lookup", new_tokens, lookup_kw)}
+        if "tokenmill-int8" in engines:
+            int8 = load(path, n_threads=threads, int8_decode=True)
+            benches["tokenmill-int8"] = _PlainAndSpec(int8, "lookup", new_tokens, lookup_kw)
         for name, message in grounded_prompts():
             ids = target.chat_prompt([{"role": "user", "content": message}])
-            rows += _compare("grounded", name, ids, bench, peers, new_tokens, repeats)
-            log(_table(rows[-1 - len(peers):]))
+            rows += _compare("grounded", name, ids, benches, peers, new_tokens, repeats)
+            log(_table(rows[-len(benches) - len(peers):]))
     if "self-draft" in scenarios:
         f16 = load(path, n_threads=threads, weights="f16")
         # q4_0 requantizes the file's Q4_1 weights (on SmolLM2 its greedy token agrees with the f16
@@ -172,29 +177,33 @@ def run(path: Optional[Path] = None, threads: int = 2, new_tokens: int = 128, re
             bench = _PlainAndSpec(f16, draft, new_tokens, dict(spec_k=4, spec_k_adaptive=True, spec_k_max=8))
             for name, message in OPEN_PROMPTS:
                 ids = f16.chat_prompt([{"role": "user", "content": message}])
-                rows += _compare(f"self-draft f16 <- {label}", name, ids, bench, {}, new_tokens, repeats)
+                rows += _compare(f"self-draft f16 <- {label}", name, ids, {"tokenmill": bench}, {}, new_tokens, repeats)
                 log(_table(rows[-1:]))
     if "open" in scenarios:
         bench = _PlainAndSpec(target, "lookup", new_tokens, lookup_kw)
         for name, message in OPEN_PROMPTS:
             ids = target.chat_prompt([{"role": "user", "content": message}])
-            rows += _compare("open (poor drafts)", name, ids, bench, {}, new_tokens, repeats)
+            rows += _compare("open (poor drafts)", name, ids, {"tokenmill": bench}, {}, new_tokens, repeats)
             log(_table(rows[-1:]))
     return rows
 
 
-def _compare(scenario, name, ids, bench: _PlainAndSpec, peers: dict, n: int, repeats: int) -> list[dict]:
-    plain_rates, spec_rates, peer_rates = [], [], {p: ([], []) for p in peers}
+def _compare(scenario, name, ids, benches: dict, peers: dict, n: int, repeats: int) -> list[dict]:
+    rates = {e: ([], []) for e in benches}
+    stats = {}
+    peer_rates = {p: ([], []) for p in peers}
     for _ in range(repeats):   # engines alternate within each repeat
-        plain_out, plain_rate = bench.plain(ids)
-        spec_out, spec_rate, stats = bench.spec(ids)
-        assert spec_out == plain_out, f"{scenario}/{name}: speculative output differs from greedy"
-        plain_rates.append(plain_rate)
-        spec_rates.append(spec_rate)
+        for engine, bench in benches.items():
+            plain_out, plain_rate = bench.plain(ids)
+            spec_out, spec_rate, stats[engine] = bench.spec(ids)
+            assert spec_out == plain_out, f"{scenario}/{name}/{engine}: speculative output differs from greedy"
+            rates[engine][0].append(plain_rate)
+            rates[engine][1].append(spec_rate)
         for p, runner in peers.items():
             peer_rates[p][0].append(runner.rate(ids, n, lookup=False))
             peer_rates[p][1].append(runner.rate(ids, n, lookup=True))
-    rows = [_row(scenario, name, "tokenmill", _median_rate(plain_rates), _median_rate(spec_rates), stats, True)]
+    rows = [_row(scenario, name, e, _median_rate(plain), _median_rate(spec), stats[e], True)
+            for e, (plain, spec) in rates.items()]
     for p, (plain, lookup) in peer_rates.items():
         rows.append(_row(scenario, name, p, _median_rate(plain), _median_rate(lookup)))
     return rows
