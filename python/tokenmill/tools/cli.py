@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--peers", action="store_true",
                    help="compare with llama.cpp (llama-cpp-python) and transformers on the same GGUF")
     b.add_argument("--engines", default=None,
-                   help=f"peers to run (default {PEER_ENGINES}; with --serve {SERVE_ENGINES})")
+                   help=f"peers to run (default {PEER_ENGINES}; with --serve {SERVE_ENGINES}; with --speculative "
+                        "tokenmill-int8 adds prompt lookup with int8 decode)")
     b.add_argument("--types", default="", help="also benchmark requantized copies, e.g. q8_0,f16")
     b.add_argument("--depth", default="0", help="context depths for --peers, e.g. 0,2048")
     b.add_argument("--cache-kind", dest="cache_kind", default="fp32",
