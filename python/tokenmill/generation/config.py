@@ -292,7 +292,8 @@ class SpeculativeOptions:
     renormalised: the output distribution is the target's own); spec_extra_token draws one more
     token from the target when all drafts are accepted; below spec_disable_below_accept measured
     acceptance (over the last 64 proposals, from 16 on) it decodes plainly for spec_probe_interval
-    tokens, then tries again. Prompt lookup matches the latest lookup_ngram_max .. lookup_ngram_min
+    tokens, then tries again (None: 32 with prompt lookup, 128 with a draft model, whose probe first
+    prefills the tokens decoded meanwhile). Prompt lookup matches the latest lookup_ngram_max .. lookup_ngram_min
     tokens (longest first) against the context; with a draft model and spec_lookup_first, lookup is
     tried first and the model drafts where it finds nothing."""
 
@@ -303,7 +304,7 @@ class SpeculativeOptions:
     method: str = "reject_sampling"
     extra_token: bool = True
     disable_below_accept: float = 0.0
-    probe_interval: int = 32
+    probe_interval: Optional[int] = None
     lookup_ngram_min: int = 2
     lookup_ngram_max: int = 4
     lookup_first: bool = False
@@ -317,7 +318,8 @@ class SpeculativeOptions:
         if self.method not in SPEC_METHODS:
             raise InvalidArgumentError(f"spec_method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}")
         _number("spec_disable_below_accept", self.disable_below_accept, lo=0.0, hi=1.0)
-        _integer("spec_probe_interval", self.probe_interval, 1, 2**20)
+        if self.probe_interval is not None:
+            _integer("spec_probe_interval", self.probe_interval, 1, 2**20)
         _integer("lookup_ngram_min", self.lookup_ngram_min, 1, 64)
         _integer("lookup_ngram_max", self.lookup_ngram_max, self.lookup_ngram_min, 64)
         _flag("spec_lookup_first", self.lookup_first)
