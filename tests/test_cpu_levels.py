@@ -174,6 +174,17 @@ def test_level_gelu_erf_against_float64(level):
     assert np.all(np.abs(got - want) <= 1e-6 + 2e-7 * np.abs(x))   # absolute error of erf times |x| / 2
 
 
+@pytest.mark.parametrize("level", LEVELS, indirect=True)
+def test_level_gelu_tanh_against_float64(level):
+    rng = np.random.default_rng(4)
+    x = np.concatenate([np.linspace(-12, 12, 4001), rng.standard_normal(997) * 4, [-1e4, 1e4, 0.0]]).astype(np.float32)
+    up = rng.standard_normal(x.size).astype(np.float32)
+    want = torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float64)), approximate="tanh").numpy()
+    got = _testing.gelu_tanh_active(x)
+    assert np.all(np.abs(got - want) <= 1e-6 + 1e-6 * np.abs(want)), np.abs(got - want).max()
+    np.testing.assert_allclose(_testing.gelu_tanh_active(x, up), want * up, rtol=2e-6, atol=1e-6)
+
+
 def test_unknown_or_missing_level_is_an_error():
     with pytest.raises(tokenmill.InvalidArgumentError, match="unknown CPU level"):
         _core.set_cpu_level("sse9")

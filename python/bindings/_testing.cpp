@@ -191,6 +191,20 @@ PYBIND11_MODULE(_testing, mod) {
         return out;
     }, py::arg("x"), "The exact GELU by the active CPU level's kernel.");
 
+    mod.def("gelu_tanh_active", [](py::handle x_obj, py::handle up_obj) {
+        FloatArray x = float_array(x_obj, "x", 1, false);
+        std::optional<FloatArray> up;
+        if (!up_obj.is_none()) {
+            up = float_array(up_obj, "up", 1, false);
+            if (up->size() != x.size()) fail(ErrorKind::invalid_arg, "up must have x's size");
+        }
+        FloatArray out(static_cast<int64_t>(x.size()));
+        std::copy(x.data(), x.data() + x.size(), out.mutable_data());
+        cpu::LevelPin pin;
+        cpu::kernels().gelu_tanh(out.mutable_data(), up ? up->data() : nullptr, static_cast<int64_t>(x.size()));
+        return out;
+    }, py::arg("x"), py::arg("up") = py::none(), "The tanh GELU (times up: GeGLU) by the active CPU level's kernel.");
+
     mod.def("dot_row", [](py::handle type, py::bytes data, py::handle x_obj, bool prepared) {
         std::string_view view = data;
         FloatArray x = float_array(x_obj, "x", 1, false);

@@ -171,23 +171,13 @@ public:
     }
 
     void gelu(float* x, int64_t n) override {
-        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
-        for_elements(n, [&](int64_t i0, int64_t i1) {
-            for (int64_t i = i0; i < i1; ++i) {
-                float v = x[i];
-                x[i] = 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
-            }
-        });
+        const cpu::Kernels& kern = cpu::kernels();
+        for_elements(n, [&](int64_t i0, int64_t i1) { kern.gelu_tanh(x + i0, nullptr, i1 - i0); });
     }
 
     void geglu(float* gate, const float* up, int64_t n) override {
-        const float k = 0.7978845608028654f;  // sqrt(2 / pi)
-        for_elements(n, [&](int64_t i0, int64_t i1) {
-            for (int64_t i = i0; i < i1; ++i) {
-                const float v = gate[i];
-                gate[i] = 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v))) * up[i];
-            }
-        });
+        const cpu::Kernels& kern = cpu::kernels();
+        for_elements(n, [&](int64_t i0, int64_t i1) { kern.gelu_tanh(gate + i0, up + i0, i1 - i0); });
     }
 
     void scale(float* x, float s, int64_t n) override {

@@ -80,6 +80,14 @@ void gelu_erf_scalar(float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.7071067811865476f));
 }
 
+void gelu_tanh_scalar(float* x, const float* up, int64_t n) {
+    const float k = 0.7978845608028654f;   // sqrt(2 / pi)
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = x[i];
+        x[i] = 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v))) * (up ? up[i] : 1.0f);
+    }
+}
+
 void dot_f32_tile_scalar(const float* w, int64_t w_stride, const float* const* xs, int64_t n, float* out) {
     for (int t = 0; t < 2; ++t)
         for (int r = 0; r < 4; ++r) out[t * 4 + r] = dot_f32_scalar(w + r * w_stride, xs[t], n);
@@ -111,7 +119,7 @@ void dot_rows_tokens_scalar(DType t, const void* const* rows, int n_rows, const 
 const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
                       exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dot_rows_tokens_scalar,
                       dequantize_row, nullptr,
-                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf_scalar,
+                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf_scalar, gelu_tanh_scalar,
                       rows_dot_f16_scalar, rows_axpy_f16_scalar, nullptr, nullptr, nullptr, scores_block_scalar, nullptr, nullptr};
 
 #if defined(__x86_64__) || defined(__i386__)

@@ -94,6 +94,10 @@ struct Kernels {
     // x[i] = 0.5 x (1 + erf(x / sqrt 2)), the exact GELU (std::erf in scalar code; the vector levels
     // evaluate erfc by Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7 on erf)
     void (*gelu_erf)(float* x, int64_t n);
+    // x[i] = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), the tanh GELU, times up[i] where up is
+    // not null (GeGLU). The vector levels take it as x / (1 + exp(-2 u)) -- the same function, with
+    // no cancellation for negative x -- through their exp.
+    void (*gelu_tanh)(float* x, const float* up, int64_t n);
     // rows_dot_f32 and rows_axpy_f32 for fp16 rows (LoRA pairs whose values fp16 holds exactly):
     // each element widened in the loop, so the rows are read at half the bytes
     void (*rows_dot_f16)(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out);

@@ -194,6 +194,26 @@ void gelu_erf(float* x, int64_t n) {
     }
 }
 
+// 0.5 x (1 + tanh u) = x / (1 + exp(-2 u)), u = sqrt(2 / pi) (x + 0.044715 x^3)
+inline __m256 gelu_tanh_ps(__m256 x) {
+    const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    const __m256 minus_2u = _mm256_mul_ps(_mm256_fmadd_ps(x3, _mm256_set1_ps(0.044715f), x), _mm256_set1_ps(-1.5957691216057308f));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(minus_2u)));
+}
+
+void gelu_tanh(float* x, const float* up, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = gelu_tanh_ps(_mm256_loadu_ps(x + i));
+        if (up) g = _mm256_mul_ps(g, _mm256_loadu_ps(up + i));
+        _mm256_storeu_ps(x + i, g);
+    }
+    for (; i < n; ++i) {   // the last few through the same formula, one lane at a time
+        float tail[8] = {x[i]};
+        x[i] = _mm256_cvtss_f32(gelu_tanh_ps(_mm256_loadu_ps(tail))) * (up ? up[i] : 1.0f);
+    }
+}
+
 void swiglu(float* gate, const float* up, int64_t n) {
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     int64_t i = 0;
@@ -1016,7 +1036,7 @@ void scores_block(const float* q, int nq, int64_t hd, const float* kt, int64_t k
 const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, exp_sum, swiglu, kTileRows, kTileTokens, dot_f32_tile, dot_row,
                     dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4, prepare_x8, dot_packed8, nullptr, dequantize_packed8, repack16, dot_tile16, nullptr,
-                    dot_packed8_tokens, gelu_erf,
+                    dot_packed8_tokens, gelu_erf, gelu_tanh,
                     rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k, nullptr, scores_block, nullptr, nullptr};
 
 }  // namespace

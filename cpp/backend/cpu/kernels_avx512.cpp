@@ -195,6 +195,22 @@ void gelu_erf(float* x, int64_t n) {
     }
 }
 
+// 0.5 x (1 + tanh u) = x / (1 + exp(-2 u)), u = sqrt(2 / pi) (x + 0.044715 x^3)
+inline __m512 gelu_tanh_ps(__m512 x) {
+    const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+    const __m512 minus_2u = _mm512_mul_ps(_mm512_fmadd_ps(x3, _mm512_set1_ps(0.044715f), x), _mm512_set1_ps(-1.5957691216057308f));
+    return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(minus_2u)));
+}
+
+void gelu_tanh(float* x, const float* up, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - i);
+        __m512 g = gelu_tanh_ps(_mm512_maskz_loadu_ps(m, x + i));
+        if (up) g = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, up + i));
+        _mm512_mask_storeu_ps(x + i, m, g);
+    }
+}
+
 void swiglu(float* gate, const float* up, int64_t n) {
     const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
@@ -1170,7 +1186,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
-                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
+                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, gelu_tanh, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
                       dot_q8_0_int8, scores_block, nullptr, nullptr};
 
 }  // namespace
