@@ -150,10 +150,11 @@ def test_chat_template_errors_are_typed(smollm):
         render_chat("{% for %}", [{"role": "user", "content": "x"}])
 
 
-@pytest.mark.parametrize("pre", ["deepseek-llm", "deepseek-coder", "falcon"])
-def test_multi_rule_pre_tokenizers_match_llama_cpp(tmp_path, default_gguf, pre):
+@pytest.mark.parametrize("pre", ["deepseek-llm", "deepseek-coder", "falcon", "llama-bpe", "qwen2", "gpt-2", "smollm"])
+def test_pre_tokenizers_match_llama_cpp(tmp_path, default_gguf, pre):
     """The ids llama.cpp gives (recorded from llama-cpp-python, tests/data) for the default vocabulary
-    under these pre-tokenizers, which transformers' GGUF reader does not know."""
+    under each pre-tokenizer: the multi-rule ones, which transformers' GGUF reader does not know, and
+    the single-regex ones that test_gguf_tokenizer_kinds_match_transformers checks against it."""
     recorded = json.loads((Path(__file__).parent / "data" / "llama_cpp_pre_tokenizer_ids.json").read_text(encoding="utf-8"))
     path = tmp_path / f"{pre}.gguf"
     _copy_tokenizer_gguf(default_gguf, path, "llama", {"tokenizer.ggml.pre": pre})
