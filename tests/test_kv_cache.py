@@ -142,6 +142,25 @@ def test_attention_reads_stored_kinds_like_dequantize_then_attend(level, k_kind,
     assert np.abs(got - ref).max() < 2e-5
 
 
+@pytest.mark.parametrize("level", _core.cpu_levels())
+@pytest.mark.parametrize("kind", ["fp32", "fp16"])
+@pytest.mark.parametrize("n_heads,n_kv_heads,hd", [(14, 2, 64), (8, 1, 80), (10, 2, 72), (4, 4, 128), (16, 2, 24)])
+def test_decode_attention_over_query_groups_of_any_size(level, kind, n_heads, n_kv_heads, hd):
+    """Decode rows read each K and V row once for their whole GQA group (four query heads per pass
+    at the AVX-512 level): groups of 7, 8, 5, 1 and 8 heads, and head sizes that are not multiples of
+    64 or 16, against float64."""
+    T, N = 3, 260
+    q, k, v = _qkv(T, N, n_heads, n_kv_heads, hd, seed=7)
+    before = _core.cpu_level()
+    _core.set_cpu_level(level)
+    try:
+        got = _testing.attention(q, k, v, n_heads, n_kv_heads, kind, kind, n_threads=2)
+    finally:
+        _core.set_cpu_level(before)
+    ref = _reference_attention(q, ROUND_TRIP[kind](k), ROUND_TRIP[kind](v), n_heads, n_kv_heads, 0)
+    assert np.abs(got - ref).max() < 2e-5
+
+
 @pytest.mark.parametrize("ring", [1, 3, 16, 64])
 def test_fp16_ring_serves_the_newest_positions(ring):
     """Every position is quantized into the main store; the newest `ring` are read from fp16

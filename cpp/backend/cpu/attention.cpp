@@ -253,10 +253,15 @@ void attention(ThreadPool& pool, AttentionBuffers& buf, RowsMode mode, float* ou
             for (int64_t j = part.j0, m; j < part.j1; j += m) {
                 m = tile_rows(kv.k, kv.k_ring, j, part.j1, ring_from);
                 const TileRows rows = load_rows(kern, kv.k, kv.k_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
+                float* sj = scores + (j - part.j0);
+                if (kern.group_dot_f32) {
+                    if (rows.f16) kern.group_dot_f16(rows.f16, m, hd, qs, static_cast<int>(group), sj, n);
+                    else kern.group_dot_f32(rows.f32, m, hd, qs, static_cast<int>(group), sj, n);
+                    continue;
+                }
                 for (int64_t g = 0; g < group; ++g) {
-                    float* sg = scores + g * n + (j - part.j0);
-                    if (rows.f16) kern.rows_dot_f16(rows.f16, m, hd, qs + g * hd, sg);
-                    else kern.rows_dot_f32(rows.f32, m, hd, qs + g * hd, sg);
+                    if (rows.f16) kern.rows_dot_f16(rows.f16, m, hd, qs + g * hd, sj + g * n);
+                    else kern.rows_dot_f32(rows.f32, m, hd, qs + g * hd, sj + g * n);
                 }
             }
             // p[g, j] = exp(scores - max): softmax numerators and their sums
@@ -270,10 +275,15 @@ void attention(ThreadPool& pool, AttentionBuffers& buf, RowsMode mode, float* ou
             for (int64_t j = part.j0, m; j < part.j1; j += m) {
                 m = tile_rows(kv.v, kv.v_ring, j, part.j1, ring_from);
                 const TileRows rows = load_rows(kern, kv.v, kv.v_ring, part.kvh, j, j + m, ring_from, hd, tile_buf);
+                const float* pj = scores + (j - part.j0);
+                if (kern.group_axpy_f32) {
+                    if (rows.f16) kern.group_axpy_f16(acc, rows.f16, m, hd, hd, pj, static_cast<int>(group), n);
+                    else kern.group_axpy_f32(acc, rows.f32, m, hd, hd, pj, static_cast<int>(group), n);
+                    continue;
+                }
                 for (int64_t g = 0; g < group; ++g) {
-                    const float* pg = scores + g * n + (j - part.j0);
-                    if (rows.f16) kern.rows_axpy_f16(acc + g * hd, rows.f16, m, hd, hd, pg);
-                    else kern.rows_axpy_f32(acc + g * hd, rows.f32, m, hd, hd, pg);
+                    if (rows.f16) kern.rows_axpy_f16(acc + g * hd, rows.f16, m, hd, hd, pj + g * n);
+                    else kern.rows_axpy_f32(acc + g * hd, rows.f32, m, hd, hd, pj + g * n);
                 }
             }
             for (int64_t g = 0; g < group; ++g) {

@@ -98,6 +98,18 @@ struct Kernels {
     // not null (GeGLU). The vector levels take it as x / (1 + exp(-2 u)) -- the same function, with
     // no cancellation for negative x -- through their exp.
     void (*gelu_tanh)(float* x, const float* up, int64_t n);
+    // Decode attention over a GQA group: s[g * s_stride + j] = q_g . rows[j] for ng query vectors
+    // (q [ng, d]) against n_rows K rows, and y_g += sum_j w[g * w_stride + j] rows[j] (y [ng, d],
+    // stride d) over V rows; each row is loaded once for the whole group, and every (row, query)
+    // value has the bits rows_dot / rows_axpy give it. Null where a level has none (attention then
+    // calls those per query).
+    void (*group_dot_f32)(const float* rows, int64_t n_rows, int64_t d, const float* q, int ng, float* s, int64_t s_stride);
+    void (*group_dot_f16)(const uint16_t* rows, int64_t n_rows, int64_t d, const float* q, int ng, float* s,
+                          int64_t s_stride);
+    void (*group_axpy_f32)(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w,
+                           int ng, int64_t w_stride);
+    void (*group_axpy_f16)(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w,
+                           int ng, int64_t w_stride);
     // rows_dot_f32 and rows_axpy_f32 for fp16 rows (LoRA pairs whose values fp16 holds exactly):
     // each element widened in the loop, so the rows are read at half the bytes
     void (*rows_dot_f16)(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out);

@@ -141,6 +141,113 @@ void rows_axpy_f16(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, in
     rows_axpy(y, rows, n_rows, d, stride, w);
 }
 
+// rows_dot for up to four queries at once (NG): each loaded row chunk feeds every query, and each
+// (row, query) sum is built exactly as rows_dot builds it.
+template <typename E, int NG>
+void group_dot_n(const E* rows, int64_t n_rows, int64_t d, const float* q, float* s, int64_t s_stride) {
+    for (int64_t j = 0; j < n_rows; j += 4) {
+        const E* r[4];
+        for (int k = 0; k < 4; ++k) r[k] = rows + std::min(j + k, n_rows - 1) * d;
+        __m512 acc[NG][4];
+        for (int g = 0; g < NG; ++g)
+            for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < d; i += 16) {
+            const __mmask16 m = d - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - i);
+            __m512 rv[4];
+            for (int k = 0; k < 4; ++k) {
+                _mm_prefetch(reinterpret_cast<const char*>(r[k] + i) + kDecodePrefetchBytes, _MM_HINT_T0);
+                rv[k] = load16(r[k] + i, m);
+            }
+            for (int g = 0; g < NG; ++g) {
+                const __m512 qv = _mm512_maskz_loadu_ps(m, q + g * d + i);
+                for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_fmadd_ps(rv[k], qv, acc[g][k]);
+            }
+        }
+        for (int g = 0; g < NG; ++g) {
+            alignas(16) float sums[4];
+            _mm_store_ps(sums, reduce4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]));
+            for (int k = 0; k < 4 && j + k < n_rows; ++k) s[g * s_stride + j + k] = sums[k];
+        }
+    }
+}
+
+template <typename E>
+void group_dot(const E* rows, int64_t n_rows, int64_t d, const float* q, int ng, float* s, int64_t s_stride) {
+    for (int g = 0; g < ng; g += 4) {
+        const float* qg = q + g * d;
+        float* sg = s + g * s_stride;
+        switch (std::min(4, ng - g)) {
+            case 4: group_dot_n<E, 4>(rows, n_rows, d, qg, sg, s_stride); break;
+            case 3: group_dot_n<E, 3>(rows, n_rows, d, qg, sg, s_stride); break;
+            case 2: group_dot_n<E, 2>(rows, n_rows, d, qg, sg, s_stride); break;
+            default: group_dot_n<E, 1>(rows, n_rows, d, qg, sg, s_stride);
+        }
+    }
+}
+void group_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* q, int ng, float* s, int64_t s_stride) {
+    group_dot(rows, n_rows, d, q, ng, s, s_stride);
+}
+void group_dot_f16(const uint16_t* rows, int64_t n_rows, int64_t d, const float* q, int ng, float* s, int64_t s_stride) {
+    group_dot(rows, n_rows, d, q, ng, s, s_stride);
+}
+
+// rows_axpy for up to four outputs at once (NG; y [NG, d], weights w[g * w_stride + j]): each
+// loaded row chunk feeds every output, and each output column adds the rows as rows_axpy does.
+template <typename E, int NG>
+void group_axpy_n(float* y, const E* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w, int64_t w_stride) {
+    int64_t c = 0;
+    for (; c + 64 <= d; c += 64) {
+        __m512 acc[NG][4];
+        for (int g = 0; g < NG; ++g)
+            for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_loadu_ps(y + g * d + c + 16 * k);
+        for (int64_t j = 0; j < n_rows; ++j) {
+            const E* r = rows + j * stride + c;
+            for (int line = 0; line < 64 * static_cast<int>(sizeof(E)); line += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(r + kRowsAxpyPrefetchColumns) + line, _MM_HINT_T0);
+            __m512 rv[4];
+            for (int k = 0; k < 4; ++k) rv[k] = load16(r + 16 * k);
+            for (int g = 0; g < NG; ++g) {
+                const __m512 wj = _mm512_set1_ps(w[g * w_stride + j]);
+                for (int k = 0; k < 4; ++k) acc[g][k] = _mm512_fmadd_ps(wj, rv[k], acc[g][k]);
+            }
+        }
+        for (int g = 0; g < NG; ++g)
+            for (int k = 0; k < 4; ++k) _mm512_storeu_ps(y + g * d + c + 16 * k, acc[g][k]);
+    }
+    for (; c < d; c += 16) {
+        const __mmask16 m = d - c >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - c);
+        __m512 acc[NG];
+        for (int g = 0; g < NG; ++g) acc[g] = _mm512_maskz_loadu_ps(m, y + g * d + c);
+        for (int64_t j = 0; j < n_rows; ++j) {
+            const __m512 rv = load16(rows + j * stride + c, m);
+            for (int g = 0; g < NG; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[g * w_stride + j]), rv, acc[g]);
+        }
+        for (int g = 0; g < NG; ++g) _mm512_mask_storeu_ps(y + g * d + c, m, acc[g]);
+    }
+}
+
+template <typename E>
+void group_axpy(float* y, const E* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w, int ng, int64_t w_stride) {
+    for (int g = 0; g < ng; g += 4) {
+        float* yg = y + g * d;
+        const float* wg = w + g * w_stride;
+        switch (std::min(4, ng - g)) {
+            case 4: group_axpy_n<E, 4>(yg, rows, n_rows, d, stride, wg, w_stride); break;
+            case 3: group_axpy_n<E, 3>(yg, rows, n_rows, d, stride, wg, w_stride); break;
+            case 2: group_axpy_n<E, 2>(yg, rows, n_rows, d, stride, wg, w_stride); break;
+            default: group_axpy_n<E, 1>(yg, rows, n_rows, d, stride, wg, w_stride);
+        }
+    }
+}
+void group_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w, int ng,
+                    int64_t w_stride) {
+    group_axpy(y, rows, n_rows, d, stride, w, ng, w_stride);
+}
+void group_axpy_f16(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w, int ng,
+                    int64_t w_stride) {
+    group_axpy(y, rows, n_rows, d, stride, w, ng, w_stride);
+}
+
 // exp(x) = 2^k * exp(r) with k = round(x / ln 2) and r = x - k ln 2 (ln 2 in two parts so r is
 // exact); exp(r) by its degree-6 Taylor polynomial (relative error below 2e-7); VSCALEFPS applies
 // 2^k without building the exponent bits by hand.
@@ -1186,7 +1293,8 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       exp_sum,       swiglu,      kTileRows, kTileTokens, dot_f32_tile, dot_row, dot_rows_tokens, dequantize,
                       prepare_x, dot_row_prepared,
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
-                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, gelu_tanh, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
+                      dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, gelu_tanh, group_dot_f32, group_dot_f16, group_axpy_f32,
+                      group_axpy_f16, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
                       dot_q8_0_int8, scores_block, nullptr, nullptr};
 
 }  // namespace
