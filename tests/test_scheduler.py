@@ -102,6 +102,32 @@ def test_prefix_cache_reuses_a_prompt_and_n_shares_it(smollm):
         s.close()
 
 
+def test_a_prefix_that_ends_inside_a_block_is_reused_to_its_last_token(smollm):
+    """Two prompts that share 37 tokens (two whole blocks of 16 and 5 tokens of the third): the
+    second adopts the first's third block for those 5 positions (copied before it writes its own
+    tokens there) and computes only the rest, with the output of a cold run."""
+    head = smollm.tokenize(SYSTEM)[:37]
+    first = head + smollm.tokenize(" Tell me about owls: their habits, what they eat and where they spend the winter.")
+    second = head + smollm.tokenize(" What do cats eat?")
+    assert len(first) >= 48 and first[37] != second[37]   # the first fills its third block; they part at 37
+    sched = Scheduler(smollm, kv_budget_mb=64, block_size=16)
+    a = sched.submit(first, GREEDY)[0]
+    sched.run_until_done()
+    rows_before = sched.stats["prompt_rows"]
+    b = sched.submit(second, GREEDY)[0]
+    sched.run_until_done()
+    assert sched.stats["prefix_tokens"] == 37
+    assert sched.stats["prompt_rows"] - rows_before == len(second) - 37
+    cold = Scheduler(smollm, kv_budget_mb=64, prefix_cache=False)
+    reference = [cold.submit(p, GREEDY)[0] for p in (first, second)]
+    cold.run_until_done()
+    assert [a.wait().token_ids, b.wait().token_ids] == [r.wait().token_ids for r in reference]
+    assert a.wait().token_ids != b.wait().token_ids   # the prompts did go on differently
+    sched.close()
+    cold.close()
+    assert sched.pool.free_blocks == sched.pool.n_blocks - len(sched.prefix.entries)
+
+
 def test_requests_arriving_together_share_the_prompt_prefix_in_flight(smollm):
     prompts = _prompts(smollm, 12)
     sched = Scheduler(smollm, kv_budget_mb=128, max_batch_tokens=64)   # the first prompt takes several chunks

@@ -9,8 +9,10 @@ Memory is one `KVPool` of `kv_budget_mb` in blocks of `block_size` positions. A 
 only when the pool can hold everything it may still need (prompt + max_new_tokens, beyond what it
 shares), so a running sequence never meets a full pool: requests wait instead, and nothing is ever
 preempted or recomputed. Prefix caching: full blocks of finished prompts stay in the pool, keyed by
-their tokens, and a request whose prompt starts with them adopts them instead of recomputing them
-(least recently used ones are evicted when blocks run short); `n` completions of one prompt share it.
+their tokens, and a request whose prompt starts with them adopts them instead of recomputing them --
+and the positions it shares of one more cached block (copied before it writes there), so a system
+prompt is reused to its last token, not to its last whole block (least recently used blocks are
+evicted when blocks run short); `n` completions of one prompt share it.
 A request whose prompt shares whole blocks with a prompt still being computed waits for it (usually
 one step) rather than computing the same blocks beside it.
 
@@ -171,27 +173,46 @@ class _Slot:
 class _PrefixCache:
     """Full prompt blocks kept in the pool after their sequence is done, keyed by the adapter slot
     that computed them and the tokens of the whole prefix up to them. Each entry holds one
-    reference to its block."""
+    reference to its block. A prompt reuses the longest run of whole blocks, then the first tokens
+    of one more cached block that follows the same run (a prompt that went on differently, e.g. the
+    same system prompt before another user turn): its K/V at those positions are the same, and the
+    cache copies the block before writing into it."""
 
     def __init__(self, pool):
         self.pool = pool
         self.entries: collections.OrderedDict[bytes, int] = collections.OrderedDict()   # LRU first
+        self.children: dict[bytes, dict[bytes, np.ndarray]] = {}   # key of a run -> {key: tokens} of the blocks after it
+        self.run_of: dict[bytes, bytes] = {}                         # key -> the key of the run before its block
 
     @staticmethod
     def _keys(tokens: Seq[int], block_size: int, n_blocks: int, adapter: int) -> list[bytes]:
         arr = np.concatenate([[adapter], np.asarray(tokens[: n_blocks * block_size])]).astype(np.int32)
         return [arr[: 1 + (i + 1) * block_size].tobytes() for i in range(n_blocks)]
 
-    def lookup(self, tokens: Seq[int], block_size: int, adapter: int = -1) -> list[int]:
-        """Blocks of the longest cached prefix of tokens (whole blocks), most recently used now."""
+    def lookup(self, tokens: Seq[int], block_size: int, adapter: int = -1) -> tuple[list[int], int]:
+        """Blocks of the longest cached prefix of tokens and how many tokens of them it covers (the
+        last block may be covered in part), most recently used now."""
         blocks = []
+        run = np.asarray([adapter], np.int32).tobytes()
         for key in self._keys(tokens, block_size, len(tokens) // block_size, adapter):
             b = self.entries.get(key)
             if b is None:
                 break
             blocks.append(b)
             self.entries.move_to_end(key)
-        return blocks
+            run = key
+        n_tokens = len(blocks) * block_size
+        rest = np.asarray(tokens[n_tokens : n_tokens + block_size], np.int32)
+        best, best_key = 0, None
+        for key, block_tokens in self.children.get(run, {}).items():
+            same = block_tokens[: len(rest)] == rest
+            n_same = len(rest) if same.all() else int(np.argmin(same))
+            if n_same > best:
+                best, best_key = n_same, key
+        if best_key is not None:
+            blocks.append(self.entries[best_key])
+            self.entries.move_to_end(best_key)
+        return blocks, n_tokens + best
 
     def add(self, tokens: Seq[int], table: Seq[int], block_size: int, adapter: int = -1) -> None:
         n = min(len(tokens) // block_size, len(table))
@@ -199,6 +220,9 @@ class _PrefixCache:
             if key not in self.entries:
                 self.pool.retain(block)
                 self.entries[key] = block
+                run = key[: len(key) - 4 * block_size]
+                self.children.setdefault(run, {})[key] = np.frombuffer(key[len(run) :], np.int32)
+                self.run_of[key] = run
             self.entries.move_to_end(key)
 
     def evictable(self) -> int:
@@ -212,6 +236,10 @@ class _PrefixCache:
             block = self.entries[key]
             if self.pool.refcount(block) == 1:
                 del self.entries[key]
+                run = self.run_of.pop(key)
+                del self.children[run][key]
+                if not self.children[run]:
+                    del self.children[run]
                 self.pool.release(block)
                 n_blocks -= 1
 
@@ -219,6 +247,8 @@ class _PrefixCache:
         for block in self.entries.values():
             self.pool.release(block)
         self.entries.clear()
+        self.children.clear()
+        self.run_of.clear()
 
 
 class Scheduler:
@@ -441,12 +471,12 @@ class Scheduler:
                 shared = slot.leader.prompt_blocks
                 n_shared = slot.prompt_len
             else:
-                shared = self.prefix.lookup(req.prompt, bs, req.adapter_slot) if self.config.prefix_cache else []
-                if self.config.prefix_cache and self._prefix_in_flight(req, len(shared)):
+                shared, n_cached = self.prefix.lookup(req.prompt, bs, req.adapter_slot) if self.config.prefix_cache else ([], 0)
+                if self.config.prefix_cache and self._prefix_in_flight(req, n_cached // bs):
                     deferred.append(self._waiting.popleft())
                     self.stats["prefix_waits"] += 1
                     continue
-                n_shared = min(len(shared) * bs, len(req.prompt) - 1)
+                n_shared = min(n_cached, len(req.prompt) - 1)
                 shared = shared[: self._blocks_for(n_shared)]
             available = self.pool.free_blocks + self.prefix.evictable() - self._outstanding()
             if available < worst - len(shared):
