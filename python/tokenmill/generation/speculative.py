@@ -390,8 +390,6 @@ class SpeculativeGenerator(Generator):
         t0 = time.perf_counter()
         rows = self.model.eval_batch([seq.cache], [np.concatenate([seq.history.view(L - 1), np.asarray(tokens, np.int32)])],
                                      logits="all", adapters=[seq.adapter_slot], decode_exact=True).logits   # [m + 1, vocab]
-        pass_seconds = time.perf_counter() - t0
-        self.policy.observe_pass(m + 1, pass_seconds)
         # the histories rows i see: the context plus the first i drafts (the penalties' input)
         context = np.concatenate([seq.history.view(), np.asarray(tokens, np.int32)])
         greedy = run.config.sampling.temperature == 0
@@ -428,10 +426,14 @@ class SpeculativeGenerator(Generator):
             events += run.push(next_token, rows[n])
         seq.logits = None
         seq.cache.truncate(min(seq.cache.n_past, len(seq.history) - 1))
+        # the whole step, as a plain step is timed whole (its pass, sampling and events): timing the
+        # pass alone made steps of few drafts look cheaper than they are
+        step_seconds = time.perf_counter() - t0
+        self.policy.observe_pass(m + 1, step_seconds)
         yielded = n + (next_token is not None)
         self._account(stats, m, n, draft, draft_seconds)
         self._paid = n == m and self.policy.has_plain_cost() and (
-            yielded * self.policy.plain_seconds() > pass_seconds + draft_seconds - draft.catch_up_seconds)
+            yielded * self.policy.plain_seconds() > step_seconds + draft_seconds - draft.catch_up_seconds)
         return events
 
     def _account(self, stats: SpeculativeStats, proposed: int, accepted: int, draft: Draft, draft_seconds: float) -> None:
