@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import collections
+import itertools
 from typing import Sequence as Seq
 
 import numpy as np
+
+# Blocks after the matched run that a lookup compares with the prompt's next tokens, the most recently
+# added first: a system prompt followed by thousands of cached user turns must not make every
+# admission scan them all (a partial block saves at most block_size - 1 rows).
+MAX_PARTIAL_CANDIDATES = 64
 
 
 class PrefixCache:
@@ -42,7 +48,9 @@ class PrefixCache:
         n_tokens = len(blocks) * block_size
         rest = np.asarray(tokens[n_tokens : n_tokens + block_size], np.int32)
         best, best_key = 0, None
-        for key, block_tokens in self.children.get(run, {}).items():
+        candidates = self.children.get(run, {})
+        for key in itertools.islice(reversed(candidates), MAX_PARTIAL_CANDIDATES):
+            block_tokens = candidates[key]
             same = block_tokens[: len(rest)] == rest
             n_same = len(rest) if same.all() else int(np.argmin(same))
             if n_same > best:
