@@ -293,9 +293,9 @@ class SpeculativeOptions:
     token from the target when all drafts are accepted; below spec_disable_below_accept measured
     acceptance (over the last 64 proposals, from 16 on) it decodes plainly for spec_probe_interval
     tokens, then tries again (None: 32 with prompt lookup, 128 with a draft model, whose probe first
-    prefills the tokens decoded meanwhile). Prompt lookup matches the latest lookup_ngram_max .. lookup_ngram_min
-    tokens (longest first) against the context; with a draft model and spec_lookup_first, lookup is
-    tried first and the model drafts where it finds nothing."""
+    prefills the tokens decoded meanwhile). Prompt lookup matches the latest lookup_ngram_max ..
+    lookup_ngram_min tokens (longest first) against the context; with a draft model and
+    spec_lookup_first, lookup is tried first and the model drafts where it finds nothing."""
 
     k: int = 4
     k_adaptive: bool = False
