@@ -119,7 +119,8 @@ void dot_rows_tokens_scalar(DType t, const void* const* rows, int n_rows, const 
 const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scalar, rows_axpy_f32_scalar,
                       exp_sum_scalar, swiglu_scalar, 4, 2, dot_f32_tile_scalar, dot_row_scalar, dot_rows_tokens_scalar,
                       dequantize_row, nullptr,
-                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf_scalar, gelu_tanh_scalar, nullptr, nullptr, nullptr, nullptr,
+                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf_scalar,
+                      gelu_tanh_scalar, nullptr, nullptr, nullptr, nullptr,
                       rows_dot_f16_scalar, rows_axpy_f16_scalar, nullptr, nullptr, nullptr, scores_block_scalar, nullptr, nullptr};
 
 #if defined(__x86_64__) || defined(__i386__)

@@ -80,69 +80,16 @@ void dot_f32_tile(const float* w, int64_t w_stride, const float* const* xs, int6
             _mm_storeu_ps(out + kTileRows * t + r, reduce4(acc[t][r], acc[t][r + 1], acc[t][r + 2], acc[t][r + 3]));
 }
 
-// Four rows per pass share x's loads and one reduce4. A short last group repeats its last row, so
-// every row's sum has the same arithmetic wherever it falls (attention tiles differ by batch and by
-// cache layout; a row's score must not).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 
-template <typename E>
-void rows_dot(const E* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
-    for (int64_t j = 0; j < n_rows; j += 4) {
-        const E* r[4];
-        for (int k = 0; k < 4; ++k) r[k] = rows + std::min(j + k, n_rows - 1) * d;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t i = 0; i < d; i += 16) {
-            const __mmask16 m = d - i >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - i);
-            const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
-            for (int k = 0; k < 4; ++k) {
-                _mm_prefetch(reinterpret_cast<const char*>(r[k] + i) + kDecodePrefetchBytes, _MM_HINT_T0);
-                acc[k] = _mm512_fmadd_ps(load16(r[k] + i, m), xv, acc[k]);
-            }
-        }
-        alignas(16) float sums[4];
-        _mm_store_ps(sums, reduce4(acc[0], acc[1], acc[2], acc[3]));
-        for (int k = 0; k < 4 && j + k < n_rows; ++k) out[j + k] = sums[k];
-    }
-}
-void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) { rows_dot(rows, n_rows, d, x, out); }
-void rows_dot_f16(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out) { rows_dot(rows, n_rows, d, x, out); }
-
-// y += sum_j w[j] rows[j]: 64 columns at a time stay in four accumulators while the rows stream by
-template <typename E>
-void rows_axpy(float* y, const E* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
-    int64_t c = 0;
-    for (; c + 64 <= d; c += 64) {
-        __m512 acc[4];
-        for (int k = 0; k < 4; ++k) acc[k] = _mm512_loadu_ps(y + c + 16 * k);
-        for (int64_t j = 0; j < n_rows; ++j) {
-            __m512 wj = _mm512_set1_ps(w[j]);
-            const E* r = rows + j * stride + c;
-            for (int line = 0; line < 64 * static_cast<int>(sizeof(E)); line += 64)
-                _mm_prefetch(reinterpret_cast<const char*>(r + kRowsAxpyPrefetchColumns) + line, _MM_HINT_T0);
-            for (int k = 0; k < 4; ++k) acc[k] = _mm512_fmadd_ps(wj, load16(r + 16 * k), acc[k]);
-        }
-        for (int k = 0; k < 4; ++k) _mm512_storeu_ps(y + c + 16 * k, acc[k]);
-    }
-    for (; c < d; c += 16) {
-        __mmask16 m = d - c >= 16 ? static_cast<__mmask16>(0xFFFF) : tail_mask(d - c);
-        __m512 acc = _mm512_maskz_loadu_ps(m, y + c);
-        for (int64_t j = 0; j < n_rows; ++j)
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(w[j]), load16(rows + j * stride + c, m), acc);
-        _mm512_mask_storeu_ps(y + c, m, acc);
-    }
-}
-void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
-    rows_axpy(y, rows, n_rows, d, stride, w);
-}
-void rows_axpy_f16(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
-    rows_axpy(y, rows, n_rows, d, stride, w);
-}
-
-// rows_dot for up to four queries at once (NG): each loaded row chunk feeds every query, and each
-// (row, query) sum is built exactly as rows_dot builds it.
+// rows[j] . q_g for up to four queries at once (NG; s[g * s_stride + j]): each loaded row chunk
+// feeds every query, and four rows per pass share one reduce4 per query. A short last group repeats
+// its last row, so every row's sum has the same arithmetic wherever it falls (attention tiles differ
+// by batch and by cache layout; a row's score must not). rows_dot is the one-query case, so a (row,
+// query) sum has the same bits whether it is asked for alone or with its GQA group.
 template <typename E, int NG>
 void group_dot_n(const E* rows, int64_t n_rows, int64_t d, const float* q, float* s, int64_t s_stride) {
     for (int64_t j = 0; j < n_rows; j += 4) {
@@ -171,6 +118,13 @@ void group_dot_n(const E* rows, int64_t n_rows, int64_t d, const float* q, float
     }
 }
 
+void rows_dot_f32(const float* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    group_dot_n<float, 1>(rows, n_rows, d, x, out, 0);
+}
+void rows_dot_f16(const uint16_t* rows, int64_t n_rows, int64_t d, const float* x, float* out) {
+    group_dot_n<uint16_t, 1>(rows, n_rows, d, x, out, 0);
+}
+
 template <typename E>
 void group_dot(const E* rows, int64_t n_rows, int64_t d, const float* q, int ng, float* s, int64_t s_stride) {
     for (int g = 0; g < ng; g += 4) {
@@ -191,8 +145,9 @@ void group_dot_f16(const uint16_t* rows, int64_t n_rows, int64_t d, const float*
     group_dot(rows, n_rows, d, q, ng, s, s_stride);
 }
 
-// rows_axpy for up to four outputs at once (NG; y [NG, d], weights w[g * w_stride + j]): each
-// loaded row chunk feeds every output, and each output column adds the rows as rows_axpy does.
+// y_g += sum_j w[g * w_stride + j] rows[j] for up to four outputs at once (NG; y [NG, d]): 64
+// columns at a time stay in four accumulators per output while the rows stream by, each loaded
+// row chunk feeding every output. rows_axpy is the one-output case.
 template <typename E, int NG>
 void group_axpy_n(float* y, const E* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w, int64_t w_stride) {
     int64_t c = 0;
@@ -224,6 +179,13 @@ void group_axpy_n(float* y, const E* rows, int64_t n_rows, int64_t d, int64_t st
         }
         for (int g = 0; g < NG; ++g) _mm512_mask_storeu_ps(y + g * d + c, m, acc[g]);
     }
+}
+
+void rows_axpy_f32(float* y, const float* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
+    group_axpy_n<float, 1>(y, rows, n_rows, d, stride, w, 0);
+}
+void rows_axpy_f16(float* y, const uint16_t* rows, int64_t n_rows, int64_t d, int64_t stride, const float* w) {
+    group_axpy_n<uint16_t, 1>(y, rows, n_rows, d, stride, w, 0);
 }
 
 template <typename E>
