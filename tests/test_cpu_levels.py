@@ -286,23 +286,28 @@ def test_int8_prefill_model(wtype, tmp_path):
 
 
 def test_batched_decode_rows_are_one_token_steps_at_every_level(default_gguf):
-    """A scheduler's decode rows (several sequences' next tokens in one pass, four per kernel call
-    sharing each weight group's unpacking on AVX-512) are the one-token steps bit for bit."""
+    """A scheduler's decode rows and a verification pass (several tokens in one pass: four per kernel
+    call sharing each weight group's unpacking on AVX-512, sixteen per call on AMX where the CPU has
+    it, then the one left over) are the one-token steps bit for bit."""
     before = _core.cpu_level()
     try:
         for level in LEVELS:
             _core.set_cpu_level(level)
             model = tokenmill.load(default_gguf)
-            ids = model.tokenize("The quick brown fox jumps over the lazy dog. " * 6)[:40]
+            ids = model.tokenize("The quick brown fox jumps over the lazy dog. " * 6)[:48]
             cache = model.new_cache(64)
             model.eval(cache, ids[:30])
-            steps = np.array([model.eval(cache, [t]).logits[0] for t in ids[30:39]])
-            caches = [model.new_cache(64) for _ in range(9)]
+            steps = np.array([model.eval(cache, [t]).logits[0] for t in ids[30:47]])
+            cache = model.new_cache(64)
+            model.eval(cache, ids[:30])
+            np.testing.assert_array_equal(model.eval(cache, ids[30:47], "all", decode_exact=True).logits, steps,
+                                          err_msg=level)
+            caches = [model.new_cache(64) for _ in range(17)]
             for i, c in enumerate(caches):   # the history of step i: the prompt, then i steps
                 model.eval(c, ids[:30])
                 for t in ids[30:30 + i]:
                     model.eval(c, [t])
-            rows = model.eval_batch(caches, [[t] for t in ids[30:39]], "last", batch_invariant=True, decode_rows=9).logits
+            rows = model.eval_batch(caches, [[t] for t in ids[30:47]], "last", batch_invariant=True, decode_rows=17).logits
             np.testing.assert_array_equal(rows, steps, err_msg=level)
     finally:
         _core.set_cpu_level(before)

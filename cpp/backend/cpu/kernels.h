@@ -134,17 +134,20 @@ struct Kernels {
     // vector feeds every query, and no score needs a horizontal sum.
     void (*scores_block)(const float* q, int nq, int64_t hd, const float* kt, int64_t kt_stride, int64_t m, float* s,
                          int64_t s_stride);
-    // int8_decode's eight-row kernel for many tokens on Intel's AMX tile unit (null where the CPU or
-    // the OS lacks it, or TOKENMILL_AMX=0). amx_x_tiles lays out nt <= kAmxTokens rounded vectors (a,
-    // d, sum as for dot_packed8_int8_tokens) once per product: per block, the tile the unit reads
-    // (tiles [n / 32, 8, 64]: byte b of value group j of token t at j * 64 + 4 t + b) and the
-    // tokens' scales and sums side by side (dx, sx [n / 32, 16]). dot_packed8_int8_amx runs two
-    // groups (b null: only a's eight rows) against them -> out[16 t + r], each (row, token) the bits
-    // dot_packed8_int8 gives it.
+    // The eight-row kernels for many tokens on Intel's AMX tile unit (null where the CPU or the OS
+    // lacks it, or TOKENMILL_AMX=0). amx_x_tiles lays out nt <= kAmxTokens prepared vectors once per
+    // product: `parts` 1, x rounded to int8 (a, d, sum as for dot_packed8_int8_tokens), or 4, the
+    // four parts of prepare_x8 (a, d, sum as for dot_packed8_tokens). Per block and part, the tile the
+    // unit reads (tiles [n / 32, parts, 8, 64]: byte b of value group j of token t at j * 64 + 4 t + b),
+    // and the tokens' scales and sums side by side (dx, sx [n / 32, 16]). dot_packed8_int8_amx (parts
+    // 1) and dot_packed8_amx (parts 4) run two groups (b null: only a's eight rows) against them ->
+    // out[16 t + r], each (row, token) the bits dot_packed8_int8 / dot_packed8 give it.
     void (*amx_x_tiles)(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n,
-                        int8_t* tiles, float* dx, float* sx);
+                        int parts, int8_t* tiles, float* dx, float* sx);
     void (*dot_packed8_int8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
                                  const float* sx, int nt, int64_t n, float* out);
+    void (*dot_packed8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
+                            const float* sx, int nt, int64_t n, float* out);
 };
 
 constexpr int kAmxTokens = 16;

@@ -1,5 +1,5 @@
-// AMX kernels (Intel's tile unit, Sapphire Rapids on): int8 decode rows of the eight-row types, many
-// tokens at a time. This file alone is compiled with AMX-TILE and AMX-INT8 (besides the AVX-512
+// AMX kernels (Intel's tile unit, Sapphire Rapids on): decode rows of the eight-row types, many
+// tokens at a time, for int8 decode and for the exact four-part product. This file alone is compiled with AMX-TILE and AMX-INT8 (besides the AVX-512
 // level's flags), and its kernels join the AVX-512 table only after amx_int8_usable().
 #include <cpuid.h>
 #include <immintrin.h>
@@ -41,7 +41,7 @@ bool amx_int8_usable() {
 // Per block the unit multiplies tiles: C [16 rows, nt tokens] int32 = A, the weights as unsigned
 // bytes [16 rows, 32 values], times B, the tokens' int8 values [8 groups of four values, nt tokens
 // x 4] -- each (row, token) the exact int32 sum of the block's 32 products, which the vector units
-// then scale as dot_packed8_int8_tokens_type does. (configure_tiles numbers the tiles.)
+// then scale as the VNNI kernels do. (configure_tiles numbers the tiles.)
 struct TileConfig {
     uint8_t palette = 1, start_row = 0;
     uint8_t reserved[14] = {};
@@ -49,12 +49,15 @@ struct TileConfig {
     uint8_t rows[16] = {};
 };
 
-void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n,
+void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n, int parts,
                  int8_t* tiles, float* dx, float* sx) {
+    const int64_t block_bytes = 32 * parts;   // a[t]'s bytes per block: one value, or prepare_x8's four parts
     for (int64_t i = 0; i < n / 32; ++i) {
-        int32_t* tile = reinterpret_cast<int32_t*>(tiles + 512 * i);
-        for (int j = 0; j < 8; ++j)
-            for (int t = 0; t < nt; ++t) std::memcpy(tile + 16 * j + t, a[t] + 32 * i + 4 * j, 4);
+        for (int p = 0; p < parts; ++p) {
+            int32_t* tile = reinterpret_cast<int32_t*>(tiles + 512 * (i * parts + p));
+            for (int j = 0; j < 8; ++j)
+                for (int t = 0; t < nt; ++t) std::memcpy(tile + 16 * j + t, a[t] + block_bytes * i + 32 * p + 4 * j, 4);
+        }
         for (int t = 0; t < kAmxTokens; ++t) {
             dx[16 * i + t] = t < nt ? d[t][i] : 0.0f;
             sx[16 * i + t] = t < nt ? sum[t][i] : 0.0f;
@@ -97,6 +100,40 @@ inline void configure_tiles(int nt) {
     configured = nt;
 }
 
+// out[16 t + r] = acc_r[t] + extra_r[t], where the offsets' terms come from a second pass over the
+// columns' scales (their sixteen accumulators would not fit in registers beside acc's):
+//   extra_r = fma(c_r, sx[i][t], extra_r) per block i, c_r the row's offset (q4_0: -8 dw_r, q4_1: m_r)
+template <DType T>
+void store_with_offsets(const __m512* acc, const uint8_t* group_a, const uint8_t* group_b, const float* sx, int nt,
+                        int64_t nb, float* out) {
+    GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
+    alignas(64) float lanes[16 * 16];
+    alignas(32) float offset[16] = {};
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) _mm512_store_ps(lanes + 16 * r, acc[r]);
+    __m512 extra[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) extra[r] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; ++i) {
+        __m256 dw8, off8;
+        col_a.at(i, &dw8, &off8);
+        _mm256_store_ps(offset, off8);
+        if (group_b) {
+            col_b.at(i, &dw8, &off8);
+            _mm256_store_ps(offset + 8, off8);
+        }
+        const __m512 sxv = _mm512_loadu_ps(sx + 16 * i);
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r) extra[r] = _mm512_fmadd_ps(_mm512_set1_ps(offset[r]), sxv, extra[r]);
+    }
+    const int rows = group_b ? 16 : 8;
+    for (int r = 0; r < rows; ++r) {
+        alignas(64) float e[16];
+        _mm512_store_ps(e, extra[r]);
+        for (int t = 0; t < nt; ++t) out[16 * t + r] = lanes[16 * r + t] + e[t];
+    }
+}
+
 // Four blocks per round: their weights are laid out first, then the four products run into four C
 // tiles and are stored together, so the store -> tile load -> product -> tile store -> vector load
 // latency is paid once per round rather than once per block.
@@ -110,7 +147,6 @@ void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, c
     alignas(64) uint8_t weights[kAmxRound][16 * 32];
     alignas(64) int32_t sums[kAmxRound][16 * 16];
     alignas(64) float dw[kAmxRound][16];
-    alignas(32) float offset[16];
     if (!group_b)
         for (auto& w : weights) std::memset(w + 256, 0, 256);
     __m512 acc[16];
@@ -154,36 +190,85 @@ void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, c
                                          _mm512_mul_ps(_mm512_set1_ps(dw[k][r]), dxv), acc[r]);
         }
     }
-    alignas(64) float lanes[16 * 16];
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) _mm512_store_ps(lanes + 16 * r, acc[r]);
-    // the offsets' terms, a second pass over the columns' scales: fma(c_r, dx sum_j a_j, extra_r)
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    GroupColumns<T> off_a(group_a), off_b(group_b ? group_b : group_a);
-    for (int64_t i = 0; i < nb; ++i) {
-        __m256 dw8, off8;
-        off_a.at(i, &dw8, &off8);
-        _mm256_store_ps(offset, off8);
-        if (group_b) {
-            off_b.at(i, &dw8, &off8);
-            _mm256_store_ps(offset + 8, off8);
-        }
-        const __m512 sxv = _mm512_loadu_ps(sx + 16 * i);
-#pragma GCC unroll 16
-        for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(offset[r]), sxv, acc[r]);
-    }
-    const int rows = group_b ? 16 : 8;
-    for (int r = 0; r < rows; ++r) {
-        alignas(64) float e[16];
-        _mm512_store_ps(e, acc[r]);
-        for (int t = 0; t < nt; ++t) out[16 * t + r] = lanes[16 * r + t] + e[t];
-    }
+    store_with_offsets<T>(acc, group_a, group_b, sx, nt, nb, out);
 }
 
 void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
                           const float* sx, int nt, int64_t n, float* out) {
     with_packed_type(t, [&](auto type) { dot_packed8_int8_amx_type<decltype(type)::value>(a, b, tiles, dx, sx, nt, n, out); });
+}
+
+// The exact product (dot_packed8's) on the tile unit: per block, the weights' A tile against each
+// of prepare_x8's four parts (B tiles) into C tiles 0-3, so (row, token) gets the block's exact
+// int32 sums S_a, S_b, S_c, S_e; the vector units then run dot_packed8_tokens_type's float
+// operations on them:
+//   acc = fma(fma(float(S_c 2^7 + S_e), 2^-14, float(S_a 2^7 + S_b)), dw_r * (dx 2^-7), acc).
+// Software-pipelined: while the tile unit multiplies block i, the vector units lay out block i + 1's
+// weights and scale block i - 1's sums (tile stores and the vector loads of their memory otherwise
+// serialise every block).
+template <DType T>
+void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* tiles, const float* dx,
+                          const float* sx, int nt, int64_t n, float* out) {
+    configure_tiles(nt);
+    alignas(64) uint8_t weights[2][16 * 32];
+    alignas(64) int32_t sums[2][4][16 * 16];
+    alignas(64) float dw[3][16];   // blocks i - 1 (being scaled), i and i + 1 (laid out)
+    if (!group_b)
+        for (auto& w : weights) std::memset(w + 256, 0, 256);
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
+    auto lay_out = [&](int64_t i) {
+        float* scales = dw[i % 3];
+        column_as_rows(col_a, i, scales, weights[i & 1]);
+        if (group_b) column_as_rows(col_b, i, scales + 8, weights[i & 1] + 256);
+    };
+    const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f), eighth = _mm512_set1_ps(1.0f / 128.0f);
+    const int64_t nb = n / 32;
+    lay_out(0);
+    for (int64_t i = 0; i <= nb; ++i) {
+        if (i < nb) {
+            const int k = static_cast<int>(i & 1);
+            const int8_t* x = tiles + 4 * 512 * i;
+            _tile_loadd(4, weights[k], 32);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            _tile_loadd(6, x, 64);
+            _tile_loadd(7, x + 512, 64);
+            _tile_dpbusd(0, 4, 6);
+            _tile_dpbusd(1, 4, 7);
+            _tile_loadd(6, x + 1024, 64);
+            _tile_loadd(7, x + 1536, 64);
+            _tile_dpbusd(2, 4, 6);
+            _tile_dpbusd(3, 4, 7);
+            _tile_stored(0, sums[k][0], 64);
+            _tile_stored(1, sums[k][1], 64);
+            _tile_stored(2, sums[k][2], 64);
+            _tile_stored(3, sums[k][3], 64);
+            if (i + 1 < nb) lay_out(i + 1);
+        }
+        if (i == 0) continue;
+        const int k = static_cast<int>((i - 1) & 1);
+        const __m512 dxv = _mm512_mul_ps(_mm512_loadu_ps(dx + 16 * (i - 1)), eighth);
+#pragma GCC unroll 16
+        for (int r = 0; r < 16; ++r) {
+            auto pair = [&](int p) {   // S_p 2^7 + S_p+1
+                return _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[k][p] + 16 * r), 7),
+                                        _mm512_load_si512(sums[k][p + 1] + 16 * r));
+            };
+            const __m512 sp = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair(2)), low_pair, _mm512_cvtepi32_ps(pair(0)));
+            acc[r] = _mm512_fmadd_ps(sp, _mm512_mul_ps(_mm512_set1_ps(dw[(i - 1) % 3][r]), dxv), acc[r]);
+        }
+    }
+    store_with_offsets<T>(acc, group_a, group_b, sx, nt, nb, out);
+}
+
+void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx, const float* sx,
+                     int nt, int64_t n, float* out) {
+    with_packed_type(t, [&](auto type) { dot_packed8_amx_type<decltype(type)::value>(a, b, tiles, dx, sx, nt, n, out); });
 }
 
 }  // namespace
@@ -192,6 +277,7 @@ void add_amx_kernels(Kernels& k) {
     if (!amx_int8_usable()) return;
     k.amx_x_tiles = amx_x_tiles;
     k.dot_packed8_int8_amx = dot_packed8_int8_amx;
+    k.dot_packed8_amx = dot_packed8_amx;
 }
 
 }  // namespace tmill::cpu

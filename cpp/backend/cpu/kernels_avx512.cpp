@@ -776,22 +776,26 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum, int 
 // One group (eight rows) against NT prepared x's (q[t], d[t], sum[t] token t's). Per block column,
 // each half of the group is one 64-byte register: four rows of 16 quant bytes, so int32 lane l
 // belongs to row l / 4 and x's 16 bytes are broadcast to every 128-bit lane. Parts pair up in int32
-// as a * 2^7 + b and c * 2^7 + e (at most 2^21 in magnitude, exact), the pairs meet in float.
-//   row r: sum_j w_j x_j = dw_r * d * 2^-7 * (S_ab + S_ce * 2^-14) + (q4_0: -8 dw_r, q4_1: m_r) * sum_j x_j
-// The nibbles unpack once for all NT tokens; each token's operations are those of NT = 1 in the same
-// order, so a token's eight sums have the same bits however many tokens share the call.
+// as P_ab = a * 2^7 + b and P_ce = c * 2^7 + e (at most 2^21 in magnitude per product, 2^24 per
+// block: exact), and each row's pair sums are added up in int32 before they meet floats, so a
+// (row, token) pair's float operations depend on nothing but its block sums -- those the AMX
+// kernel (dot_packed8_amx) computes too:
+//   acc_r = fma(fma(float(P_ce), 2^-14, float(P_ab)), dw_r * (d * 2^-7), acc_r) per block,
+//   extra_r = fma(c_r, sum_j x_j, extra_r) for the offset c_r (q4_0: -8 dw_r, q4_1: m_r),
+//   out_r = acc_r + extra_r.
+// The nibbles unpack once for all NT tokens.
 template <DType T, int NT>
 void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const float* const* d,
                              const float* const* sum, int64_t n, float* out) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-    const __m512i row_of_lane[2] = {_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                                    _mm512_set_epi32(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4)};
+    // after the sums below, 128-bit lane k holds (P_ab, P_ce) of row k, then of row k + 4
+    const __m512i row_of_lane = _mm512_set_epi32(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
     const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
-    __m512 acc[NT][2];
+    __m512 acc[NT];
     __m256 block_sums[NT];   // per row: sum_i offset_i * sum(x of block i)
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) {
-        acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+        acc[t] = _mm512_setzero_ps();
         block_sums[t] = _mm256_setzero_ps();
     }
     GroupColumns<T> columns(group);
@@ -807,33 +811,38 @@ void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const
             hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
             if constexpr (five_bit(T)) add_fifth_bits(c, h, lo[h], hi[h]);
         }
+        const __m512 dw_lanes = _mm512_permutexvar_ps(row_of_lane, _mm512_castps256_ps512(dw));
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
-            const __m512 scale = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_set1_ps(d[t][i] * (1.0f / 128.0f))));
             const int8_t* xb = q[t] + i * 128;
             __m512i xs[8];   // each part's x[0..15] and x[16..31], in all four lanes
             for (int k = 0; k < 8; ++k)
                 xs[k] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16 * k)));
-            for (int h = 0; h < 2; ++h) {
-                auto pair = [&](int k) {   // parts k and k + 1 as part_k * 2^7 + part_k+1
-                    __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[h], xs[2 * k]), hi[h], xs[2 * k + 1]);
-                    s = _mm512_slli_epi32(s, 7);
-                    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo[h], xs[2 * k + 2]), hi[h], xs[2 * k + 3]);
-                };
-                const __m512 sp = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair(2)), low_pair, _mm512_cvtepi32_ps(pair(0)));
-                acc[t][h] = _mm512_fmadd_ps(sp, _mm512_permutexvar_ps(row_of_lane[h], scale), acc[t][h]);
-            }
+            auto pair = [&](int h, int k) {   // parts k and k + 1 as part_k * 2^7 + part_k+1, four per row
+                __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[h], xs[2 * k]), hi[h], xs[2 * k + 1]);
+                s = _mm512_slli_epi32(s, 7);
+                return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s, lo[h], xs[2 * k + 2]), hi[h], xs[2 * k + 3]);
+            };
+            // per 128-bit lane k, rows k and k + 4: first two partial sums each, then whole ones
+            // with P_ab and P_ce side by side
+            const __m512i ab0 = pair(0, 0), ab1 = pair(1, 0), ce0 = pair(0, 2), ce1 = pair(1, 2);
+            const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi64(ab0, ab1), _mm512_unpackhi_epi64(ab0, ab1));
+            const __m512i ce = _mm512_add_epi32(_mm512_unpacklo_epi64(ce0, ce1), _mm512_unpackhi_epi64(ce0, ce1));
+            const __m512i lo_pairs = _mm512_unpacklo_epi32(ab, ce), hi_pairs = _mm512_unpackhi_epi32(ab, ce);
+            const __m512 f = _mm512_cvtepi32_ps(
+                _mm512_add_epi32(_mm512_unpacklo_epi64(lo_pairs, hi_pairs), _mm512_unpackhi_epi64(lo_pairs, hi_pairs)));
+            const __m512 pairs = _mm512_fmadd_ps(_mm512_movehdup_ps(f), low_pair, f);   // even lanes
+            const __m512 scale = _mm512_mul_ps(dw_lanes, _mm512_set1_ps(d[t][i] * (1.0f / 128.0f)));
+            acc[t] = _mm512_fmadd_ps(pairs, scale, acc[t]);
             block_sums[t] = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[t][i]), block_sums[t]);
         }
     }
     for (int t = 0; t < NT; ++t) {
-        alignas(64) float lanes[32];
+        alignas(64) float lanes[16];
         alignas(32) float extra[8];
-        _mm512_store_ps(lanes, acc[t][0]);
-        _mm512_store_ps(lanes + 16, acc[t][1]);
+        _mm512_store_ps(lanes, acc[t]);
         _mm256_store_ps(extra, block_sums[t]);
-        for (int r = 0; r < 8; ++r)
-            out[8 * t + r] = (lanes[4 * r] + lanes[4 * r + 1]) + (lanes[4 * r + 2] + lanes[4 * r + 3]) + extra[r];
+        for (int r = 0; r < 8; ++r) out[8 * t + r] = lanes[4 * (r % 4) + 2 * (r / 4)] + extra[r];
     }
 }
 
@@ -1257,7 +1266,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
                       dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, gelu_tanh, group_dot_f32, group_dot_f16, group_axpy_f32,
                       group_axpy_f16, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
-                      dot_q8_0_int8, scores_block, nullptr, nullptr};
+                      dot_q8_0_int8, scores_block, nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -42,6 +42,9 @@ constexpr int kOnePassChunksPerThread = 1;
 // (SmolLM2 Q4_1 generate_batch: 4 sequences 342 tok/s on AMX against 498, 8: 525 against 564,
 // 16: 660 against 620)
 constexpr int64_t kAmxMinTokens = 12;
+// ... and exact decode rows (four int8 parts of x, four times the VNNI kernel's work per token) from
+// this many on
+constexpr int64_t kAmxExactMinTokens = 8;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
 
@@ -371,35 +374,40 @@ void Matmul::packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, 
     }
 }
 
-// int8 decode rows on AMX: the two groups from row r0 against the tokens, kAmxTokens at a time
-// (amx_tiles laid them out); a last chunk of fewer than kAmxMinTokens takes the VNNI kernel,
-// whose bits are the same
+// Decode rows on AMX: the two groups from row r0 against the tokens, kAmxTokens at a time (amx_tiles
+// laid them out); a last chunk of fewer than amx_min_tokens takes the VNNI kernel, whose bits are the
+// same
 void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     const Kernels& kern = kernels();
     const int64_t nb = w.cols / 32;
+    const bool int8 = uses_int8_decode(kern);
+    const auto kernel = int8 ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx;
+    const int64_t parts = int8 ? 1 : 4;
     const uint8_t* b = r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
     const int rows = b ? 16 : 8;
     float o[16 * kAmxTokens];
     for (int64_t t0 = 0, c = 0; t0 < T; t0 += kAmxTokens, ++c) {
         const int nt = static_cast<int>(std::min<int64_t>(kAmxTokens, T - t0));
-        if (nt < kAmxMinTokens) {
+        if (nt < amx_min_tokens(kern)) {
             for (int g = 0; g < rows / 8; ++g) packed_tokens(w, out, r0 + 8 * g, t0, T);
             break;
         }
-        kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, x_tiles_.data() + c * nb * 512,
-                                  x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16,
-                                  nt, w.cols, o);
+        kernel(w.type, packed_group(w, r0), b, x_tiles_.data() + c * nb * parts * 512,
+               x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16, nt, w.cols, o);
         for (int k = 0; k < nt; ++k)
             for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
     }
 }
 
-// x rounded to int8 (xa_) as the AMX kernel's tiles, per chunk of kAmxTokens tokens: x_tiles_
-// [chunks, cols / 32, 512], x_tile_scales_ [chunks, 2 (scales, sums), cols / 32, 16]
+// x as the AMX kernels' tiles, per chunk of kAmxTokens tokens: rounded to int8 (xa_) for int8
+// decode, else prepare_x8's four parts (xq8_). x_tiles_ [chunks, cols / 32, parts, 512],
+// x_tile_scales_ [chunks, 2 (scales, sums), cols / 32, 16]
 void Matmul::amx_tiles(int64_t T, int64_t cols) {
     const Kernels& kern = kernels();
+    const bool int8 = uses_int8_decode(kern);
+    const int parts = int8 ? 1 : 4;
     const int64_t nb = cols / 32, chunks = (T + kAmxTokens - 1) / kAmxTokens;
-    x_tiles_.resize(static_cast<size_t>(chunks * nb * 512));
+    x_tiles_.resize(static_cast<size_t>(chunks * nb * parts * 512));
     x_tile_scales_.resize(static_cast<size_t>(chunks * 2 * nb * 16));
     for (int64_t c = 0; c < chunks; ++c) {
         const int64_t t0 = c * kAmxTokens;
@@ -407,11 +415,11 @@ void Matmul::amx_tiles(int64_t T, int64_t cols) {
         const int8_t* a[kAmxTokens];
         const float *d[kAmxTokens], *sum[kAmxTokens];
         for (int k = 0; k < nt; ++k) {
-            a[k] = xa_.data() + (t0 + k) * cols;
+            a[k] = int8 ? xa_.data() + (t0 + k) * cols : xq8_.data() + 4 * (t0 + k) * cols;
             d[k] = xd8_.data() + (t0 + k) * nb;
-            sum[k] = xsum_rounded_.data() + (t0 + k) * nb;
+            sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t0 + k) * nb;
         }
-        kern.amx_x_tiles(a, d, sum, nt, cols, x_tiles_.data() + c * nb * 512,
+        kern.amx_x_tiles(a, d, sum, nt, cols, parts, x_tiles_.data() + c * nb * parts * 512,
                          x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16);
     }
 }
@@ -465,9 +473,13 @@ int64_t Matmul::tile_unit_rows(const Kernels& kern, const Weight& w) const {
 // ... with int8 decode, the packed kernel on x rounded to int8 (rows as decode too: they must
 // be what this model's one-token steps compute)
 bool Matmul::uses_int8_decode(const Kernels& kern) const { return int8_decode_ && kern.dot_packed8_int8; }
-// ... on AMX from kAmxMinTokens tokens on (each row's bits those of the VNNI kernel)
+// ... on AMX from amx_min_tokens on (each row's bits those of the VNNI kernel)
 bool Matmul::uses_amx(const Kernels& kern, const Weight& w, int64_t T) const {
-    return T >= kAmxMinTokens && uses_packed(kern, w, T) && uses_int8_decode(kern) && kern.dot_packed8_int8_amx;
+    const bool has_kernel = uses_int8_decode(kern) ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx;
+    return T >= amx_min_tokens(kern) && uses_packed(kern, w, T) && has_kernel;
+}
+int64_t Matmul::amx_min_tokens(const Kernels& kern) const {
+    return uses_int8_decode(kern) ? kAmxMinTokens : kAmxExactMinTokens;
 }
 // ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0)
 bool Matmul::uses_int8_q8_0(const Kernels& kern, const Weight& w) const {
