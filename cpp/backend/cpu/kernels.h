@@ -148,6 +148,11 @@ struct Kernels {
                                  const float* sx, int nt, int64_t n, float* out);
     void (*dot_packed8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
                             const float* sx, int nt, int64_t n, float* out);
+    // ... and int8 decode's q8_0 kernel there: n_rows <= 16 Q8_0 rows (file layout) against the nt
+    // tokens amx_x_tiles laid out (parts 1) -> out[16 t + r], each (row, token) the bits
+    // dot_q8_0_int8 gives it
+    void (*dot_q8_0_int8_amx)(const void* const* rows, int n_rows, const int8_t* tiles, const float* dx, int nt, int64_t n,
+                              float* out);
 };
 
 constexpr int kAmxTokens = 16;

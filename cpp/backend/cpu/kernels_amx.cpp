@@ -271,6 +271,67 @@ void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* 
     with_packed_type(t, [&](auto type) { dot_packed8_amx_type<decltype(type)::value>(a, b, tiles, dx, sx, nt, n, out); });
 }
 
+// int8 decode's q8_0 rows on the tile unit: up to 16 rows (file layout; the rest zero) against nt
+// tokens laid out by amx_x_tiles (parts 1). Per block the A tile holds the rows' signed quants and
+// TDPBSSD gives each (row, token) the block's exact sum S; the vector units then run
+// dot_q8_0_int8's float operations, acc = fma(float(S), dw * dx, acc) block after block. Four
+// blocks per round, as in dot_packed8_int8_amx_type.
+void dot_q8_0_int8_amx(const void* const* rows, int n_rows, const int8_t* tiles, const float* dx, int nt, int64_t n,
+                       float* out) {
+    constexpr int64_t block = 34;   // fp16 scale + 32 quants
+    configure_tiles(nt);
+    alignas(64) int8_t weights[kAmxRound][16 * 32] = {};
+    alignas(64) int32_t sums[kAmxRound][16 * 16];
+    alignas(64) float dw[kAmxRound][16] = {};
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    const int64_t nb = n / 32;
+    for (int64_t i0 = 0; i0 < nb; i0 += kAmxRound) {
+        const int count = static_cast<int>(std::min<int64_t>(kAmxRound, nb - i0));
+        for (int k = 0; k < count; ++k)
+            for (int r = 0; r < n_rows; ++r) {
+                const uint8_t* blk = static_cast<const uint8_t*>(rows[r]) + (i0 + k) * block;
+                _mm_prefetch(reinterpret_cast<const char*>(blk) + kDecodePrefetchBytes, _MM_HINT_T0);
+                dw[k][r] = half_at(blk);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(weights[k] + 32 * r),
+                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2)));
+            }
+        const int8_t* x = tiles + 512 * i0;
+#define TMILL_AMX_PRODUCT(k, a, b)                 \
+    if (count > k) {                               \
+        _tile_zero(k);                             \
+        _tile_loadd(a, weights[k], 32);            \
+        _tile_loadd(b, x + 512 * k, 64);           \
+        _tile_dpbssd(k, a, b);                     \
+    }
+#define TMILL_AMX_STORE(k) \
+    if (count > k) _tile_stored(k, sums[k], 64);
+        TMILL_AMX_PRODUCT(0, 4, 6)
+        TMILL_AMX_PRODUCT(1, 5, 7)
+        TMILL_AMX_PRODUCT(2, 4, 6)
+        TMILL_AMX_PRODUCT(3, 5, 7)
+        TMILL_AMX_STORE(0)
+        TMILL_AMX_STORE(1)
+        TMILL_AMX_STORE(2)
+        TMILL_AMX_STORE(3)
+#undef TMILL_AMX_PRODUCT
+#undef TMILL_AMX_STORE
+        for (int k = 0; k < count; ++k) {
+            const __m512 dxv = _mm512_loadu_ps(dx + 16 * (i0 + k));
+#pragma GCC unroll 16
+            for (int r = 0; r < 16; ++r)
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[k] + 16 * r)),
+                                         _mm512_mul_ps(_mm512_set1_ps(dw[k][r]), dxv), acc[r]);
+        }
+    }
+    alignas(64) float lanes[16];
+    for (int r = 0; r < n_rows; ++r) {
+        _mm512_store_ps(lanes, acc[r]);
+        for (int t = 0; t < nt; ++t) out[16 * t + r] = lanes[t];
+    }
+}
+
 }  // namespace
 
 void add_amx_kernels(Kernels& k) {
@@ -278,6 +339,7 @@ void add_amx_kernels(Kernels& k) {
     k.amx_x_tiles = amx_x_tiles;
     k.dot_packed8_int8_amx = dot_packed8_int8_amx;
     k.dot_packed8_amx = dot_packed8_amx;
+    k.dot_q8_0_int8_amx = dot_q8_0_int8_amx;
 }
 
 }  // namespace tmill::cpu

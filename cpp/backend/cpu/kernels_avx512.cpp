@@ -1156,29 +1156,51 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
 
 // Q8_0 rows against x rounded to int8 per 32-block (int8_decode: llama.cpp's q8_0 x q8_0). Two
 // blocks per register: VPDPBUSD takes x offset to unsigned (a + 128), its lanes start from the row's
-// -128 * (sum of the same four weights), so every int32 lane is the exact product sum; then per lane
-// the scale dw * dx. Each (row, token) runs the same operations whatever the tile, so batched decode
-// rows equal one-token steps bit for bit.
-inline __m512 pair_scales(float lo, float hi) { return _mm512_insertf32x8(_mm512_set1_ps(lo), _mm256_set1_ps(hi), 1); }
+// -128 * (sum of the same four weights), so every int32 lane is an exact partial sum. Each (row,
+// token)'s lanes then add up in int32 per block, and its float operations are
+//   acc = fma(float(S_b), dw_b * dx_b, acc) for b = 0, 1, ... in order
+// whatever the tile -- and what the AMX kernel (dot_q8_0_int8_amx) runs on its block sums -- so
+// batched decode rows equal one-token steps bit for bit.
+
+// v[k] for P <= 16 (row, token) pairs, each [8 lanes of block b | 8 of block b + 1] -> even[k], odd[k]:
+// the pairs' whole sums of block b and of b + 1 (lane k of two vectors). v is padded to a multiple
+// of four with zeros.
+template <int P>
+inline void block_sums_of_pairs(__m512i* v, __m512i* even, __m512i* odd) {
+    constexpr int P4 = (P + 3) / 4 * 4;
+    for (int k = P; k < P4; ++k) v[k] = _mm512_setzero_si512();
+    __m512i x[P4 / 2], y[4];
+    // per 128-bit lane: pairs 2m and 2m + 1, two partial sums each
+    for (int m = 0; m < P4 / 2; ++m)
+        x[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * m], v[2 * m + 1]), _mm512_unpackhi_epi32(v[2 * m], v[2 * m + 1]));
+    // ... pairs 4j..4j + 3, one sum each (lanes 0-1 of the register: block b, 2-3: block b + 1)
+    for (int j = 0; j < P4 / 4; ++j)
+        y[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(x[2 * j], x[2 * j + 1]), _mm512_unpackhi_epi64(x[2 * j], x[2 * j + 1]));
+    for (int j = P4 / 4; j < 4; ++j) y[j] = _mm512_setzero_si512();
+    // 128-bit lanes added: z0 = [b of 0-3, b+1 of 0-3, b of 4-7, b+1 of 4-7], z1 the same for 8-15
+    const __m512i z0 = _mm512_add_epi32(_mm512_shuffle_i32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_i32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i z1 = _mm512_add_epi32(_mm512_shuffle_i32x4(y[2], y[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_i32x4(y[2], y[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    *even = _mm512_shuffle_i32x4(z0, z1, _MM_SHUFFLE(2, 0, 2, 0));
+    *odd = _mm512_shuffle_i32x4(z0, z1, _MM_SHUFFLE(3, 1, 3, 1));
+}
 
 template <int NR, int NT>
 void dot_q8_0_int8_tile(const uint8_t* const* rows, const int8_t* const* a, const float* const* d, int64_t n,
                         float* out) {
     constexpr int64_t block = 34;   // fp16 scale + 32 quants
+    constexpr int P = NR * NT;      // (row, token) pairs, lane r * NT + t
     const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
-    __m512 acc[NR][NT];
-    for (auto& row : acc)
-        for (__m512& v : row) v = _mm512_setzero_ps();
+    __m512 acc = _mm512_setzero_ps();
     const int64_t nb = n / 32;
     for (int64_t b = 0; b < nb; b += 2) {
         const bool pair = b + 1 < nb;   // an odd last block fills the low half alone
         const __mmask64 x_mask = pair ? ~__mmask64{0} : __mmask64{0xFFFFFFFF};
         __m512i xu[NT];
-        __m512 dx[NT];
-        for (int t = 0; t < NT; ++t) {
-            xu[t] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(x_mask, a[t] + 32 * b), offset);
-            dx[t] = pair_scales(d[t][b], pair ? d[t][b + 1] : 0.0f);
-        }
+        alignas(64) float scale_even[16] = {}, scale_odd[16] = {};
+        for (int t = 0; t < NT; ++t) xu[t] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(x_mask, a[t] + 32 * b), offset);
+        __m512i s[(P + 3) / 4 * 4];
         for (int r = 0; r < NR; ++r) {
             const uint8_t* blk = rows[r] + b * block;
             _mm_prefetch(reinterpret_cast<const char*>(blk) + kDecodePrefetchBytes, _MM_HINT_T0);
@@ -1190,16 +1212,23 @@ void dot_q8_0_int8_tile(const uint8_t* const* rows, const int8_t* const* a, cons
             uint16_t h_lo, h_hi = 0;
             std::memcpy(&h_lo, blk, 2);
             if (pair) std::memcpy(&h_hi, blk + block, 2);
-            const __m512 dw = pair_scales(half(h_lo), half(h_hi));
+            const float dw_lo = half(h_lo), dw_hi = half(h_hi);
             const __m512i start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, w));
             for (int t = 0; t < NT; ++t) {
-                const __m512i s = _mm512_dpbusd_epi32(start, xu[t], w);
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dw, dx[t]), acc[r][t]);
+                s[r * NT + t] = _mm512_dpbusd_epi32(start, xu[t], w);
+                scale_even[r * NT + t] = dw_lo * d[t][b];
+                if (pair) scale_odd[r * NT + t] = dw_hi * d[t][b + 1];
             }
         }
+        __m512i even, odd;
+        block_sums_of_pairs<P>(s, &even, &odd);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(even), _mm512_load_ps(scale_even), acc);
+        if (pair) acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(odd), _mm512_load_ps(scale_odd), acc);
     }
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc);
     for (int r = 0; r < NR; ++r)
-        for (int t = 0; t < NT; ++t) out[r * NT + t] = _mm512_reduce_add_ps(acc[r][t]);
+        for (int t = 0; t < NT; ++t) out[r * NT + t] = lanes[r * NT + t];
 }
 
 template <int NR>
@@ -1266,7 +1295,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
                       dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, gelu_tanh, group_dot_f32, group_dot_f16, group_axpy_f32,
                       group_axpy_f16, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
-                      dot_q8_0_int8, scores_block, nullptr, nullptr, nullptr};
+                      dot_q8_0_int8, scores_block, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -254,21 +254,7 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
         if (!uses_tile(kern, w, T)) {
             const int64_t r0 = 4 * (u - first_unit[i]), r1 = std::min<int64_t>(r0 + 4, rows);
             if (uses_int8_q8_0(kern, w)) {   // int8 decode: the unit's rows against four tokens at a time
-                const void* unit_rows[4];
-                const int8_t* a[kPackedTokens];
-                const float* d[kPackedTokens];
-                float o[4 * kPackedTokens];
-                for (int64_t r = r0; r < r1; ++r) unit_rows[r - r0] = row_ptr(r);
-                for (int64_t t0 = 0; t0 < T; t0 += kPackedTokens) {
-                    const int nt = static_cast<int>(std::min<int64_t>(kPackedTokens, T - t0));
-                    for (int k = 0; k < nt; ++k) {
-                        a[k] = xa_.data() + (t0 + k) * cols;
-                        d[k] = xd8_.data() + (t0 + k) * nb;
-                    }
-                    kern.dot_q8_0_int8(unit_rows, static_cast<int>(r1 - r0), a, d, nt, cols, o);
-                    for (int64_t r = r0; r < r1; ++r)
-                        for (int k = 0; k < nt; ++k) out[(t0 + k) * rows + r] = o[(r - r0) * nt + k] + bias_at(w, r);
-                }
+                q8_0_int8_rows(w, out, r0, r1, 0, T);
                 continue;
             }
             if (!uses_prepared_x(kern, w.type) && T == 1) {   // decode: straight from the stored type
@@ -374,26 +360,59 @@ void Matmul::packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, 
     }
 }
 
-// Decode rows on AMX: the two groups from row r0 against the tokens, kAmxTokens at a time (amx_tiles
-// laid them out); a last chunk of fewer than amx_min_tokens takes the VNNI kernel, whose bits are the
-// same
+// int8 decode's Q8_0 rows [r0, r1) against tokens [t0, t1), four rows and four tokens per call
+void Matmul::q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    const Kernels& kern = kernels();
+    const int64_t cols = w.cols, nb = cols / 32;
+    const void* unit_rows[4];
+    const int8_t* a[kPackedTokens];
+    const float* d[kPackedTokens];
+    float o[4 * kPackedTokens];
+    for (int64_t q0 = r0; q0 < r1; q0 += 4) {
+        const int nr = static_cast<int>(std::min<int64_t>(4, r1 - q0));
+        for (int r = 0; r < nr; ++r) unit_rows[r] = w.data + static_cast<size_t>(q0 + r) * w.row_stride;
+        for (int64_t t = t0; t < t1; t += kPackedTokens) {
+            const int nt = static_cast<int>(std::min<int64_t>(kPackedTokens, t1 - t));
+            for (int k = 0; k < nt; ++k) {
+                a[k] = xa_.data() + (t + k) * cols;
+                d[k] = xd8_.data() + (t + k) * nb;
+            }
+            kern.dot_q8_0_int8(unit_rows, nr, a, d, nt, cols, o);
+            for (int r = 0; r < nr; ++r)
+                for (int k = 0; k < nt; ++k) out[(t + k) * w.rows + q0 + r] = o[r * nt + k] + bias_at(w, q0 + r);
+        }
+    }
+}
+
+// Decode rows on AMX, the unit of sixteen rows from r0 (two packed groups, or Q8_0 rows in their
+// file layout) against the tokens, kAmxTokens at a time (amx_tiles laid them out); a last chunk of
+// fewer than amx_min_tokens takes the VNNI kernels, whose bits are the same
 void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     const Kernels& kern = kernels();
     const int64_t nb = w.cols / 32;
-    const bool int8 = uses_int8_decode(kern);
-    const auto kernel = int8 ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx;
+    const bool int8 = uses_int8_decode(kern), q8_0 = !w.packed;
     const int64_t parts = int8 ? 1 : 4;
-    const uint8_t* b = r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
-    const int rows = b ? 16 : 8;
+    const uint8_t* b = !q8_0 && r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
+    const int rows = q8_0 ? static_cast<int>(std::min<int64_t>(16, w.rows - r0)) : b ? 16 : 8;
+    const void* q8_0_rows[16];
+    for (int r = 0; q8_0 && r < rows; ++r) q8_0_rows[r] = w.data + static_cast<size_t>(r0 + r) * w.row_stride;
     float o[16 * kAmxTokens];
     for (int64_t t0 = 0, c = 0; t0 < T; t0 += kAmxTokens, ++c) {
         const int nt = static_cast<int>(std::min<int64_t>(kAmxTokens, T - t0));
         if (nt < amx_min_tokens(kern)) {
-            for (int g = 0; g < rows / 8; ++g) packed_tokens(w, out, r0 + 8 * g, t0, T);
+            if (q8_0)
+                q8_0_int8_rows(w, out, r0, r0 + rows, t0, T);
+            else
+                for (int g = 0; g < rows / 8; ++g) packed_tokens(w, out, r0 + 8 * g, t0, T);
             break;
         }
-        kernel(w.type, packed_group(w, r0), b, x_tiles_.data() + c * nb * parts * 512,
-               x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16, nt, w.cols, o);
+        const int8_t* tiles = x_tiles_.data() + c * nb * parts * 512;
+        const float* dx = x_tile_scales_.data() + 2 * c * nb * 16;
+        if (q8_0)
+            kern.dot_q8_0_int8_amx(q8_0_rows, rows, tiles, dx, nt, w.cols, o);
+        else
+            (int8 ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx)(w.type, packed_group(w, r0), b, tiles, dx,
+                                                                       dx + nb * 16, nt, w.cols, o);
         for (int k = 0; k < nt; ++k)
             for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
     }
@@ -474,9 +493,12 @@ int64_t Matmul::tile_unit_rows(const Kernels& kern, const Weight& w) const {
 // be what this model's one-token steps compute)
 bool Matmul::uses_int8_decode(const Kernels& kern) const { return int8_decode_ && kern.dot_packed8_int8; }
 // ... on AMX from amx_min_tokens on (each row's bits those of the VNNI kernel)
+// (int8 decode's Q8_0 rows too, where they run as decode)
 bool Matmul::uses_amx(const Kernels& kern, const Weight& w, int64_t T) const {
+    if (T < amx_min_tokens(kern)) return false;
+    if (uses_int8_q8_0(kern, w)) return rows_as_decode() && kern.dot_q8_0_int8_amx;
     const bool has_kernel = uses_int8_decode(kern) ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx;
-    return T >= amx_min_tokens(kern) && uses_packed(kern, w, T) && has_kernel;
+    return uses_packed(kern, w, T) && has_kernel;
 }
 int64_t Matmul::amx_min_tokens(const Kernels& kern) const {
     return uses_int8_decode(kern) ? kAmxMinTokens : kAmxExactMinTokens;
