@@ -184,6 +184,12 @@ def test_api_key_is_required_when_set(smollm):
         ok = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in ok.models.list()] == [NAME]
         assert httpx.get(srv.url + "/health").status_code == 200   # health stays open for probes
+        refused = httpx.post(srv.url + "/v1/chat/completions", json={"model": NAME, "messages": QUESTION})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert 'endpoint="/v1/chat/completions",status="401"' in httpx.get(srv.url + "/metrics").text
+        pieces = [c.choices[0].delta.content or "" for c in ok.chat.completions.create(
+            model=NAME, messages=QUESTION, max_tokens=8, temperature=0, stream=True) if c.choices]
+        assert "".join(pieces)   # a stream passes the key check whole
     finally:
         srv.close()
 

@@ -15,7 +15,7 @@ import base64
 import json
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -89,6 +89,25 @@ class _BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class _ApiKey:
+    """ASGI middleware: requests without the bearer key get 401 (but /health, /metrics and CORS
+    preflights). Plain ASGI rather than Starlette's @app.middleware("http"), which passes every chunk
+    of a streamed response through a task and a memory stream of its own."""
+
+    OPEN_PATHS = ("/health", "/metrics")
+
+    def __init__(self, app, api_key: str, rejected: Callable[[P.ApiError, str], None]):
+        self.app, self.expected, self.rejected = app, f"Bearer {api_key}".encode(), rejected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS and scope["method"] != "OPTIONS":
+            if dict(scope.get("headers") or []).get(b"authorization") != self.expected:
+                err = P.ApiError(401, "invalid or missing API key", code="invalid_api_key")
+                self.rejected(err, scope["path"])
+                return await _send_error(send, err)
+        await self.app(scope, receive, send)
 
 
 async def _send_error(send, err: P.ApiError) -> None:
@@ -166,14 +185,9 @@ def create_app(model, *, model_name: Optional[str] = None, scheduler_config: Opt
     async def _other(request: HttpRequest, exc: Exception):
         return error_response(_api_error(exc), request.url.path)
 
-    @app.middleware("http")
-    async def _auth(request: HttpRequest, call_next):
-        open_paths = ("/health", "/metrics")
-        if api_key and request.url.path not in open_paths and request.method != "OPTIONS":
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return error_response(P.ApiError(401, "invalid or missing API key", code="invalid_api_key"),
-                                      request.url.path)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_ApiKey, api_key=api_key,
+                           rejected=lambda err, path: metrics.requests.labels(path, str(err.status)).inc())
 
     def check_model(requested: str) -> Optional[str]:
         """The adapter a request's `model` names: None for the base model, else a loaded adapter's name
