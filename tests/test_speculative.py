@@ -271,14 +271,16 @@ def test_drafts_that_start_to_hit_late_are_taken_up(smollm):
     drafts miss at first, so the policy goes to plain decoding, and hit every token once the loop
     starts. Probes must find the loop and keep drafting while each step beats plain decoding; before,
     the first fallback lasted 128 tokens and the lagging acceptance average sent each successful probe
-    back to plain decoding (5 of 128 tokens drafted)."""
+    back to plain decoding (5 of 128 tokens drafted). The loop starts some 55 tokens in, and the first
+    fallback comes 14-23 tokens in, so the first probe may come just before the loop: the second must
+    come no later (no backoff after one failed probe)."""
     from tokenmill.tools.spec_bench import grounded_prompts
 
     ids = smollm.chat_prompt([{"role": "user", "content": dict(grounded_prompts())["repeat"]}])
-    plain = Generator(smollm, temperature=0, max_new_tokens=128, ignore_eos=True).generate(ids)
-    assert len(set(plain[-60:])) < 30   # the output loops (what this test is about)
-    spec = SpeculativeGenerator(smollm, "lookup", temperature=0, max_new_tokens=128, ignore_eos=True, spec_k=8,
+    plain = Generator(smollm, temperature=0, max_new_tokens=160, ignore_eos=True).generate(ids)
+    assert len(set(plain[-90:])) < 40   # the output loops (what this test is about)
+    spec = SpeculativeGenerator(smollm, "lookup", temperature=0, max_new_tokens=160, ignore_eos=True, spec_k=8,
                                 spec_k_adaptive=True, spec_k_max=16, spec_disable_below_accept=0.3)
     assert spec.generate(ids) == plain
     stats = spec.last.speculative
-    assert stats.accepted >= 50 and stats.plain_tokens <= 64, stats
+    assert stats.accepted >= 60 and stats.plain_tokens <= 80, stats

@@ -28,8 +28,9 @@ included as T = 1) and the drafter's cost per token:
     E(k) = (1 - alpha^(k+1)) / (1 - alpha)        tokens a step yields (accepted drafts + 1)
     rate(k) = E(k) / (a + b (k + 1) + k c_draft)   against plain decoding's 1 / (a + b)
 
-and when no k beats plain decoding it decodes plainly for spec_probe_interval tokens (doubling while
-probes fail), then probes again at k = 2 -- unless the last step had all its drafts accepted and yielded
+and when no k beats plain decoding it decodes plainly for spec_probe_interval tokens (doubling from
+the second failed probe on: a first one may just have come a little early, as for output that falls
+into a loop some tokens after the first fallback), then probes again at k = 2 -- unless the last step had all its drafts accepted and yielded
 its tokens faster than plain decoding would have: the averages lag behind drafts that have just started
 to hit (output that fell into a loop, a passage being copied), so it probes on. (Only whole hits count:
 a draft model that agrees half the time has half its k = 2 probes paying too, and probing on after each
@@ -306,6 +307,7 @@ class SpeculativeGenerator(Generator):
             LOOKUP_PROBE_INTERVAL if self.drafter is lookup else MODEL_PROBE_INTERVAL)
         self._backoff = self._probe_interval   # plain tokens before the next probe (doubles while probes fail)
         self._probe = False
+        self._after_probe = False   # whether the last speculative step was a probe
         self._paid = False   # whether the last speculative step had all its drafts accepted, faster than plain decoding
         self._window: collections.deque = collections.deque()   # (proposed, accepted) of recent steps
         self._plain_left = 0                                      # tokens to decode plainly (fallback)
@@ -343,9 +345,10 @@ class SpeculativeGenerator(Generator):
             if not self.policy.has_plain_cost():   # a plain decode step first: the baseline to beat
                 return self._plain_step(run)
             if self._probe:   # after a stretch of plain decoding: measure again, cheaply
-                self._probe = False
+                self._probe, self._after_probe = False, True
                 self.k = min(KPolicy.PROBE_K, k_limit)
             else:
+                after_probe, self._after_probe = self._after_probe, False
                 self.k = self.policy.choose(k_limit)
                 if self.k == 0 and self._paid:
                     # the averages lag, but the last step's drafts all hit, faster than plain decoding
@@ -353,7 +356,8 @@ class SpeculativeGenerator(Generator):
                     self.k = min(KPolicy.PROBE_K, k_limit)
                 elif self.k == 0:   # no k beats plain decoding: decode plainly, then probe; back off while it fails
                     self._plain_left, self._probe = self._backoff, True
-                    self._backoff = min(2 * self._backoff, 1024)
+                    if after_probe:
+                        self._backoff = min(2 * self._backoff, 1024)
                     return self._plain_step(run)
                 self._backoff = self._probe_interval
         k = min(self.k, k_limit)
