@@ -37,14 +37,14 @@ constexpr int64_t kTokenBlock = 256;
 // the balance that finer chunks buy costs more than it saves (SmolLM2 Q4_1 decode, 2 threads: 1
 // chunk 1.04-1.10x the speed of 8; 16 sequences int8 1.02-1.13x).
 constexpr int kOnePassChunksPerThread = 1;
-// int8 decode rows of packed weights go to the AMX kernel from this many tokens on: its scaling of
-// the int32 sums costs the same for 1 to 16 tokens, so below this the VNNI kernel is faster
-// (SmolLM2 Q4_1 generate_batch: 4 sequences 342 tok/s on AMX against 498, 8: 525 against 564,
-// 16: 660 against 620)
-constexpr int64_t kAmxMinTokens = 12;
-// ... and exact decode rows (four int8 parts of x, four times the VNNI kernel's work per token) from
-// this many on
+// Decode rows take the AMX kernels from this many tokens on: their tile stores and scaling cost about
+// the same for 1 to 16 tokens, the VNNI kernels' work grows with the tokens. Per 16-row block, one
+// core (q4_1 x 576): int8 decode's packed kernel 40 ns at 8 tokens on either unit, 48 against 43 at 9,
+// 79 against 44 at 16; the exact four-part one 106 against 98 at 8, 208 against 101 at 16. int8
+// decode's Q8_0 rows (signed, no unpacking): 44 against 41 ns per row at 3 tokens, 64 against 43 at 4.
+constexpr int64_t kAmxInt8MinTokens = 9;
 constexpr int64_t kAmxExactMinTokens = 8;
+constexpr int64_t kAmxQ8_0MinTokens = 4;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
 
@@ -399,7 +399,7 @@ void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     float o[16 * kAmxTokens];
     for (int64_t t0 = 0, c = 0; t0 < T; t0 += kAmxTokens, ++c) {
         const int nt = static_cast<int>(std::min<int64_t>(kAmxTokens, T - t0));
-        if (nt < amx_min_tokens(kern)) {
+        if (nt < amx_min_tokens(kern, w)) {
             if (q8_0)
                 q8_0_int8_rows(w, out, r0, r0 + rows, t0, T);
             else
@@ -495,13 +495,13 @@ bool Matmul::uses_int8_decode(const Kernels& kern) const { return int8_decode_ &
 // ... on AMX from amx_min_tokens on (each row's bits those of the VNNI kernel)
 // (int8 decode's Q8_0 rows too, where they run as decode)
 bool Matmul::uses_amx(const Kernels& kern, const Weight& w, int64_t T) const {
-    if (T < amx_min_tokens(kern)) return false;
+    if (T < amx_min_tokens(kern, w)) return false;
     if (uses_int8_q8_0(kern, w)) return rows_as_decode() && kern.dot_q8_0_int8_amx;
     const bool has_kernel = uses_int8_decode(kern) ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx;
     return uses_packed(kern, w, T) && has_kernel;
 }
-int64_t Matmul::amx_min_tokens(const Kernels& kern) const {
-    return uses_int8_decode(kern) ? kAmxMinTokens : kAmxExactMinTokens;
+int64_t Matmul::amx_min_tokens(const Kernels& kern, const Weight& w) const {
+    return uses_int8_q8_0(kern, w) ? kAmxQ8_0MinTokens : uses_int8_decode(kern) ? kAmxInt8MinTokens : kAmxExactMinTokens;
 }
 // ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0)
 bool Matmul::uses_int8_q8_0(const Kernels& kern, const Weight& w) const {

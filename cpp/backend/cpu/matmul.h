@@ -51,7 +51,7 @@ private:
     int64_t tile_unit_rows(const Kernels& kern, const Weight& w) const;
     bool uses_int8_decode(const Kernels& kern) const;
     bool uses_amx(const Kernels& kern, const Weight& w, int64_t T) const;
-    int64_t amx_min_tokens(const Kernels& kern) const;
+    int64_t amx_min_tokens(const Kernels& kern, const Weight& w) const;
     bool uses_int8_q8_0(const Kernels& kern, const Weight& w) const;
     bool uses_tile16(const Kernels& kern, const Weight& w, int64_t T) const;
     bool rows_as_decode() const { return mode_ == RowsMode::as_decode; }
