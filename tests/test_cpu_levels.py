@@ -313,6 +313,27 @@ def test_batched_decode_rows_are_one_token_steps_at_every_level(default_gguf):
         _core.set_cpu_level(before)
 
 
+@pytest.mark.parametrize("weights", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("int8", [False, True])
+def test_decode_rows_off_the_sixteen_row_grid(tmp_path, weights, int8):
+    """Seventeen decode rows in one pass on a model whose output matrix has 328 rows (the AMX and
+    VNNI units' last one holds eight) and whose rows hold 96 values (an odd count of blocks, for the
+    Q8_0 kernels' block pairs): every row is the one-token step bit for bit, at the default level."""
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=328, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    model = tokenmill.load(tmp_path, weights=weights, int8_decode=int8)
+    ids = list(range(5, 35))
+    cache = model.new_cache(128)
+    model.eval(cache, ids[:13], logits=None)
+    steps = np.stack([model.eval(cache, [t]).logits[0] for t in ids[13:30]])
+    cache = model.new_cache(128)
+    model.eval(cache, ids[:13], logits=None)
+    np.testing.assert_array_equal(model.eval(cache, ids[13:30], logits="all", decode_exact=True).logits, steps)
+
+
 @pytest.mark.skipif("avx512" not in LEVELS, reason="the int8 decode kernel needs AVX-512 VNNI")
 def test_int8_decode_model(default_gguf, smollm):
     """load(int8_decode=True): one-token steps on 4-bit weights take x rounded to int8 (llama.cpp's
