@@ -134,23 +134,23 @@ struct Kernels {
     // vector feeds every query, and no score needs a horizontal sum.
     void (*scores_block)(const float* q, int nq, int64_t hd, const float* kt, int64_t kt_stride, int64_t m, float* s,
                          int64_t s_stride);
-    // The eight-row kernels for many tokens on Intel's AMX tile unit (null where the CPU or the OS
-    // lacks it, or TOKENMILL_AMX=0). amx_x_tiles lays out nt <= kAmxTokens prepared vectors once per
-    // product: `parts` 1, x rounded to int8 (a, d, sum as for dot_packed8_int8_tokens), or 4, the
-    // four parts of prepare_x8 (a, d, sum as for dot_packed8_tokens). Per block and part, the tile the
-    // unit reads (tiles [n / 32, parts, 8, 64]: byte b of value group j of token t at j * 64 + 4 t + b),
-    // and the tokens' scales and sums side by side (dx, sx [n / 32, 16]). dot_packed8_int8_amx (parts
-    // 1) and dot_packed8_amx (parts 4) run two groups (b null: only a's eight rows) against them ->
-    // out[16 t + r], each (row, token) the bits dot_packed8_int8 / dot_packed8 give it.
+    // The decode kernels for many tokens on Intel's AMX tile unit (null where the CPU or the OS lacks
+    // it, or TOKENMILL_AMX=0), each (row, token) with the bits of the VNNI kernel it stands for.
+    // int8 decode: amx_x_tiles lays out nt <= kAmxTokens rounded vectors (a, d, sum as for
+    // dot_packed8_int8_tokens) once per product -- per block, the tile the unit reads (tiles [n / 32,
+    // 8, 64]: byte b of value group j of token t at j * 64 + 4 t + b) and the tokens' scales and sums
+    // side by side (dx, sx [n / 32, 16]) -- and dot_packed8_int8_amx runs two groups (b null: only a's
+    // eight rows) against them -> out[16 t + r].
     void (*amx_x_tiles)(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n,
-                        int parts, int8_t* tiles, float* dx, float* sx);
+                        int8_t* tiles, float* dx, float* sx);
     void (*dot_packed8_int8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
                                  const float* sx, int nt, int64_t n, float* out);
-    void (*dot_packed8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
-                            const float* sx, int nt, int64_t n, float* out);
-    // ... and int8 decode's q8_0 kernel there: n_rows <= 16 Q8_0 rows (file layout) against the nt
-    // tokens amx_x_tiles laid out (parts 1) -> out[16 t + r], each (row, token) the bits
-    // dot_q8_0_int8 gives it
+    // The exact product (dot_packed8's) of two groups, reading prepare_x8's output itself: token k's at
+    // q + k * q_stride, d[k] and sum[k] as for dot_packed8_tokens -> out[16 t + r].
+    void (*dot_packed8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* q, int64_t q_stride,
+                            const float* const* d, const float* const* sum, int nt, int64_t n, float* out);
+    // int8 decode's q8_0 kernel: n_rows <= 16 Q8_0 rows (file layout) against the nt tokens
+    // amx_x_tiles laid out -> out[16 t + r], the bits dot_q8_0_int8 gives
     void (*dot_q8_0_int8_amx)(const void* const* rows, int n_rows, const int8_t* tiles, const float* dx, int nt, int64_t n,
                               float* out);
 };

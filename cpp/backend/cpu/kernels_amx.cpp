@@ -49,15 +49,12 @@ struct TileConfig {
     uint8_t rows[16] = {};
 };
 
-void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n, int parts,
+void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n,
                  int8_t* tiles, float* dx, float* sx) {
-    const int64_t block_bytes = 32 * parts;   // a[t]'s bytes per block: one value, or prepare_x8's four parts
     for (int64_t i = 0; i < n / 32; ++i) {
-        for (int p = 0; p < parts; ++p) {
-            int32_t* tile = reinterpret_cast<int32_t*>(tiles + 512 * (i * parts + p));
-            for (int j = 0; j < 8; ++j)
-                for (int t = 0; t < nt; ++t) std::memcpy(tile + 16 * j + t, a[t] + block_bytes * i + 32 * p + 4 * j, 4);
-        }
+        int32_t* tile = reinterpret_cast<int32_t*>(tiles + 512 * i);
+        for (int j = 0; j < 8; ++j)
+            for (int t = 0; t < nt; ++t) std::memcpy(tile + 16 * j + t, a[t] + 32 * i + 4 * j, 4);
         for (int t = 0; t < kAmxTokens; ++t) {
             dx[16 * i + t] = t < nt ? d[t][i] : 0.0f;
             sx[16 * i + t] = t < nt ? sum[t][i] : 0.0f;
@@ -89,15 +86,30 @@ inline void column_as_rows(GroupColumns<T>& columns, int64_t i, float* dw, uint8
 // The tile shapes for nt tokens: C tiles 0-3 [16 rows, nt int32], A tiles 4-5 [16 rows, 32 bytes], B
 // tiles 6-7 [8, 4 nt bytes]. Loaded once per thread and token count: a thread keeps its tiles
 // configured between calls (LDTILECFG costs about as much as a block's products).
+// (configured: the shapes a thread's tiles hold now, nt or 256 + nt for configure_token_rows)
+thread_local int configured_tiles = 0;
+
 inline void configure_tiles(int nt) {
-    thread_local int configured = 0;
-    if (configured == nt) return;
+    if (configured_tiles == nt) return;
     TileConfig config;
     for (int c = 0; c < 4; ++c) config.rows[c] = 16, config.colsb[c] = static_cast<uint16_t>(4 * nt);
     for (int a = 4; a < 6; ++a) config.rows[a] = 16, config.colsb[a] = 32;
     for (int b = 6; b < 8; ++b) config.rows[b] = 8, config.colsb[b] = static_cast<uint16_t>(4 * nt);
     _tile_loadconfig(&config);
-    configured = nt;
+    configured_tiles = nt;
+}
+
+// ... and with the roles turned round, tokens as the rows of A and C (the exact kernel): C tiles 0-3
+// [nt tokens, 16 int32], tile 4 the weights as B [8 value groups, 16 rows x 4 bytes], tiles 5-7 the
+// tokens' parts as A [nt tokens, 32 bytes].
+inline void configure_token_rows(int nt) {
+    if (configured_tiles == 256 + nt) return;
+    TileConfig config;
+    for (int c = 0; c < 4; ++c) config.rows[c] = static_cast<uint8_t>(nt), config.colsb[c] = 64;
+    config.rows[4] = 8, config.colsb[4] = 64;   // B: the weights
+    for (int a = 5; a < 8; ++a) config.rows[a] = static_cast<uint8_t>(nt), config.colsb[a] = 32;
+    _tile_loadconfig(&config);
+    configured_tiles = 256 + nt;
 }
 
 // out[16 t + r] = acc_r[t] + extra_r[t], where the offsets' terms come from a second pass over the
@@ -198,52 +210,87 @@ void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int
     with_packed_type(t, [&](auto type) { dot_packed8_int8_amx_type<decltype(type)::value>(a, b, tiles, dx, sx, nt, n, out); });
 }
 
-// The exact product (dot_packed8's) on the tile unit: per block, the weights' A tile against each
-// of prepare_x8's four parts (B tiles) into C tiles 0-3, so (row, token) gets the block's exact
-// int32 sums S_a, S_b, S_c, S_e; the vector units then run dot_packed8_tokens_type's float
-// operations on them:
-//   acc = fma(fma(float(S_c 2^7 + S_e), 2^-14, float(S_a 2^7 + S_b)), dw_r * (dx 2^-7), acc).
-// Software-pipelined: while the tile unit multiplies block i, the vector units lay out block i + 1's
-// weights and scale block i - 1's sums (tile stores and the vector loads of their memory otherwise
-// serialise every block).
+// Block column i of two groups (b: the rows 8-15, or zero) as the B tile of the turned-round
+// products: row j (values 4j..4j+3 of the block) holds each of the 16 rows' four quant bytes, and
+// the rows' scales go to dw[0..15]. In an unpacked register half h, int32 lane 4 (r % 4) + j holds
+// values 4j..4j+3 of row 4h + r % 4 (low nibbles: values 0-15, high: 16-31).
 template <DType T>
-void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* tiles, const float* dx,
-                          const float* sx, int nt, int64_t n, float* out) {
-    configure_tiles(nt);
-    alignas(64) uint8_t weights[2][16 * 32];
+inline void column_as_b_tile(GroupColumns<T>& col_a, GroupColumns<T>* col_b, int64_t i, float* dw, uint8_t* dst) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512i nib[2][2][2];   // [group][h][low / high nibbles]
+    for (int g = 0; g < 2; ++g) {
+        if (g == 1 && !col_b) {
+            for (auto& half : nib[1])
+                for (auto& v : half) v = _mm512_setzero_si512();
+            _mm256_store_ps(dw + 8, _mm256_setzero_ps());
+            break;
+        }
+        GroupColumns<T>& col = g == 0 ? col_a : *col_b;
+        __m256 dw8, offset;
+        const uint8_t* c = col.at(i, &dw8, &offset);
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+        _mm256_store_ps(dw + 8 * g, dw8);
+        for (int h = 0; h < 2; ++h) {
+            const __m512i w = _mm512_loadu_si512(c + 64 * h);
+            __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+            if constexpr (five_bit(T)) add_fifth_bits(c, h, lo, hi);
+            nib[g][h][0] = lo;
+            nib[g][h][1] = hi;
+        }
+    }
+    for (int j = 0; j < 8; ++j) {
+        // lanes 0-7 of a permutation of (half 0, half 1): rows 0-3 from half 0, 4-7 from half 1
+        const int k = j % 4, which = j / 4;
+        const __m512i idx = _mm512_setr_epi32(k, 4 + k, 8 + k, 12 + k, 16 + k, 20 + k, 24 + k, 28 + k, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m512i a = _mm512_permutex2var_epi32(nib[0][0][which], idx, nib[0][1][which]);
+        const __m512i b = _mm512_permutex2var_epi32(nib[1][0][which], idx, nib[1][1][which]);
+        _mm512_store_si512(dst + 64 * j, _mm512_inserti64x4(a, _mm512_castsi512_si256(b), 1));
+    }
+}
+
+// The exact product (dot_packed8's) on the tile unit, tokens as rows: per block, the weights' B tile
+// against each of prepare_x8's four parts (A tiles read straight from the tokens' prepared x, one
+// token per row) into C tiles 0-3, so (token, row) gets the block's exact int32 sums S_a, S_b, S_c,
+// S_e; the vector units then run dot_packed8_tokens_type's float operations on them, sixteen rows
+// per register as there:
+//   acc = fma(fma(float(S_c 2^7 + S_e), 2^-14, float(S_a 2^7 + S_b)), dw_r * (dx 2^-7), acc),
+//   extra = fma(c_r, sum_j x_j, extra), out = acc + extra.
+// Tile stores grow with the tokens (nt rows each) rather than costing sixteen rows whatever their
+// number. Software-pipelined: while the tile unit multiplies block i, the vector units lay out block
+// i + 1's weights and scale block i - 1's sums.
+template <DType T>
+void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* q, int64_t q_stride,
+                          const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
+    configure_token_rows(nt);
+    alignas(64) uint8_t weights[2][8 * 64];
     alignas(64) int32_t sums[2][4][16 * 16];
     alignas(64) float dw[3][16];   // blocks i - 1 (being scaled), i and i + 1 (laid out)
-    if (!group_b)
-        for (auto& w : weights) std::memset(w + 256, 0, 256);
     __m512 acc[16];
 #pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
     GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
-    auto lay_out = [&](int64_t i) {
-        float* scales = dw[i % 3];
-        column_as_rows(col_a, i, scales, weights[i & 1]);
-        if (group_b) column_as_rows(col_b, i, scales + 8, weights[i & 1] + 256);
-    };
-    const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f), eighth = _mm512_set1_ps(1.0f / 128.0f);
+    auto lay_out = [&](int64_t i) { column_as_b_tile(col_a, group_b ? &col_b : nullptr, i, dw[i % 3], weights[i & 1]); };
+    const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
     const int64_t nb = n / 32;
     lay_out(0);
     for (int64_t i = 0; i <= nb; ++i) {
         if (i < nb) {
             const int k = static_cast<int>(i & 1);
-            const int8_t* x = tiles + 4 * 512 * i;
-            _tile_loadd(4, weights[k], 32);
+            const int8_t* x = q + 128 * i;   // part p of token t at x + t q_stride + 32 p
+            _tile_loadd(4, weights[k], 64);
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
-            _tile_loadd(6, x, 64);
-            _tile_loadd(7, x + 512, 64);
-            _tile_dpbusd(0, 4, 6);
-            _tile_dpbusd(1, 4, 7);
-            _tile_loadd(6, x + 1024, 64);
-            _tile_loadd(7, x + 1536, 64);
-            _tile_dpbusd(2, 4, 6);
-            _tile_dpbusd(3, 4, 7);
+            _tile_loadd(5, x, q_stride);
+            _tile_loadd(6, x + 32, q_stride);
+            _tile_loadd(7, x + 64, q_stride);
+            _tile_dpbsud(0, 5, 4);
+            _tile_dpbsud(1, 6, 4);
+            _tile_dpbsud(2, 7, 4);
+            _tile_loadd(5, x + 96, q_stride);
+            _tile_dpbsud(3, 5, 4);
             _tile_stored(0, sums[k][0], 64);
             _tile_stored(1, sums[k][1], 64);
             _tile_stored(2, sums[k][2], 64);
@@ -252,27 +299,49 @@ void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const 
         }
         if (i == 0) continue;
         const int k = static_cast<int>((i - 1) & 1);
-        const __m512 dxv = _mm512_mul_ps(_mm512_loadu_ps(dx + 16 * (i - 1)), eighth);
+        const __m512 dwv = _mm512_load_ps(dw[(i - 1) % 3]);
 #pragma GCC unroll 16
-        for (int r = 0; r < 16; ++r) {
+        for (int t = 0; t < 16; ++t) {
+            if (t >= nt) break;
             auto pair = [&](int p) {   // S_p 2^7 + S_p+1
-                return _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[k][p] + 16 * r), 7),
-                                        _mm512_load_si512(sums[k][p + 1] + 16 * r));
+                return _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[k][p] + 16 * t), 7),
+                                        _mm512_load_si512(sums[k][p + 1] + 16 * t));
             };
             const __m512 sp = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair(2)), low_pair, _mm512_cvtepi32_ps(pair(0)));
-            acc[r] = _mm512_fmadd_ps(sp, _mm512_mul_ps(_mm512_set1_ps(dw[(i - 1) % 3][r]), dxv), acc[r]);
+            acc[t] = _mm512_fmadd_ps(sp, _mm512_mul_ps(dwv, _mm512_set1_ps(d[t][i - 1] * (1.0f / 128.0f))), acc[t]);
         }
     }
-    store_with_offsets<T>(acc, group_a, group_b, sx, nt, nb, out);
+    // the offsets' terms, a second pass over the columns' scales (sixteen more accumulators would
+    // not fit in registers beside acc's): extra = fma(c_r, sum_j x_j, extra) per block
+    __m512 extra[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) extra[t] = _mm512_setzero_ps();
+    GroupColumns<T> off_a(group_a), off_b(group_b ? group_b : group_a);
+    for (int64_t i = 0; i < nb; ++i) {
+        __m256 dw8, off8_a, off8_b = _mm256_setzero_ps();
+        off_a.at(i, &dw8, &off8_a);
+        if (group_b) off_b.at(i, &dw8, &off8_b);
+        const __m512 off = _mm512_insertf32x8(_mm512_castps256_ps512(off8_a), off8_b, 1);
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) {
+            if (t >= nt) break;
+            extra[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(sum[t][i]), extra[t]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) {
+        if (t >= nt) break;
+        _mm512_storeu_ps(out + 16 * t, _mm512_add_ps(acc[t], extra[t]));
+    }
 }
 
-void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx, const float* sx,
-                     int nt, int64_t n, float* out) {
-    with_packed_type(t, [&](auto type) { dot_packed8_amx_type<decltype(type)::value>(a, b, tiles, dx, sx, nt, n, out); });
+void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* q, int64_t q_stride,
+                     const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
+    with_packed_type(t, [&](auto type) { dot_packed8_amx_type<decltype(type)::value>(a, b, q, q_stride, d, sum, nt, n, out); });
 }
 
 // int8 decode's q8_0 rows on the tile unit: up to 16 rows (file layout; the rest zero) against nt
-// tokens laid out by amx_x_tiles (parts 1). Per block the A tile holds the rows' signed quants and
+// tokens laid out by amx_x_tiles. Per block the A tile holds the rows' signed quants and
 // TDPBSSD gives each (row, token) the block's exact sum S; the vector units then run
 // dot_q8_0_int8's float operations, acc = fma(float(S), dw * dx, acc) block after block. Four
 // blocks per round, as in dot_packed8_int8_amx_type.

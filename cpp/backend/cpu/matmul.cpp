@@ -37,13 +37,14 @@ constexpr int64_t kTokenBlock = 256;
 // the balance that finer chunks buy costs more than it saves (SmolLM2 Q4_1 decode, 2 threads: 1
 // chunk 1.04-1.10x the speed of 8; 16 sequences int8 1.02-1.13x).
 constexpr int kOnePassChunksPerThread = 1;
-// Decode rows take the AMX kernels from this many tokens on: their tile stores and scaling cost about
-// the same for 1 to 16 tokens, the VNNI kernels' work grows with the tokens. Per 16-row block, one
-// core (q4_1 x 576): int8 decode's packed kernel 40 ns at 8 tokens on either unit, 48 against 43 at 9,
-// 79 against 44 at 16; the exact four-part one 106 against 98 at 8, 208 against 101 at 16. int8
-// decode's Q8_0 rows (signed, no unpacking): 44 against 41 ns per row at 3 tokens, 64 against 43 at 4.
+// Decode rows take the AMX kernels from this many tokens on: those cost nearly the same for 1 to 16
+// tokens, the VNNI kernels' work grows with the tokens. Per 16-row block, one core (q4_1 x 576), VNNI
+// against AMX: int8 decode's packed kernel 40 against 41 ns at 8 tokens, 48 against 43 at 9, 79
+// against 44 at 16; the exact four-part one (tokens as the tile rows) 57 against 61 ns at 4, 69
+// against 63 at 5, 225 against 95 at 16. int8 decode's Q8_0 rows (signed, no unpacking): 44 against
+// 41 ns per row at 3 tokens, 64 against 43 at 4.
 constexpr int64_t kAmxInt8MinTokens = 9;
-constexpr int64_t kAmxExactMinTokens = 8;
+constexpr int64_t kAmxExactMinTokens = 5;
 constexpr int64_t kAmxQ8_0MinTokens = 4;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
@@ -191,7 +192,7 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
             }
         });
     }
-    if (any_amx) amx_tiles(T, cols);
+    if (any_amx && uses_int8_decode(kern)) amx_tiles(T, cols);   // (the exact kernel reads xq8_ itself)
     // column chunks [k0, k0 + chunk) for the tile paths, whole blocks of every weight's type (256
     // values for the K-quants); the other paths run in the first pass
     int64_t block = 32;
@@ -391,7 +392,6 @@ void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     const Kernels& kern = kernels();
     const int64_t nb = w.cols / 32;
     const bool int8 = uses_int8_decode(kern), q8_0 = !w.packed;
-    const int64_t parts = int8 ? 1 : 4;
     const uint8_t* b = !q8_0 && r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
     const int rows = q8_0 ? static_cast<int>(std::min<int64_t>(16, w.rows - r0)) : b ? 16 : 8;
     const void* q8_0_rows[16];
@@ -406,27 +406,32 @@ void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
                 for (int g = 0; g < rows / 8; ++g) packed_tokens(w, out, r0 + 8 * g, t0, T);
             break;
         }
-        const int8_t* tiles = x_tiles_.data() + c * nb * parts * 512;
+        const int8_t* tiles = x_tiles_.data() + c * nb * 512;
         const float* dx = x_tile_scales_.data() + 2 * c * nb * 16;
-        if (q8_0)
+        if (q8_0) {
             kern.dot_q8_0_int8_amx(q8_0_rows, rows, tiles, dx, nt, w.cols, o);
-        else
-            (int8 ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx)(w.type, packed_group(w, r0), b, tiles, dx,
-                                                                       dx + nb * 16, nt, w.cols, o);
+        } else if (int8) {
+            kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, tiles, dx, dx + nb * 16, nt, w.cols, o);
+        } else {   // straight from prepare_x8's output
+            const float *d[kAmxTokens], *sum[kAmxTokens];
+            for (int k = 0; k < nt; ++k) {
+                d[k] = xd8_.data() + (t0 + k) * nb;
+                sum[k] = xsum8_.data() + (t0 + k) * nb;
+            }
+            kern.dot_packed8_amx(w.type, packed_group(w, r0), b, xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, sum, nt,
+                                 w.cols, o);
+        }
         for (int k = 0; k < nt; ++k)
             for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
     }
 }
 
-// x as the AMX kernels' tiles, per chunk of kAmxTokens tokens: rounded to int8 (xa_) for int8
-// decode, else prepare_x8's four parts (xq8_). x_tiles_ [chunks, cols / 32, parts, 512],
-// x_tile_scales_ [chunks, 2 (scales, sums), cols / 32, 16]
+// x rounded to int8 (xa_) as the int8 AMX kernels' tiles, per chunk of kAmxTokens tokens: x_tiles_
+// [chunks, cols / 32, 512], x_tile_scales_ [chunks, 2 (scales, sums), cols / 32, 16]
 void Matmul::amx_tiles(int64_t T, int64_t cols) {
     const Kernels& kern = kernels();
-    const bool int8 = uses_int8_decode(kern);
-    const int parts = int8 ? 1 : 4;
     const int64_t nb = cols / 32, chunks = (T + kAmxTokens - 1) / kAmxTokens;
-    x_tiles_.resize(static_cast<size_t>(chunks * nb * parts * 512));
+    x_tiles_.resize(static_cast<size_t>(chunks * nb * 512));
     x_tile_scales_.resize(static_cast<size_t>(chunks * 2 * nb * 16));
     for (int64_t c = 0; c < chunks; ++c) {
         const int64_t t0 = c * kAmxTokens;
@@ -434,12 +439,12 @@ void Matmul::amx_tiles(int64_t T, int64_t cols) {
         const int8_t* a[kAmxTokens];
         const float *d[kAmxTokens], *sum[kAmxTokens];
         for (int k = 0; k < nt; ++k) {
-            a[k] = int8 ? xa_.data() + (t0 + k) * cols : xq8_.data() + 4 * (t0 + k) * cols;
+            a[k] = xa_.data() + (t0 + k) * cols;
             d[k] = xd8_.data() + (t0 + k) * nb;
-            sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t0 + k) * nb;
+            sum[k] = xsum_rounded_.data() + (t0 + k) * nb;
         }
-        kern.amx_x_tiles(a, d, sum, nt, cols, parts, x_tiles_.data() + c * nb * parts * 512,
-                         x_tile_scales_.data() + 2 * c * nb * 16, x_tile_scales_.data() + (2 * c + 1) * nb * 16);
+        kern.amx_x_tiles(a, d, sum, nt, cols, x_tiles_.data() + c * nb * 512, x_tile_scales_.data() + 2 * c * nb * 16,
+                         x_tile_scales_.data() + (2 * c + 1) * nb * 16);
     }
 }
 
@@ -497,7 +502,7 @@ bool Matmul::uses_int8_decode(const Kernels& kern) const { return int8_decode_ &
 bool Matmul::uses_amx(const Kernels& kern, const Weight& w, int64_t T) const {
     if (T < amx_min_tokens(kern, w)) return false;
     if (uses_int8_q8_0(kern, w)) return rows_as_decode() && kern.dot_q8_0_int8_amx;
-    const bool has_kernel = uses_int8_decode(kern) ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx;
+    const bool has_kernel = uses_int8_decode(kern) ? kern.dot_packed8_int8_amx != nullptr : kern.dot_packed8_amx != nullptr;
     return uses_packed(kern, w, T) && has_kernel;
 }
 int64_t Matmul::amx_min_tokens(const Kernels& kern, const Weight& w) const {
