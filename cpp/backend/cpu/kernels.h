@@ -136,15 +136,16 @@ struct Kernels {
                          int64_t s_stride);
     // The decode kernels for many tokens on Intel's AMX tile unit (null where the CPU or the OS lacks
     // it, or TOKENMILL_AMX=0), each (row, token) with the bits of the VNNI kernel it stands for.
-    // int8 decode: amx_x_tiles lays out nt <= kAmxTokens rounded vectors (a, d, sum as for
-    // dot_packed8_int8_tokens) once per product -- per block, the tile the unit reads (tiles [n / 32,
-    // 8, 64]: byte b of value group j of token t at j * 64 + 4 t + b) and the tokens' scales and sums
-    // side by side (dx, sx [n / 32, 16]) -- and dot_packed8_int8_amx runs two groups (b null: only a's
-    // eight rows) against them -> out[16 t + r].
+    // dot_packed8_int8_amx: int8 decode's product of two groups (b null: only a's eight rows), reading
+    // the rounded x itself (token k's at x + k * x_stride; d[k], sum[k] as for dot_packed8_int8_tokens)
+    // -> out[16 t + r]. amx_x_tiles lays out nt <= kAmxTokens rounded vectors for the Q8_0 kernel below,
+    // once per product: per block, the tile the unit reads (tiles [n / 32, 8, 64]: byte b of value
+    // group j of token t at j * 64 + 4 t + b) and the tokens' scales and sums side by side (dx, sx
+    // [n / 32, 16]).
     void (*amx_x_tiles)(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n,
                         int8_t* tiles, float* dx, float* sx);
-    void (*dot_packed8_int8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
-                                 const float* sx, int nt, int64_t n, float* out);
+    void (*dot_packed8_int8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* x, int64_t x_stride,
+                                 const float* const* d, const float* const* sum, int nt, int64_t n, float* out);
     // The exact product (dot_packed8's) of two groups, reading prepare_x8's output itself: token k's at
     // q + k * q_stride, d[k] and sum[k] as for dot_packed8_tokens -> out[16 t + r].
     void (*dot_packed8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* q, int64_t q_stride,

@@ -62,31 +62,10 @@ void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* con
     }
 }
 
-// Block column i of a group as eight rows of the A tile (value l of row r at dst + 32 r + l), its
-// rows' scales into dw[0..7]: per register of four rows, the low nibbles (values 0-15) and the high
-// ones (16-31) interleave by row.
-template <DType T>
-inline void column_as_rows(GroupColumns<T>& columns, int64_t i, float* dw, uint8_t* dst) {
-    __m256 dw8, offset;
-    const uint8_t* c = columns.at(i, &dw8, &offset);
-    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
-    _mm256_store_ps(dw, dw8);
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const __m512i rows01 = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), rows23 = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-    for (int h = 0; h < 2; ++h) {
-        const __m512i w = _mm512_loadu_si512(c + 64 * h);
-        __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-        if constexpr (five_bit(T)) add_fifth_bits(c, h, lo, hi);
-        _mm512_store_si512(dst + 128 * h, _mm512_permutex2var_epi64(lo, rows01, hi));
-        _mm512_store_si512(dst + 128 * h + 64, _mm512_permutex2var_epi64(lo, rows23, hi));
-    }
-}
-
 // The tile shapes for nt tokens: C tiles 0-3 [16 rows, nt int32], A tiles 4-5 [16 rows, 32 bytes], B
 // tiles 6-7 [8, 4 nt bytes]. Loaded once per thread and token count: a thread keeps its tiles
 // configured between calls (LDTILECFG costs about as much as a block's products).
-// (configured: the shapes a thread's tiles hold now, nt or 256 + nt for configure_token_rows)
+// (the shapes a thread's tiles hold now: nt, or 256 / 512 + nt for configure_token_rows)
 thread_local int configured_tiles = 0;
 
 inline void configure_tiles(int nt) {
@@ -99,115 +78,51 @@ inline void configure_tiles(int nt) {
     configured_tiles = nt;
 }
 
-// ... and with the roles turned round, tokens as the rows of A and C (the exact kernel): C tiles 0-3
-// [nt tokens, 16 int32], tile 4 the weights as B [8 value groups, 16 rows x 4 bytes], tiles 5-7 the
-// tokens' parts as A [nt tokens, 32 bytes].
-inline void configure_token_rows(int nt) {
-    if (configured_tiles == 256 + nt) return;
+// ... and with the roles turned round, tokens as the rows of A and C: C tiles 0-3 [nt tokens, 16
+// int32], the weights as B [8 value groups, 16 rows x 4 bytes] in tile 4 (and 6 if two_b), the
+// tokens' x as A [nt tokens, 32 bytes] in the others: the exact kernel's four parts want three A
+// tiles, int8 decode's rounds of four blocks two B and two A tiles.
+inline void configure_token_rows(int nt, bool two_b) {
+    const int shapes = (two_b ? 512 : 256) + nt;
+    if (configured_tiles == shapes) return;
     TileConfig config;
     for (int c = 0; c < 4; ++c) config.rows[c] = static_cast<uint8_t>(nt), config.colsb[c] = 64;
-    config.rows[4] = 8, config.colsb[4] = 64;   // B: the weights
-    for (int a = 5; a < 8; ++a) config.rows[a] = static_cast<uint8_t>(nt), config.colsb[a] = 32;
+    for (int t = 4; t < 8; ++t) {
+        const bool b = t == 4 || (two_b && t == 6);
+        config.rows[t] = b ? 8 : static_cast<uint8_t>(nt);
+        config.colsb[t] = b ? 64 : 32;
+    }
     _tile_loadconfig(&config);
-    configured_tiles = 256 + nt;
+    configured_tiles = shapes;
 }
 
-// out[16 t + r] = acc_r[t] + extra_r[t], where the offsets' terms come from a second pass over the
-// columns' scales (their sixteen accumulators would not fit in registers beside acc's):
-//   extra_r = fma(c_r, sx[i][t], extra_r) per block i, c_r the row's offset (q4_0: -8 dw_r, q4_1: m_r)
+// out[16 t + r] = acc[t][r] + extra[t][r] (sixteen rows per register, one register per token), the
+// offsets' terms from a second pass over the columns' scales (sixteen more accumulators would not fit
+// in registers beside acc's): extra = fma(c_r, sum[t][i], extra) per block i, c_r the row's offset
+// (q4_0: -8 dw_r, q4_1: m_r) -- the VNNI kernels' operations
 template <DType T>
-void store_with_offsets(const __m512* acc, const uint8_t* group_a, const uint8_t* group_b, const float* sx, int nt,
-                        int64_t nb, float* out) {
-    GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
-    alignas(64) float lanes[16 * 16];
-    alignas(32) float offset[16] = {};
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) _mm512_store_ps(lanes + 16 * r, acc[r]);
+void store_rows_with_offsets(const __m512* acc, const uint8_t* group_a, const uint8_t* group_b, const float* const* sum,
+                             int nt, int64_t nb, float* out) {
     __m512 extra[16];
 #pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) extra[r] = _mm512_setzero_ps();
+    for (int t = 0; t < 16; ++t) extra[t] = _mm512_setzero_ps();
+    GroupColumns<T> off_a(group_a), off_b(group_b ? group_b : group_a);
     for (int64_t i = 0; i < nb; ++i) {
-        __m256 dw8, off8;
-        col_a.at(i, &dw8, &off8);
-        _mm256_store_ps(offset, off8);
-        if (group_b) {
-            col_b.at(i, &dw8, &off8);
-            _mm256_store_ps(offset + 8, off8);
-        }
-        const __m512 sxv = _mm512_loadu_ps(sx + 16 * i);
+        __m256 dw8, off8_a, off8_b = _mm256_setzero_ps();
+        off_a.at(i, &dw8, &off8_a);
+        if (group_b) off_b.at(i, &dw8, &off8_b);
+        const __m512 off = _mm512_insertf32x8(_mm512_castps256_ps512(off8_a), off8_b, 1);
 #pragma GCC unroll 16
-        for (int r = 0; r < 16; ++r) extra[r] = _mm512_fmadd_ps(_mm512_set1_ps(offset[r]), sxv, extra[r]);
-    }
-    const int rows = group_b ? 16 : 8;
-    for (int r = 0; r < rows; ++r) {
-        alignas(64) float e[16];
-        _mm512_store_ps(e, extra[r]);
-        for (int t = 0; t < nt; ++t) out[16 * t + r] = lanes[16 * r + t] + e[t];
-    }
-}
-
-// Four blocks per round: their weights are laid out first, then the four products run into four C
-// tiles and are stored together, so the store -> tile load -> product -> tile store -> vector load
-// latency is paid once per round rather than once per block.
-constexpr int kAmxRound = 4;
-static_assert(kAmxRound == 4, "dot_packed8_int8_amx_type names one product and one store per C tile 0-3");
-
-template <DType T>
-void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* tiles, const float* dx,
-                               const float* sx, int nt, int64_t n, float* out) {
-    configure_tiles(nt);
-    alignas(64) uint8_t weights[kAmxRound][16 * 32];
-    alignas(64) int32_t sums[kAmxRound][16 * 16];
-    alignas(64) float dw[kAmxRound][16];
-    if (!group_b)
-        for (auto& w : weights) std::memset(w + 256, 0, 256);
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
-    const int64_t nb = n / 32;
-    for (int64_t i0 = 0; i0 < nb; i0 += kAmxRound) {
-        const int count = static_cast<int>(std::min<int64_t>(kAmxRound, nb - i0));
-        for (int k = 0; k < count; ++k) {
-            column_as_rows(col_a, i0 + k, dw[k], weights[k]);
-            if (group_b) column_as_rows(col_b, i0 + k, dw[k] + 8, weights[k] + 256);
-        }
-        const int8_t* x = tiles + 512 * i0;
-        // Block k of the round into C tile k, the A and B tiles alternating between 4/6 and 5/7 (tile
-        // numbers are immediates of the instructions, hence macros rather than a loop)
-#define TMILL_AMX_PRODUCT(k, a, b)                 \
-    if (count > k) {                               \
-        _tile_zero(k);                             \
-        _tile_loadd(a, weights[k], 32);            \
-        _tile_loadd(b, x + 512 * k, 64);           \
-        _tile_dpbusd(k, a, b);                     \
-    }
-#define TMILL_AMX_STORE(k) \
-    if (count > k) _tile_stored(k, sums[k], 64);
-        TMILL_AMX_PRODUCT(0, 4, 6)
-        TMILL_AMX_PRODUCT(1, 5, 7)
-        TMILL_AMX_PRODUCT(2, 4, 6)
-        TMILL_AMX_PRODUCT(3, 5, 7)
-        TMILL_AMX_STORE(0)
-        TMILL_AMX_STORE(1)
-        TMILL_AMX_STORE(2)
-        TMILL_AMX_STORE(3)
-#undef TMILL_AMX_PRODUCT
-#undef TMILL_AMX_STORE
-        for (int k = 0; k < count; ++k) {
-            const __m512 dxv = _mm512_loadu_ps(dx + 16 * (i0 + k));
-#pragma GCC unroll 16
-            for (int r = 0; r < 16; ++r)
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[k] + 16 * r)),
-                                         _mm512_mul_ps(_mm512_set1_ps(dw[k][r]), dxv), acc[r]);
+        for (int t = 0; t < 16; ++t) {
+            if (t >= nt) break;
+            extra[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(sum[t][i]), extra[t]);
         }
     }
-    store_with_offsets<T>(acc, group_a, group_b, sx, nt, nb, out);
-}
-
-void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* tiles, const float* dx,
-                          const float* sx, int nt, int64_t n, float* out) {
-    with_packed_type(t, [&](auto type) { dot_packed8_int8_amx_type<decltype(type)::value>(a, b, tiles, dx, sx, nt, n, out); });
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) {
+        if (t >= nt) break;
+        _mm512_storeu_ps(out + 16 * t, _mm512_add_ps(acc[t], extra[t]));
+    }
 }
 
 // Block column i of two groups (b: the rows 8-15, or zero) as the B tile of the turned-round
@@ -262,7 +177,7 @@ inline void column_as_b_tile(GroupColumns<T>& col_a, GroupColumns<T>* col_b, int
 template <DType T>
 void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* q, int64_t q_stride,
                           const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
-    configure_token_rows(nt);
+    configure_token_rows(nt, false);
     alignas(64) uint8_t weights[2][8 * 64];
     alignas(64) int32_t sums[2][4][16 * 16];
     alignas(64) float dw[3][16];   // blocks i - 1 (being scaled), i and i + 1 (laid out)
@@ -311,33 +226,76 @@ void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const 
             acc[t] = _mm512_fmadd_ps(sp, _mm512_mul_ps(dwv, _mm512_set1_ps(d[t][i - 1] * (1.0f / 128.0f))), acc[t]);
         }
     }
-    // the offsets' terms, a second pass over the columns' scales (sixteen more accumulators would
-    // not fit in registers beside acc's): extra = fma(c_r, sum_j x_j, extra) per block
-    __m512 extra[16];
-#pragma GCC unroll 16
-    for (int t = 0; t < 16; ++t) extra[t] = _mm512_setzero_ps();
-    GroupColumns<T> off_a(group_a), off_b(group_b ? group_b : group_a);
-    for (int64_t i = 0; i < nb; ++i) {
-        __m256 dw8, off8_a, off8_b = _mm256_setzero_ps();
-        off_a.at(i, &dw8, &off8_a);
-        if (group_b) off_b.at(i, &dw8, &off8_b);
-        const __m512 off = _mm512_insertf32x8(_mm512_castps256_ps512(off8_a), off8_b, 1);
-#pragma GCC unroll 16
-        for (int t = 0; t < 16; ++t) {
-            if (t >= nt) break;
-            extra[t] = _mm512_fmadd_ps(off, _mm512_set1_ps(sum[t][i]), extra[t]);
-        }
-    }
-#pragma GCC unroll 16
-    for (int t = 0; t < 16; ++t) {
-        if (t >= nt) break;
-        _mm512_storeu_ps(out + 16 * t, _mm512_add_ps(acc[t], extra[t]));
-    }
+    store_rows_with_offsets<T>(acc, group_a, group_b, sum, nt, nb, out);
 }
 
 void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* q, int64_t q_stride,
                      const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
     with_packed_type(t, [&](auto type) { dot_packed8_amx_type<decltype(type)::value>(a, b, q, q_stride, d, sum, nt, n, out); });
+}
+
+// int8 decode's product of two groups on the tile unit, tokens as rows (as dot_packed8_amx_type):
+// per block the B tile (the weights) against the tokens' rounded x (A, read in place) gives each
+// (token, row) the block's exact int32 sum S, and the vector units run dot_packed8_int8_tokens_type's
+// operations on it: acc = fma(float(S), dw_r * dx, acc), extra = fma(c_r, sum, extra), out = acc +
+// extra. Four blocks per round (C tiles 0-3; B tiles 4 and 6, A tiles 5 and 7 in turn): their
+// weights are laid out first, then the four products run and are stored together, so the tile
+// latencies are paid once per round.
+constexpr int kAmxRound = 4;
+
+template <DType T>
+void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* x, int64_t x_stride,
+                               const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
+    configure_token_rows(nt, true);
+    alignas(64) uint8_t weights[kAmxRound][8 * 64];
+    alignas(64) int32_t sums[kAmxRound][16 * 16];
+    alignas(64) float dw[kAmxRound][16];
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
+    const int64_t nb = n / 32;
+    for (int64_t i0 = 0; i0 < nb; i0 += kAmxRound) {
+        const int count = static_cast<int>(std::min<int64_t>(kAmxRound, nb - i0));
+        for (int k = 0; k < count; ++k) column_as_b_tile(col_a, group_b ? &col_b : nullptr, i0 + k, dw[k], weights[k]);
+        // block k of the round into C tile k (tile numbers are immediates, hence macros)
+#define TMILL_AMX_PRODUCT(k, b, a)                          \
+    if (count > k) {                                        \
+        _tile_zero(k);                                      \
+        _tile_loadd(b, weights[k], 64);                     \
+        _tile_loadd(a, x + 32 * (i0 + k), x_stride);        \
+        _tile_dpbsud(k, a, b);                              \
+    }
+#define TMILL_AMX_STORE(k) \
+    if (count > k) _tile_stored(k, sums[k], 64);
+        TMILL_AMX_PRODUCT(0, 4, 5)
+        TMILL_AMX_PRODUCT(1, 6, 7)
+        TMILL_AMX_PRODUCT(2, 4, 5)
+        TMILL_AMX_PRODUCT(3, 6, 7)
+        TMILL_AMX_STORE(0)
+        TMILL_AMX_STORE(1)
+        TMILL_AMX_STORE(2)
+        TMILL_AMX_STORE(3)
+#undef TMILL_AMX_PRODUCT
+#undef TMILL_AMX_STORE
+        for (int k = 0; k < count; ++k) {
+            const __m512 dwv = _mm512_load_ps(dw[k]);
+#pragma GCC unroll 16
+            for (int t = 0; t < 16; ++t) {
+                if (t >= nt) break;
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[k] + 16 * t)),
+                                         _mm512_mul_ps(dwv, _mm512_set1_ps(d[t][i0 + k])), acc[t]);
+            }
+        }
+    }
+    store_rows_with_offsets<T>(acc, group_a, group_b, sum, nt, nb, out);
+}
+
+void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* x, int64_t x_stride,
+                          const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
+    with_packed_type(t, [&](auto type) {
+        dot_packed8_int8_amx_type<decltype(type)::value>(a, b, x, x_stride, d, sum, nt, n, out);
+    });
 }
 
 // int8 decode's q8_0 rows on the tile unit: up to 16 rows (file layout; the rest zero) against nt

@@ -39,11 +39,11 @@ constexpr int64_t kTokenBlock = 256;
 constexpr int kOnePassChunksPerThread = 1;
 // Decode rows take the AMX kernels from this many tokens on: those cost nearly the same for 1 to 16
 // tokens, the VNNI kernels' work grows with the tokens. Per 16-row block, one core (q4_1 x 576), VNNI
-// against AMX: int8 decode's packed kernel 40 against 41 ns at 8 tokens, 48 against 43 at 9, 79
-// against 44 at 16; the exact four-part one (tokens as the tile rows) 57 against 61 ns at 4, 69
-// against 63 at 5, 225 against 95 at 16. int8 decode's Q8_0 rows (signed, no unpacking): 44 against
-// 41 ns per row at 3 tokens, 64 against 43 at 4.
-constexpr int64_t kAmxInt8MinTokens = 9;
+// against AMX (tokens as the tile rows): int8 decode's packed kernel 22 against 24 ns at 4 tokens, 30
+// against 25 at 5, 86 against 41 at 16; the exact four-part one 57 against 61 at 4, 69-72 against
+// 63-67 at 5, 223 against 95-102 at 16. int8 decode's Q8_0 rows (signed, no unpacking): 44 against 41
+// ns per row at 3 tokens, 64 against 43 at 4.
+constexpr int64_t kAmxInt8MinTokens = 5;
 constexpr int64_t kAmxExactMinTokens = 5;
 constexpr int64_t kAmxQ8_0MinTokens = 4;
 // Rows-as-decode passes run float weight rows against this many tokens per call
@@ -148,7 +148,7 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
     const Kernels& kern = kernels();
     const bool small_batch = (T < kPreparedMaxTokens && !invariant()) || rows_as_decode();
     bool any_prepared = false, any_prepared_k = false, any_packed = false, any_tile16 = false, any_tile = false,
-         any_int8 = false, any_packed_exact = false, any_amx = false;
+         any_int8 = false, any_packed_exact = false, any_amx_tiles = false;
     std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
     for (int i = 0; i < n_items; ++i) {
         const Weight& w = *items[i].w;
@@ -158,7 +158,7 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
         any_int8 |= (packed && uses_int8_decode(kern)) || (small_batch && uses_int8_q8_0(kern, w));
         any_tile16 |= tile16;
         any_tile |= tile;
-        any_amx |= uses_amx(kern, w, T);
+        any_amx_tiles |= uses_amx(kern, w, T) && uses_int8_q8_0(kern, w);   // the only reader of amx_tiles
         const bool prepared = !packed && small_batch && uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
         (superblock_x(w.type) ? any_prepared_k : any_prepared) |= prepared;
         const int64_t unit_rows = tile16 || uses_amx(kern, w, T) ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
@@ -192,7 +192,7 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
             }
         });
     }
-    if (any_amx && uses_int8_decode(kern)) amx_tiles(T, cols);   // (the exact kernel reads xq8_ itself)
+    if (any_amx_tiles) amx_tiles(T, cols);
     // column chunks [k0, k0 + chunk) for the tile paths, whole blocks of every weight's type (256
     // values for the K-quants); the other paths run in the first pass
     int64_t block = 32;
@@ -410,16 +410,18 @@ void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
         const float* dx = x_tile_scales_.data() + 2 * c * nb * 16;
         if (q8_0) {
             kern.dot_q8_0_int8_amx(q8_0_rows, rows, tiles, dx, nt, w.cols, o);
-        } else if (int8) {
-            kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, tiles, dx, dx + nb * 16, nt, w.cols, o);
-        } else {   // straight from prepare_x8's output
+        } else {   // straight from x as prepared (rounded, or prepare_x8's four parts)
             const float *d[kAmxTokens], *sum[kAmxTokens];
             for (int k = 0; k < nt; ++k) {
                 d[k] = xd8_.data() + (t0 + k) * nb;
-                sum[k] = xsum8_.data() + (t0 + k) * nb;
+                sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t0 + k) * nb;
             }
-            kern.dot_packed8_amx(w.type, packed_group(w, r0), b, xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, sum, nt,
-                                 w.cols, o);
+            if (int8)
+                kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, xa_.data() + t0 * w.cols, w.cols, d, sum, nt,
+                                          w.cols, o);
+            else
+                kern.dot_packed8_amx(w.type, packed_group(w, r0), b, xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, sum,
+                                     nt, w.cols, o);
         }
         for (int k = 0; k < nt; ++k)
             for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
