@@ -1,6 +1,9 @@
-// AMX kernels (Intel's tile unit, Sapphire Rapids on): decode rows of the eight-row types, many
-// tokens at a time, for int8 decode and for the exact four-part product. This file alone is compiled with AMX-TILE and AMX-INT8 (besides the AVX-512
-// level's flags), and its kernels join the AVX-512 table only after amx_int8_usable().
+// AMX kernels (Intel's tile unit, Sapphire Rapids on): decode rows, many tokens at a time -- the
+// eight-row types exact (four int8 parts of x) and with int8 decode, and int8 decode's Q8_0 rows.
+// Each (row, token) gets the exact int32 block sums the VNNI kernels add up and the same float
+// operations on them, so its bits are those of a one-token step. This file alone is compiled with
+// AMX-TILE and AMX-INT8 (besides the AVX-512 level's flags), and its kernels join the AVX-512 table
+// only after amx_int8_usable().
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -38,10 +41,7 @@ bool amx_int8_usable() {
 #endif
 }
 
-// Per block the unit multiplies tiles: C [16 rows, nt tokens] int32 = A, the weights as unsigned
-// bytes [16 rows, 32 values], times B, the tokens' int8 values [8 groups of four values, nt tokens
-// x 4] -- each (row, token) the exact int32 sum of the block's 32 products, which the vector units
-// then scale as the VNNI kernels do. (configure_tiles numbers the tiles.)
+// LDTILECFG's operand: palette 1, then per tile its bytes per row and its rows
 struct TileConfig {
     uint8_t palette = 1, start_row = 0;
     uint8_t reserved[14] = {};
@@ -62,10 +62,11 @@ void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* con
     }
 }
 
-// The tile shapes for nt tokens: C tiles 0-3 [16 rows, nt int32], A tiles 4-5 [16 rows, 32 bytes], B
-// tiles 6-7 [8, 4 nt bytes]. Loaded once per thread and token count: a thread keeps its tiles
-// configured between calls (LDTILECFG costs about as much as a block's products).
-// (the shapes a thread's tiles hold now: nt, or 256 / 512 + nt for configure_token_rows)
+// The tile shapes of the Q8_0 kernel for nt tokens, weights as the rows of A and C: C tiles 0-3 [16
+// rows, nt int32], A tiles 4-5 [16 rows, 32 bytes], B tiles 6-7 (the tokens' values) [8 groups of
+// four, 4 nt bytes]. Loaded once per thread and shapes: a thread keeps its tiles configured between
+// calls (LDTILECFG costs about as much as a block's products). configured_tiles: the shapes a
+// thread's tiles hold now, nt here, 256 / 512 + nt for configure_token_rows.
 thread_local int configured_tiles = 0;
 
 inline void configure_tiles(int nt) {
