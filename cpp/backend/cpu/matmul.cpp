@@ -385,9 +385,10 @@ void Matmul::q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1,
     }
 }
 
-// Decode rows on AMX, the unit of sixteen rows from r0 (two packed groups, or Q8_0 rows in their
-// file layout) against the tokens, kAmxTokens at a time (amx_tiles laid them out); a last chunk of
-// fewer than amx_min_tokens takes the VNNI kernels, whose bits are the same
+// Decode rows on AMX, the unit of sixteen rows from r0 (two packed groups, which read the prepared x
+// in place, or Q8_0 rows in their file layout, which read amx_tiles' tiles) against the tokens,
+// kAmxTokens at a time; a last chunk of fewer than amx_min_tokens takes the VNNI kernels, whose bits
+// are the same
 void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     const Kernels& kern = kernels();
     const int64_t nb = w.cols / 32;
