@@ -134,26 +134,21 @@ struct Kernels {
     // vector feeds every query, and no score needs a horizontal sum.
     void (*scores_block)(const float* q, int nq, int64_t hd, const float* kt, int64_t kt_stride, int64_t m, float* s,
                          int64_t s_stride);
-    // The decode kernels for many tokens on Intel's AMX tile unit (null where the CPU or the OS lacks
-    // it, or TOKENMILL_AMX=0), each (row, token) with the bits of the VNNI kernel it stands for.
-    // dot_packed8_int8_amx: int8 decode's product of two groups (b null: only a's eight rows), reading
-    // the rounded x itself (token k's at x + k * x_stride; d[k], sum[k] as for dot_packed8_int8_tokens)
-    // -> out[16 t + r]. amx_x_tiles lays out nt <= kAmxTokens rounded vectors for the Q8_0 kernel below,
-    // once per product: per block, the tile the unit reads (tiles [n / 32, 8, 64]: byte b of value
-    // group j of token t at j * 64 + 4 t + b) and the tokens' scales and sums side by side (dx, sx
-    // [n / 32, 16]).
-    void (*amx_x_tiles)(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n,
-                        int8_t* tiles, float* dx, float* sx);
+    // The decode kernels for many tokens (nt <= kAmxTokens) on Intel's AMX tile unit (null where the
+    // CPU or the OS lacks it, or TOKENMILL_AMX=0), each (row, token) with the bits of the VNNI kernel
+    // it stands for, out[16 t + r]; they read x as prepared, token k's at x + k * x_stride.
+    // dot_packed8_int8_amx: int8 decode's product of two groups (b null: only a's eight rows), x
+    // rounded (d[k], sum[k] as for dot_packed8_int8_tokens).
     void (*dot_packed8_int8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* x, int64_t x_stride,
                                  const float* const* d, const float* const* sum, int nt, int64_t n, float* out);
-    // The exact product (dot_packed8's) of two groups, reading prepare_x8's output itself: token k's at
-    // q + k * q_stride, d[k] and sum[k] as for dot_packed8_tokens -> out[16 t + r].
+    // ... the exact product (dot_packed8's) of two groups, x as prepare_x8's output (d[k], sum[k] as
+    // for dot_packed8_tokens)
     void (*dot_packed8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* q, int64_t q_stride,
                             const float* const* d, const float* const* sum, int nt, int64_t n, float* out);
-    // int8 decode's q8_0 kernel: n_rows <= 16 Q8_0 rows (file layout) against the nt tokens
-    // amx_x_tiles laid out -> out[16 t + r], the bits dot_q8_0_int8 gives
-    void (*dot_q8_0_int8_amx)(const void* const* rows, int n_rows, const int8_t* tiles, const float* dx, int nt, int64_t n,
-                              float* out);
+    // ... int8 decode's product of n_rows <= 16 Q8_0 rows (file layout), x rounded (d[k] as for
+    // dot_q8_0_int8)
+    void (*dot_q8_0_int8_amx)(const void* const* rows, int n_rows, const int8_t* x, int64_t x_stride,
+                              const float* const* d, int nt, int64_t n, float* out);
 };
 
 constexpr int kAmxTokens = 16;

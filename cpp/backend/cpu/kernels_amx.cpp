@@ -49,40 +49,14 @@ struct TileConfig {
     uint8_t rows[16] = {};
 };
 
-void amx_x_tiles(const int8_t* const* a, const float* const* d, const float* const* sum, int nt, int64_t n,
-                 int8_t* tiles, float* dx, float* sx) {
-    for (int64_t i = 0; i < n / 32; ++i) {
-        int32_t* tile = reinterpret_cast<int32_t*>(tiles + 512 * i);
-        for (int j = 0; j < 8; ++j)
-            for (int t = 0; t < nt; ++t) std::memcpy(tile + 16 * j + t, a[t] + 32 * i + 4 * j, 4);
-        for (int t = 0; t < kAmxTokens; ++t) {
-            dx[16 * i + t] = t < nt ? d[t][i] : 0.0f;
-            sx[16 * i + t] = t < nt ? sum[t][i] : 0.0f;
-        }
-    }
-}
-
-// The tile shapes of the Q8_0 kernel for nt tokens, weights as the rows of A and C: C tiles 0-3 [16
-// rows, nt int32], A tiles 4-5 [16 rows, 32 bytes], B tiles 6-7 (the tokens' values) [8 groups of
-// four, 4 nt bytes]. Loaded once per thread and shapes: a thread keeps its tiles configured between
-// calls (LDTILECFG costs about as much as a block's products). configured_tiles: the shapes a
-// thread's tiles hold now, nt here, 256 / 512 + nt for configure_token_rows.
+// (the shapes a thread's tiles hold now, 256 / 512 + nt as configure_token_rows sets them)
 thread_local int configured_tiles = 0;
 
-inline void configure_tiles(int nt) {
-    if (configured_tiles == nt) return;
-    TileConfig config;
-    for (int c = 0; c < 4; ++c) config.rows[c] = 16, config.colsb[c] = static_cast<uint16_t>(4 * nt);
-    for (int a = 4; a < 6; ++a) config.rows[a] = 16, config.colsb[a] = 32;
-    for (int b = 6; b < 8; ++b) config.rows[b] = 8, config.colsb[b] = static_cast<uint16_t>(4 * nt);
-    _tile_loadconfig(&config);
-    configured_tiles = nt;
-}
-
-// ... and with the roles turned round, tokens as the rows of A and C: C tiles 0-3 [nt tokens, 16
-// int32], the weights as B [8 value groups, 16 rows x 4 bytes] in tile 4 (and 6 if two_b), the
-// tokens' x as A [nt tokens, 32 bytes] in the others: the exact kernel's four parts want three A
-// tiles, int8 decode's rounds of four blocks two B and two A tiles.
+// The tile shapes for nt tokens, tokens as the rows of A and C: C tiles 0-3 [nt tokens, 16 int32],
+// the weights as B [8 value groups, 16 rows x 4 bytes] in tile 4 (and 6 if two_b), the tokens' x as
+// A [nt tokens, 32 bytes] in the others: the exact kernel's four parts want three A tiles, int8
+// decode's rounds of four blocks two B and two A tiles. Loaded once per thread and shapes: a thread
+// keeps its tiles configured between calls (LDTILECFG costs about as much as a block's products).
 inline void configure_token_rows(int nt, bool two_b) {
     const int shapes = (two_b ? 512 : 256) + nt;
     if (configured_tiles == shapes) return;
@@ -235,37 +209,37 @@ void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* 
     with_packed_type(t, [&](auto type) { dot_packed8_amx_type<decltype(type)::value>(a, b, q, q_stride, d, sum, nt, n, out); });
 }
 
-// int8 decode's product of two groups on the tile unit, tokens as rows (as dot_packed8_amx_type):
-// per block the B tile (the weights) against the tokens' rounded x (A, read in place) gives each
-// (token, row) the block's exact int32 sum S, and the vector units run dot_packed8_int8_tokens_type's
-// operations on it: acc = fma(float(S), dw_r * dx, acc), extra = fma(c_r, sum, extra), out = acc +
-// extra. Four blocks per round (C tiles 0-3; B tiles 4 and 6, A tiles 5 and 7 in turn): their
-// weights are laid out first, then the four products run and are stored together, so the tile
-// latencies are paid once per round.
+// int8 decode's products on the tile unit, tokens as rows (as dot_packed8_amx_type): per block, the
+// weights' B tile (lay_out(i, dw, weights) writes block i's and the 16 rows' scales) against the
+// tokens' rounded x (A, read in place: token t's at x + t * x_stride) gives each (token, row) the
+// block's exact int32 sum S -- TDPBSUD for unsigned quants, TDPBSSD for signed ones -- and the
+// vector units run the VNNI kernels' operations on it, sixteen rows per register:
+//   acc[t] = fma(float(S), dw * dx_t, acc[t]) block after block.
+// Four blocks per round (C tiles 0-3; B tiles 4 and 6, A tiles 5 and 7 in turn): their weights are
+// laid out first, then the four products run and are stored together, so the tile latencies are paid
+// once per round.
 constexpr int kAmxRound = 4;
 
-template <DType T>
-void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* x, int64_t x_stride,
-                               const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
+template <bool SignedQuants, typename LayOut>
+void int8_amx_blocks(LayOut lay_out, const int8_t* x, int64_t x_stride, const float* const* d, int nt, int64_t nb,
+                     __m512* acc) {
     configure_token_rows(nt, true);
     alignas(64) uint8_t weights[kAmxRound][8 * 64];
     alignas(64) int32_t sums[kAmxRound][16 * 16];
     alignas(64) float dw[kAmxRound][16];
-    __m512 acc[16];
 #pragma GCC unroll 16
     for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-    GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
-    const int64_t nb = n / 32;
     for (int64_t i0 = 0; i0 < nb; i0 += kAmxRound) {
         const int count = static_cast<int>(std::min<int64_t>(kAmxRound, nb - i0));
-        for (int k = 0; k < count; ++k) column_as_b_tile(col_a, group_b ? &col_b : nullptr, i0 + k, dw[k], weights[k]);
+        for (int k = 0; k < count; ++k) lay_out(i0 + k, dw[k], weights[k]);
         // block k of the round into C tile k (tile numbers are immediates, hence macros)
-#define TMILL_AMX_PRODUCT(k, b, a)                          \
-    if (count > k) {                                        \
-        _tile_zero(k);                                      \
-        _tile_loadd(b, weights[k], 64);                     \
-        _tile_loadd(a, x + 32 * (i0 + k), x_stride);        \
-        _tile_dpbsud(k, a, b);                              \
+#define TMILL_AMX_PRODUCT(k, b, a)                                   \
+    if (count > k) {                                                 \
+        _tile_zero(k);                                               \
+        _tile_loadd(b, weights[k], 64);                              \
+        _tile_loadd(a, x + 32 * (i0 + k), x_stride);                 \
+        if constexpr (SignedQuants) _tile_dpbssd(k, a, b);           \
+        else _tile_dpbsud(k, a, b);                                  \
     }
 #define TMILL_AMX_STORE(k) \
     if (count > k) _tile_stored(k, sums[k], 64);
@@ -289,7 +263,19 @@ void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, c
             }
         }
     }
-    store_rows_with_offsets<T>(acc, group_a, group_b, sum, nt, nb, out);
+}
+
+// ... two groups of a packed type (unsigned quants), plus the offsets' terms
+template <DType T>
+void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* x, int64_t x_stride,
+                               const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
+    GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
+    auto lay_out = [&](int64_t i, float* dw, uint8_t* weights) {
+        column_as_b_tile(col_a, group_b ? &col_b : nullptr, i, dw, weights);
+    };
+    __m512 acc[16];
+    int8_amx_blocks<false>(lay_out, x, x_stride, d, nt, n / 32, acc);
+    store_rows_with_offsets<T>(acc, group_a, group_b, sum, nt, n / 32, out);
 }
 
 void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* x, int64_t x_stride,
@@ -299,72 +285,62 @@ void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int
     });
 }
 
-// int8 decode's q8_0 rows on the tile unit: up to 16 rows (file layout; the rest zero) against nt
-// tokens laid out by amx_x_tiles. Per block the A tile holds the rows' signed quants and
-// TDPBSSD gives each (row, token) the block's exact sum S; the vector units then run
-// dot_q8_0_int8's float operations, acc = fma(float(S), dw * dx, acc) block after block. Four
-// blocks per round, as in dot_packed8_int8_amx_type.
-void dot_q8_0_int8_amx(const void* const* rows, int n_rows, const int8_t* tiles, const float* dx, int nt, int64_t n,
-                       float* out) {
+// Block i of up to 16 Q8_0 rows (file layout; the rest zero) as the B tile of the turned-round
+// products: row j holds each row's quants 4j..4j+3 (an 8 x 8 transpose of int32 per half of the
+// tile, rows r and r + 8 sharing a register), and the rows' scales go to dw[0..15].
+inline void q8_0_block_as_b_tile(const void* const* rows, int n_rows, int64_t i, float* dw, uint8_t* dst) {
     constexpr int64_t block = 34;   // fp16 scale + 32 quants
-    configure_tiles(nt);
-    alignas(64) int8_t weights[kAmxRound][16 * 32] = {};
-    alignas(64) int32_t sums[kAmxRound][16 * 16];
-    alignas(64) float dw[kAmxRound][16] = {};
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    const int64_t nb = n / 32;
-    for (int64_t i0 = 0; i0 < nb; i0 += kAmxRound) {
-        const int count = static_cast<int>(std::min<int64_t>(kAmxRound, nb - i0));
-        for (int k = 0; k < count; ++k)
-            for (int r = 0; r < n_rows; ++r) {
-                const uint8_t* blk = static_cast<const uint8_t*>(rows[r]) + (i0 + k) * block;
-                _mm_prefetch(reinterpret_cast<const char*>(blk) + kDecodePrefetchBytes, _MM_HINT_T0);
-                dw[k][r] = half_at(blk);
-                _mm256_store_si256(reinterpret_cast<__m256i*>(weights[k] + 32 * r),
-                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2)));
+    __m512i v[8];
+    for (int r = 0; r < 8; ++r) {
+        __m256i half_rows[2];
+        for (int g = 0; g < 2; ++g) {
+            const int row = r + 8 * g;
+            if (row >= n_rows) {
+                half_rows[g] = _mm256_setzero_si256();
+                continue;
             }
-        const int8_t* x = tiles + 512 * i0;
-#define TMILL_AMX_PRODUCT(k, a, b)                 \
-    if (count > k) {                               \
-        _tile_zero(k);                             \
-        _tile_loadd(a, weights[k], 32);            \
-        _tile_loadd(b, x + 512 * k, 64);           \
-        _tile_dpbssd(k, a, b);                     \
-    }
-#define TMILL_AMX_STORE(k) \
-    if (count > k) _tile_stored(k, sums[k], 64);
-        TMILL_AMX_PRODUCT(0, 4, 6)
-        TMILL_AMX_PRODUCT(1, 5, 7)
-        TMILL_AMX_PRODUCT(2, 4, 6)
-        TMILL_AMX_PRODUCT(3, 5, 7)
-        TMILL_AMX_STORE(0)
-        TMILL_AMX_STORE(1)
-        TMILL_AMX_STORE(2)
-        TMILL_AMX_STORE(3)
-#undef TMILL_AMX_PRODUCT
-#undef TMILL_AMX_STORE
-        for (int k = 0; k < count; ++k) {
-            const __m512 dxv = _mm512_loadu_ps(dx + 16 * (i0 + k));
-#pragma GCC unroll 16
-            for (int r = 0; r < 16; ++r)
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[k] + 16 * r)),
-                                         _mm512_mul_ps(_mm512_set1_ps(dw[k][r]), dxv), acc[r]);
+            const uint8_t* blk = static_cast<const uint8_t*>(rows[row]) + i * block;
+            _mm_prefetch(reinterpret_cast<const char*>(blk) + kDecodePrefetchBytes, _MM_HINT_T0);
+            half_rows[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
         }
+        v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(half_rows[0]), half_rows[1], 1);
     }
-    alignas(64) float lanes[16];
-    for (int r = 0; r < n_rows; ++r) {
-        _mm512_store_ps(lanes, acc[r]);
-        for (int t = 0; t < nt; ++t) out[16 * t + r] = lanes[t];
+    // 8 x 8 transposes of int32 in each 256-bit half: v[r] lane j (+ 8) -> out[j] lane r (+ 8)
+    __m512i t[8], u[8];
+    for (int k = 0; k < 4; ++k) {
+        t[2 * k] = _mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]);
     }
+    for (int k = 0; k < 2; ++k)
+        for (int m = 0; m < 2; ++m) {
+            u[4 * k + m] = _mm512_unpacklo_epi64(t[4 * k + m], t[4 * k + m + 2]);
+            u[4 * k + m + 2] = _mm512_unpackhi_epi64(t[4 * k + m], t[4 * k + m + 2]);
+        }
+    // u[m] (rows 0-3) and u[m + 4] (rows 4-7), per 128-bit lane element {0, 2, 1, 3}[m] of its four
+    // quants: the low lanes of each half give quants j < 4, the high ones j + 4
+    const __m512i low_lanes = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high_lanes = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    constexpr int element_of[4] = {0, 2, 1, 3};
+    for (int m = 0; m < 4; ++m) {
+        _mm512_store_si512(dst + 64 * element_of[m], _mm512_permutex2var_epi64(u[m], low_lanes, u[m + 4]));
+        _mm512_store_si512(dst + 64 * (element_of[m] + 4), _mm512_permutex2var_epi64(u[m], high_lanes, u[m + 4]));
+    }
+    for (int r = 0; r < 16; ++r)
+        dw[r] = r < n_rows ? half_at(static_cast<const uint8_t*>(rows[r]) + i * block) : 0.0f;
+}
+
+// ... and up to 16 Q8_0 rows (signed quants, no offsets): the bits dot_q8_0_int8 gives
+void dot_q8_0_int8_amx(const void* const* rows, int n_rows, const int8_t* x, int64_t x_stride, const float* const* d,
+                       int nt, int64_t n, float* out) {
+    auto lay_out = [&](int64_t i, float* dw, uint8_t* weights) { q8_0_block_as_b_tile(rows, n_rows, i, dw, weights); };
+    __m512 acc[16];
+    int8_amx_blocks<true>(lay_out, x, x_stride, d, nt, n / 32, acc);
+    for (int t = 0; t < nt; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
 }
 
 }  // namespace
 
 void add_amx_kernels(Kernels& k) {
     if (!amx_int8_usable()) return;
-    k.amx_x_tiles = amx_x_tiles;
     k.dot_packed8_int8_amx = dot_packed8_int8_amx;
     k.dot_packed8_amx = dot_packed8_amx;
     k.dot_q8_0_int8_amx = dot_q8_0_int8_amx;

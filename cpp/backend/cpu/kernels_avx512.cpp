@@ -1295,7 +1295,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
                       dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, gelu_tanh, group_dot_f32, group_dot_f16, group_axpy_f32,
                       group_axpy_f16, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
-                      dot_q8_0_int8, scores_block, nullptr, nullptr, nullptr, nullptr};
+                      dot_q8_0_int8, scores_block, nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -41,11 +41,11 @@ constexpr int kOnePassChunksPerThread = 1;
 // tokens, the VNNI kernels' work grows with the tokens. Per 16-row block, one core (q4_1 x 576), VNNI
 // against AMX (tokens as the tile rows): int8 decode's packed kernel 22 against 24 ns at 4 tokens, 30
 // against 25 at 5, 86 against 41 at 16; the exact four-part one 57 against 61 at 4, 69-72 against
-// 63-67 at 5, 223 against 95-102 at 16. int8 decode's Q8_0 rows (signed, no unpacking): 44 against 41
-// ns per row at 3 tokens, 64 against 43 at 4.
+// 63-67 at 5, 223 against 95-102 at 16. int8 decode's Q8_0 rows (signed, no unpacking): 47 against
+// 38 ns per row at 3 tokens, 254 against 51 at 16.
 constexpr int64_t kAmxInt8MinTokens = 5;
 constexpr int64_t kAmxExactMinTokens = 5;
-constexpr int64_t kAmxQ8_0MinTokens = 4;
+constexpr int64_t kAmxQ8_0MinTokens = 3;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
 
@@ -148,7 +148,7 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
     const Kernels& kern = kernels();
     const bool small_batch = (T < kPreparedMaxTokens && !invariant()) || rows_as_decode();
     bool any_prepared = false, any_prepared_k = false, any_packed = false, any_tile16 = false, any_tile = false,
-         any_int8 = false, any_packed_exact = false, any_amx_tiles = false;
+         any_int8 = false, any_packed_exact = false;
     std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
     for (int i = 0; i < n_items; ++i) {
         const Weight& w = *items[i].w;
@@ -158,7 +158,6 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
         any_int8 |= (packed && uses_int8_decode(kern)) || (small_batch && uses_int8_q8_0(kern, w));
         any_tile16 |= tile16;
         any_tile |= tile;
-        any_amx_tiles |= uses_amx(kern, w, T) && uses_int8_q8_0(kern, w);   // the only reader of amx_tiles
         const bool prepared = !packed && small_batch && uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
         (superblock_x(w.type) ? any_prepared_k : any_prepared) |= prepared;
         const int64_t unit_rows = tile16 || uses_amx(kern, w, T) ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
@@ -192,7 +191,6 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
             }
         });
     }
-    if (any_amx_tiles) amx_tiles(T, cols);
     // column chunks [k0, k0 + chunk) for the tile paths, whole blocks of every weight's type (256
     // values for the K-quants); the other paths run in the first pass
     int64_t block = 32;
@@ -385,10 +383,9 @@ void Matmul::q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1,
     }
 }
 
-// Decode rows on AMX, the unit of sixteen rows from r0 (two packed groups, which read the prepared x
-// in place, or Q8_0 rows in their file layout, which read amx_tiles' tiles) against the tokens,
-// kAmxTokens at a time; a last chunk of fewer than amx_min_tokens takes the VNNI kernels, whose bits
-// are the same
+// Decode rows on AMX, the unit of sixteen rows from r0 (two packed groups, or Q8_0 rows in their file
+// layout) against the tokens, kAmxTokens at a time, x read as prepared (rounded, or prepare_x8's four
+// parts); a last chunk of fewer than amx_min_tokens takes the VNNI kernels, whose bits are the same
 void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     const Kernels& kern = kernels();
     const int64_t nb = w.cols / 32;
@@ -398,7 +395,7 @@ void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     const void* q8_0_rows[16];
     for (int r = 0; q8_0 && r < rows; ++r) q8_0_rows[r] = w.data + static_cast<size_t>(r0 + r) * w.row_stride;
     float o[16 * kAmxTokens];
-    for (int64_t t0 = 0, c = 0; t0 < T; t0 += kAmxTokens, ++c) {
+    for (int64_t t0 = 0; t0 < T; t0 += kAmxTokens) {
         const int nt = static_cast<int>(std::min<int64_t>(kAmxTokens, T - t0));
         if (nt < amx_min_tokens(kern, w)) {
             if (q8_0)
@@ -407,47 +404,21 @@ void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
                 for (int g = 0; g < rows / 8; ++g) packed_tokens(w, out, r0 + 8 * g, t0, T);
             break;
         }
-        const int8_t* tiles = x_tiles_.data() + c * nb * 512;
-        const float* dx = x_tile_scales_.data() + 2 * c * nb * 16;
-        if (q8_0) {
-            kern.dot_q8_0_int8_amx(q8_0_rows, rows, tiles, dx, nt, w.cols, o);
-        } else {   // straight from x as prepared (rounded, or prepare_x8's four parts)
-            const float *d[kAmxTokens], *sum[kAmxTokens];
-            for (int k = 0; k < nt; ++k) {
-                d[k] = xd8_.data() + (t0 + k) * nb;
-                sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t0 + k) * nb;
-            }
-            if (int8)
-                kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, xa_.data() + t0 * w.cols, w.cols, d, sum, nt,
-                                          w.cols, o);
-            else
-                kern.dot_packed8_amx(w.type, packed_group(w, r0), b, xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, sum,
-                                     nt, w.cols, o);
-        }
-        for (int k = 0; k < nt; ++k)
-            for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
-    }
-}
-
-// x rounded to int8 (xa_) as the int8 AMX kernels' tiles, per chunk of kAmxTokens tokens: x_tiles_
-// [chunks, cols / 32, 512], x_tile_scales_ [chunks, 2 (scales, sums), cols / 32, 16]
-void Matmul::amx_tiles(int64_t T, int64_t cols) {
-    const Kernels& kern = kernels();
-    const int64_t nb = cols / 32, chunks = (T + kAmxTokens - 1) / kAmxTokens;
-    x_tiles_.resize(static_cast<size_t>(chunks * nb * 512));
-    x_tile_scales_.resize(static_cast<size_t>(chunks * 2 * nb * 16));
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t t0 = c * kAmxTokens;
-        const int nt = static_cast<int>(std::min<int64_t>(kAmxTokens, T - t0));
-        const int8_t* a[kAmxTokens];
         const float *d[kAmxTokens], *sum[kAmxTokens];
         for (int k = 0; k < nt; ++k) {
-            a[k] = xa_.data() + (t0 + k) * cols;
             d[k] = xd8_.data() + (t0 + k) * nb;
-            sum[k] = xsum_rounded_.data() + (t0 + k) * nb;
+            sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t0 + k) * nb;
         }
-        kern.amx_x_tiles(a, d, sum, nt, cols, x_tiles_.data() + c * nb * 512, x_tile_scales_.data() + 2 * c * nb * 16,
-                         x_tile_scales_.data() + (2 * c + 1) * nb * 16);
+        if (q8_0)
+            kern.dot_q8_0_int8_amx(q8_0_rows, rows, xa_.data() + t0 * w.cols, w.cols, d, nt, w.cols, o);
+        else if (int8)
+            kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, xa_.data() + t0 * w.cols, w.cols, d, sum, nt, w.cols,
+                                      o);
+        else
+            kern.dot_packed8_amx(w.type, packed_group(w, r0), b, xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, sum, nt,
+                                 w.cols, o);
+        for (int k = 0; k < nt; ++k)
+            for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
     }
 }
 

@@ -42,7 +42,6 @@ private:
     void packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1);
     void amx_unit(const Weight& w, float* out, int64_t T, int64_t r0);
     void q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
-    void amx_tiles(int64_t T, int64_t cols);
     void tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn);
     float* scratch(int thread, int64_t n);
 
@@ -64,8 +63,6 @@ private:
     std::vector<float> xd8_, xsum8_;
     std::vector<int8_t> xa_;            // int8 kernels: x rounded to int8 [T, cols] ...
     std::vector<float> xsum_rounded_;   // ... and its block sums [T, cols / 32]
-    std::vector<int8_t> x_tiles_;         // ... and as AMX tiles (amx_tiles) ...
-    std::vector<float> x_tile_scales_;    // ... with their scales and block sums
     std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> packed_;   // chunks of weight copies (pack_space) ...
     size_t pack_used_ = 0, pack_size_ = 0;                             // ... and the last one's use and size
     RowsMode mode_ = RowsMode::fast;   // of the product now running
