@@ -230,6 +230,7 @@ def test_k_policy_maximises_tokens_per_second():
             p.observe_pass(rows, fixed + per_row * rows)
         for _ in range(KPolicy.WARMUP_STEPS):
             p.observe_step(10, round(10 * alpha), draft * 10, 10)
+        p.alpha = alpha   # the steps' trials estimate (hits + 1 miss) would be 1 - 1 / (10 alpha + 1)
         return p
 
     assert policy(0.9, 0.004, 0.001).choose(16) == 7      # cheap rows, good drafts: long drafts (the optimum)
@@ -243,6 +244,33 @@ def test_k_policy_maximises_tokens_per_second():
     p = policy(0.9, 0.004, 0.001)
     p.observe_step(2, 2, 0.0, 0)
     assert p.draft_cost == 0.0 and p.choose(16) >= 7   # the all-accepted step raised alpha a little
+    # alpha counts the drafts verified: a step of 4 proposed, 1 accepted is one hit and one miss (the
+    # two after the miss were never checked)
+    p = KPolicy(SpeculativeOptions())
+    p.observe_step(4, 1, 0.0, 4)
+    assert p.alpha == pytest.approx(1 - KPolicy.TRIAL_DECAY)
+
+
+def test_k_policy_costs_follow_the_measured_rows():
+    """A pass's cost by its rows is what was measured (medians), linear in between and, beyond the
+    largest, at the slope of a line through all of them -- not one line: SmolLM2's second exact row
+    costs 0.78 of a step and its fifth to ninth 0.55, and a line made k = 1 look as if it paid."""
+    from tokenmill.generation.config import SpeculativeOptions
+    from tokenmill.generation.speculative import KPolicy
+
+    p = KPolicy(SpeculativeOptions(k_max=16))
+    assert p.pass_costs(4) is None
+    for rows, seconds in ((1, 5.0), (1, 5.2), (1, 9.0), (2, 9.0), (3, 13.0), (5, 19.0)):
+        p.observe_pass(rows, seconds)
+    costs = p.pass_costs(7)
+    assert costs[1:6] == pytest.approx([5.2, 9.0, 13.0, 16.0, 19.0])
+    slope = np.polyfit([1, 2, 3, 5], [5.2, 9.0, 13.0, 19.0], 1)[0]
+    assert costs[7] == pytest.approx(19.0 + 2 * slope)
+    p.alpha, p.steps = 0.78, KPolicy.WARMUP_STEPS
+    # k = 1 yields 1.78 tokens for 9.0 against 2 plain ones for 10.4: below the 10 % margin
+    assert p.choose(1) == 0
+    p.alpha = 0.95
+    assert p.choose(16) > 1
 
 
 def test_a_draft_models_prompt_prefill_is_not_taken_for_its_cost_per_token(smollm, default_gguf):
@@ -264,6 +292,28 @@ def test_a_draft_models_prompt_prefill_is_not_taken_for_its_cost_per_token(smoll
     gen.generate(prompt.tolist())
     stats = gen.last.speculative
     assert stats.accepted == stats.proposed and stats.proposed > 32, stats   # the same model drafts all along
+
+
+def test_prompt_lookups_shadow_drafts_end_a_fallback_early(smollm):
+    """During a fallback, prompt lookup still proposes a token at each plain step (free) and checks it
+    against the token decoded: once the output starts to loop, three hits in a row end the fallback
+    instead of the remaining plain tokens. A fixed k makes every decision independent of timing."""
+    from tokenmill.tools.spec_bench import grounded_prompts
+
+    ids = smollm.chat_prompt([{"role": "user", "content": dict(grounded_prompts())["repeat"]}])
+    plain = Generator(smollm, temperature=0, max_new_tokens=160, ignore_eos=True).generate(ids)
+    stats = {}
+    for shadow in (True, False):
+        spec = SpeculativeGenerator(smollm, "lookup", temperature=0, max_new_tokens=160, ignore_eos=True, spec_k=4,
+                                    spec_disable_below_accept=0.5, spec_probe_interval=64)
+        if not shadow:
+            spec._shadow = None
+        assert spec.generate(ids) == plain
+        stats[shadow] = spec.last.speculative
+    # measured: 15 plain tokens with the shadow (two early resumes), 66 without (a whole fallback)
+    assert stats[False].early_resumes == 0 and stats[False].plain_tokens >= 64
+    assert stats[True].early_resumes >= 1 and stats[True].plain_tokens <= 32, stats[True]
+    assert stats[True].accepted > stats[False].accepted + 20
 
 
 def test_drafts_that_start_to_hit_late_are_taken_up(smollm):

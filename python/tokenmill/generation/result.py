@@ -17,6 +17,7 @@ class SpeculativeStats:
     steps: int = 0
     k_per_step: list[int] = field(default_factory=list)
     plain_tokens: int = 0
+    early_resumes: int = 0   # fallbacks that prompt lookup's shadow drafts ended early
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
 

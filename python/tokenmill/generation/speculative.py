@@ -21,27 +21,39 @@ the context, longest first, the most recent occurrence), or both (lookup first, 
 finds nothing: spec_lookup_first).
 
 Adaptive k (spec_k_adaptive, `KPolicy`): each step takes the k in [spec_k_min, spec_k_max] with the
-most expected tokens per second, from what this generator measured: the per-token acceptance alpha, the
-cost of a verification pass of T rows (fitted as a + b*T over recent passes, plain decode steps
-included as T = 1) and the drafter's cost per token:
+most expected tokens per second, from what this generator measured: the per-token acceptance alpha
+(an average over the drafts verified: each accepted one and the first rejected), the cost C(T) of a
+pass of T rows (the median of the recent passes of each T measured, plain decode steps as T = 1,
+linear in between and beyond) and the drafter's cost per token:
 
     E(k) = (1 - alpha^(k+1)) / (1 - alpha)        tokens a step yields (accepted drafts + 1)
-    rate(k) = E(k) / (a + b (k + 1) + k c_draft)   against plain decoding's 1 / (a + b)
+    rate(k) = E(k) / (C(k + 1) + k c_draft)        against plain decoding's 1.1 / C(1)
 
-and when no k beats plain decoding it decodes plainly for spec_probe_interval tokens (doubling from
-the second failed probe on: a first one may just have come a little early, as for output that falls
-into a loop some tokens after the first fallback), then probes again at k = 2 -- unless the last step had all its drafts accepted and yielded
-its tokens faster than plain decoding would have: the averages lag behind drafts that have just started
-to hit (output that fell into a loop, a passage being copied), so it probes on. (Only whole hits count:
-a draft model that agrees half the time has half its k = 2 probes paying too, and probing on after each
-of those cost it 3-7 %.) Without adaptation k stays spec_k.
+(C is far from a line: on SmolLM2 a second exact row costs 0.78 of a step, the rows from the fifth
+on 0.55 each; a line through all of them made k = 1 look as if it paid from alpha = 0.59, where it
+breaks even at 0.78. The 10 % margin covers noise in the medians.) When no k beats plain decoding,
+it decodes plainly for spec_probe_interval tokens (doubling from the second failed probe on: a first
+one may just have come a little early, as for output that falls into a loop some tokens after the
+first fallback), then probes again at k = 2 -- unless the last step had all its drafts accepted and
+yielded its tokens faster than plain decoding would have: the averages lag behind drafts that have
+just started to hit (output that fell into a loop, a passage being copied), so it probes on. (Only
+whole hits count: a draft model that agrees half the time has half its k = 2 probes paying too, and
+probing on after each of those cost it 3-7 %.) Without adaptation k stays spec_k.
 Either way, when the acceptance over the last 64 proposed tokens (measured from 16 on) is below
 spec_disable_below_accept, the next spec_probe_interval tokens are decoded plainly, then drafting
-resumes with a fresh window."""
+resumes with a fresh window.
+
+Prompt lookup drafts for free, so its plain steps keep drafting in the shadow: lookup's next token
+is checked against the token decoded, which updates alpha, and three hits in a row end a fallback
+early when alpha then says drafting pays (with a fixed k: alpha at least spec_disable_below_accept).
+Output that starts to copy its input or falls into a loop in the middle of a fallback no longer
+waits for the next probe: on the grounded prompts of `tokenmill bench --speculative` plain tokens
+fell from 71 to 8 of 128 (extract) and from 37 to 10 (repeat)."""
 
 from __future__ import annotations
 
 import collections
+import statistics
 import time
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -66,6 +78,10 @@ MIN_PROPOSALS = 16      # ... from this many on
 # 0.94-0.95x with 128.
 LOOKUP_PROBE_INTERVAL = 32
 MODEL_PROBE_INTERVAL = 128
+# Prompt lookup drafts for free, so during plain decoding it keeps proposing one token in the shadow
+# and checks it against the token decoded; this many hits in a row (and an acceptance estimate that
+# makes drafting pay) end a fallback early. One or two are too often common words on open prompts.
+SHADOW_HITS_TO_RESUME = 3
 
 
 class Draft:
@@ -216,59 +232,87 @@ def _residual(p, q, x: int):
 
 class KPolicy:
     """The adaptive choice of k (module docstring): exponential averages of the acceptance and of the
-    drafter's cost per token, and a least-squares line through the last passes' (rows, seconds)."""
+    drafter's cost per token, and the cost of a pass by its rows."""
 
     WARMUP_STEPS = 3    # speculative steps at PROBE_K before the model of costs is trusted
     PROBE_K = 2         # drafts of a step that only measures (warm-up, or a probe after plain decoding)
-    HISTORY = 24        # passes the cost line is fitted to
-    DECAY = 0.3         # weight of the newest observation in the averages
+    HISTORY = 5         # recent passes of each row count whose median is its cost
+    DECAY = 0.3         # weight of the newest step in the drafter's cost average
+    TRIAL_DECAY = 0.15  # weight of the newest verified draft token in alpha's average
+    # a k must promise this much more than plain decoding: the measured costs are medians of noisy
+    # passes, and plain steps run a little slower among verification passes (SmolLM2, exact: 2-7 %)
+    PAY_MARGIN = 1.1
 
     def __init__(self, spec: "SpeculativeOptions"):
         self.spec = spec
         self.alpha: Optional[float] = None
         self.draft_cost = 0.0
-        self.passes: collections.deque = collections.deque(maxlen=self.HISTORY)
+        self.passes: dict[int, collections.deque] = {}   # rows -> seconds of recent passes
         self.steps = 0
         self.timed_steps = 0   # steps that measured the drafter's cost per token
 
     def observe_pass(self, rows: int, seconds: float) -> None:
-        self.passes.append((rows, seconds))
+        self.passes.setdefault(rows, collections.deque(maxlen=self.HISTORY)).append(seconds)
 
     def has_plain_cost(self) -> bool:
-        return any(rows == 1 for rows, _ in self.passes)
+        return 1 in self.passes
 
     def plain_seconds(self) -> float:
         """The median recent one-row pass: what a plainly decoded token costs."""
-        return float(np.median([t for rows, t in self.passes if rows == 1]))
+        return float(np.median(self.passes[1]))
 
     def observe_step(self, proposed: int, accepted: int, draft_seconds: float, timed: int) -> None:
         """draft_seconds: the drafting time of the step's last `timed` drafts (a prefill excluded)."""
-        rate = accepted / proposed
-        self.alpha = rate if self.alpha is None else (1 - self.DECAY) * self.alpha + self.DECAY * rate
+        # the drafts checked: each accepted one, and the first rejected (those after it were never
+        # compared with the target) -- the trials of E(k)'s model, where a step's accepted / proposed
+        # would count the unchecked ones as rejections
+        for _ in range(accepted):
+            self.observe_trial(True)
+        if accepted < proposed:
+            self.observe_trial(False)
         if timed > 0:
             per_token = draft_seconds / timed
             self.draft_cost = per_token if self.timed_steps == 0 else (1 - self.DECAY) * self.draft_cost + self.DECAY * per_token
             self.timed_steps += 1
         self.steps += 1
 
-    def _cost_line(self) -> Optional[tuple[float, float]]:
-        rows = np.array([r for r, _ in self.passes], float)
-        secs = np.array([t for _, t in self.passes], float)
-        if len(set(rows)) < 2:
+    def observe_trial(self, hit: bool) -> None:
+        self.alpha = float(hit) if self.alpha is None else (1 - self.TRIAL_DECAY) * self.alpha + self.TRIAL_DECAY * hit
+
+    def pass_costs(self, max_rows: int) -> Optional[list[float]]:
+        """C(T) for T = 0..max_rows (C(0) unused): the median of the recent passes of each T measured,
+        linear between them, and beyond the largest at the slope of the least-squares line through
+        them all; None before two row counts are measured. (Plain Python: a few points, each step.)"""
+        if len(self.passes) < 2:
             return None
-        b, a = np.polyfit(rows, secs, 1)
-        return max(a, 0.0), max(b, 1e-9)
+        rows = sorted(self.passes)
+        secs = [statistics.median(self.passes[r]) for r in rows]
+        mean_r, mean_s = statistics.fmean(rows), statistics.fmean(secs)
+        slope = sum((r - mean_r) * (t - mean_s) for r, t in zip(rows, secs)) / sum((r - mean_r) ** 2 for r in rows)
+        slope = max(slope, 1e-9)
+        costs, j = [0.0], 0
+        for t in range(1, max_rows + 1):
+            while j + 1 < len(rows) and rows[j + 1] <= t:
+                j += 1
+            if t >= rows[-1]:
+                costs.append(secs[-1] + slope * (t - rows[-1]))
+            elif t <= rows[0]:
+                costs.append(secs[0])
+            else:   # rows[j] <= t < rows[j + 1]
+                f = (t - rows[j]) / (rows[j + 1] - rows[j])
+                costs.append(secs[j] + f * (secs[j + 1] - secs[j]))
+        return costs
 
     def choose(self, k_limit: int) -> int:
         """k for the next step (0: decode plainly), at most k_limit."""
-        line = self._cost_line()
-        if self.steps < self.WARMUP_STEPS or line is None or self.alpha is None:
+        k_max = min(self.spec.k_max, k_limit)
+        cost = self.pass_costs(k_max + 1)
+        if self.steps < self.WARMUP_STEPS or cost is None or self.alpha is None:
             return min(self.PROBE_K, k_limit)
-        a, b = line
         alpha = min(self.alpha, 0.999)
-        best_k, best_rate = 0, 1.0 / (a + b)   # plain decoding
-        for k in range(self.spec.k_min, min(self.spec.k_max, k_limit) + 1):
-            rate = (1 - alpha ** (k + 1)) / (1 - alpha) / (a + b * (k + 1) + k * self.draft_cost)
+        best_k, best_rate = 0, self.PAY_MARGIN / cost[1]   # plain decoding
+        for k in range(self.spec.k_min, k_max + 1):
+            rate = (1 - alpha ** (k + 1)) / (1 - alpha) / (cost[k + 1] + k * self.draft_cost)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -311,6 +355,8 @@ class SpeculativeGenerator(Generator):
         self._paid = False   # whether the last speculative step had all its drafts accepted, faster than plain decoding
         self._window: collections.deque = collections.deque()   # (proposed, accepted) of recent steps
         self._plain_left = 0                                      # tokens to decode plainly (fallback)
+        self._shadow = lookup if self.drafter is lookup else None  # free drafts checked during plain steps
+        self._shadow_hits = 0                                     # consecutive shadow hits
         self.proposed_total = 0
         self.accepted_total = 0
 
@@ -339,6 +385,9 @@ class SpeculativeGenerator(Generator):
         room = seq.capacity - len(seq.history) - 1
         k_limit = min(left - 1 if self.spec.extra_token else left, room - 1)
         pending = len(seq.history) - seq.cache.n_past
+        if self._plain_left > 0 and self._drafts_pay_again(k_limit):
+            self._plain_left, self._probe = 0, True
+            run.speculative.early_resumes += 1
         if self._plain_left > 0 or k_limit < 1 or seq.logits is not None or pending != 1:
             return self._plain_step(run)
         if self.spec.k_adaptive:
@@ -373,7 +422,10 @@ class SpeculativeGenerator(Generator):
         return events
 
     def _plain_step(self, run: Run) -> list[Event]:
-        had_logits, pending = self._seq.logits is not None, len(self._seq.history) - self._seq.cache.n_past
+        seq = self._seq
+        had_logits, pending = seq.logits is not None, len(seq.history) - seq.cache.n_past
+        n = len(seq.history)
+        shadow = self._shadow.propose(seq.history.view(), 1).tokens if self._shadow and pending == 1 and not had_logits else []
         t0 = time.perf_counter()
         events = super()._step(run)
         if not had_logits:
@@ -382,7 +434,21 @@ class SpeculativeGenerator(Generator):
                 self.policy.observe_pass(1, time.perf_counter() - t0)
             if self._plain_left > 0:
                 self._plain_left -= 1
+        if shadow and len(seq.history) == n + 1:   # the shadow draft against the token decoded
+            hit = int(seq.history.view()[-1]) == shadow[0]
+            self._shadow_hits = self._shadow_hits + 1 if hit else 0
+            self.policy.observe_trial(hit)
         return events
+
+    def _drafts_pay_again(self, k_limit: int) -> bool:
+        """During a fallback: whether prompt lookup's shadow drafts say drafting pays again (the
+        latest SHADOW_HITS_TO_RESUME hit in a row, and the acceptance they measured is worth drafting
+        at: a k that beats plain decoding, or at least spec_disable_below_accept with a fixed k)."""
+        if self._shadow_hits < SHADOW_HITS_TO_RESUME or k_limit < 1:
+            return False
+        if self.spec.k_adaptive:
+            return self.policy.choose(k_limit) > 0
+        return self.policy.alpha is not None and self.policy.alpha >= self.spec.disable_below_accept
 
     def _verify(self, run: Run, draft: Draft, draft_seconds: float) -> list[Event]:
         """One target pass over [pending token, drafts]; accepted drafts and one token from the
