@@ -78,6 +78,35 @@ def test_eight_row_4bit_decode_matches_float64(level, wtype, n, x_scale):
     assert np.all(np.abs(got - exact) <= 1e-6 * (np.abs(wd) @ np.abs(x)) + 1e-30)
 
 
+@pytest.mark.parametrize("level", [lv for lv in LEVELS if lv != "scalar"], indirect=True)
+@pytest.mark.parametrize("n_rows,n", [(16, 32), (16, 576), (5, 1536)])
+@pytest.mark.parametrize("x_scale", [1.0, 1e-4, 300.0])
+def test_q8_0_strip_decode_matches_float64(level, n_rows, n, x_scale):
+    """Exact decode of Q8_0 in strips of sixteen rows (AVX-512: w + 128 against x's four int8 parts,
+    VPDPBUSD), a short strip's missing rows as zeros; each token's values whatever the tokens beside
+    it (1 to 4 per call), and a zero block (scale 0) harmless."""
+    rng = np.random.default_rng(n + n_rows)
+    w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.01, 3, (n_rows, 1))).astype(np.float32)
+    w[0, :32] = 0.0
+    w[1] = np.where(np.arange(n) % 2, 127.0, -127.0)   # the extreme levels, so u = 1 and 255 both occur
+    xs = (rng.standard_normal((4, n)) * x_scale).astype(np.float32)
+    xs[1, :32] = 0.0
+    xs[2] = np.abs(xs[2])   # all parts of one sign: the largest part sums
+    rows = b"".join(_core.quantize("q8_0", r) for r in w)
+    if _core.cpu_level() != "avx512":   # AVX2 keeps the file layout's kernel
+        with pytest.raises(tokenmill.InvalidArgumentError, match="strip"):
+            _testing.dot_rows_q8_0_strip(rows, xs)
+        return
+    wd = np.stack([_core.dequantize("q8_0", _core.quantize("q8_0", r), n) for r in w]).astype(np.float64)
+    exact = xs.astype(np.float64) @ wd.T
+    got = _testing.dot_rows_q8_0_strip(rows, xs)
+    assert got.shape == (4, n_rows)
+    assert np.all(np.abs(got - exact) <= 1e-6 * (np.abs(xs) @ np.abs(wd).T) + 1e-30)
+    for nt in (1, 2, 3):   # the same bits with fewer tokens in the call
+        assert np.array_equal(_testing.dot_rows_q8_0_strip(rows, xs[:nt]), got[:nt])
+    assert np.array_equal(_testing.dot_rows_q8_0_strip(rows, xs[3:]), got[3:])
+
+
 def _rounded_to_int8(x):
     """x rounded as prepare_x8's first part: per 32-block d = max|x| / 127, x ~ d * rint(x * (127 / max))."""
     blocks = x.reshape(-1, 32)

@@ -287,6 +287,32 @@ void unpack_row8(DType t, const uint8_t* group, int64_t n, int j, uint8_t* row) 
     }
 }
 
+void pack_q8_0_strip(const uint8_t* rows, size_t row_stride, int n_rows, int64_t n, uint8_t* strip) {
+    const int64_t nb = n / 32;
+    uint16_t* scales = reinterpret_cast<uint16_t*>(strip + nb * kQ8_0StripQuantBytes);
+    for (int64_t i = 0; i < nb; ++i) {
+        uint8_t* col = strip + i * kQ8_0StripQuantBytes;
+        for (int r = 0; r < 16; ++r) {
+            BlockQ8_0 b{};   // rows past the last: zero scale, zero values
+            if (r < n_rows) std::memcpy(&b, rows + r * row_stride + i * sizeof(BlockQ8_0), sizeof(BlockQ8_0));
+            scales[16 * i + r] = b.d;
+            for (int j = 0; j < 32; ++j) col[64 * (j / 4) + 4 * r + j % 4] = static_cast<uint8_t>(b.qs[j] + 128);
+        }
+    }
+}
+
+void q8_0_part_sums(const int8_t* q, int64_t n, int32_t* s) {
+    for (int64_t b = 0; b < n / 32; ++b, q += 128) {
+        int32_t ab = 0, ce = 0;
+        for (int j = 0; j < 32; ++j) {
+            ab += 128 * q[j] + q[32 + j];
+            ce += 128 * q[64 + j] + q[96 + j];
+        }
+        s[2 * b] = ab;
+        s[2 * b + 1] = ce;
+    }
+}
+
 void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* sums) {
     for (int64_t b = 0; b < n / 32; ++b) {
         int32_t s = 0;

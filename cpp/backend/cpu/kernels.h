@@ -149,6 +149,12 @@ struct Kernels {
     // dot_q8_0_int8)
     void (*dot_q8_0_int8_amx)(const void* const* rows, int n_rows, const int8_t* x, int64_t x_stride,
                               const float* const* d, int nt, int64_t n, float* out);
+    // Exact decode of Q8_0 weights in strips of sixteen rows (pack_q8_0_strip) against nt <=
+    // kPackedTokens tokens, x as prepare_x8's four parts (q[k], d[k] token k's) with their part sums
+    // (q8_0_part_sums, s[k]) -> out[16 k + r], each token's arithmetic the same whatever nt. Null
+    // where a level has none (Q8_0 rows then take dot_row_prepared on the file layout).
+    void (*dot_q8_0_strip)(const uint8_t* strip, const int8_t* const* q, const float* const* d,
+                           const int32_t* const* s, int nt, int64_t n, float* out);
 };
 
 constexpr int kAmxTokens = 16;
@@ -198,6 +204,16 @@ constexpr size_t packed8_quants_at(DType t, int64_t i) {
     return t == DType::q4_k ? static_cast<size_t>(i / 8) * kK4GroupSuper + kK4GroupHeader + static_cast<size_t>(i % 8) * 128
                             : static_cast<size_t>(i) * packed8_column_bytes(t) + packed8_quants_offset(t);
 }
+// The strip layout of Q8_0 weights for exact decode: sixteen rows (zeros past the last), per block
+// column eight groups of four values as [group][row][4] bytes of w + 128 -- unsigned, so VPDPBUSD
+// multiplies sixteen rows' four values with four bytes of x broadcast, and AMX can read a column as
+// its B tile -- all the columns' quants first, then their scales [n / 32][16] (fp16).
+constexpr size_t kQ8_0StripQuantBytes = 512;
+constexpr size_t q8_0_strip_bytes(int64_t n) { return static_cast<size_t>(n / 32) * (kQ8_0StripQuantBytes + 32); }
+void pack_q8_0_strip(const uint8_t* rows, size_t row_stride, int n_rows, int64_t n, uint8_t* strip);
+// What dot_q8_0_strip subtracts for the offset of 128: per 32-block of prepare_x8's output q [4n],
+// s[2 b] = sum_j (2^7 a_j + b_j) and s[2 b + 1] = sum_j (2^7 c_j + e_j)
+void q8_0_part_sums(const int8_t* q, int64_t n, int32_t* s);
 // packs rows [8, n] (row_stride bytes apart) into one group
 void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group);
 // row j (0..7) of a group back in the type's own block layout (row_bytes(t, n) bytes)
@@ -246,6 +262,8 @@ const Kernels& kernels_avx2();     // only valid when the CPU has AVX2, FMA and 
 const Kernels& kernels_avx512();   // only valid when it also has AVX-512 F, BW, VL, DQ and VNNI
 // Sets the AMX entries of an AVX-512 table where this CPU and OS allow them (kernels_amx.cpp)
 void add_amx_kernels(Kernels& k);
+// Sets the Q8_0 strip kernel of an AVX-512 table (kernels_q8_0_strips.cpp)
+void add_q8_0_strip_kernels(Kernels& k);
 
 // The active table (chosen on first use; set_level overrides it).
 const Kernels& kernels();

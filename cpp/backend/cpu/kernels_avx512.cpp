@@ -1302,6 +1302,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
 const Kernels& kernels_avx512() {
     static const Kernels table = [] {
         Kernels k = kAvx512;
+        add_q8_0_strip_kernels(k);
         add_amx_kernels(k);
         return k;
     }();

@@ -51,6 +51,10 @@ constexpr int kMaxExactTokens = 32;
 
 // the bias of row r (0 without one)
 float bias_at(const Weight& w, int64_t r) { return w.bias ? w.bias[r] : 0.0f; }
+// what Weight::packed holds: eight-row groups (4- and 5-bit types) or Q8_0 strips of sixteen rows
+bool packed8(const Weight& w) { return w.packed && w.type != DType::q8_0; }
+bool q8_0_strips(const Weight& w) { return w.packed && w.type == DType::q8_0; }
+const uint8_t* q8_0_strip(const Weight& w, int64_t r0) { return w.packed + static_cast<size_t>(r0 / 16) * q8_0_strip_bytes(w.cols); }
 // the eight-row group of a packed weight that holds row r, from block column k0 / 32 on
 const uint8_t* packed_group(const Weight& w, int64_t r, int64_t k0 = 0) {
     return w.packed + static_cast<size_t>(r / 8 * (w.cols / 32) + k0 / 32) * packed8_column_bytes(w.type);
@@ -72,11 +76,26 @@ Matmul::Matmul(ThreadPool& pool, bool int8_prefill, bool int8_decode)
 
 // q4_0 / q4_1 / q4_k / q5_* matrices get the eight-row layout where the level has a kernel for it;
 // decode then reads only that copy, prefill dequantizes (or, with int8 prefill, repacks) rows from
-// it. The other block-quantized matrices are copied as they are into the same huge-page chunks,
-// which decode streams faster than the file's map (a 1B-shape Q6_K +9 %, Gemma 3 Q4_K_M with its
-// q8_0 output matrix +23-27 %). Either way the mapped original goes cold (the model releases it).
+// it. Q8_0 matrices get strips of sixteen rows for exact decode where the level has that kernel;
+// prefill and other levels read the original. The other block-quantized matrices (and Q8_0 with
+// int8 decode, whose kernels read the file layout) are copied as they are into the same huge-page
+// chunks, which decode streams faster than the file's map (a 1B-shape Q6_K +9 %, Gemma 3 Q4_K_M
+// with its q8_0 output matrix +23-27 %). Either way the mapped original goes cold (the model
+// releases it).
 void Matmul::pack(Weight& w) {
     const Kernels& kern = kernels();
+    if (w.type == DType::q8_0 && kern.dot_q8_0_strip && kern.prepare_x8 && !int8_decode_ && w.cols % 32 == 0) {
+        const int64_t strips = (w.rows + 15) / 16;
+        const size_t bytes = q8_0_strip_bytes(w.cols);
+        uint8_t* dst = pack_space(bytes * static_cast<size_t>(strips));
+        pool_.parallel_for(strips, [&](int64_t s0, int64_t s1, int) {
+            for (int64_t s = s0; s < s1; ++s)
+                pack_q8_0_strip(w.data + static_cast<size_t>(16 * s) * w.row_stride, w.row_stride,
+                                static_cast<int>(std::min<int64_t>(16, w.rows - 16 * s)), w.cols, dst + s * bytes);
+        });
+        w.packed = dst;
+        return;
+    }
     if (!kern.dot_packed8 || !packable8(w.type) || w.rows % 8 != 0 || w.cols % 32 != 0) {
         if (uses_prepared_x(kern, w.type)) {
             const size_t stride = w.row_stride;
@@ -148,19 +167,22 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
     const Kernels& kern = kernels();
     const bool small_batch = (T < kPreparedMaxTokens && !invariant()) || rows_as_decode();
     bool any_prepared = false, any_prepared_k = false, any_packed = false, any_tile16 = false, any_tile = false,
-         any_int8 = false, any_packed_exact = false;
+         any_int8 = false, any_packed_exact = false, any_strips = false;
     std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
     for (int i = 0; i < n_items; ++i) {
         const Weight& w = *items[i].w;
         const bool packed = uses_packed(kern, w, T), tile16 = uses_tile16(kern, w, T), tile = uses_tile(kern, w, T);
-        any_packed |= packed;
-        any_packed_exact |= packed && !uses_int8_decode(kern);   // the only reader of prepare_x8's parts 2..4
+        const bool strips = uses_q8_0_strips(kern, w, T);
+        any_packed |= packed || strips;
+        any_strips |= strips;
+        any_packed_exact |= (packed && !uses_int8_decode(kern)) || strips;   // the readers of prepare_x8's parts 2..4
         any_int8 |= (packed && uses_int8_decode(kern)) || (small_batch && uses_int8_q8_0(kern, w));
         any_tile16 |= tile16;
         any_tile |= tile;
-        const bool prepared = !packed && small_batch && uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
+        const bool prepared = !packed && !strips && small_batch && uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
         (superblock_x(w.type) ? any_prepared_k : any_prepared) |= prepared;
-        const int64_t unit_rows = tile16 || uses_amx(kern, w, T) ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
+        const int64_t unit_rows =
+            tile16 || strips || uses_amx(kern, w, T) ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
         first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
     }
     const int64_t nb = cols / 32;
@@ -178,6 +200,7 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
         xd8_.resize(static_cast<size_t>(T * nb));
         xsum8_.resize(static_cast<size_t>(T * nb));
         const bool rounded = any_tile16 || any_int8;
+        if (any_strips) xpart_sums_.resize(static_cast<size_t>(2 * T * nb));
         if (rounded) {
             xa_.resize(static_cast<size_t>(T * cols));
             xsum_rounded_.resize(static_cast<size_t>(T * nb));
@@ -186,6 +209,7 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
             for (int64_t t = t0; t < t1; ++t) {
                 int8_t* q = xq8_.data() + 4 * t * cols;
                 kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb, any_packed_exact ? 4 : 1);
+                if (any_strips) q8_0_part_sums(q, cols, xpart_sums_.data() + 2 * t * nb);
                 if (rounded)
                     first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb);
             }
@@ -224,6 +248,10 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
         const Weight& w = *items[i].w;
         float* out = items[i].out;
         if (!uses_tile(kern, w, T) && k0 > 0) continue;
+        if (uses_q8_0_strips(kern, w, T)) {
+            q8_0_strip_unit(w, out, T, 16 * (u - first_unit[i]));
+            continue;
+        }
         if (uses_amx(kern, w, T)) {
             amx_unit(w, out, T, 16 * (u - first_unit[i]));
             continue;
@@ -302,7 +330,7 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
         const int64_t tr = kern.tile_rows, unit = tile_unit_rows(kern, w), r0 = unit * (u - first_unit[i]);
         const int64_t nr_unit = std::min(unit, rows - r0);
         float* buf = scratch(thread, (unit + 1) * kn);   // the rows, then room for one packed row's bytes
-        if (w.packed && kern.dequantize_packed8) {   // r0 is a group's first row
+        if (packed8(w) && kern.dequantize_packed8) {   // r0 is a group's first row
             kern.dequantize_packed8(w.type, packed_group(w, r0, k0), kn, buf, kn);
         } else {
             for (int64_t k = 0; k < unit; ++k) {
@@ -310,7 +338,7 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
                 const int64_t r = r0 + k;
                 if (k >= nr_unit) {
                     std::fill(dst, dst + kn, 0.0f);   // padding rows
-                } else if (w.packed) {   // a level without the packed kernels, after the load
+                } else if (packed8(w)) {   // a level without the packed kernels, after the load
                     uint8_t* row = reinterpret_cast<uint8_t*>(buf + unit * kn);
                     unpack_row8(w.type, packed_group(w, r, k0), kn, static_cast<int>(r % 8), row);
                     kern.dequantize_row(w.type, row, dst, kn);
@@ -359,6 +387,27 @@ void Matmul::packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, 
     }
 }
 
+// The Q8_0 strip of sixteen rows from r0 against the tokens, kPackedTokens per call (exact decode)
+void Matmul::q8_0_strip_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
+    const Kernels& kern = kernels();
+    const int64_t cols = w.cols, nb = cols / 32, rows = std::min<int64_t>(16, w.rows - r0);
+    const int8_t* q[kPackedTokens];
+    const float* d[kPackedTokens];
+    const int32_t* s[kPackedTokens];
+    float o[16 * kPackedTokens];
+    for (int64_t t = 0; t < T; t += kPackedTokens) {
+        const int nt = static_cast<int>(std::min<int64_t>(kPackedTokens, T - t));
+        for (int k = 0; k < nt; ++k) {
+            q[k] = xq8_.data() + 4 * (t + k) * cols;
+            d[k] = xd8_.data() + (t + k) * nb;
+            s[k] = xpart_sums_.data() + 2 * (t + k) * nb;
+        }
+        kern.dot_q8_0_strip(q8_0_strip(w, r0), q, d, s, nt, cols, o);
+        for (int k = 0; k < nt; ++k)
+            for (int64_t r = 0; r < rows; ++r) out[(t + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
+    }
+}
+
 // int8 decode's Q8_0 rows [r0, r1) against tokens [t0, t1), four rows and four tokens per call
 void Matmul::q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
     const Kernels& kern = kernels();
@@ -389,7 +438,7 @@ void Matmul::q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1,
 void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     const Kernels& kern = kernels();
     const int64_t nb = w.cols / 32;
-    const bool int8 = uses_int8_decode(kern), q8_0 = !w.packed;
+    const bool int8 = uses_int8_decode(kern), q8_0 = w.type == DType::q8_0;
     const uint8_t* b = !q8_0 && r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
     const int rows = q8_0 ? static_cast<int>(std::min<int64_t>(16, w.rows - r0)) : b ? 16 : 8;
     const void* q8_0_rows[16];
@@ -430,7 +479,7 @@ void Matmul::tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int 
     const int64_t cols = w.cols, nb = cols / 32, r0 = 16 * u, nr = std::min<int64_t>(16, w.rows - r0);
     uint8_t* rows = reinterpret_cast<uint8_t*>(
         scratch(thread, static_cast<int64_t>((kn / 32) * tile16_column_bytes(w.type) / sizeof(float))));
-    if (w.packed)
+    if (packed8(w))
         kern.repack16(w.type, packed_group(w, r0, k0), nr > 8 ? packed_group(w, r0 + 8, k0) : nullptr, kn, rows);
     else   // q5_* and the K-quants, from their rows
         kern.repack16_rows(w.type, w.data + static_cast<size_t>(r0) * w.row_stride, w.row_stride, static_cast<int>(nr), k0,
@@ -455,7 +504,10 @@ void Matmul::tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int 
 // tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
 // (Rows as decode: always the kernels of T = 1, each token on its own.)
 bool Matmul::uses_packed(const Kernels& kern, const Weight& w, int64_t T) const {
-    return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && w.packed && kern.dot_packed8;
+    return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && packed8(w) && kern.dot_packed8;
+}
+bool Matmul::uses_q8_0_strips(const Kernels& kern, const Weight& w, int64_t T) const {
+    return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && q8_0_strips(w) && kern.dot_q8_0_strip;
 }
 bool Matmul::uses_tile(const Kernels& kern, const Weight& w, int64_t T) const {
     if (invariant()) return true;
@@ -465,7 +517,7 @@ bool Matmul::uses_tile(const Kernels& kern, const Weight& w, int64_t T) const {
 // Rows per unit of the float tile path: a whole eight-row group of a packed weight (dequantized in
 // one call, then run as tiles of the level's height), else one tile.
 int64_t Matmul::tile_unit_rows(const Kernels& kern, const Weight& w) const {
-    return w.packed && kern.dequantize_packed8 ? 8 : kern.tile_rows;
+    return packed8(w) && kern.dequantize_packed8 ? 8 : kern.tile_rows;
 }
 
 // ... with int8 decode, the packed kernel on x rounded to int8 (rows as decode too: they must
@@ -484,12 +536,12 @@ int64_t Matmul::amx_min_tokens(const Kernels& kern, const Weight& w) const {
 }
 // ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0)
 bool Matmul::uses_int8_q8_0(const Kernels& kern, const Weight& w) const {
-    return int8_decode_ && w.type == DType::q8_0 && !w.packed && kern.dot_q8_0_int8;
+    return int8_decode_ && w.type == DType::q8_0 && !q8_0_strips(w) && kern.dot_q8_0_int8;
 }
 
 // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
 bool Matmul::uses_tile16(const Kernels& kern, const Weight& w, int64_t T) const {
-    const bool repackable = w.packed || (repackable16(w.type) && kern.repack16_rows);
+    const bool repackable = packed8(w) || (repackable16(w.type) && kern.repack16_rows);
     return int8_prefill_ && !rows_as_decode() && (T >= kPreparedMaxTokens || invariant()) && repackable && kern.dot_tile16;
 }
 
