@@ -1,6 +1,8 @@
 """Every CPU kernel level (scalar, AVX2, ...) against the scalar reference and against exact
 float64 arithmetic, and whole models run at every level."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,33 @@ def test_q8_0_strip_decode_matches_float64(level, n_rows, n, x_scale):
     for nt in (1, 2, 3):   # the same bits with fewer tokens in the call
         assert np.array_equal(_testing.dot_rows_q8_0_strip(rows, xs[:nt]), got[:nt])
     assert np.array_equal(_testing.dot_rows_q8_0_strip(rows, xs[3:]), got[3:])
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_q8_0_strips_on_amx_give_the_vnni_bits(int8):
+    """The AMX strip kernels (1 to 16 tokens as tile rows) against the VNNI ones, four tokens per call:
+    the same int32 block sums and float operations, so the same bits -- what keeps decode rows on AMX
+    equal to one-token steps. Without AMX the kernels are absent, and say so."""
+    rng = np.random.default_rng(11)
+    n = 1536
+    w = (rng.standard_normal((13, n)) * rng.uniform(0.01, 3, (13, 1))).astype(np.float32)
+    rows = b"".join(_core.quantize("q8_0", r) for r in w)
+    xs = (rng.standard_normal((16, n)) * rng.uniform(1e-3, 30, (16, 1))).astype(np.float32)
+    xs[5, :64] = 0.0
+    before = _core.cpu_level()
+    _core.set_cpu_level(LEVELS[-1])
+    try:
+        amx = "amx_int8" in open("/proc/cpuinfo").read() and os.environ.get("TOKENMILL_AMX") != "0"
+        if LEVELS[-1] != "avx512" or not amx:
+            with pytest.raises(tokenmill.InvalidArgumentError):
+                _testing.dot_rows_q8_0_strip(rows, xs, int8=int8, amx=True)
+            return
+        vnni = np.concatenate([_testing.dot_rows_q8_0_strip(rows, xs[t:t + 4], int8=int8) for t in range(0, 16, 4)])
+        for nt in (1, 2, 5, 7, 9, 16):
+            np.testing.assert_array_equal(_testing.dot_rows_q8_0_strip(rows, xs[:nt], int8=int8, amx=True), vnni[:nt],
+                                          err_msg=f"{nt} tokens")
+    finally:
+        _core.set_cpu_level(before)
 
 
 def _rounded_to_int8(x):
@@ -425,6 +454,11 @@ def test_int8_decode_q8_0_kernel_is_the_rounded_product(n):
         for nr in range(1, 5):
             for nt in range(1, 5):
                 np.testing.assert_array_equal(_testing.dot_rows_q8_0_int8(rows, xs, nr, nt), got, err_msg=f"{nr}x{nt}")
+        # the strips of sixteen rows (what decode reads at this level) give the file layout's bits
+        for nt in range(1, 5):
+            for t0 in range(0, 6, nt):
+                np.testing.assert_array_equal(_testing.dot_rows_q8_0_strip(rows, xs[t0:t0 + nt], int8=True),
+                                              got[t0:t0 + nt], err_msg=f"strip, {nt} tokens")
     finally:
         _core.set_cpu_level(before)
 

@@ -266,42 +266,56 @@ PYBIND11_MODULE(_testing, mod) {
        "Eight stored 4-bit rows against x through the eight-row layout (decode on AVX-512), the rows "
        "read back from that layout as bytes, and as floats (prefill).");
 
-    mod.def("dot_rows_q8_0_strip", [](py::bytes data, py::handle xs_obj) {
+    mod.def("dot_rows_q8_0_strip", [](py::bytes data, py::handle xs_obj, bool int8, bool amx) {
         std::string_view view = data;
         FloatArray xs = float_array(xs_obj, "xs", 2, false);
         cpu::LevelPin pin;
         const cpu::Kernels& k = cpu::kernels();
-        if (!k.dot_q8_0_strip) fail(ErrorKind::invalid_arg, "no Q8_0 strip kernel at this level");
+        if (!k.dot_q8_0_strip || !k.dot_q8_0_strip_int8) fail(ErrorKind::invalid_arg, "no Q8_0 strip kernel at this level");
+        if (amx && !k.dot_q8_0_strip_amx) fail(ErrorKind::invalid_arg, "no AMX Q8_0 strip kernel here");
         const int64_t nt = xs.shape(0), n = xs.shape(1);
         const size_t rb = n > 0 && n % 32 == 0 ? row_bytes(DType::q8_0, n) : 0;
         const int n_rows = rb ? static_cast<int>(view.size() / rb) : 0;
-        if (nt < 1 || nt > cpu::kPackedTokens || n_rows < 1 || n_rows > 16 || view.size() != n_rows * rb)
-            fail(ErrorKind::invalid_arg, "expected 1 to 16 Q8_0 rows of n values and xs [1..4, n]");
+        const int max_tokens = amx ? cpu::kAmxTokens : cpu::kPackedTokens;
+        if (nt < 1 || nt > max_tokens || n_rows < 1 || n_rows > 16 || view.size() != n_rows * rb)
+            fail(ErrorKind::invalid_arg, "expected 1 to 16 Q8_0 rows of n values and xs [1..4 (AMX: 16), n]");
         std::vector<uint8_t> strip(cpu::q8_0_strip_bytes(n));
         cpu::pack_q8_0_strip(reinterpret_cast<const uint8_t*>(view.data()), rb, n_rows, n, strip.data());
         const int64_t nb = n / 32;
         std::vector<int8_t> q(static_cast<size_t>(4 * n * nt));
         std::vector<float> d(static_cast<size_t>(nb * nt)), sum(static_cast<size_t>(nb * nt));
         std::vector<int32_t> s(static_cast<size_t>(2 * nb * nt));
-        const int8_t* qs[cpu::kPackedTokens];
-        const float* ds[cpu::kPackedTokens];
-        const int32_t* ss[cpu::kPackedTokens];
+        const int8_t* qs[cpu::kAmxTokens];
+        const float* ds[cpu::kAmxTokens];
+        const int32_t* ss[cpu::kAmxTokens];
+        std::vector<int8_t> a(static_cast<size_t>(n * nt));   // int8: x rounded (the first parts)
+        std::vector<float> rounded_sums(static_cast<size_t>(nb));
         for (int64_t t = 0; t < nt; ++t) {
             k.prepare_x8(xs.data() + t * n, n, q.data() + 4 * t * n, d.data() + t * nb, sum.data() + t * nb, 4);
-            cpu::q8_0_part_sums(q.data() + 4 * t * n, n, s.data() + 2 * t * nb);
-            qs[t] = q.data() + 4 * t * n;
+            if (int8) {
+                cpu::first_part(q.data() + 4 * t * n, d.data() + t * nb, n, a.data() + t * n, rounded_sums.data());
+                cpu::int8_block_sums(a.data() + t * n, n, s.data() + 2 * t * nb);
+            } else {
+                cpu::q8_0_part_sums(q.data() + 4 * t * n, n, s.data() + 2 * t * nb);
+            }
+            qs[t] = int8 ? a.data() + t * n : q.data() + 4 * t * n;
             ds[t] = d.data() + t * nb;
             ss[t] = s.data() + 2 * t * nb;
         }
         std::vector<float> o(static_cast<size_t>(16 * nt));
-        k.dot_q8_0_strip(strip.data(), qs, ds, ss, static_cast<int>(nt), n, o.data());
+        if (amx && int8)
+            k.dot_q8_0_strip_int8_amx(strip.data(), a.data(), n, ds, ss, static_cast<int>(nt), n, o.data());
+        else if (amx)
+            k.dot_q8_0_strip_amx(strip.data(), q.data(), 4 * n, ds, ss, static_cast<int>(nt), n, o.data());
+        else
+            (int8 ? k.dot_q8_0_strip_int8 : k.dot_q8_0_strip)(strip.data(), qs, ds, ss, static_cast<int>(nt), n, o.data());
         FloatArray out({nt, static_cast<int64_t>(n_rows)});
         for (int64_t t = 0; t < nt; ++t)
             for (int r = 0; r < n_rows; ++r) out.mutable_data()[t * n_rows + r] = o[static_cast<size_t>(16 * t + r)];
         return out;
-    }, py::arg("rows"), py::arg("xs"),
-       "Up to 16 stored Q8_0 rows against 1-4 vectors through the strip layout (exact decode on AVX-512): "
-       "[tokens, rows].");
+    }, py::arg("rows"), py::arg("xs"), py::arg("int8") = false, py::arg("amx") = false,
+       "Up to 16 stored Q8_0 rows against 1-4 vectors (AMX: 1-16) through the strip layout (decode on AVX-512, "
+       "exact or int8 decode's): [tokens, rows].");
 
     mod.def("dot_rows_tile16", [](py::handle type, py::bytes data, py::handle xs_obj, bool packed) {
         std::string_view view = data;

@@ -121,7 +121,8 @@ const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scal
                       dequantize_row, nullptr,
                       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf_scalar,
                       gelu_tanh_scalar, nullptr, nullptr, nullptr, nullptr,
-                      rows_dot_f16_scalar, rows_axpy_f16_scalar, nullptr, nullptr, nullptr, scores_block_scalar, nullptr, nullptr, nullptr};
+                      rows_dot_f16_scalar, rows_axpy_f16_scalar, nullptr, nullptr, nullptr, scores_block_scalar, nullptr, nullptr, nullptr,
+                      nullptr, nullptr, nullptr};
 
 #if defined(__x86_64__) || defined(__i386__)
 // F16C from cpuid itself: __builtin_cpu_supports does not know it in every compiler (clang 14)
@@ -310,6 +311,14 @@ void q8_0_part_sums(const int8_t* q, int64_t n, int32_t* s) {
         }
         s[2 * b] = ab;
         s[2 * b + 1] = ce;
+    }
+}
+
+void int8_block_sums(const int8_t* a, int64_t n, int32_t* s) {
+    for (int64_t b = 0; b < n / 32; ++b, a += 32) {
+        int32_t sum = 0;
+        for (int j = 0; j < 32; ++j) sum += a[j];
+        s[b] = sum;
     }
 }
 

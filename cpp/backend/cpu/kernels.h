@@ -145,16 +145,23 @@ struct Kernels {
     // for dot_packed8_tokens)
     void (*dot_packed8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* q, int64_t q_stride,
                             const float* const* d, const float* const* sum, int nt, int64_t n, float* out);
-    // ... int8 decode's product of n_rows <= 16 Q8_0 rows (file layout), x rounded (d[k] as for
-    // dot_q8_0_int8)
-    void (*dot_q8_0_int8_amx)(const void* const* rows, int n_rows, const int8_t* x, int64_t x_stride,
-                              const float* const* d, int nt, int64_t n, float* out);
+    // ... int8 decode's product of a Q8_0 strip (dot_q8_0_strip_int8's: d[k], s[k] as there), x rounded
+    void (*dot_q8_0_strip_int8_amx)(const uint8_t* strip, const int8_t* x, int64_t x_stride, const float* const* d,
+                                    const int32_t* const* s, int nt, int64_t n, float* out);
     // Exact decode of Q8_0 weights in strips of sixteen rows (pack_q8_0_strip) against nt <=
     // kPackedTokens tokens, x as prepare_x8's four parts (q[k], d[k] token k's) with their part sums
     // (q8_0_part_sums, s[k]) -> out[16 k + r], each token's arithmetic the same whatever nt. Null
     // where a level has none (Q8_0 rows then take dot_row_prepared on the file layout).
     void (*dot_q8_0_strip)(const uint8_t* strip, const int8_t* const* q, const float* const* d,
                            const int32_t* const* s, int nt, int64_t n, float* out);
+    // ... and int8 decode's, x rounded to int8 (a[k], d[k] as for dot_q8_0_int8) with its block sums
+    // as int32 (s[k], int8_block_sums): dot_q8_0_int8's values, bit for bit
+    void (*dot_q8_0_strip_int8)(const uint8_t* strip, const int8_t* const* a, const float* const* d,
+                                const int32_t* const* s, int nt, int64_t n, float* out);
+    // dot_q8_0_strip for nt <= kAmxTokens tokens on AMX (x as prepare_x8's output, token k's at
+    // q + k * q_stride), out[16 k + r] with its bits. Null without AMX.
+    void (*dot_q8_0_strip_amx)(const uint8_t* strip, const int8_t* q, int64_t q_stride, const float* const* d,
+                               const int32_t* const* s, int nt, int64_t n, float* out);
 };
 
 constexpr int kAmxTokens = 16;
@@ -214,6 +221,8 @@ void pack_q8_0_strip(const uint8_t* rows, size_t row_stride, int n_rows, int64_t
 // What dot_q8_0_strip subtracts for the offset of 128: per 32-block of prepare_x8's output q [4n],
 // s[2 b] = sum_j (2^7 a_j + b_j) and s[2 b + 1] = sum_j (2^7 c_j + e_j)
 void q8_0_part_sums(const int8_t* q, int64_t n, int32_t* s);
+// ... and for int8 decode, x rounded (a [n]): s[b] = sum_j a_j over 32-block b
+void int8_block_sums(const int8_t* a, int64_t n, int32_t* s);
 // packs rows [8, n] (row_stride bytes apart) into one group
 void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group);
 // row j (0..7) of a group back in the type's own block layout (row_bytes(t, n) bytes)

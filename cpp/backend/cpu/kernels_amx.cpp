@@ -1,5 +1,5 @@
 // AMX kernels (Intel's tile unit, Sapphire Rapids on): decode rows, many tokens at a time -- the
-// eight-row types exact (four int8 parts of x) and with int8 decode, and int8 decode's Q8_0 rows.
+// eight-row types and the Q8_0 strips, exact (four int8 parts of x) and with int8 decode.
 // Each (row, token) gets the exact int32 block sums the VNNI kernels add up and the same float
 // operations on them, so its bits are those of a one-token step. This file alone is compiled with
 // AMX-TILE and AMX-INT8 (besides the AVX-512 level's flags), and its kernels join the AVX-512 table
@@ -210,10 +210,12 @@ void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* 
 }
 
 // int8 decode's products on the tile unit, tokens as rows (as dot_packed8_amx_type): per block, the
-// weights' B tile (lay_out(i, dw, weights) writes block i's and the 16 rows' scales) against the
-// tokens' rounded x (A, read in place: token t's at x + t * x_stride) gives each (token, row) the
-// block's exact int32 sum S -- TDPBSUD for unsigned quants, TDPBSSD for signed ones -- and the
-// vector units run the VNNI kernels' operations on it, sixteen rows per register:
+// weights' B tile (lay_out(i, dw, buffer) gives block i's -- laid out in the buffer, or where it
+// lies -- and writes the 16 rows' scales) against the tokens' rounded x (A, read in place: token t's
+// at x + t * x_stride) gives each (token, row) the block's exact int32 sum S -- TDPBSUD for unsigned
+// quants, TDPBSSD for signed ones; a Q8_0 strip's quants carry an offset of 128, taken off as
+// 128 x_sums[t][i] -- and the vector units run the VNNI kernels' operations on it, sixteen rows per
+// register:
 //   acc[t] = fma(float(S), dw * dx_t, acc[t]) block after block.
 // Four blocks per round (C tiles 0-3; B tiles 4 and 6, A tiles 5 and 7 in turn): their weights are
 // laid out first, then the four products run and are stored together, so the tile latencies are paid
@@ -221,17 +223,18 @@ void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* 
 constexpr int kAmxRound = 4;
 
 template <bool SignedQuants, typename LayOut>
-void int8_amx_blocks(LayOut lay_out, const int8_t* x, int64_t x_stride, const float* const* d, int nt, int64_t nb,
-                     __m512* acc) {
+void int8_amx_blocks(LayOut lay_out, const int8_t* x, int64_t x_stride, const float* const* d,
+                     const int32_t* const* x_sums, int nt, int64_t nb, __m512* acc) {
     configure_token_rows(nt, true);
-    alignas(64) uint8_t weights[kAmxRound][8 * 64];
+    alignas(64) uint8_t buffers[kAmxRound][8 * 64];
+    const uint8_t* weights[kAmxRound];
     alignas(64) int32_t sums[kAmxRound][16 * 16];
     alignas(64) float dw[kAmxRound][16];
 #pragma GCC unroll 16
     for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
     for (int64_t i0 = 0; i0 < nb; i0 += kAmxRound) {
         const int count = static_cast<int>(std::min<int64_t>(kAmxRound, nb - i0));
-        for (int k = 0; k < count; ++k) lay_out(i0 + k, dw[k], weights[k]);
+        for (int k = 0; k < count; ++k) weights[k] = lay_out(i0 + k, dw[k], buffers[k]);
         // block k of the round into C tile k (tile numbers are immediates, hence macros)
 #define TMILL_AMX_PRODUCT(k, b, a)                                   \
     if (count > k) {                                                 \
@@ -258,8 +261,9 @@ void int8_amx_blocks(LayOut lay_out, const int8_t* x, int64_t x_stride, const fl
 #pragma GCC unroll 16
             for (int t = 0; t < 16; ++t) {
                 if (t >= nt) break;
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[k] + 16 * t)),
-                                         _mm512_mul_ps(dwv, _mm512_set1_ps(d[t][i0 + k])), acc[t]);
+                __m512i sum = _mm512_load_si512(sums[k] + 16 * t);
+                if (x_sums) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(x_sums[t][i0 + k] * 128));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dwv, _mm512_set1_ps(d[t][i0 + k])), acc[t]);
             }
         }
     }
@@ -270,11 +274,12 @@ template <DType T>
 void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* x, int64_t x_stride,
                                const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
     GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
-    auto lay_out = [&](int64_t i, float* dw, uint8_t* weights) {
-        column_as_b_tile(col_a, group_b ? &col_b : nullptr, i, dw, weights);
+    auto lay_out = [&](int64_t i, float* dw, uint8_t* buffer) -> const uint8_t* {
+        column_as_b_tile(col_a, group_b ? &col_b : nullptr, i, dw, buffer);
+        return buffer;
     };
     __m512 acc[16];
-    int8_amx_blocks<false>(lay_out, x, x_stride, d, nt, n / 32, acc);
+    int8_amx_blocks<false>(lay_out, x, x_stride, d, nullptr, nt, n / 32, acc);
     store_rows_with_offsets<T>(acc, group_a, group_b, sum, nt, n / 32, out);
 }
 
@@ -285,55 +290,82 @@ void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int
     });
 }
 
-// Block i of up to 16 Q8_0 rows (file layout; the rest zero) as the B tile of the turned-round
-// products: row j holds each row's quants 4j..4j+3 (an 8 x 8 transpose of int32 per half of the
-// tile, rows r and r + 8 sharing a register), and the rows' scales go to dw[0..15].
-inline void q8_0_block_as_b_tile(const void* const* rows, int n_rows, int64_t i, float* dw, uint8_t* dst) {
-    constexpr int64_t block = 34;   // fp16 scale + 32 quants
-    __m512i v[8];
-    for (int r = 0; r < 8; ++r) {
-        __m256i half_rows[2];
-        for (int g = 0; g < 2; ++g) {
-            const int row = r + 8 * g;
-            if (row >= n_rows) {
-                half_rows[g] = _mm256_setzero_si256();
-                continue;
-            }
-            const uint8_t* blk = static_cast<const uint8_t*>(rows[row]) + i * block;
-            _mm_prefetch(reinterpret_cast<const char*>(blk) + kDecodePrefetchBytes, _MM_HINT_T0);
-            half_rows[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        }
-        v[r] = _mm512_inserti64x4(_mm512_castsi256_si512(half_rows[0]), half_rows[1], 1);
-    }
-    // 8 x 8 transposes of int32 in each 256-bit half: v[r] lane j (+ 8) -> out[j] lane r (+ 8)
-    __m512i t[8], u[8];
-    for (int k = 0; k < 4; ++k) {
-        t[2 * k] = _mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]);
-        t[2 * k + 1] = _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]);
-    }
-    for (int k = 0; k < 2; ++k)
-        for (int m = 0; m < 2; ++m) {
-            u[4 * k + m] = _mm512_unpacklo_epi64(t[4 * k + m], t[4 * k + m + 2]);
-            u[4 * k + m + 2] = _mm512_unpackhi_epi64(t[4 * k + m], t[4 * k + m + 2]);
-        }
-    // u[m] (rows 0-3) and u[m + 4] (rows 4-7), per 128-bit lane element {0, 2, 1, 3}[m] of its four
-    // quants: the low lanes of each half give quants j < 4, the high ones j + 4
-    const __m512i low_lanes = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), high_lanes = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
-    constexpr int element_of[4] = {0, 2, 1, 3};
-    for (int m = 0; m < 4; ++m) {
-        _mm512_store_si512(dst + 64 * element_of[m], _mm512_permutex2var_epi64(u[m], low_lanes, u[m + 4]));
-        _mm512_store_si512(dst + 64 * (element_of[m] + 4), _mm512_permutex2var_epi64(u[m], high_lanes, u[m + 4]));
-    }
-    for (int r = 0; r < 16; ++r)
-        dw[r] = r < n_rows ? half_at(static_cast<const uint8_t*>(rows[r]) + i * block) : 0.0f;
+// A Q8_0 strip's block column i is a B tile as it lies (kernels.h: [group][row][4] bytes); its
+// scales go to dw[0..15]
+inline const uint8_t* strip_column(const uint8_t* strip, int64_t nb, int64_t i, float* dw) {
+    const uint8_t* col = strip + i * kQ8_0StripQuantBytes;
+    for (int line = 0; line < 8; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(col) + 64 * line + kDecodePrefetchBytes, _MM_HINT_T0);
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(strip + nb * kQ8_0StripQuantBytes) + 16 * i;
+    _mm512_store_ps(dw, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales))));
+    return col;
 }
 
-// ... and up to 16 Q8_0 rows (signed quants, no offsets): the bits dot_q8_0_int8 gives
-void dot_q8_0_int8_amx(const void* const* rows, int n_rows, const int8_t* x, int64_t x_stride, const float* const* d,
-                       int nt, int64_t n, float* out) {
-    auto lay_out = [&](int64_t i, float* dw, uint8_t* weights) { q8_0_block_as_b_tile(rows, n_rows, i, dw, weights); };
+// int8 decode's product of a Q8_0 strip: the bits dot_q8_0_strip_int8 gives
+void dot_q8_0_strip_int8_amx(const uint8_t* strip, const int8_t* x, int64_t x_stride, const float* const* d,
+                             const int32_t* const* s, int nt, int64_t n, float* out) {
+    const int64_t nb = n / 32;
+    auto lay_out = [&](int64_t i, float* dw, uint8_t*) { return strip_column(strip, nb, i, dw); };
     __m512 acc[16];
-    int8_amx_blocks<true>(lay_out, x, x_stride, d, nt, n / 32, acc);
+    int8_amx_blocks<false>(lay_out, x, x_stride, d, s, nt, nb, acc);
+    for (int t = 0; t < nt; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
+}
+
+// The exact product of a Q8_0 strip (dot_q8_0_strip's bits): per block, the column (B, in place)
+// against prepare_x8's four parts (A tiles, one token per row) into C tiles 0-3, the parts' sums
+// S_a..S_e of u = w + 128; the vector units then run dot_q8_0_strip's operations on them:
+//   P_ab = 2^7 S_a + S_b - 2^7 s_ab, P_ce likewise,
+//   acc = fma(dw_r * (d 2^-7), fma(float(P_ce), 2^-14, float(P_ab)), acc).
+// Software-pipelined as dot_packed8_amx_type: block i - 1's sums are scaled while block i multiplies.
+void dot_q8_0_strip_amx(const uint8_t* strip, const int8_t* q, int64_t q_stride, const float* const* d,
+                        const int32_t* const* s, int nt, int64_t n, float* out) {
+    configure_token_rows(nt, false);
+    alignas(64) int32_t sums[2][4][16 * 16];
+    alignas(64) float dw[2][16];
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+    const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
+    const int64_t nb = n / 32;
+    for (int64_t i = 0; i <= nb; ++i) {
+        if (i < nb) {
+            const int k = static_cast<int>(i & 1);
+            const int8_t* x = q + 128 * i;   // part p of token t at x + t q_stride + 32 p
+            _tile_loadd(4, strip_column(strip, nb, i, dw[k]), 64);
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            _tile_loadd(5, x, q_stride);
+            _tile_loadd(6, x + 32, q_stride);
+            _tile_loadd(7, x + 64, q_stride);
+            _tile_dpbsud(0, 5, 4);
+            _tile_dpbsud(1, 6, 4);
+            _tile_dpbsud(2, 7, 4);
+            _tile_loadd(5, x + 96, q_stride);
+            _tile_dpbsud(3, 5, 4);
+            _tile_stored(0, sums[k][0], 64);
+            _tile_stored(1, sums[k][1], 64);
+            _tile_stored(2, sums[k][2], 64);
+            _tile_stored(3, sums[k][3], 64);
+        }
+        if (i == 0) continue;
+        const int64_t b = i - 1;
+        const int k = static_cast<int>(b & 1);
+        const __m512 dwv = _mm512_load_ps(dw[k]);
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) {
+            if (t >= nt) break;
+            auto pair = [&](int p, int32_t x_sum) {   // 2^7 S_p + S_p+1 - 2^7 x_sum
+                return _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[k][p] + 16 * t), 7),
+                                                         _mm512_load_si512(sums[k][p + 1] + 16 * t)),
+                                        _mm512_set1_epi32(x_sum * 128));
+            };
+            const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pair(2, s[t][2 * b + 1])), low_pair,
+                                             _mm512_cvtepi32_ps(pair(0, s[t][2 * b])));
+            acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(dwv, _mm512_set1_ps(d[t][b] * (1.0f / 128.0f))), f, acc[t]);
+        }
+    }
     for (int t = 0; t < nt; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
 }
 
@@ -343,7 +375,8 @@ void add_amx_kernels(Kernels& k) {
     if (!amx_int8_usable()) return;
     k.dot_packed8_int8_amx = dot_packed8_int8_amx;
     k.dot_packed8_amx = dot_packed8_amx;
-    k.dot_q8_0_int8_amx = dot_q8_0_int8_amx;
+    k.dot_q8_0_strip_int8_amx = dot_q8_0_strip_int8_amx;
+    k.dot_q8_0_strip_amx = dot_q8_0_strip_amx;
 }
 
 }  // namespace tmill::cpu

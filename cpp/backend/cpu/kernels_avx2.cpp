@@ -1037,7 +1037,8 @@ const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, e
                     dot_rows_tokens, dequantize, prepare_x, dot_row_prepared,
                     dot_row_prepared_x4, prepare_x8, dot_packed8, nullptr, dequantize_packed8, repack16, dot_tile16, nullptr,
                     dot_packed8_tokens, gelu_erf, gelu_tanh, nullptr, nullptr, nullptr, nullptr,
-                    rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k, nullptr, scores_block, nullptr, nullptr, nullptr};
+                    rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k, nullptr, scores_block, nullptr, nullptr, nullptr,
+                    nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -1159,8 +1159,9 @@ void dot_tile16(DType t, const uint8_t* w, int64_t n, const int8_t* const* q, co
 // -128 * (sum of the same four weights), so every int32 lane is an exact partial sum. Each (row,
 // token)'s lanes then add up in int32 per block, and its float operations are
 //   acc = fma(float(S_b), dw_b * dx_b, acc) for b = 0, 1, ... in order
-// whatever the tile -- and what the AMX kernel (dot_q8_0_int8_amx) runs on its block sums -- so
-// batched decode rows equal one-token steps bit for bit.
+// whatever the tile -- and what the strip kernels (dot_q8_0_strip_int8, on VNNI and AMX) run on
+// their block sums, which decode reads at this level -- so batched decode rows equal one-token
+// steps bit for bit.
 
 // v[k] for P <= 16 (row, token) pairs, each [8 lanes of block b | 8 of block b + 1] -> even[k], odd[k]:
 // the pairs' whole sums of block b and of b + 1 (lane k of two vectors). v is padded to a multiple
@@ -1295,7 +1296,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32,   rows_dot_f32,     rows
                       dot_row_prepared_x4, prepare_x8, dot_packed8, dot_packed8_int8, dequantize_packed8, repack16, dot_tile16,
                       dot_packed8_int8_tokens, dot_packed8_tokens, gelu_erf, gelu_tanh, group_dot_f32, group_dot_f16, group_axpy_f32,
                       group_axpy_f16, rows_dot_f16, rows_axpy_f16, repack16_rows, prepare_x_k,
-                      dot_q8_0_int8, scores_block, nullptr, nullptr, nullptr};
+                      dot_q8_0_int8, scores_block, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -1,7 +1,9 @@
-// Exact decode of Q8_0 weights in strips of sixteen rows, AVX-512 VNNI (kernels.h: dot_q8_0_strip).
+// Decode of Q8_0 weights in strips of sixteen rows, AVX-512 VNNI (kernels.h: dot_q8_0_strip, exact,
+// and dot_q8_0_strip_int8).
 // Each 64-byte load holds four values of each of the strip's sixteen rows, so one VPDPBUSD with four
 // bytes of x broadcast adds four products to every row at once: 32 instructions per block column
-// for four x parts and sixteen rows, where the file layout's int16 kernel spends about ten per row.
+// for four x parts and sixteen rows (8 for int8 decode's one), where the file layout's exact int16
+// kernel spends about ten per row.
 // Lane r of every accumulator is row r, so rows need no horizontal sums.
 #include <immintrin.h>
 
@@ -68,6 +70,51 @@ void strip_tokens(const uint8_t* strip, const int8_t* const* q, const float* con
     for (int k = 0; k < NT; ++k) _mm512_storeu_ps(out + 16 * k, acc[k]);
 }
 
+// int8 decode's product: x rounded to int8 (a, the first part alone), s its block sums. Per block the
+// exact sum_j w_j a_j = sum_j u_j a_j - 128 s meets floats as dot_q8_0_int8's block sums do:
+//   acc_r = fma(float(sum), dw_r * d, acc_r)
+// so the strips give the file layout kernel's bits.
+template <int NT>
+void strip_tokens_int8(const uint8_t* strip, const int8_t* const* a, const float* const* d, const int32_t* const* s,
+                       int64_t n, float* out) {
+    const int64_t nb = n / 32;
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(strip + nb * kQ8_0StripQuantBytes);
+    __m512 acc[NT];
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) acc[k] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; ++i) {
+        const uint8_t* col = strip + i * kQ8_0StripQuantBytes;
+        __m512i p[NT];
+#pragma GCC unroll 4
+        for (int k = 0; k < NT; ++k) p[k] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; ++g) {
+            _mm_prefetch(reinterpret_cast<const char*>(col) + 64 * g + kDecodePrefetchBytes, _MM_HINT_T0);
+            const __m512i w = _mm512_loadu_si512(col + 64 * g);
+#pragma GCC unroll 4
+            for (int k = 0; k < NT; ++k) p[k] = _mm512_dpbusd_epi32(p[k], w, broadcast4(a[k] + 32 * i + 4 * g));
+        }
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 16 * i)));
+#pragma GCC unroll 4
+        for (int k = 0; k < NT; ++k) {
+            const __m512i sum = _mm512_sub_epi32(p[k], _mm512_set1_epi32(s[k][i] * 128));
+            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dw, _mm512_set1_ps(d[k][i])), acc[k]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < NT; ++k) _mm512_storeu_ps(out + 16 * k, acc[k]);
+}
+
+void dot_q8_0_strip_int8(const uint8_t* strip, const int8_t* const* a, const float* const* d, const int32_t* const* s,
+                         int nt, int64_t n, float* out) {
+    switch (nt) {
+        case 1: return strip_tokens_int8<1>(strip, a, d, s, n, out);
+        case 2: return strip_tokens_int8<2>(strip, a, d, s, n, out);
+        case 3: return strip_tokens_int8<3>(strip, a, d, s, n, out);
+        default: return strip_tokens_int8<4>(strip, a, d, s, n, out);
+    }
+}
+
 void dot_q8_0_strip(const uint8_t* strip, const int8_t* const* q, const float* const* d, const int32_t* const* s,
                     int nt, int64_t n, float* out) {
     switch (nt) {
@@ -80,6 +127,9 @@ void dot_q8_0_strip(const uint8_t* strip, const int8_t* const* q, const float* c
 
 }  // namespace
 
-void add_q8_0_strip_kernels(Kernels& k) { k.dot_q8_0_strip = dot_q8_0_strip; }
+void add_q8_0_strip_kernels(Kernels& k) {
+    k.dot_q8_0_strip = dot_q8_0_strip;
+    k.dot_q8_0_strip_int8 = dot_q8_0_strip_int8;
+}
 
 }  // namespace tmill::cpu

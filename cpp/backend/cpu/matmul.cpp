@@ -45,7 +45,11 @@ constexpr int kOnePassChunksPerThread = 1;
 // 38 ns per row at 3 tokens, 254 against 51 at 16.
 constexpr int64_t kAmxInt8MinTokens = 5;
 constexpr int64_t kAmxExactMinTokens = 5;
-constexpr int64_t kAmxQ8_0MinTokens = 3;
+// The Q8_0 strips' VNNI kernels need no unpacking and no horizontal sums, so AMX pays only later:
+// per strip (16 x 576, one core) exact 1009 against 1041 ns at 6 tokens, 1331 against 1183 at 8,
+// 2731 against 1740 at 16; int8 461 against 501 at 8, 569 against 537 at 9, 925 against 713 at 16.
+constexpr int64_t kAmxStripExactMinTokens = 7;
+constexpr int64_t kAmxStripInt8MinTokens = 9;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
 
@@ -76,15 +80,14 @@ Matmul::Matmul(ThreadPool& pool, bool int8_prefill, bool int8_decode)
 
 // q4_0 / q4_1 / q4_k / q5_* matrices get the eight-row layout where the level has a kernel for it;
 // decode then reads only that copy, prefill dequantizes (or, with int8 prefill, repacks) rows from
-// it. Q8_0 matrices get strips of sixteen rows for exact decode where the level has that kernel;
-// prefill and other levels read the original. The other block-quantized matrices (and Q8_0 with
-// int8 decode, whose kernels read the file layout) are copied as they are into the same huge-page
-// chunks, which decode streams faster than the file's map (a 1B-shape Q6_K +9 %, Gemma 3 Q4_K_M
+// it. Q8_0 matrices get strips of sixteen rows for decode where the level has those kernels;
+// prefill and other levels read the original. The other block-quantized matrices are copied as they
+// are into the same huge-page chunks, which decode streams faster than the file's map (a 1B-shape Q6_K +9 %, Gemma 3 Q4_K_M
 // with its q8_0 output matrix +23-27 %). Either way the mapped original goes cold (the model
 // releases it).
 void Matmul::pack(Weight& w) {
     const Kernels& kern = kernels();
-    if (w.type == DType::q8_0 && kern.dot_q8_0_strip && kern.prepare_x8 && !int8_decode_ && w.cols % 32 == 0) {
+    if (w.type == DType::q8_0 && kern.dot_q8_0_strip && kern.dot_q8_0_strip_int8 && kern.prepare_x8 && w.cols % 32 == 0) {
         const int64_t strips = (w.rows + 15) / 16;
         const size_t bytes = q8_0_strip_bytes(w.cols);
         uint8_t* dst = pack_space(bytes * static_cast<size_t>(strips));
@@ -175,8 +178,9 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
         const bool strips = uses_q8_0_strips(kern, w, T);
         any_packed |= packed || strips;
         any_strips |= strips;
-        any_packed_exact |= (packed && !uses_int8_decode(kern)) || strips;   // the readers of prepare_x8's parts 2..4
-        any_int8 |= (packed && uses_int8_decode(kern)) || (small_batch && uses_int8_q8_0(kern, w));
+        // the readers of prepare_x8's parts 2..4, and of x rounded to int8
+        any_packed_exact |= (packed && !uses_int8_decode(kern)) || (strips && !int8_decode_);
+        any_int8 |= (packed && uses_int8_decode(kern)) || (strips && int8_decode_) || (small_batch && uses_int8_q8_0(kern, w));
         any_tile16 |= tile16;
         any_tile |= tile;
         const bool prepared = !packed && !strips && small_batch && uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
@@ -209,9 +213,10 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
             for (int64_t t = t0; t < t1; ++t) {
                 int8_t* q = xq8_.data() + 4 * t * cols;
                 kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb, any_packed_exact ? 4 : 1);
-                if (any_strips) q8_0_part_sums(q, cols, xpart_sums_.data() + 2 * t * nb);
+                if (any_strips && !int8_decode_) q8_0_part_sums(q, cols, xpart_sums_.data() + 2 * t * nb);
                 if (rounded)
                     first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb);
+                if (any_strips && int8_decode_) int8_block_sums(xa_.data() + t * cols, cols, xpart_sums_.data() + 2 * t * nb);
             }
         });
     }
@@ -248,12 +253,12 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
         const Weight& w = *items[i].w;
         float* out = items[i].out;
         if (!uses_tile(kern, w, T) && k0 > 0) continue;
-        if (uses_q8_0_strips(kern, w, T)) {
-            q8_0_strip_unit(w, out, T, 16 * (u - first_unit[i]));
-            continue;
-        }
         if (uses_amx(kern, w, T)) {
             amx_unit(w, out, T, 16 * (u - first_unit[i]));
+            continue;
+        }
+        if (uses_q8_0_strips(kern, w, T)) {
+            q8_0_strip_unit(w, out, 16 * (u - first_unit[i]), 0, T);
             continue;
         }
         if (uses_packed(kern, w, T)) {
@@ -387,22 +392,23 @@ void Matmul::packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, 
     }
 }
 
-// The Q8_0 strip of sixteen rows from r0 against the tokens, kPackedTokens per call (exact decode)
-void Matmul::q8_0_strip_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
+// The Q8_0 strip of sixteen rows from r0 against tokens [t0, t1), kPackedTokens per call (exact
+// decode, or int8 decode's)
+void Matmul::q8_0_strip_unit(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1) {
     const Kernels& kern = kernels();
     const int64_t cols = w.cols, nb = cols / 32, rows = std::min<int64_t>(16, w.rows - r0);
     const int8_t* q[kPackedTokens];
     const float* d[kPackedTokens];
     const int32_t* s[kPackedTokens];
     float o[16 * kPackedTokens];
-    for (int64_t t = 0; t < T; t += kPackedTokens) {
-        const int nt = static_cast<int>(std::min<int64_t>(kPackedTokens, T - t));
+    for (int64_t t = t0; t < t1; t += kPackedTokens) {
+        const int nt = static_cast<int>(std::min<int64_t>(kPackedTokens, t1 - t));
         for (int k = 0; k < nt; ++k) {
-            q[k] = xq8_.data() + 4 * (t + k) * cols;
+            q[k] = int8_decode_ ? xa_.data() + (t + k) * cols : xq8_.data() + 4 * (t + k) * cols;
             d[k] = xd8_.data() + (t + k) * nb;
             s[k] = xpart_sums_.data() + 2 * (t + k) * nb;
         }
-        kern.dot_q8_0_strip(q8_0_strip(w, r0), q, d, s, nt, cols, o);
+        (int8_decode_ ? kern.dot_q8_0_strip_int8 : kern.dot_q8_0_strip)(q8_0_strip(w, r0), q, d, s, nt, cols, o);
         for (int k = 0; k < nt; ++k)
             for (int64_t r = 0; r < rows; ++r) out[(t + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
     }
@@ -432,34 +438,36 @@ void Matmul::q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1,
     }
 }
 
-// Decode rows on AMX, the unit of sixteen rows from r0 (two packed groups, or Q8_0 rows in their file
-// layout) against the tokens, kAmxTokens at a time, x read as prepared (rounded, or prepare_x8's four
-// parts); a last chunk of fewer than amx_min_tokens takes the VNNI kernels, whose bits are the same
+// Decode rows on AMX, the unit of sixteen rows from r0 (two packed groups, or a Q8_0 strip) against
+// the tokens, kAmxTokens at a time, x read as prepared (rounded, or prepare_x8's four parts); a last
+// chunk of fewer than amx_min_tokens takes the VNNI kernels, whose bits are the same
 void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     const Kernels& kern = kernels();
     const int64_t nb = w.cols / 32;
-    const bool int8 = uses_int8_decode(kern), q8_0 = w.type == DType::q8_0;
-    const uint8_t* b = !q8_0 && r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
-    const int rows = q8_0 ? static_cast<int>(std::min<int64_t>(16, w.rows - r0)) : b ? 16 : 8;
-    const void* q8_0_rows[16];
-    for (int r = 0; q8_0 && r < rows; ++r) q8_0_rows[r] = w.data + static_cast<size_t>(r0 + r) * w.row_stride;
+    const bool int8 = uses_int8_decode(kern), strips = q8_0_strips(w);
+    const uint8_t* b = !strips && r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
+    const int rows = strips ? static_cast<int>(std::min<int64_t>(16, w.rows - r0)) : b ? 16 : 8;
     float o[16 * kAmxTokens];
     for (int64_t t0 = 0; t0 < T; t0 += kAmxTokens) {
         const int nt = static_cast<int>(std::min<int64_t>(kAmxTokens, T - t0));
         if (nt < amx_min_tokens(kern, w)) {
-            if (q8_0)
-                q8_0_int8_rows(w, out, r0, r0 + rows, t0, T);
+            if (strips)
+                q8_0_strip_unit(w, out, r0, t0, T);
             else
                 for (int g = 0; g < rows / 8; ++g) packed_tokens(w, out, r0 + 8 * g, t0, T);
             break;
         }
         const float *d[kAmxTokens], *sum[kAmxTokens];
+        const int32_t* s[kAmxTokens];
         for (int k = 0; k < nt; ++k) {
             d[k] = xd8_.data() + (t0 + k) * nb;
             sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t0 + k) * nb;
+            s[k] = xpart_sums_.data() + 2 * (t0 + k) * nb;
         }
-        if (q8_0)
-            kern.dot_q8_0_int8_amx(q8_0_rows, rows, xa_.data() + t0 * w.cols, w.cols, d, nt, w.cols, o);
+        if (strips && int8_decode_)
+            kern.dot_q8_0_strip_int8_amx(q8_0_strip(w, r0), xa_.data() + t0 * w.cols, w.cols, d, s, nt, w.cols, o);
+        else if (strips)
+            kern.dot_q8_0_strip_amx(q8_0_strip(w, r0), xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, s, nt, w.cols, o);
         else if (int8)
             kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, xa_.data() + t0 * w.cols, w.cols, d, sum, nt, w.cols,
                                       o);
@@ -507,7 +515,8 @@ bool Matmul::uses_packed(const Kernels& kern, const Weight& w, int64_t T) const 
     return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && packed8(w) && kern.dot_packed8;
 }
 bool Matmul::uses_q8_0_strips(const Kernels& kern, const Weight& w, int64_t T) const {
-    return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && q8_0_strips(w) && kern.dot_q8_0_strip;
+    return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && q8_0_strips(w) &&
+           (int8_decode_ ? kern.dot_q8_0_strip_int8 : kern.dot_q8_0_strip);
 }
 bool Matmul::uses_tile(const Kernels& kern, const Weight& w, int64_t T) const {
     if (invariant()) return true;
@@ -527,12 +536,14 @@ bool Matmul::uses_int8_decode(const Kernels& kern) const { return int8_decode_ &
 // (int8 decode's Q8_0 rows too, where they run as decode)
 bool Matmul::uses_amx(const Kernels& kern, const Weight& w, int64_t T) const {
     if (T < amx_min_tokens(kern, w)) return false;
-    if (uses_int8_q8_0(kern, w)) return rows_as_decode() && kern.dot_q8_0_int8_amx;
+    if (q8_0_strips(w))
+        return uses_q8_0_strips(kern, w, T) && (int8_decode_ ? kern.dot_q8_0_strip_int8_amx : kern.dot_q8_0_strip_amx);
     const bool has_kernel = uses_int8_decode(kern) ? kern.dot_packed8_int8_amx != nullptr : kern.dot_packed8_amx != nullptr;
     return uses_packed(kern, w, T) && has_kernel;
 }
 int64_t Matmul::amx_min_tokens(const Kernels& kern, const Weight& w) const {
-    return uses_int8_q8_0(kern, w) ? kAmxQ8_0MinTokens : uses_int8_decode(kern) ? kAmxInt8MinTokens : kAmxExactMinTokens;
+    if (q8_0_strips(w)) return int8_decode_ ? kAmxStripInt8MinTokens : kAmxStripExactMinTokens;
+    return uses_int8_decode(kern) ? kAmxInt8MinTokens : kAmxExactMinTokens;
 }
 // ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0)
 bool Matmul::uses_int8_q8_0(const Kernels& kern, const Weight& w) const {

@@ -41,7 +41,7 @@ private:
                       int64_t u0, int64_t u1, int thread, int64_t k0, int64_t kn);
     void packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1);
     void amx_unit(const Weight& w, float* out, int64_t T, int64_t r0);
-    void q8_0_strip_unit(const Weight& w, float* out, int64_t T, int64_t r0);
+    void q8_0_strip_unit(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1);
     void q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
     void tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn);
     float* scratch(int thread, int64_t n);
@@ -63,7 +63,7 @@ private:
     PreparedX x32_, x256_;       // by prepare_x (32-block scales) and prepare_x_k (super-block scales, K-quants)
     std::vector<int8_t> xq8_;    // ... and for the packed 4-bit kernel [T, 4 * cols]
     std::vector<float> xd8_, xsum8_;
-    std::vector<int32_t> xpart_sums_;   // ... and their part sums for the Q8_0 strips [T, 2 * cols / 32]
+    std::vector<int32_t> xpart_sums_;   // ... their part sums (or int8 decode's block sums) for the Q8_0 strips [T, 2 * cols / 32]
     std::vector<int8_t> xa_;            // int8 kernels: x rounded to int8 [T, cols] ...
     std::vector<float> xsum_rounded_;   // ... and its block sums [T, cols / 32]
     std::vector<std::unique_ptr<uint8_t, void (*)(void*)>> packed_;   // chunks of weight copies (pack_space) ...
