@@ -81,10 +81,10 @@ Matmul::Matmul(ThreadPool& pool, bool int8_prefill, bool int8_decode)
 // q4_0 / q4_1 / q4_k / q5_* matrices get the eight-row layout where the level has a kernel for it;
 // decode then reads only that copy, prefill dequantizes (or, with int8 prefill, repacks) rows from
 // it. Q8_0 matrices get strips of sixteen rows for decode where the level has those kernels;
-// prefill and other levels read the original. The other block-quantized matrices are copied as they
-// are into the same huge-page chunks, which decode streams faster than the file's map (a 1B-shape Q6_K +9 %, Gemma 3 Q4_K_M
-// with its q8_0 output matrix +23-27 %). Either way the mapped original goes cold (the model
-// releases it).
+// prefill and other levels read the original. The other block-quantized matrices are copied as
+// they are into the same huge-page chunks, which decode streams faster than the file's map (a
+// 1B-shape Q6_K +9 %, Gemma 3 Q4_K_M with its q8_0 output matrix +23-27 %). Either way the mapped
+// original goes cold (the model releases it).
 void Matmul::pack(Weight& w) {
     const Kernels& kern = kernels();
     if (w.type == DType::q8_0 && kern.dot_q8_0_strip && kern.dot_q8_0_strip_int8 && kern.prepare_x8 && w.cols % 32 == 0) {
@@ -545,9 +545,10 @@ int64_t Matmul::amx_min_tokens(const Kernels& kern, const Weight& w) const {
     if (q8_0_strips(w)) return int8_decode_ ? kAmxStripInt8MinTokens : kAmxStripExactMinTokens;
     return uses_int8_decode(kern) ? kAmxInt8MinTokens : kAmxExactMinTokens;
 }
-// ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0)
+// ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0) in
+// their file layout, where the level does not read the strips
 bool Matmul::uses_int8_q8_0(const Kernels& kern, const Weight& w) const {
-    return int8_decode_ && w.type == DType::q8_0 && !q8_0_strips(w) && kern.dot_q8_0_int8;
+    return int8_decode_ && w.type == DType::q8_0 && !(q8_0_strips(w) && kern.dot_q8_0_strip_int8) && kern.dot_q8_0_int8;
 }
 
 // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
