@@ -294,6 +294,30 @@ def test_a_draft_models_prompt_prefill_is_not_taken_for_its_cost_per_token(smoll
     assert stats.accepted == stats.proposed and stats.proposed > 32, stats   # the same model drafts all along
 
 
+def test_lookup_drafts_carry_their_match_length_and_k_follows_it():
+    """A lookup draft says how far back its occurrence matches the context, and the policy keeps an
+    acceptance per class of match length: after a long match's drafts hit and a short match's miss,
+    the same global average gives long drafts to the one and none to the other."""
+    from tokenmill.generation.config import SpeculativeOptions
+    from tokenmill.generation.speculative import KPolicy, LookupDrafter
+
+    drafter = LookupDrafter(2, 4)
+    draft = drafter.propose(np.array([5, 6, 7, 8, 9, 1, 2, 3, 7, 8, 9], np.int32), 3)
+    assert draft.tokens == [1, 2, 3] and draft.match == 3   # 6 7 8 9 against 3 7 8 9
+    draft = drafter.propose(np.array([1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5], np.int32), 2)
+    assert draft.tokens == [6, 1] and draft.match == 5   # the whole earlier 1 2 3 4 5
+    p = KPolicy(SpeculativeOptions(k_max=16))
+    for rows in (1, 1, 3, 5, 9, 17):
+        p.observe_pass(rows, 0.004 + 0.001 * rows)
+    for _ in range(KPolicy.WARMUP_STEPS):
+        p.observe_step(8, 8, 0.0, 8, match=24)    # long matches: all accepted
+        p.observe_step(4, 0, 0.0, 4, match=2)     # short ones: the first draft rejected
+    p.alpha = 0.6
+    assert p.alpha_for(24) > 0.8 > 0.3 > p.alpha_for(2) and p.alpha_for(0) == 0.6
+    assert p.choose(16, match=24) >= 8 and p.choose(16, match=2) == 0
+    assert p.choose(16, match=6) == p.choose(16)   # a class never seen: the global average
+
+
 def test_prompt_lookups_shadow_drafts_end_a_fallback_early(smollm):
     """During a fallback, prompt lookup still proposes a token at each plain step (free) and checks it
     against the token decoded: once the output starts to loop, three hits in a row end the fallback

@@ -31,10 +31,10 @@ linear in between and beyond) and the drafter's cost per token:
 
 (C is far from a line: on SmolLM2 a second exact row costs 0.78 of a step, the rows from the fifth
 on 0.55 each; a line through all of them made k = 1 look as if it paid from alpha = 0.59, where it
-breaks even at 0.78. The 10 % margin covers noise in the medians.) When no k beats plain decoding,
-it decodes plainly for spec_probe_interval tokens (doubling from the second failed probe on: a first
-one may just have come a little early, as for output that falls into a loop some tokens after the
-first fallback), then probes again at k = 2 -- unless the last step had all its drafts accepted and
+breaks even at 0.78. The 10 % margin covers noise in the medians.) With a draft model, when no k
+beats plain decoding it decodes plainly for spec_probe_interval tokens (doubling from the second
+failed probe on: a first one may just have come a little early, as for output that falls into a
+loop some tokens after the first fallback), then probes again at k = 2 -- unless the last step had all its drafts accepted and
 yielded its tokens faster than plain decoding would have: the averages lag behind drafts that have
 just started to hit (output that fell into a loop, a passage being copied), so it probes on. (Only
 whole hits count: a draft model that agrees half the time has half its k = 2 probes paying too, and
@@ -43,12 +43,16 @@ Either way, when the acceptance over the last 64 proposed tokens (measured from 
 spec_disable_below_accept, the next spec_probe_interval tokens are decoded plainly, then drafting
 resumes with a fresh window.
 
-Prompt lookup drafts for free, so its plain steps keep drafting in the shadow: lookup's next token
-is checked against the token decoded, which updates alpha, and three hits in a row end a fallback
-early when alpha then says drafting pays (with a fixed k: alpha at least spec_disable_below_accept).
-Output that starts to copy its input or falls into a loop in the middle of a fallback no longer
-waits for the next probe: on the grounded prompts of `tokenmill bench --speculative` plain tokens
-fell from 71 to 8 of 128 (extract) and from 37 to 10 (repeat)."""
+Prompt lookup drafts for free, so with adaptive k it drafts first at every step and takes the k
+its draft makes best, plain decoding included -- no fallback stretch to sit out -- from the
+acceptance of the draft's match class (how far back its occurrence matches the context, in powers
+of two: after a long match nearly every draft token is right, after two or three tokens fewer than
+two in three are). Its plain steps still check lookup's next token against the token decoded, which
+updates the acceptances for free, and during a spec_disable_below_accept fallback three hits in a
+row end it early when drafting pays again (with a fixed k: alpha at least the threshold). On the
+grounded prompts of `tokenmill bench --speculative` plain tokens fell from 71 to 8 of 128 (extract)
+and from 37 to 10 (repeat) with the shadow checks, and the match classes took rewrite-code from
+1.82x to 1.98x plain decoding (same process, alternated)."""
 
 from __future__ import annotations
 
@@ -82,20 +86,28 @@ MODEL_PROBE_INTERVAL = 128
 # and checks it against the token decoded; this many hits in a row (and an acceptance estimate that
 # makes drafting pay) end a fallback early. One or two are too often common words on open prompts.
 SHADOW_HITS_TO_RESUME = 3
+# Prompt lookup's acceptance depends on how long a stretch of the context its occurrence matches;
+# on the grounded and open prompts of `tokenmill bench --speculative` (SmolLM2, greedy), per draft
+# token verified: matches of 2-3 tokens 0.59, 4-7 0.73, 8-15 0.94, 16-31 0.98, 32 on 1.00. KPolicy
+# keeps one acceptance per power-of-two class of the match, up to this length.
+MATCH_CAP = 32
 
 
 class Draft:
     """Proposed tokens and, for each, the distribution it was drawn from ((ids, probs)); None means a
     point mass at the token (greedy drafts, prompt lookup). catch_up_seconds: time the drafter spent
     on context it had not seen beyond one new token (a draft model's prefill of the prompt), a one-off
-    that is not a cost per drafted token; that pass also gave the first draft."""
+    that is not a cost per drafted token; that pass also gave the first draft. match: for prompt
+    lookup, how many of the context's last tokens the earlier occurrence matches (up to MATCH_CAP)."""
 
-    __slots__ = ("tokens", "dists", "catch_up_seconds")
+    __slots__ = ("tokens", "dists", "catch_up_seconds", "match")
 
-    def __init__(self, tokens: list[int], dists: Optional[list] = None, catch_up_seconds: float = 0.0):
+    def __init__(self, tokens: list[int], dists: Optional[list] = None, catch_up_seconds: float = 0.0,
+                 match: int = 0):
         self.tokens = tokens
         self.dists = dists
         self.catch_up_seconds = catch_up_seconds
+        self.match = match
 
     @property
     def timed(self) -> int:
@@ -132,7 +144,12 @@ class LookupDrafter:
         for n in range(min(self.ngram_max, L - 1), self.ngram_min - 1, -1):
             start = self._index.get(history[L - n :].tobytes())
             if start is not None:
-                return Draft(history[start + n : start + n + k].tolist())
+                # how far back the occurrence matches: drafts after a long match are mostly right
+                match = n
+                while match < MATCH_CAP and start - 1 - (match - n) >= 0 and \
+                        history[start - 1 - (match - n)] == history[L - 1 - match]:
+                    match += 1
+                return Draft(history[start + n : start + n + k].tolist(), match=match)
         return Draft([])
 
 
@@ -243,9 +260,13 @@ class KPolicy:
     # passes, and plain steps run a little slower among verification passes (SmolLM2, exact: 2-7 %)
     PAY_MARGIN = 1.1
 
+    MATCH_DECAY = 0.9   # per trial, the weight the older trials of a match class keep
+    MATCH_PRIOR = 2.0   # pseudo-trials at alpha that a match class's own estimate starts from
+
     def __init__(self, spec: "SpeculativeOptions"):
         self.spec = spec
         self.alpha: Optional[float] = None
+        self.by_match: dict[int, list[float]] = {}   # match class -> [decayed trials, decayed hits]
         self.draft_cost = 0.0
         self.passes: dict[int, collections.deque] = {}   # rows -> seconds of recent passes
         self.steps = 0
@@ -261,23 +282,40 @@ class KPolicy:
         """The median recent one-row pass: what a plainly decoded token costs."""
         return float(np.median(self.passes[1]))
 
-    def observe_step(self, proposed: int, accepted: int, draft_seconds: float, timed: int) -> None:
-        """draft_seconds: the drafting time of the step's last `timed` drafts (a prefill excluded)."""
+    def observe_step(self, proposed: int, accepted: int, draft_seconds: float, timed: int, match: int = 0) -> None:
+        """draft_seconds: the drafting time of the step's last `timed` drafts (a prefill excluded);
+        match: the draft's lookup match length (0: not a lookup draft)."""
         # the drafts checked: each accepted one, and the first rejected (those after it were never
         # compared with the target) -- the trials of E(k)'s model, where a step's accepted / proposed
         # would count the unchecked ones as rejections
         for _ in range(accepted):
-            self.observe_trial(True)
+            self.observe_trial(True, match)
         if accepted < proposed:
-            self.observe_trial(False)
+            self.observe_trial(False, match)
         if timed > 0:
             per_token = draft_seconds / timed
             self.draft_cost = per_token if self.timed_steps == 0 else (1 - self.DECAY) * self.draft_cost + self.DECAY * per_token
             self.timed_steps += 1
         self.steps += 1
 
-    def observe_trial(self, hit: bool) -> None:
+    def observe_trial(self, hit: bool, match: int = 0) -> None:
         self.alpha = float(hit) if self.alpha is None else (1 - self.TRIAL_DECAY) * self.alpha + self.TRIAL_DECAY * hit
+        if match:
+            counts = self.by_match.setdefault(self._match_class(match), [0.0, 0.0])
+            counts[0] = self.MATCH_DECAY * counts[0] + 1.0
+            counts[1] = self.MATCH_DECAY * counts[1] + hit
+
+    @staticmethod
+    def _match_class(match: int) -> int:
+        return min(match, MATCH_CAP).bit_length()
+
+    def alpha_for(self, match: int = 0) -> Optional[float]:
+        """The acceptance expected of a draft: its match class's, drawn toward alpha while that class
+        has few trials (lookup drafts), else alpha."""
+        counts = self.by_match.get(self._match_class(match)) if match else None
+        if counts is None or self.alpha is None:
+            return self.alpha
+        return (counts[1] + self.MATCH_PRIOR * self.alpha) / (counts[0] + self.MATCH_PRIOR)
 
     def pass_costs(self, max_rows: int) -> Optional[list[float]]:
         """C(T) for T = 0..max_rows (C(0) unused): the median of the recent passes of each T measured,
@@ -303,13 +341,14 @@ class KPolicy:
                 costs.append(secs[j] + f * (secs[j + 1] - secs[j]))
         return costs
 
-    def choose(self, k_limit: int) -> int:
-        """k for the next step (0: decode plainly), at most k_limit."""
+    def choose(self, k_limit: int, match: int = 0) -> int:
+        """k for the next step (0: decode plainly), at most k_limit; match: the lookup draft's match
+        length, whose class's acceptance then counts."""
         k_max = min(self.spec.k_max, k_limit)
         cost = self.pass_costs(k_max + 1)
         if self.steps < self.WARMUP_STEPS or cost is None or self.alpha is None:
             return min(self.PROBE_K, k_limit)
-        alpha = min(self.alpha, 0.999)
+        alpha = min(self.alpha_for(match), 0.999)
         best_k, best_rate = 0, self.PAY_MARGIN / cost[1]   # plain decoding
         for k in range(self.spec.k_min, k_max + 1):
             rate = (1 - alpha ** (k + 1)) / (1 - alpha) / (cost[k + 1] + k * self.draft_cost)
@@ -393,6 +432,8 @@ class SpeculativeGenerator(Generator):
         if self.spec.k_adaptive:
             if not self.policy.has_plain_cost():   # a plain decode step first: the baseline to beat
                 return self._plain_step(run)
+            if self._shadow is not None:
+                return self._lookup_step(run, k_limit)
             if self._probe:   # after a stretch of plain decoding: measure again, cheaply
                 self._probe, self._after_probe = False, True
                 self.k = min(KPolicy.PROBE_K, k_limit)
@@ -421,11 +462,31 @@ class SpeculativeGenerator(Generator):
         stats.verify_seconds += time.perf_counter() - t1
         return events
 
-    def _plain_step(self, run: Run) -> list[Event]:
+    def _lookup_step(self, run: Run, k_limit: int) -> list[Event]:
+        """Prompt lookup, adaptive: drafting costs nothing, so each step drafts first and takes the k
+        its draft's match class makes best -- none (a plain step) for a short match on open text,
+        long drafts from the first step of a long match, with no fallback stretch to sit out."""
+        stats: SpeculativeStats = run.speculative
+        t0 = time.perf_counter()
+        draft = self.drafter.propose(self._seq.history.view(), min(self.spec.k_max, k_limit))
+        t1 = time.perf_counter()
+        stats.draft_seconds += t1 - t0
+        self.k = self.policy.choose(k_limit, draft.match) if draft.tokens else 0
+        if self.k == 0:
+            return self._plain_step(run, draft)
+        draft.tokens = draft.tokens[: self.k]
+        events = self._verify(run, draft, t1 - t0)
+        stats.verify_seconds += time.perf_counter() - t1
+        return events
+
+    def _plain_step(self, run: Run, shadow: Optional[Draft] = None) -> list[Event]:
+        """A plain decode step; with prompt lookup, its next token (`shadow`, else proposed now) is
+        checked against the token decoded."""
         seq = self._seq
         had_logits, pending = seq.logits is not None, len(seq.history) - seq.cache.n_past
         n = len(seq.history)
-        shadow = self._shadow.propose(seq.history.view(), 1).tokens if self._shadow and pending == 1 and not had_logits else []
+        if shadow is None and self._shadow and pending == 1 and not had_logits:
+            shadow = self._shadow.propose(seq.history.view(), 1)
         t0 = time.perf_counter()
         events = super()._step(run)
         if not had_logits:
@@ -434,10 +495,10 @@ class SpeculativeGenerator(Generator):
                 self.policy.observe_pass(1, time.perf_counter() - t0)
             if self._plain_left > 0:
                 self._plain_left -= 1
-        if shadow and len(seq.history) == n + 1:   # the shadow draft against the token decoded
-            hit = int(seq.history.view()[-1]) == shadow[0]
+        if shadow is not None and shadow.tokens and len(seq.history) == n + 1:   # the shadow draft against the token decoded
+            hit = int(seq.history.view()[-1]) == shadow.tokens[0]
             self._shadow_hits = self._shadow_hits + 1 if hit else 0
-            self.policy.observe_trial(hit)
+            self.policy.observe_trial(hit, shadow.match)
         return events
 
     def _drafts_pay_again(self, k_limit: int) -> bool:
@@ -514,7 +575,7 @@ class SpeculativeGenerator(Generator):
         self.proposed_total += proposed
         self.accepted_total += accepted
         spec = self.spec
-        self.policy.observe_step(proposed, accepted, draft_seconds - draft.catch_up_seconds, draft.timed)
+        self.policy.observe_step(proposed, accepted, draft_seconds - draft.catch_up_seconds, draft.timed, draft.match)
         self._window.append((proposed, accepted))
         while sum(p for p, _ in self._window) - self._window[0][0] >= WINDOW_PROPOSALS:
             self._window.popleft()
