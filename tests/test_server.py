@@ -282,3 +282,18 @@ def test_adapters_are_served_as_models(default_gguf, tmp_path):
             c.chat.completions.create(model="other", messages=QUESTION, max_tokens=2)
     finally:
         srv.close()
+
+
+def test_serve_bench_passes_the_cache_kind_on_and_checks_it(default_gguf):
+    """`tokenmill bench --serve --cache-kind` reaches both servers' KV settings; a kind neither has is
+    refused before any server starts."""
+    from tokenmill.tools import serve_bench
+
+    with pytest.raises(ValueError, match="cache_kind"):
+        serve_bench.start_server("tokenmill", default_gguf, 2, 64.0, 2048, cache_kind="q3")
+    server = serve_bench.start_server("tokenmill", default_gguf, 2, 64.0, 2048, cache_kind="fp16")
+    try:
+        assert server.argv[server.argv.index("--cache-kind") + 1] == "fp16"
+        server.wait_ready(timeout=120)   # the server took the flag and serves
+    finally:
+        server.close()

@@ -139,7 +139,7 @@ def _bench(args: argparse.Namespace) -> int:
         rows = serve_bench.run(args.model, threads=args.threads or 2, new_tokens=args.num_tokens,
                                clients=tuple(int(c) for c in args.clients.split(",")),
                                requests_per_client=args.requests_per_client, kv_budget_mb=args.kv_budget_mb,
-                               engines=(args.engines or SERVE_ENGINES).split(","))
+                               engines=(args.engines or SERVE_ENGINES).split(","), cache_kind=args.cache_kind)
         print(bench.format_table([r for r in rows if r["clients"] != "prefix"]))
         print(bench.format_table([r for r in rows if r["clients"] == "prefix"]))
         return 0
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--types", default="", help="also benchmark requantized copies, e.g. q8_0,f16")
     b.add_argument("--depth", default="0", help="context depths for --peers, e.g. 0,2048")
     b.add_argument("--cache-kind", dest="cache_kind", default="fp32",
-                   help="with --peers: the KV cache type of tokenmill and llama.cpp (fp32, fp16, bf16, q8, q4)")
+                   help="with --peers and --serve: the KV cache type of tokenmill and llama.cpp (fp32, fp16, bf16, q8, q4)")
     b.add_argument("--random-shape", dest="random_shape", default=None,
                    help="with --peers: random-weight models of this shape (qwen2.5-0.5b), one per --types entry")
     b.add_argument("--random-dir", dest="random_dir", default="bench-models",

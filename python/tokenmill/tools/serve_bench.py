@@ -65,7 +65,7 @@ class ServerProcess:
     """A server subprocess on a free loopback port, its RSS sampled while a level runs."""
 
     def __init__(self, name: str, argv: list[str], port: int, model_id: Optional[str]):
-        self.name, self.port, self.model_id = name, port, model_id
+        self.name, self.argv, self.port, self.model_id = name, argv, port, model_id
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve-bench-{name}-{port}.log", "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
@@ -196,23 +196,31 @@ async def prefix_ttft(server: ServerProcess, repeats: int, no_eos: dict) -> tupl
     return statistics.median(cold), statistics.median(warm)
 
 
-def start_server(engine: str, model_path: Path, threads: int, kv_budget_mb: float, n_ctx: int) -> ServerProcess:
+def start_server(engine: str, model_path: Path, threads: int, kv_budget_mb: float, n_ctx: int,
+                 cache_kind: str = "fp32") -> ServerProcess:
+    """A server on a free loopback port, its KV cache stored as cache_kind (fp32, fp16, bf16, q8, q4)."""
+    from .peers import _LLAMA_KV_TYPES
+
+    if cache_kind not in _LLAMA_KV_TYPES:
+        raise ValueError(f"cache_kind must be one of {', '.join(_LLAMA_KV_TYPES)}, got {cache_kind!r}")
     port = _free_port()
     if engine in ("tokenmill", "tokenmill-int8"):
         argv = [sys.executable, "-m", "tokenmill", "serve", "--model", str(model_path), "--port", str(port),
-                "--threads", str(threads), "--kv-budget-mb", str(kv_budget_mb), "--model-name", "bench"]
+                "--threads", str(threads), "--kv-budget-mb", str(kv_budget_mb), "--model-name", "bench",
+                "--cache-kind", cache_kind]
         return ServerProcess(engine, argv + ["--int8"] * (engine == "tokenmill-int8"), port, "bench")
     if engine == "llama-cpp-python":
+        kv_type = str(_LLAMA_KV_TYPES[cache_kind])
         argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--port", str(port),
                 "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
-                "--model_alias", "bench"]
+                "--model_alias", "bench", "--type_k", kv_type, "--type_v", kv_type]
         return ServerProcess(engine, argv, port, "bench")
     raise ValueError(f"unknown engine {engine!r} (tokenmill, tokenmill-int8, llama-cpp-python)")
 
 
 def run(model: Optional[str] = None, *, threads: int = 2, clients: tuple[int, ...] = (1, 4, 16, 64),
         new_tokens: int = 128, requests_per_client: int = 1, engines=("tokenmill", "tokenmill-int8", "llama-cpp-python"),
-        kv_budget_mb: float = 256.0, prefix_repeats: int = 5) -> list[dict]:
+        kv_budget_mb: float = 256.0, prefix_repeats: int = 5, cache_kind: str = "fp32") -> list[dict]:
     from ..api import load
     from ..engine.default_model import resolve_default
 
@@ -226,7 +234,8 @@ def run(model: Optional[str] = None, *, threads: int = 2, clients: tuple[int, ..
           f"{new_tokens} new tokens, {threads} threads", flush=True)
     rows = []
     for engine in engines:
-        server = start_server(engine, path, threads, kv_budget_mb, n_ctx=max(2048, 2 * (prompt_tokens + new_tokens)))
+        server = start_server(engine, path, threads, kv_budget_mb, n_ctx=max(2048, 2 * (prompt_tokens + new_tokens)),
+                              cache_kind=cache_kind)
         try:
             server.wait_ready()
             asyncio.run(run_level(server, 1, 1, 8, no_eos))   # warm-up
