@@ -1,10 +1,12 @@
-// AVX-512 kernels (F, BW, VL, DQ and VNNI; FMA and F16C). This file alone is compiled with those
-// instructions enabled and is only called after cpuid says the CPU has all of them; like the AVX2
-// file, everything stays in an anonymous namespace. Compared with AVX2: 16 floats or one whole
-// 32-value block per register, masked loads instead of scalar tails, a 16-entry nf4 codebook in one
-// register, VPDPWSSD (int16 pairs multiplied and summed into int32 in one instruction) on the
-// integer path, and VPDPBUSD (four byte products per int32 lane) on 4-bit weights repacked in
-// eight-row groups. (The AMX kernels, where the CPU has them, are in kernels_amx.cpp.)
+// AVX-512 kernels (F, BW, VL, DQ and VNNI; FMA and F16C): the level's table and its float kernels.
+// This file and its siblings (kernels_avx512_int.cpp, kernels_avx512_int8.cpp, kernels_q8_0_strips.cpp)
+// alone are compiled with those instructions enabled, and are only called after cpuid says the CPU
+// has all of them; each keeps its kernels in an anonymous namespace and fills its own entries of the
+// table. Compared with AVX2: 16 floats or one whole 32-value block per register, masked loads
+// instead of scalar tails, a 16-entry nf4 codebook in one register, VPDPWSSD (int16 pairs multiplied
+// and summed into int32 in one instruction) on the integer path, and VPDPBUSD (four byte products
+// per int32 lane) on 4-bit weights repacked in eight-row groups and on Q8_0 strips. (The AMX
+// kernels, where the CPU has them, are in kernels_amx.cpp.)
 #include <immintrin.h>
 
 #include "core/quants.h"
