@@ -293,8 +293,8 @@ PYBIND11_MODULE(_testing, mod) {
         for (int64_t t = 0; t < nt; ++t) {
             k.prepare_x8(xs.data() + t * n, n, q.data() + 4 * t * n, d.data() + t * nb, sum.data() + t * nb, 4);
             if (int8) {
-                cpu::first_part(q.data() + 4 * t * n, d.data() + t * nb, n, a.data() + t * n, rounded_sums.data());
-                cpu::int8_block_sums(a.data() + t * n, n, s.data() + 2 * t * nb);
+                cpu::first_part(q.data() + 4 * t * n, d.data() + t * nb, n, a.data() + t * n, rounded_sums.data(),
+                                s.data() + 2 * t * nb);
             } else {
                 cpu::q8_0_part_sums(q.data() + 4 * t * n, n, s.data() + 2 * t * nb);
             }

@@ -314,19 +314,12 @@ void q8_0_part_sums(const int8_t* q, int64_t n, int32_t* s) {
     }
 }
 
-void int8_block_sums(const int8_t* a, int64_t n, int32_t* s) {
-    for (int64_t b = 0; b < n / 32; ++b, a += 32) {
-        int32_t sum = 0;
-        for (int j = 0; j < 32; ++j) sum += a[j];
-        s[b] = sum;
-    }
-}
-
-void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* sums) {
+void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* sums, int32_t* block_sums) {
     for (int64_t b = 0; b < n / 32; ++b) {
         int32_t s = 0;
         for (int j = 0; j < 32; ++j) s += a[32 * b + j] = q[128 * b + j];
         sums[b] = d[b] * static_cast<float>(s);
+        if (block_sums) block_sums[b] = s;
     }
 }
 

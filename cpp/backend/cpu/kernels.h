@@ -155,7 +155,7 @@ struct Kernels {
     void (*dot_q8_0_strip)(const uint8_t* strip, const int8_t* const* q, const float* const* d,
                            const int32_t* const* s, int nt, int64_t n, float* out);
     // ... and int8 decode's, x rounded to int8 (a[k], d[k] as for dot_q8_0_int8) with its block sums
-    // as int32 (s[k], int8_block_sums): dot_q8_0_int8's values, bit for bit
+    // as int32 (s[k], first_part's block_sums): dot_q8_0_int8's values, bit for bit
     void (*dot_q8_0_strip_int8)(const uint8_t* strip, const int8_t* const* a, const float* const* d,
                                 const int32_t* const* s, int nt, int64_t n, float* out);
     // dot_q8_0_strip for nt <= kAmxTokens tokens on AMX (x as prepare_x8's output, token k's at
@@ -168,9 +168,10 @@ constexpr int kAmxTokens = 16;
 
 constexpr int kPackedTokens = 4;
 
-// From prepare_x8's output (q [4n], d [n / 32]), what the int8 prefill kernel reads: the first parts
-// alone, a[n] (x rounded to int8), and their block sums d[b] * sum(a of block b) -> sums[n / 32].
-void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* sums);
+// From prepare_x8's output (q [4n], d [n / 32]), what the int8 kernels read: the first parts alone,
+// a[n] (x rounded to int8), and their block sums d[b] * sum(a of block b) -> sums[n / 32] -- and,
+// where block_sums is not null, the integer sums themselves (the Q8_0 strips' offsets).
+void first_part(const int8_t* q, const float* d, int64_t n, int8_t* a, float* sums, int32_t* block_sums = nullptr);
 
 // tokens per dot_tile16 call, and the bytes of one repack16 block column
 constexpr int kTile16Tokens = 8;
@@ -221,8 +222,6 @@ void pack_q8_0_strip(const uint8_t* rows, size_t row_stride, int n_rows, int64_t
 // What dot_q8_0_strip subtracts for the offset of 128: per 32-block of prepare_x8's output q [4n],
 // s[2 b] = sum_j (2^7 a_j + b_j) and s[2 b + 1] = sum_j (2^7 c_j + e_j)
 void q8_0_part_sums(const int8_t* q, int64_t n, int32_t* s);
-// ... and for int8 decode, x rounded (a [n]): s[b] = sum_j a_j over 32-block b
-void int8_block_sums(const int8_t* a, int64_t n, int32_t* s);
 // packs rows [8, n] (row_stride bytes apart) into one group
 void pack_rows8(DType t, const uint8_t* rows, size_t row_stride, int64_t n, uint8_t* group);
 // row j (0..7) of a group back in the type's own block layout (row_bytes(t, n) bytes)

@@ -214,9 +214,9 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
                 int8_t* q = xq8_.data() + 4 * t * cols;
                 kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb, any_packed_exact ? 4 : 1);
                 if (any_strips && !int8_decode_) q8_0_part_sums(q, cols, xpart_sums_.data() + 2 * t * nb);
-                if (rounded)
-                    first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb);
-                if (any_strips && int8_decode_) int8_block_sums(xa_.data() + t * cols, cols, xpart_sums_.data() + 2 * t * nb);
+                if (rounded)   // (with int8 decode's strips, their offsets' integer block sums too)
+                    first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb,
+                               any_strips && int8_decode_ ? xpart_sums_.data() + 2 * t * nb : nullptr);
             }
         });
     }
