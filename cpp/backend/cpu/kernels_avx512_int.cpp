@@ -260,6 +260,27 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum, int 
     }
 }
 
+// Block column i of a group, unpacked once for all the tokens of a call: each half's low and high
+// nibbles as bytes (q5: with their fifth bits), the column prefetched ahead, and the rows' scales
+// spread over the lanes the kernels' lane sums leave each row in (128-bit lane k: rows k, k, k + 4,
+// k + 4); per_row gets the rows' offsets (q4_0: -8 dw, q4_1: m).
+template <DType T>
+inline __m512 unpack_column(GroupColumns<T>& columns, int64_t i, __m512i* lo, __m512i* hi, __m256* per_row) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i row_of_lane = _mm512_set_epi32(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
+    __m256 dw;
+    const uint8_t* c = columns.at(i, &dw, per_row);   // the column's quants
+    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h) {
+        const __m512i w = _mm512_loadu_si512(c + 64 * h);
+        lo[h] = _mm512_and_si512(w, low4);
+        hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+        if constexpr (five_bit(T)) add_fifth_bits(c, h, lo[h], hi[h]);
+    }
+    return _mm512_permutexvar_ps(row_of_lane, _mm512_castps256_ps512(dw));
+}
+
 // One group (eight rows) against NT prepared x's (q[t], d[t], sum[t] token t's). Per block column,
 // each half of the group is one 64-byte register: four rows of 16 quant bytes, so int32 lane l
 // belongs to row l / 4 and x's 16 bytes are broadcast to every 128-bit lane. Parts pair up in int32
@@ -274,9 +295,7 @@ void prepare_x8(const float* x, int64_t n, int8_t* q, float* d, float* sum, int 
 template <DType T, int NT>
 void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const float* const* d,
                              const float* const* sum, int64_t n, float* out) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-    // after the sums below, 128-bit lane k holds (P_ab, P_ce) of row k, then of row k + 4
-    const __m512i row_of_lane = _mm512_set_epi32(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
+    const __m512i zero = _mm512_setzero_si512();
     const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
     __m512 acc[NT];
     __m256 block_sums[NT];   // per row: sum_i offset_i * sum(x of block i)
@@ -287,18 +306,9 @@ void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const
     }
     GroupColumns<T> columns(group);
     for (int64_t i = 0; i < n / 32; ++i) {
-        __m256 dw, per_row;
-        const uint8_t* c = columns.at(i, &dw, &per_row);   // the column's quants
-        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
         __m512i lo[2], hi[2];
-        for (int h = 0; h < 2; ++h) {
-            const __m512i w = _mm512_loadu_si512(c + 64 * h);
-            lo[h] = _mm512_and_si512(w, low4);
-            hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-            if constexpr (five_bit(T)) add_fifth_bits(c, h, lo[h], hi[h]);
-        }
-        const __m512 dw_lanes = _mm512_permutexvar_ps(row_of_lane, _mm512_castps256_ps512(dw));
+        __m256 per_row;
+        const __m512 dw_lanes = unpack_column(columns, i, lo, hi, &per_row);
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
             const int8_t* xb = q[t] + i * 128;
@@ -356,9 +366,7 @@ void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const fl
 template <DType T, int NT>
 void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, const float* const* d,
                                   const float* const* sum, int64_t n, float* out) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-    // after the lane sums below, 128-bit lane k holds rows k, k, k + 4, k + 4
-    const __m512i row_of_lane = _mm512_set_epi32(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
+    const __m512i zero = _mm512_setzero_si512();
     __m512 acc[NT];
     __m256 extra[NT];
 #pragma GCC unroll 4
@@ -368,18 +376,9 @@ void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, 
     }
     GroupColumns<T> columns(group);
     for (int64_t i = 0; i < n / 32; ++i) {
-        __m256 dw, offset;
-        const uint8_t* c = columns.at(i, &dw, &offset);   // the column's quants
-        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(c) + kDecodePrefetchBytes + 64, _MM_HINT_T0);
         __m512i lo[2], hi[2];
-        for (int h = 0; h < 2; ++h) {
-            const __m512i w = _mm512_loadu_si512(c + 64 * h);
-            lo[h] = _mm512_and_si512(w, low4);
-            hi[h] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-            if constexpr (five_bit(T)) add_fifth_bits(c, h, lo[h], hi[h]);
-        }
-        const __m512 dw_lanes = _mm512_permutexvar_ps(row_of_lane, _mm512_castps256_ps512(dw));
+        __m256 offset;
+        const __m512 dw_lanes = unpack_column(columns, i, lo, hi, &offset);
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
             const __m512i x_lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a[t] + 32 * i)));
