@@ -136,6 +136,37 @@ def test_q8_0_strips_on_amx_give_the_vnni_bits(int8):
         _core.set_cpu_level(before)
 
 
+@pytest.mark.parametrize("wtype", ["q4_0", "q4_1", "q5_0", "q4_k", "q8_0"])
+def test_exact_prefill_on_amx_is_decode_arithmetic(wtype):
+    """Where the exact decode kernels run on AMX, exact prefill takes them too (it is faster there than the
+    float tile): 37 prompt rows, fast or batch-invariant, are then the bits of 37 one-token steps, and a
+    chunk of them alone gives its rows' bits. Elsewhere prefill keeps the float tile, within float error of
+    decode."""
+    rng = np.random.default_rng(5)
+    n_rows, n = 48, 512
+    w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.05, 2, (n_rows, 1))).astype(np.float32)
+    data = b"".join(_core.quantize(wtype, r) for r in w)
+    x = (rng.standard_normal((37, n)) * rng.uniform(1e-3, 20, (37, 1))).astype(np.float32)
+    before = _core.cpu_level()
+    _core.set_cpu_level(LEVELS[-1])
+    try:
+        steps = _testing.backend_matmul("cpu", wtype, data, n_rows, x, "as_decode")
+        fast = _testing.backend_matmul("cpu", wtype, data, n_rows, x, "fast")
+        invariant = _testing.backend_matmul("cpu", wtype, data, n_rows, x, "invariant")
+        amx = "amx_int8" in open("/proc/cpuinfo").read() and os.environ.get("TOKENMILL_AMX") != "0"
+        if LEVELS[-1] == "avx512" and amx:
+            np.testing.assert_array_equal(fast, steps)
+            np.testing.assert_array_equal(invariant, steps)
+            np.testing.assert_array_equal(_testing.backend_matmul("cpu", wtype, data, n_rows, x[9:12], "invariant"),
+                                          steps[9:12])
+        wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
+        bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(wd).T) + 1e-30
+        for got in (steps, fast, invariant):
+            assert np.all(np.abs(got - x.astype(np.float64) @ wd.T) <= bound)
+    finally:
+        _core.set_cpu_level(before)
+
+
 def _rounded_to_int8(x):
     """x rounded as prepare_x8's first part: per 32-block d = max|x| / 127, x ~ d * rint(x * (127 / max))."""
     blocks = x.reshape(-1, 32)

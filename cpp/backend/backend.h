@@ -34,7 +34,7 @@ enum class RowsMode {
     fast,        // kernels chosen by the row count: prefill tiles for many rows, integer decode kernels for few
     as_decode,   // each row with exactly the arithmetic of a one-token pass (same kernels, same summation
                  // order), so verifying k drafted tokens reproduces k decode steps bit for bit
-    invariant,   // each row the same whatever other rows share the pass (prefill tiles for every row), so a
+    invariant,   // each row the same whatever other rows share the pass (prefill kernels for every row), so a
                  // scheduler's prompt chunks give what the whole prompt alone would
 };
 

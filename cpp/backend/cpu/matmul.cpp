@@ -156,6 +156,7 @@ uint8_t* Matmul::pack_space(size_t bytes) {
 void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T, const LoraItem* lora, int n_lora,
                  LoraPlan& lora_plan, RowsMode mode) {
     mode_ = mode;
+    int8_rows_ = int8_decode_ && (rows_as_decode() || (T < kPreparedMaxTokens && !invariant()));
     const int64_t cols = items[0].w->cols;
     if (T > kTokenBlock) {   // activations meet the weights a block of tokens at a time
         const int64_t n_blocks = (T + kTokenBlock - 1) / kTokenBlock, block = (T + n_blocks - 1) / n_blocks;
@@ -179,8 +180,8 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
         any_packed |= packed || strips;
         any_strips |= strips;
         // the readers of prepare_x8's parts 2..4, and of x rounded to int8
-        any_packed_exact |= (packed && !uses_int8_decode(kern)) || (strips && !int8_decode_);
-        any_int8 |= (packed && uses_int8_decode(kern)) || (strips && int8_decode_) || (small_batch && uses_int8_q8_0(kern, w));
+        any_packed_exact |= (packed && !uses_int8_decode(kern)) || (strips && !int8_rows_);
+        any_int8 |= (packed && uses_int8_decode(kern)) || (strips && int8_rows_) || (small_batch && uses_int8_q8_0(kern, w));
         any_tile16 |= tile16;
         any_tile |= tile;
         const bool prepared = !packed && !strips && small_batch && uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
@@ -213,10 +214,10 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
             for (int64_t t = t0; t < t1; ++t) {
                 int8_t* q = xq8_.data() + 4 * t * cols;
                 kern.prepare_x8(x + t * cols, cols, q, xd8_.data() + t * nb, xsum8_.data() + t * nb, any_packed_exact ? 4 : 1);
-                if (any_strips && !int8_decode_) q8_0_part_sums(q, cols, xpart_sums_.data() + 2 * t * nb);
+                if (any_strips && !int8_rows_) q8_0_part_sums(q, cols, xpart_sums_.data() + 2 * t * nb);
                 if (rounded)   // (with int8 decode's strips, their offsets' integer block sums too)
                     first_part(q, xd8_.data() + t * nb, cols, xa_.data() + t * cols, xsum_rounded_.data() + t * nb,
-                               any_strips && int8_decode_ ? xpart_sums_.data() + 2 * t * nb : nullptr);
+                               any_strips && int8_rows_ ? xpart_sums_.data() + 2 * t * nb : nullptr);
             }
         });
     }
@@ -404,11 +405,11 @@ void Matmul::q8_0_strip_unit(const Weight& w, float* out, int64_t r0, int64_t t0
     for (int64_t t = t0; t < t1; t += kPackedTokens) {
         const int nt = static_cast<int>(std::min<int64_t>(kPackedTokens, t1 - t));
         for (int k = 0; k < nt; ++k) {
-            q[k] = int8_decode_ ? xa_.data() + (t + k) * cols : xq8_.data() + 4 * (t + k) * cols;
+            q[k] = int8_rows_ ? xa_.data() + (t + k) * cols : xq8_.data() + 4 * (t + k) * cols;
             d[k] = xd8_.data() + (t + k) * nb;
             s[k] = xpart_sums_.data() + 2 * (t + k) * nb;
         }
-        (int8_decode_ ? kern.dot_q8_0_strip_int8 : kern.dot_q8_0_strip)(q8_0_strip(w, r0), q, d, s, nt, cols, o);
+        (int8_rows_ ? kern.dot_q8_0_strip_int8 : kern.dot_q8_0_strip)(q8_0_strip(w, r0), q, d, s, nt, cols, o);
         for (int k = 0; k < nt; ++k)
             for (int64_t r = 0; r < rows; ++r) out[(t + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
     }
@@ -464,7 +465,7 @@ void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
             sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t0 + k) * nb;
             s[k] = xpart_sums_.data() + 2 * (t0 + k) * nb;
         }
-        if (strips && int8_decode_)
+        if (strips && int8_rows_)
             kern.dot_q8_0_strip_int8_amx(q8_0_strip(w, r0), xa_.data() + t0 * w.cols, w.cols, d, s, nt, w.cols, o);
         else if (strips)
             kern.dot_q8_0_strip_amx(q8_0_strip(w, r0), xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, s, nt, w.cols, o);
@@ -510,17 +511,30 @@ void Matmul::tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int 
 
 // Which kernels a weight's product with T tokens runs on: the eight-row integer kernel (few
 // tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
-// (Rows as decode: always the kernels of T = 1, each token on its own.)
+// (Rows as decode: always the kernels of T = 1, each token on its own.) Few tokens outside a
+// batch-invariant pass are decode-sized: they take the decode kernels (int8 ones with int8 decode).
 bool Matmul::uses_packed(const Kernels& kern, const Weight& w, int64_t T) const {
-    return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && packed8(w) && kern.dot_packed8;
+    return (decode_sized(T) || prefill_on_amx(kern, w, T)) && packed8(w) && kern.dot_packed8;
 }
 bool Matmul::uses_q8_0_strips(const Kernels& kern, const Weight& w, int64_t T) const {
-    return ((T < kPreparedMaxTokens && !invariant()) || rows_as_decode()) && q8_0_strips(w) &&
-           (int8_decode_ ? kern.dot_q8_0_strip_int8 : kern.dot_q8_0_strip);
+    return (decode_sized(T) || prefill_on_amx(kern, w, T)) && q8_0_strips(w) &&
+           (int8_rows_ ? kern.dot_q8_0_strip_int8 : kern.dot_q8_0_strip);
 }
 bool Matmul::uses_tile(const Kernels& kern, const Weight& w, int64_t T) const {
+    if (prefill_on_amx(kern, w, T)) return false;
     if (invariant()) return true;
     return T > 1 && !rows_as_decode() && !(T < kPreparedMaxTokens && uses_prepared_x(kern, w.type));
+}
+bool Matmul::decode_sized(int64_t T) const { return (T < kPreparedMaxTokens && !invariant()) || rows_as_decode(); }
+
+// ... and exact prefill (a long product, or a batch-invariant pass's prompt rows) of a weight whose
+// exact decode kernel runs on AMX takes that kernel, so prompt rows get decode's bits. It beats the
+// float tile there (2 threads, tokens/s, pp64 / pp512: SmolLM2 Q4_1 590 / 592 -> 924 / 785, its
+// Q8_0 copy 580 / 523 -> 844 / 742, a Qwen2.5-0.5B-shape Q4_K 176 / 173 -> 301 / 259); without
+// AMX the exact integer kernels are not faster than the tile, which keeps prefill there.
+bool Matmul::prefill_on_amx(const Kernels& kern, const Weight& w, int64_t T) const {
+    if (int8_prefill_ || decode_sized(T)) return false;
+    return q8_0_strips(w) ? kern.dot_q8_0_strip_amx != nullptr : packed8(w) && kern.dot_packed8_amx != nullptr;
 }
 
 // Rows per unit of the float tile path: a whole eight-row group of a packed weight (dequantized in
@@ -531,24 +545,24 @@ int64_t Matmul::tile_unit_rows(const Kernels& kern, const Weight& w) const {
 
 // ... with int8 decode, the packed kernel on x rounded to int8 (rows as decode too: they must
 // be what this model's one-token steps compute)
-bool Matmul::uses_int8_decode(const Kernels& kern) const { return int8_decode_ && kern.dot_packed8_int8; }
+bool Matmul::uses_int8_decode(const Kernels& kern) const { return int8_rows_ && kern.dot_packed8_int8; }
 // ... on AMX from amx_min_tokens on (each row's bits those of the VNNI kernel)
 // (int8 decode's Q8_0 rows too, where they run as decode)
 bool Matmul::uses_amx(const Kernels& kern, const Weight& w, int64_t T) const {
     if (T < amx_min_tokens(kern, w)) return false;
     if (q8_0_strips(w))
-        return uses_q8_0_strips(kern, w, T) && (int8_decode_ ? kern.dot_q8_0_strip_int8_amx : kern.dot_q8_0_strip_amx);
+        return uses_q8_0_strips(kern, w, T) && (int8_rows_ ? kern.dot_q8_0_strip_int8_amx : kern.dot_q8_0_strip_amx);
     const bool has_kernel = uses_int8_decode(kern) ? kern.dot_packed8_int8_amx != nullptr : kern.dot_packed8_amx != nullptr;
     return uses_packed(kern, w, T) && has_kernel;
 }
 int64_t Matmul::amx_min_tokens(const Kernels& kern, const Weight& w) const {
-    if (q8_0_strips(w)) return int8_decode_ ? kAmxStripInt8MinTokens : kAmxStripExactMinTokens;
+    if (q8_0_strips(w)) return int8_rows_ ? kAmxStripInt8MinTokens : kAmxStripExactMinTokens;
     return uses_int8_decode(kern) ? kAmxInt8MinTokens : kAmxExactMinTokens;
 }
 // ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0) in
 // their file layout, where the level does not read the strips
 bool Matmul::uses_int8_q8_0(const Kernels& kern, const Weight& w) const {
-    return int8_decode_ && w.type == DType::q8_0 && !(q8_0_strips(w) && kern.dot_q8_0_strip_int8) && kern.dot_q8_0_int8;
+    return int8_rows_ && w.type == DType::q8_0 && !(q8_0_strips(w) && kern.dot_q8_0_strip_int8) && kern.dot_q8_0_int8;
 }
 
 // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
