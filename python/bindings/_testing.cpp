@@ -54,10 +54,11 @@ struct OpRunner {
     std::unique_ptr<Backend> be;
     std::vector<BackendBuffer> buffers;
 
-    OpRunner(const std::string& device, int n_threads) {
+    OpRunner(const std::string& device, int n_threads, bool int8 = false) {
         BackendOptions options;
         options.device = device;
         options.n_threads = n_threads;
+        options.int8_prefill = options.int8_decode = int8;
         be = make_backend(options);
     }
     ~OpRunner() {
@@ -466,7 +467,7 @@ PYBIND11_MODULE(_testing, mod) {
        "(the newest `ring` positions in fp16), as the kernels run it inside a model.");
 
     mod.def("backend_matmul", [](const std::string& device, py::handle type, py::bytes data, int64_t rows,
-                                 py::handle x_obj, const std::string& mode, py::object bias_obj) {
+                                 py::handle x_obj, const std::string& mode, py::object bias_obj, bool int8) {
         FloatArray x = float_array(x_obj, "x", 2, false);
         const int64_t T = x.shape(0), cols = x.shape(1);
         std::string_view view = data;
@@ -482,7 +483,7 @@ PYBIND11_MODULE(_testing, mod) {
         const RowsMode m = rows_mode_of(mode);
         FloatArray out({T, rows});
         py::gil_scoped_release release;
-        OpRunner run(device, 1);
+        OpRunner run(device, 1, int8);
         const Weight w = run.be->upload_weight(t, rows, cols, reinterpret_cast<const uint8_t*>(view.data()),
                                                bias.empty() ? nullptr : bias.data(), WeightUse::matmul);
         const float* xd = run.put(x.data(), x.size());
@@ -493,7 +494,8 @@ PYBIND11_MODULE(_testing, mod) {
         run.be->download(out.mutable_data(), od, out.size());
         return out;
     }, py::arg("device"), py::arg("type"), py::arg("rows"), py::arg("n_rows"), py::arg("x"), py::arg("mode") = "fast",
-       py::arg("bias") = py::none(), "x [T, cols] times stored rows (n_rows of `type`) on a backend, in a rows mode.");
+       py::arg("bias") = py::none(), py::arg("int8") = false,
+       "x [T, cols] times stored rows (n_rows of `type`) on a backend, in a rows mode (int8: int8 prefill and decode).");
 
     mod.def("backend_get_rows", [](const std::string& device, py::handle type, py::bytes data, int64_t rows, int64_t cols,
                                    const std::vector<int32_t>& ids) {

@@ -156,7 +156,7 @@ uint8_t* Matmul::pack_space(size_t bytes) {
 void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T, const LoraItem* lora, int n_lora,
                  LoraPlan& lora_plan, RowsMode mode) {
     mode_ = mode;
-    int8_rows_ = int8_decode_ && (rows_as_decode() || (T < kPreparedMaxTokens && !invariant()));
+    int8_rows_ = decode_sized(T) ? int8_decode_ : int8_prefill_;
     const int64_t cols = items[0].w->cols;
     if (T > kTokenBlock) {   // activations meet the weights a block of tokens at a time
         const int64_t n_blocks = (T + kTokenBlock - 1) / kTokenBlock, block = (T + n_blocks - 1) / n_blocks;
@@ -180,8 +180,8 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
         any_packed |= packed || strips;
         any_strips |= strips;
         // the readers of prepare_x8's parts 2..4, and of x rounded to int8
-        any_packed_exact |= (packed && !uses_int8_decode(kern)) || (strips && !int8_rows_);
-        any_int8 |= (packed && uses_int8_decode(kern)) || (strips && int8_rows_) || (small_batch && uses_int8_q8_0(kern, w));
+        any_packed_exact |= (packed && !uses_int8_x(kern)) || (strips && !int8_rows_);
+        any_int8 |= (packed && uses_int8_x(kern)) || (strips && int8_rows_) || (small_batch && uses_int8_q8_0(kern, w));
         any_tile16 |= tile16;
         any_tile |= tile;
         const bool prepared = !packed && !strips && small_batch && uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
@@ -266,13 +266,13 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
             // one group of eight rows against each token
             const int64_t r0 = 8 * (u - first_unit[i]);
             const uint8_t* group = packed_group(w, r0);
-            if (T > 1 && (uses_int8_decode(kern) ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens)) {
+            if (T > 1 && (uses_int8_x(kern) ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens)) {
                 packed_tokens(w, out, r0, 0, T);   // tokens share the unpacking
                 continue;
             }
             for (int64_t t = 0; t < T; ++t) {
                 float o[8];
-                if (uses_int8_decode(kern))
+                if (uses_int8_x(kern))
                     kern.dot_packed8_int8(w.type, group, xa_.data() + t * cols, xd8_.data() + t * nb,
                                           xsum_rounded_.data() + t * nb, cols, o);
                 else
@@ -374,7 +374,7 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
 void Matmul::packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1) {
     const Kernels& kern = kernels();
     const int64_t cols = w.cols, nb = cols / 32;
-    const bool int8 = uses_int8_decode(kern);
+    const bool int8 = uses_int8_x(kern);
     const auto tokens_kernel = int8 ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens;
     constexpr int NT = kPackedTokens;
     const int8_t* a[NT];
@@ -445,7 +445,7 @@ void Matmul::q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1,
 void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
     const Kernels& kern = kernels();
     const int64_t nb = w.cols / 32;
-    const bool int8 = uses_int8_decode(kern), strips = q8_0_strips(w);
+    const bool int8 = uses_int8_x(kern), strips = q8_0_strips(w);
     const uint8_t* b = !strips && r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
     const int rows = strips ? static_cast<int>(std::min<int64_t>(16, w.rows - r0)) : b ? 16 : 8;
     float o[16 * kAmxTokens];
@@ -527,14 +527,19 @@ bool Matmul::uses_tile(const Kernels& kern, const Weight& w, int64_t T) const {
 }
 bool Matmul::decode_sized(int64_t T) const { return (T < kPreparedMaxTokens && !invariant()) || rows_as_decode(); }
 
-// ... and exact prefill (a long product, or a batch-invariant pass's prompt rows) of a weight whose
-// exact decode kernel runs on AMX takes that kernel, so prompt rows get decode's bits. It beats the
-// float tile there (2 threads, tokens/s, pp64 / pp512: SmolLM2 Q4_1 590 / 592 -> 924 / 785, its
-// Q8_0 copy 580 / 523 -> 844 / 742, a Qwen2.5-0.5B-shape Q4_K 176 / 173 -> 301 / 259); without
-// AMX the exact integer kernels are not faster than the tile, which keeps prefill there.
+// ... and prefill (a long product, or a batch-invariant pass's prompt rows) of a weight whose decode
+// kernel of the same arithmetic runs on AMX takes that kernel, so prompt rows get decode's bits.
+// Exact, it beats the float tile (2 threads, tokens/s, pp64 / pp512: SmolLM2 Q4_1 590 / 592 -> 924
+// / 785, its Q8_0 copy 580 / 523 -> 844 / 742, a Qwen2.5-0.5B-shape Q4_K 176 / 173 -> 301 / 259).
+// With int8_prefill only the Q8_0 strips do (its Q8_0 copy 1084 / 1189 -> 1515 / 1403): the
+// unpacking types re-lay their weights out for every sixteen tokens, and the sixteen-row int8 tile,
+// repacked once per call, keeps up at 64 tokens and wins at 512 (SmolLM2 Q4_1 1550 / 1449 against
+// 1673 / 1376, the Qwen shape's Q4_K 495 / 537 against 594 / 464). Without AMX the integer decode
+// kernels are not faster than the tiles, which keep prefill there.
 bool Matmul::prefill_on_amx(const Kernels& kern, const Weight& w, int64_t T) const {
-    if (int8_prefill_ || decode_sized(T)) return false;
-    return q8_0_strips(w) ? kern.dot_q8_0_strip_amx != nullptr : packed8(w) && kern.dot_packed8_amx != nullptr;
+    if (decode_sized(T)) return false;
+    if (q8_0_strips(w)) return (int8_prefill_ ? kern.dot_q8_0_strip_int8_amx : kern.dot_q8_0_strip_amx) != nullptr;
+    return packed8(w) && !int8_prefill_ && kern.dot_packed8_amx != nullptr;
 }
 
 // Rows per unit of the float tile path: a whole eight-row group of a packed weight (dequantized in
@@ -543,21 +548,21 @@ int64_t Matmul::tile_unit_rows(const Kernels& kern, const Weight& w) const {
     return packed8(w) && kern.dequantize_packed8 ? 8 : kern.tile_rows;
 }
 
-// ... with int8 decode, the packed kernel on x rounded to int8 (rows as decode too: they must
-// be what this model's one-token steps compute)
-bool Matmul::uses_int8_decode(const Kernels& kern) const { return int8_rows_ && kern.dot_packed8_int8; }
+// ... the packed kernel on x rounded to int8: int8 decode's rows (rows as decode too: they must be
+// what this model's one-token steps compute), or int8 prefill's on AMX
+bool Matmul::uses_int8_x(const Kernels& kern) const { return int8_rows_ && kern.dot_packed8_int8; }
 // ... on AMX from amx_min_tokens on (each row's bits those of the VNNI kernel)
 // (int8 decode's Q8_0 rows too, where they run as decode)
 bool Matmul::uses_amx(const Kernels& kern, const Weight& w, int64_t T) const {
     if (T < amx_min_tokens(kern, w)) return false;
     if (q8_0_strips(w))
         return uses_q8_0_strips(kern, w, T) && (int8_rows_ ? kern.dot_q8_0_strip_int8_amx : kern.dot_q8_0_strip_amx);
-    const bool has_kernel = uses_int8_decode(kern) ? kern.dot_packed8_int8_amx != nullptr : kern.dot_packed8_amx != nullptr;
+    const bool has_kernel = uses_int8_x(kern) ? kern.dot_packed8_int8_amx != nullptr : kern.dot_packed8_amx != nullptr;
     return uses_packed(kern, w, T) && has_kernel;
 }
 int64_t Matmul::amx_min_tokens(const Kernels& kern, const Weight& w) const {
     if (q8_0_strips(w)) return int8_rows_ ? kAmxStripInt8MinTokens : kAmxStripExactMinTokens;
-    return uses_int8_decode(kern) ? kAmxInt8MinTokens : kAmxExactMinTokens;
+    return uses_int8_x(kern) ? kAmxInt8MinTokens : kAmxExactMinTokens;
 }
 // ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0) in
 // their file layout, where the level does not read the strips
@@ -568,7 +573,7 @@ bool Matmul::uses_int8_q8_0(const Kernels& kern, const Weight& w) const {
 // ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
 bool Matmul::uses_tile16(const Kernels& kern, const Weight& w, int64_t T) const {
     const bool repackable = packed8(w) || (repackable16(w.type) && kern.repack16_rows);
-    return int8_prefill_ && !rows_as_decode() && (T >= kPreparedMaxTokens || invariant()) && repackable && kern.dot_tile16;
+    return int8_prefill_ && !decode_sized(T) && !prefill_on_amx(kern, w, T) && repackable && kern.dot_tile16;
 }
 
 float* Matmul::scratch(int thread, int64_t n) {

@@ -52,7 +52,7 @@ private:
     bool decode_sized(int64_t T) const;
     bool prefill_on_amx(const Kernels& kern, const Weight& w, int64_t T) const;
     int64_t tile_unit_rows(const Kernels& kern, const Weight& w) const;
-    bool uses_int8_decode(const Kernels& kern) const;
+    bool uses_int8_x(const Kernels& kern) const;
     bool uses_amx(const Kernels& kern, const Weight& w, int64_t T) const;
     int64_t amx_min_tokens(const Kernels& kern, const Weight& w) const;
     bool uses_int8_q8_0(const Kernels& kern, const Weight& w) const;
@@ -72,7 +72,7 @@ private:
     size_t pack_used_ = 0, pack_size_ = 0;                             // ... and the last one's use and size
     RowsMode mode_ = RowsMode::fast;   // of the product now running
     bool int8_prefill_, int8_decode_;
-    bool int8_rows_ = false;   // the product now running meets x rounded to int8 (int8 decode's rows)
+    bool int8_rows_ = false;   // the product now running meets x rounded to int8 on the packed and strip kernels
 };
 
 }  // namespace tmill::cpu
