@@ -136,12 +136,13 @@ def test_q8_0_strips_on_amx_give_the_vnni_bits(int8):
         _core.set_cpu_level(before)
 
 
-@pytest.mark.parametrize("wtype,int8", [(t, False) for t in ("q4_0", "q4_1", "q5_0", "q4_k", "q8_0")] + [("q8_0", True)])
+@pytest.mark.parametrize("wtype,int8", [(t, i) for t in ("q4_0", "q4_1", "q5_0", "q4_k", "q8_0") for i in (False, True)])
 def test_prefill_on_amx_is_decode_arithmetic(wtype, int8):
     """Where a weight's decode kernel of the same arithmetic runs on AMX -- exact, or int8 prefill and
-    decode on Q8_0 strips -- prefill takes it too: 37 prompt rows, fast or batch-invariant, are then the bits
-    of 37 one-token steps, and a chunk of them alone gives its rows' bits. Elsewhere prefill keeps the
-    tiles. Exact products stay within float error of float64 everywhere."""
+    decode -- prefill takes it too: 37 prompt rows, fast or batch-invariant, are then the bits of 37
+    one-token steps (the groups' B tiles laid out once for the three calls of sixteen tokens), and a chunk
+    of them alone gives its rows' bits. Elsewhere prefill keeps the tiles. Exact products stay within float
+    error of float64 everywhere."""
     rng = np.random.default_rng(5)
     n_rows, n = 48, 512
     w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.05, 2, (n_rows, 1))).astype(np.float32)
@@ -152,12 +153,14 @@ def test_prefill_on_amx_is_decode_arithmetic(wtype, int8):
     try:
         def product(rows, mode):
             return _testing.backend_matmul("cpu", wtype, data, n_rows, rows, mode, int8=int8)
-        steps, fast, invariant = (product(x, mode) for mode in ("as_decode", "fast", "invariant"))
+        steps = np.concatenate([product(x[t:t + 1], "as_decode") for t in range(len(x))])
+        fast, invariant = product(x, "fast"), product(x, "invariant")
         amx = "amx_int8" in open("/proc/cpuinfo").read() and os.environ.get("TOKENMILL_AMX") != "0"
         if LEVELS[-1] == "avx512" and amx:
             np.testing.assert_array_equal(fast, steps)
             np.testing.assert_array_equal(invariant, steps)
             np.testing.assert_array_equal(product(x[9:12], "invariant"), steps[9:12])
+            np.testing.assert_array_equal(product(x, "as_decode"), steps)
         wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
         exact = x.astype(np.float64) @ wd.T
         scale = np.abs(x).astype(np.float64) @ np.abs(wd).T

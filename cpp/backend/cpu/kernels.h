@@ -139,12 +139,19 @@ struct Kernels {
     // it stands for, out[16 t + r]; they read x as prepared, token k's at x + k * x_stride.
     // dot_packed8_int8_amx: int8 decode's product of two groups (b null: only a's eight rows), x
     // rounded (d[k], sum[k] as for dot_packed8_int8_tokens).
-    void (*dot_packed8_int8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* x, int64_t x_stride,
-                                 const float* const* d, const float* const* sum, int nt, int64_t n, float* out);
+    // laid: the groups' B tiles as lay_out_packed16 left them (a prefill's tokens pass them sixteen at
+    // a time), or null: laid out block by block as the product goes.
+    void (*dot_packed8_int8_amx)(DType t, const uint8_t* a, const uint8_t* b, const uint8_t* laid, const int8_t* x,
+                                 int64_t x_stride, const float* const* d, const float* const* sum, int nt, int64_t n,
+                                 float* out);
     // ... the exact product (dot_packed8's) of two groups, x as prepare_x8's output (d[k], sum[k] as
     // for dot_packed8_tokens)
-    void (*dot_packed8_amx)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* q, int64_t q_stride,
-                            const float* const* d, const float* const* sum, int nt, int64_t n, float* out);
+    void (*dot_packed8_amx)(DType t, const uint8_t* a, const uint8_t* b, const uint8_t* laid, const int8_t* q,
+                            int64_t q_stride, const float* const* d, const float* const* sum, int nt, int64_t n,
+                            float* out);
+    // Two groups' (b null: a's rows only) n / 32 block columns as the products' B tiles, once for all
+    // tokens: kAmxLaidColumnBytes per column (its tile, then its 16 rows' scales) at dst, 64-aligned.
+    void (*lay_out_packed16)(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* dst);
     // ... int8 decode's product of a Q8_0 strip (dot_q8_0_strip_int8's: d[k], s[k] as there), x rounded
     void (*dot_q8_0_strip_int8_amx)(const uint8_t* strip, const int8_t* x, int64_t x_stride, const float* const* d,
                                     const int32_t* const* s, int nt, int64_t n, float* out);
@@ -165,6 +172,7 @@ struct Kernels {
 };
 
 constexpr int kAmxTokens = 16;
+constexpr int64_t kAmxLaidColumnBytes = 8 * 64 + 16 * sizeof(float);
 
 constexpr int kPackedTokens = 4;
 

@@ -100,6 +100,12 @@ void store_rows_with_offsets(const __m512* acc, const uint8_t* group_a, const ui
     }
 }
 
+// Block column i's B tile and its sixteen scales in lay_out_packed16's output
+inline const uint8_t* laid_tile(const uint8_t* laid, int64_t i) { return laid + i * kAmxLaidColumnBytes; }
+inline const float* laid_scales(const uint8_t* laid, int64_t i) {
+    return reinterpret_cast<const float*>(laid + i * kAmxLaidColumnBytes + 8 * 64);
+}
+
 // Block column i of two groups (b: the rows 8-15, or zero) as the B tile of the turned-round
 // products: row j (values 4j..4j+3 of the block) holds each of the 16 rows' four quant bytes, and
 // the rows' scales go to dw[0..15]. In an unpacked register half h, int32 lane 4 (r % 4) + j holds
@@ -150,8 +156,8 @@ inline void column_as_b_tile(GroupColumns<T>& col_a, GroupColumns<T>* col_b, int
 // number. Software-pipelined: while the tile unit multiplies block i, the vector units lay out block
 // i + 1's weights and scale block i - 1's sums.
 template <DType T>
-void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* q, int64_t q_stride,
-                          const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
+void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const uint8_t* laid, const int8_t* q,
+                          int64_t q_stride, const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
     configure_token_rows(nt, false);
     alignas(64) uint8_t weights[2][8 * 64];
     alignas(64) int32_t sums[2][4][16 * 16];
@@ -160,7 +166,10 @@ void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const 
 #pragma GCC unroll 16
     for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
     GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
-    auto lay_out = [&](int64_t i) { column_as_b_tile(col_a, group_b ? &col_b : nullptr, i, dw[i % 3], weights[i & 1]); };
+    auto lay_out = [&](int64_t i) {
+        if (laid) _mm512_store_ps(dw[i % 3], _mm512_load_ps(laid_scales(laid, i)));
+        else column_as_b_tile(col_a, group_b ? &col_b : nullptr, i, dw[i % 3], weights[i & 1]);
+    };
     const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
     const int64_t nb = n / 32;
     lay_out(0);
@@ -168,7 +177,7 @@ void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const 
         if (i < nb) {
             const int k = static_cast<int>(i & 1);
             const int8_t* x = q + 128 * i;   // part p of token t at x + t q_stride + 32 p
-            _tile_loadd(4, weights[k], 64);
+            _tile_loadd(4, laid ? laid_tile(laid, i) : weights[k], 64);
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
@@ -204,9 +213,20 @@ void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const 
     store_rows_with_offsets<T>(acc, group_a, group_b, sum, nt, nb, out);
 }
 
-void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* q, int64_t q_stride,
+void dot_packed8_amx(DType t, const uint8_t* a, const uint8_t* b, const uint8_t* laid, const int8_t* q, int64_t q_stride,
                      const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
-    with_packed_type(t, [&](auto type) { dot_packed8_amx_type<decltype(type)::value>(a, b, q, q_stride, d, sum, nt, n, out); });
+    with_packed_type(t, [&](auto type) {
+        dot_packed8_amx_type<decltype(type)::value>(a, b, laid, q, q_stride, d, sum, nt, n, out);
+    });
+}
+
+void lay_out_packed16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, uint8_t* dst) {
+    with_packed_type(t, [&](auto type) {
+        GroupColumns<decltype(type)::value> col_a(a), col_b(b ? b : a);
+        for (int64_t i = 0; i < n / 32; ++i)
+            column_as_b_tile(col_a, b ? &col_b : nullptr, i, const_cast<float*>(laid_scales(dst, i)),
+                             const_cast<uint8_t*>(laid_tile(dst, i)));
+    });
 }
 
 // int8 decode's products on the tile unit, tokens as rows (as dot_packed8_amx_type): per block, the
@@ -271,10 +291,15 @@ void int8_amx_blocks(LayOut lay_out, const int8_t* x, int64_t x_stride, const fl
 
 // ... two groups of a packed type (unsigned quants), plus the offsets' terms
 template <DType T>
-void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const int8_t* x, int64_t x_stride,
-                               const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
+void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const uint8_t* laid, const int8_t* x,
+                               int64_t x_stride, const float* const* d, const float* const* sum, int nt, int64_t n,
+                               float* out) {
     GroupColumns<T> col_a(group_a), col_b(group_b ? group_b : group_a);
     auto lay_out = [&](int64_t i, float* dw, uint8_t* buffer) -> const uint8_t* {
+        if (laid) {
+            _mm512_store_ps(dw, _mm512_load_ps(laid_scales(laid, i)));
+            return laid_tile(laid, i);
+        }
         column_as_b_tile(col_a, group_b ? &col_b : nullptr, i, dw, buffer);
         return buffer;
     };
@@ -283,10 +308,10 @@ void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, c
     store_rows_with_offsets<T>(acc, group_a, group_b, sum, nt, n / 32, out);
 }
 
-void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const int8_t* x, int64_t x_stride,
-                          const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
+void dot_packed8_int8_amx(DType t, const uint8_t* a, const uint8_t* b, const uint8_t* laid, const int8_t* x,
+                          int64_t x_stride, const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
     with_packed_type(t, [&](auto type) {
-        dot_packed8_int8_amx_type<decltype(type)::value>(a, b, x, x_stride, d, sum, nt, n, out);
+        dot_packed8_int8_amx_type<decltype(type)::value>(a, b, laid, x, x_stride, d, sum, nt, n, out);
     });
 }
 
@@ -375,6 +400,7 @@ void add_amx_kernels(Kernels& k) {
     if (!amx_int8_usable()) return;
     k.dot_packed8_int8_amx = dot_packed8_int8_amx;
     k.dot_packed8_amx = dot_packed8_amx;
+    k.lay_out_packed16 = lay_out_packed16;
     k.dot_q8_0_strip_int8_amx = dot_q8_0_strip_int8_amx;
     k.dot_q8_0_strip_amx = dot_q8_0_strip_amx;
 }

@@ -50,6 +50,9 @@ constexpr int64_t kAmxExactMinTokens = 5;
 // 2731 against 1740 at 16; int8 461 against 501 at 8, 569 against 537 at 9, 925 against 713 at 16.
 constexpr int64_t kAmxStripExactMinTokens = 7;
 constexpr int64_t kAmxStripInt8MinTokens = 9;
+// int8 prefill of the packed types from this many tokens on takes the sixteen-row int8 tile, not AMX
+// (prefill_on_amx)
+constexpr int64_t kInt8TileMinTokens = 64;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
 
@@ -255,7 +258,7 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
         float* out = items[i].out;
         if (!uses_tile(kern, w, T) && k0 > 0) continue;
         if (uses_amx(kern, w, T)) {
-            amx_unit(w, out, T, 16 * (u - first_unit[i]));
+            amx_unit(w, out, T, 16 * (u - first_unit[i]), thread);
             continue;
         }
         if (uses_q8_0_strips(kern, w, T)) {
@@ -441,13 +444,22 @@ void Matmul::q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1,
 
 // Decode rows on AMX, the unit of sixteen rows from r0 (two packed groups, or a Q8_0 strip) against
 // the tokens, kAmxTokens at a time, x read as prepared (rounded, or prepare_x8's four parts); a last
-// chunk of fewer than amx_min_tokens takes the VNNI kernels, whose bits are the same
-void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
+// chunk of fewer than amx_min_tokens takes the VNNI kernels, whose bits are the same. Packed groups
+// met by more than one chunk are laid out as B tiles once, in the thread's scratch, not per chunk
+// (the lay-out is a fifth of the exact kernel's vector work and more of int8's).
+void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0, int thread) {
     const Kernels& kern = kernels();
     const int64_t nb = w.cols / 32;
     const bool int8 = uses_int8_x(kern), strips = q8_0_strips(w);
     const uint8_t* b = !strips && r0 + 8 < w.rows ? packed_group(w, r0 + 8) : nullptr;
     const int rows = strips ? static_cast<int>(std::min<int64_t>(16, w.rows - r0)) : b ? 16 : 8;
+    uint8_t* laid = nullptr;
+    if (!strips && T > kAmxTokens) {
+        const int64_t bytes = nb * kAmxLaidColumnBytes + 64;
+        auto at = reinterpret_cast<uintptr_t>(scratch(thread, (bytes + 3) / 4));
+        laid = reinterpret_cast<uint8_t*>((at + 63) / 64 * 64);
+        kern.lay_out_packed16(w.type, packed_group(w, r0), b, w.cols, laid);
+    }
     float o[16 * kAmxTokens];
     for (int64_t t0 = 0; t0 < T; t0 += kAmxTokens) {
         const int nt = static_cast<int>(std::min<int64_t>(kAmxTokens, T - t0));
@@ -470,11 +482,11 @@ void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0) {
         else if (strips)
             kern.dot_q8_0_strip_amx(q8_0_strip(w, r0), xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, s, nt, w.cols, o);
         else if (int8)
-            kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, xa_.data() + t0 * w.cols, w.cols, d, sum, nt, w.cols,
-                                      o);
+            kern.dot_packed8_int8_amx(w.type, packed_group(w, r0), b, laid, xa_.data() + t0 * w.cols, w.cols, d, sum, nt,
+                                      w.cols, o);
         else
-            kern.dot_packed8_amx(w.type, packed_group(w, r0), b, xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, sum, nt,
-                                 w.cols, o);
+            kern.dot_packed8_amx(w.type, packed_group(w, r0), b, laid, xq8_.data() + 4 * t0 * w.cols, 4 * w.cols, d, sum,
+                                 nt, w.cols, o);
         for (int k = 0; k < nt; ++k)
             for (int r = 0; r < rows; ++r) out[(t0 + k) * w.rows + r0 + r] = o[16 * k + r] + bias_at(w, r0 + r);
     }
@@ -529,17 +541,21 @@ bool Matmul::decode_sized(int64_t T) const { return (T < kPreparedMaxTokens && !
 
 // ... and prefill (a long product, or a batch-invariant pass's prompt rows) of a weight whose decode
 // kernel of the same arithmetic runs on AMX takes that kernel, so prompt rows get decode's bits.
-// Exact, it beats the float tile (2 threads, tokens/s, pp64 / pp512: SmolLM2 Q4_1 590 / 592 -> 924
-// / 785, its Q8_0 copy 580 / 523 -> 844 / 742, a Qwen2.5-0.5B-shape Q4_K 176 / 173 -> 301 / 259).
-// With int8_prefill only the Q8_0 strips do (its Q8_0 copy 1084 / 1189 -> 1515 / 1403): the
-// unpacking types re-lay their weights out for every sixteen tokens, and the sixteen-row int8 tile,
-// repacked once per call, keeps up at 64 tokens and wins at 512 (SmolLM2 Q4_1 1550 / 1449 against
-// 1673 / 1376, the Qwen shape's Q4_K 495 / 537 against 594 / 464). Without AMX the integer decode
-// kernels are not faster than the tiles, which keep prefill there.
+// Exact, it beats the float tile at every length (2 threads, tokens/s, pp64 / pp512: SmolLM2 Q4_1
+// 590 / 592 -> 924 / 785, its Q8_0 copy 580 / 523 -> 844 / 742, a Qwen2.5-0.5B-shape Q4_K 176 / 173
+// -> 301 / 259). With int8_prefill it beats the sixteen-row int8 tile, which repacks every weight
+// per call, on short products (pp16: SmolLM2 Q4_1 916-957 -> 1177-1235, the Qwen shape's Q4_K
+// 363-384 -> 473-475) and on Q8_0 strips at any length (1084 / 1189 -> 1515 / 1403), but not on
+// the 4-bit types' long ones (Gemma 3 Q4_K_M pp512 1120-1160 against 1020-1038), which keep the tile
+// from kInt8TileMinTokens -- except in a batch-invariant pass, whose every chunk must take one
+// kernel, and whose chunks are mostly short (the rest of a cached prefix: the 1-token remainder
+// cost 18 ms on the tile, a whole-model repack). Without AMX the integer decode kernels are not
+// faster than the tiles, which keep prefill there.
 bool Matmul::prefill_on_amx(const Kernels& kern, const Weight& w, int64_t T) const {
     if (decode_sized(T)) return false;
     if (q8_0_strips(w)) return (int8_prefill_ ? kern.dot_q8_0_strip_int8_amx : kern.dot_q8_0_strip_amx) != nullptr;
-    return packed8(w) && !int8_prefill_ && kern.dot_packed8_amx != nullptr;
+    if (int8_prefill_ && !invariant() && T >= kInt8TileMinTokens) return false;
+    return packed8(w) && (int8_prefill_ ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx) != nullptr;
 }
 
 // Rows per unit of the float tile path: a whole eight-row group of a packed weight (dequantized in

@@ -40,7 +40,7 @@ private:
     void matmul_units(const MatmulItem* items, const std::vector<int64_t>& first_unit, const float* x, int64_t T,
                       int64_t u0, int64_t u1, int thread, int64_t k0, int64_t kn);
     void packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1);
-    void amx_unit(const Weight& w, float* out, int64_t T, int64_t r0);
+    void amx_unit(const Weight& w, float* out, int64_t T, int64_t r0, int thread);
     void q8_0_strip_unit(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1);
     void q8_0_int8_rows(const Weight& w, float* out, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
     void tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int thread, int64_t k0, int64_t kn);
