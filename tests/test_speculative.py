@@ -9,6 +9,7 @@ from scipy.stats import chi2_contingency
 
 import tokenmill
 from tokenmill import _core, CacheSpec, Generator, SpeculativeGenerator
+from tokenmill.generation.speculative import KPolicy
 from conftest import build_tiny
 
 PASSAGE = ("The old lighthouse keeper climbed the stairs every night, lit the lamp and watched the sea. "
@@ -230,7 +231,9 @@ def test_k_policy_maximises_tokens_per_second():
             p.observe_pass(rows, fixed + per_row * rows)
         for _ in range(KPolicy.WARMUP_STEPS):
             p.observe_step(10, round(10 * alpha), draft * 10, 10)
-        p.alpha = alpha   # the steps' trials estimate (hits + 1 miss) would be 1 - 1 / (10 alpha + 1)
+        # the steps' trials estimate (hits + 1 miss) would be 1 - 1 / (10 alpha + 1): alpha as a long run's
+        p.trials = 1 / KPolicy.TRIAL_DECAY
+        p.hits, p.alpha = alpha * p.trials, alpha
         return p
 
     assert policy(0.9, 0.004, 0.001).choose(16) == 7      # cheap rows, good drafts: long drafts (the optimum)
@@ -245,10 +248,15 @@ def test_k_policy_maximises_tokens_per_second():
     p.observe_step(2, 2, 0.0, 0)
     assert p.draft_cost == 0.0 and p.choose(16) >= 7   # the all-accepted step raised alpha a little
     # alpha counts the drafts verified: a step of 4 proposed, 1 accepted is one hit and one miss (the
-    # two after the miss were never checked)
+    # two after the miss were never checked), after the prior of 0.5 over two trials; not 1.0 after a
+    # first hit
     p = KPolicy(SpeculativeOptions())
     p.observe_step(4, 1, 0.0, 4)
-    assert p.alpha == pytest.approx(1 - KPolicy.TRIAL_DECAY)
+    keep = 1 - KPolicy.TRIAL_DECAY
+    assert p.alpha == pytest.approx(((1.0 * keep + 1) * keep) / ((2.0 * keep + 1) * keep + 1))
+    p = KPolicy(SpeculativeOptions())
+    p.observe_trial(True)
+    assert p.alpha == pytest.approx((1.0 * keep + 1) / (2.0 * keep + 1))
 
 
 def test_k_policy_costs_follow_the_measured_rows():
@@ -358,3 +366,21 @@ def test_drafts_that_start_to_hit_late_are_taken_up(smollm):
     assert spec.generate(ids) == plain
     stats = spec.last.speculative
     assert stats.accepted >= 60 and stats.plain_tokens <= 80, stats
+
+
+def test_pass_costs_are_kept_per_target_model(smollm, tiny_pair):
+    """The costs of the target's passes by rows are the model's (and machine's), not a generation's: a
+    generator on a model that has verified before shares its record and skips the warm-up probes; a
+    generator on another model starts its own."""
+    ids = smollm.tokenize("one two three four one two three four one two three four one two")
+    plain = Generator(smollm, temperature=0, max_new_tokens=24, ignore_eos=True).generate(ids)
+    first = SpeculativeGenerator(smollm, "lookup", temperature=0, max_new_tokens=24, ignore_eos=True)
+    assert first.generate(ids) == plain
+    assert len(first.policy.passes) >= 2   # plain steps and at least one verification's row count
+    second = SpeculativeGenerator(smollm, "lookup", temperature=0, max_new_tokens=24, ignore_eos=True)
+    assert second.policy.passes is first.policy.passes and second.policy.warmup_steps == 0
+    assert second.generate(ids) == plain
+    other = SpeculativeGenerator(tiny_pair[0], "lookup", max_new_tokens=4)
+    assert other.policy.passes is not first.policy.passes
+    # a record of fewer than two row counts: the probes measure the costs first
+    assert KPolicy(first.spec, {1: [0.01]}).warmup_steps == KPolicy.WARMUP_STEPS

@@ -22,9 +22,10 @@ finds nothing: spec_lookup_first).
 
 Adaptive k (spec_k_adaptive, `KPolicy`): each step takes the k in [spec_k_min, spec_k_max] with the
 most expected tokens per second, from what this generator measured: the per-token acceptance alpha
-(an average over the drafts verified: each accepted one and the first rejected), the cost C(T) of a
-pass of T rows (the median of the recent passes of each T measured, plain decode steps as T = 1,
-linear in between and beyond) and the drafter's cost per token:
+(an average over the drafts verified: each accepted one and the first rejected, starting from 0.5 as
+if two had been), the cost C(T) of a pass of T rows (the median of the recent passes of each T
+measured, plain decode steps as T = 1, linear in between and beyond; kept per target model, so a new
+generator on a model that has verified before needs no warm-up probes) and the drafter's cost per token:
 
     E(k) = (1 - alpha^(k+1)) / (1 - alpha)        tokens a step yields (accepted drafts + 1)
     rate(k) = E(k) / (C(k + 1) + k c_draft)        against plain decoding's 1.1 / C(1)
@@ -59,6 +60,7 @@ from __future__ import annotations
 import collections
 import statistics
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
@@ -247,6 +249,15 @@ def _residual(p, q, x: int):
     return ids, probs / total
 
 
+# per target model: its passes' costs by row count, which every SpeculativeGenerator on it measures
+# and reads (the model's and machine's property, not a generation's)
+_PASS_RECORDS: "weakref.WeakKeyDictionary[EngineModel, dict]" = weakref.WeakKeyDictionary()
+
+
+def _pass_record(model: EngineModel) -> dict:
+    return _PASS_RECORDS.setdefault(model, {})
+
+
 class KPolicy:
     """The adaptive choice of k (module docstring): exponential averages of the acceptance and of the
     drafter's cost per token, and the cost of a pass by its rows."""
@@ -256,6 +267,11 @@ class KPolicy:
     HISTORY = 5         # recent passes of each row count whose median is its cost
     DECAY = 0.3         # weight of the newest step in the drafter's cost average
     TRIAL_DECAY = 0.15  # weight of the newest verified draft token in alpha's average
+    # alpha's average starts from this acceptance worth this many trials (fading like older trials), not
+    # from the first trial's 0 or 1: one lucky hit made alpha 1.0, and the misses after it brought it down
+    # slowly enough that poor drafts went on being verified (open prompt "advice": 13 passes for 4 tokens)
+    ALPHA_PRIOR = 0.5
+    ALPHA_PRIOR_TRIALS = 2.0
     # a k must promise this much more than plain decoding: the measured costs are medians of a few
     # noisy passes, and a k that only breaks even on paper tends to lose (open prompt "advice", exact,
     # one run each: 0.93x plain decoding with no margin, 0.97x with this one)
@@ -264,12 +280,18 @@ class KPolicy:
     MATCH_DECAY = 0.9   # per trial, the weight the older trials of a match class keep
     MATCH_PRIOR = 2.0   # pseudo-trials at alpha that a match class's own estimate starts from
 
-    def __init__(self, spec: "SpeculativeOptions"):
+    def __init__(self, spec: "SpeculativeOptions", passes: Optional[dict] = None):
+        """passes: the target model's record of pass costs (rows -> recent seconds), shared by its
+        generators; a fresh one without."""
         self.spec = spec
         self.alpha: Optional[float] = None
+        self.trials = self.ALPHA_PRIOR_TRIALS                   # decayed verified drafts (prior included)
+        self.hits = self.ALPHA_PRIOR * self.ALPHA_PRIOR_TRIALS   # ... and of them accepted
         self.by_match: dict[int, list[float]] = {}   # match class -> [decayed trials, decayed hits]
         self.draft_cost = 0.0
-        self.passes: dict[int, collections.deque] = {}   # rows -> seconds of recent passes
+        self.passes: dict[int, collections.deque] = {} if passes is None else passes   # rows -> seconds of recent passes
+        # the probes that measure pass costs: none where the model's record already holds two row counts
+        self.warmup_steps = 0 if len(self.passes) >= 2 else self.WARMUP_STEPS
         self.steps = 0
         self.timed_steps = 0   # steps that measured the drafter's cost per token
 
@@ -300,7 +322,9 @@ class KPolicy:
         self.steps += 1
 
     def observe_trial(self, hit: bool, match: int = 0) -> None:
-        self.alpha = float(hit) if self.alpha is None else (1 - self.TRIAL_DECAY) * self.alpha + self.TRIAL_DECAY * hit
+        self.trials = (1 - self.TRIAL_DECAY) * self.trials + 1.0
+        self.hits = (1 - self.TRIAL_DECAY) * self.hits + hit
+        self.alpha = self.hits / self.trials
         if match:
             counts = self.by_match.setdefault(self._match_class(match), [0.0, 0.0])
             counts[0] = self.MATCH_DECAY * counts[0] + 1.0
@@ -347,7 +371,7 @@ class KPolicy:
         length, whose class's acceptance then counts."""
         k_max = min(self.spec.k_max, k_limit)
         cost = self.pass_costs(k_max + 1)
-        if self.steps < self.WARMUP_STEPS or cost is None or self.alpha is None:
+        if self.steps < self.warmup_steps or cost is None or self.alpha is None:
             return min(self.PROBE_K, k_limit)
         alpha = min(self.alpha_for(match), 0.999)
         best_k, best_rate = 0, self.PAY_MARGIN / cost[1]   # plain decoding
@@ -386,7 +410,7 @@ class SpeculativeGenerator(Generator):
             model_drafter = ModelDrafter(draft_model, config.generation_config())
             self.drafter = HybridDrafter(lookup, model_drafter) if self.spec.lookup_first else model_drafter
         self.k = self.spec.k
-        self.policy = KPolicy(self.spec)
+        self.policy = KPolicy(self.spec, _pass_record(target_model))
         self._probe_interval = self.spec.probe_interval or (
             LOOKUP_PROBE_INTERVAL if self.drafter is lookup else MODEL_PROBE_INTERVAL)
         self._backoff = self._probe_interval   # plain tokens before the next probe (doubles while probes fail)
