@@ -237,8 +237,8 @@ private:
     // cos and sin of every pair's angle for rows at positions pos [T]: angle_i = pos * theta^(-2i/d)
     // (/ freq_factors[i]), computed in float like the reference implementations, the trigonometry in
     // double. Kept for the next calls with the same positions and frequencies -- every layer's q and
-    // k of a pass (two tables: Gemma 3 alternates two thetas) -- where recomputing them took ~4 % of a
-    // sixteen-sequence decode step, all of it on one thread.
+    // k of a pass (two tables: Gemma 3 alternates two thetas); recomputing them took ~4 % of the main
+    // thread's time in a sixteen-sequence decode step, while the other thread waited.
     const float* rope_table(const int32_t* pos, int64_t T, int head_dim, float theta, const float* freq_factors) {
         for (RopeTable& tab : rope_tables_)
             if (tab.theta == theta && tab.head_dim == head_dim && tab.factors == freq_factors &&

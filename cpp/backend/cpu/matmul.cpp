@@ -548,9 +548,9 @@ bool Matmul::decode_sized(int64_t T) const { return (T < kPreparedMaxTokens && !
 // 363-384 -> 473-475) and on Q8_0 strips at any length (1084 / 1189 -> 1515 / 1403), but not on
 // the 4-bit types' long ones (Gemma 3 Q4_K_M pp512 1120-1160 against 1020-1038), which keep the tile
 // from kInt8TileMinTokens -- except in a batch-invariant pass, whose every chunk must take one
-// kernel, and whose chunks are mostly short (the rest of a cached prefix: the 1-token remainder
-// cost 18 ms on the tile, a whole-model repack). Without AMX the integer decode kernels are not
-// faster than the tiles, which keep prefill there.
+// kernel, and whose chunks are mostly short (the 10-token rest of a cached prompt took 18 ms on the
+// tile, which repacks the whole model, and takes 13 on AMX). Without AMX the integer decode kernels
+// are not faster than the tiles, which keep prefill there.
 bool Matmul::prefill_on_amx(const Kernels& kern, const Weight& w, int64_t T) const {
     if (decode_sized(T)) return false;
     if (q8_0_strips(w)) return (int8_prefill_ ? kern.dot_q8_0_strip_int8_amx : kern.dot_q8_0_strip_amx) != nullptr;
