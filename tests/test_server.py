@@ -297,3 +297,14 @@ def test_serve_bench_passes_the_cache_kind_on_and_checks_it(default_gguf):
         server.wait_ready(timeout=120)   # the server took the flag and serves
     finally:
         server.close()
+
+
+def test_serve_stores_kv_as_fp16_unless_told():
+    """`tokenmill serve` pools K and V as fp16 by default (llama-server's choice), fp32 on request; the
+    Scheduler class keeps fp32, the Generator's numbers."""
+    from tokenmill.tools.cli import build_parser
+    from tokenmill.generation import SchedulerConfig
+
+    assert build_parser().parse_args(["serve", "--model", "m.gguf"]).cache_kind == "fp16"
+    assert build_parser().parse_args(["serve", "--model", "m.gguf", "--cache-kind", "fp32"]).cache_kind == "fp32"
+    assert SchedulerConfig().cache_kind == "fp32"

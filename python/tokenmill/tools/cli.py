@@ -398,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-budget-mb", dest="kv_budget_mb", type=float, default=512.0, help="the KV pool's size")
     s.add_argument("--max-batch-tokens", dest="max_batch_tokens", type=int, default=512)
     s.add_argument("--max-running", dest="max_running", type=int, default=64)
-    s.add_argument("--cache-kind", dest="cache_kind", default="fp32", help="KV pool storage: fp32 fp16 bf16 q8 q4 nf4")
+    # fp16 as llama-server's default: on SmolLM2 its logits against fp32's have mean KL 6e-7 and the
+    # same top token at 511 of 511 calibration positions, and 16 streams run 11 % faster in half the memory
+    s.add_argument("--cache-kind", dest="cache_kind", default="fp16",
+                   help="KV pool storage: fp16 (default) fp32 bf16 q8 q4 nf4; fp32 gives Generator's exact numbers")
     s.add_argument("--max-queue", dest="max_queue", type=int, default=1024, help="waiting requests before 503")
     s.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=4 << 20, help="larger bodies get 413")
     s.add_argument("--lora", action="append", metavar="[NAME=]PATH[:SCALE]",
