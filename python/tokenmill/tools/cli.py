@@ -139,7 +139,7 @@ def _bench(args: argparse.Namespace) -> int:
         rows = serve_bench.run(args.model, threads=args.threads or 2, new_tokens=args.num_tokens,
                                clients=tuple(int(c) for c in args.clients.split(",")),
                                requests_per_client=args.requests_per_client, kv_budget_mb=args.kv_budget_mb,
-                               engines=(args.engines or SERVE_ENGINES).split(","), cache_kind=args.cache_kind)
+                               engines=(args.engines or SERVE_ENGINES).split(","), cache_kind=args.cache_kind or "fp16")
         print(bench.format_table([r for r in rows if r["clients"] != "prefix"]))
         print(bench.format_table([r for r in rows if r["clients"] == "prefix"]))
         return 0
@@ -174,7 +174,7 @@ def _bench_peers(args: argparse.Namespace) -> int:
     for path in paths:
         for depth in [int(d) for d in args.depth.split(",")]:
             rows = peers.compare(path, threads=args.threads or 2, prompt_len=args.prompt_len, gen=args.num_tokens,
-                                 depth=depth, repeats=args.repeats, engines=engines, cache_kind=args.cache_kind,
+                                 depth=depth, repeats=args.repeats, engines=engines, cache_kind=args.cache_kind or "fp32",
                                  int8_prefill=args.int8_prefill)
             print(bench.format_table(rows), flush=True)
     return 0
@@ -344,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenmill-int8 adds prompt lookup with int8 decode)")
     b.add_argument("--types", default="", help="also benchmark requantized copies, e.g. q8_0,f16")
     b.add_argument("--depth", default="0", help="context depths for --peers, e.g. 0,2048")
-    b.add_argument("--cache-kind", dest="cache_kind", default="fp32",
-                   help="with --peers and --serve: the KV cache type of tokenmill and llama.cpp (fp32, fp16, bf16, q8, q4)")
+    b.add_argument("--cache-kind", dest="cache_kind", default=None,
+                   help="with --peers and --serve: the KV cache type of tokenmill and llama.cpp (fp32, fp16, bf16, q8, "
+                        "q4; default: each side's own default, fp32 for --peers as `generate`, fp16 for --serve as both "
+                        "servers)")
     b.add_argument("--random-shape", dest="random_shape", default=None,
                    help="with --peers: random-weight models of this shape (qwen2.5-0.5b), one per --types entry")
     b.add_argument("--random-dir", dest="random_dir", default="bench-models",

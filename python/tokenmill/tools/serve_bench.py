@@ -1,6 +1,7 @@
 """`tokenmill bench --serve`: a load benchmark of OpenAI-compatible servers on loopback (a benchmark,
-never a test). Each server runs as its own process on the same GGUF with the same threads: tokenmill's
-(`tokenmill serve`) and llama-cpp-python's (`python -m llama_cpp.server`). For 1, 4, 16, 64
+never a test). Each server runs as its own process on the same GGUF with the same threads and KV type
+(fp16 by default, both servers' own default): tokenmill's (`tokenmill serve`) and llama-cpp-python's
+(`python -m llama_cpp.server`). For 1, 4, 16, 64
 concurrent streaming chat clients (tokenmill-int8: `tokenmill serve --int8`, activations rounded to
 int8 for 4-bit weights as llama.cpp does), every client sends its requests one after another: a shared
 system prompt of about 150 tokens plus a user turn of its own (about 200 prompt tokens in all), and
@@ -197,7 +198,7 @@ async def prefix_ttft(server: ServerProcess, repeats: int, no_eos: dict) -> tupl
 
 
 def start_server(engine: str, model_path: Path, threads: int, kv_budget_mb: float, n_ctx: int,
-                 cache_kind: str = "fp32") -> ServerProcess:
+                 cache_kind: str = "fp16") -> ServerProcess:
     """A server on a free loopback port, its KV cache stored as cache_kind (fp32, fp16, bf16, q8, q4)."""
     from .peers import _LLAMA_KV_TYPES
 
@@ -220,7 +221,7 @@ def start_server(engine: str, model_path: Path, threads: int, kv_budget_mb: floa
 
 def run(model: Optional[str] = None, *, threads: int = 2, clients: tuple[int, ...] = (1, 4, 16, 64),
         new_tokens: int = 128, requests_per_client: int = 1, engines=("tokenmill", "tokenmill-int8", "llama-cpp-python"),
-        kv_budget_mb: float = 256.0, prefix_repeats: int = 5, cache_kind: str = "fp32") -> list[dict]:
+        kv_budget_mb: float = 256.0, prefix_repeats: int = 5, cache_kind: str = "fp16") -> list[dict]:
     from ..api import load
     from ..engine.default_model import resolve_default
 
