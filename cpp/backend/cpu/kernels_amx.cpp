@@ -100,6 +100,31 @@ void store_rows_with_offsets(const __m512* acc, const uint8_t* group_a, const ui
     }
 }
 
+// One block column of the exact products: the weights' B tile (w, 64 bytes per row) against the
+// tokens' four int8 parts of x (part p of token t at x + t q_stride + 32 p) into C tiles 0-3, stored
+// as sums[p][16 t + r] -- each (token, row)'s exact int32 sum of the block's products with part p.
+// (Tile numbers are immediates: inlined into each kernel.)
+__attribute__((always_inline)) inline void four_part_sums(const uint8_t* w, const int8_t* x, int64_t q_stride,
+                                                           int32_t (*sums)[16 * 16]) {
+    _tile_loadd(4, w, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(5, x, q_stride);
+    _tile_loadd(6, x + 32, q_stride);
+    _tile_loadd(7, x + 64, q_stride);
+    _tile_dpbsud(0, 5, 4);
+    _tile_dpbsud(1, 6, 4);
+    _tile_dpbsud(2, 7, 4);
+    _tile_loadd(5, x + 96, q_stride);
+    _tile_dpbsud(3, 5, 4);
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[1], 64);
+    _tile_stored(2, sums[2], 64);
+    _tile_stored(3, sums[3], 64);
+}
+
 // Block column i's B tile and its sixteen scales in lay_out_packed16's output
 inline const uint8_t* laid_tile(const uint8_t* laid, int64_t i) { return laid + i * kAmxLaidColumnBytes; }
 inline const float* laid_scales(const uint8_t* laid, int64_t i) {
@@ -176,24 +201,7 @@ void dot_packed8_amx_type(const uint8_t* group_a, const uint8_t* group_b, const 
     for (int64_t i = 0; i <= nb; ++i) {
         if (i < nb) {
             const int k = static_cast<int>(i & 1);
-            const int8_t* x = q + 128 * i;   // part p of token t at x + t q_stride + 32 p
-            _tile_loadd(4, laid ? laid_tile(laid, i) : weights[k], 64);
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            _tile_loadd(5, x, q_stride);
-            _tile_loadd(6, x + 32, q_stride);
-            _tile_loadd(7, x + 64, q_stride);
-            _tile_dpbsud(0, 5, 4);
-            _tile_dpbsud(1, 6, 4);
-            _tile_dpbsud(2, 7, 4);
-            _tile_loadd(5, x + 96, q_stride);
-            _tile_dpbsud(3, 5, 4);
-            _tile_stored(0, sums[k][0], 64);
-            _tile_stored(1, sums[k][1], 64);
-            _tile_stored(2, sums[k][2], 64);
-            _tile_stored(3, sums[k][3], 64);
+            four_part_sums(laid ? laid_tile(laid, i) : weights[k], q + 128 * i, q_stride, sums[k]);
             if (i + 1 < nb) lay_out(i + 1);
         }
         if (i == 0) continue;
@@ -232,9 +240,8 @@ void lay_out_packed16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, ui
 // int8 decode's products on the tile unit, tokens as rows (as dot_packed8_amx_type): per block, the
 // weights' B tile (lay_out(i, dw, buffer) gives block i's -- laid out in the buffer, or where it
 // lies -- and writes the 16 rows' scales) against the tokens' rounded x (A, read in place: token t's
-// at x + t * x_stride) gives each (token, row) the block's exact int32 sum S -- TDPBSUD for unsigned
-// quants, TDPBSSD for signed ones; a Q8_0 strip's quants carry an offset of 128, taken off as
-// 128 x_sums[t][i] -- and the vector units run the VNNI kernels' operations on it, sixteen rows per
+// at x + t * x_stride) gives each (token, row) the block's exact int32 sum S -- TDPBSUD, the quants
+// unsigned; a Q8_0 strip's carry an offset of 128, taken off as 128 x_sums[t][i] -- and the vector units run the VNNI kernels' operations on it, sixteen rows per
 // register:
 //   acc[t] = fma(float(S), dw * dx_t, acc[t]) block after block.
 // Four blocks per round (C tiles 0-3; B tiles 4 and 6, A tiles 5 and 7 in turn): their weights are
@@ -242,7 +249,7 @@ void lay_out_packed16(DType t, const uint8_t* a, const uint8_t* b, int64_t n, ui
 // once per round.
 constexpr int kAmxRound = 4;
 
-template <bool SignedQuants, typename LayOut>
+template <typename LayOut>
 void int8_amx_blocks(LayOut lay_out, const int8_t* x, int64_t x_stride, const float* const* d,
                      const int32_t* const* x_sums, int nt, int64_t nb, __m512* acc) {
     configure_token_rows(nt, true);
@@ -261,8 +268,7 @@ void int8_amx_blocks(LayOut lay_out, const int8_t* x, int64_t x_stride, const fl
         _tile_zero(k);                                               \
         _tile_loadd(b, weights[k], 64);                              \
         _tile_loadd(a, x + 32 * (i0 + k), x_stride);                 \
-        if constexpr (SignedQuants) _tile_dpbssd(k, a, b);           \
-        else _tile_dpbsud(k, a, b);                                  \
+        _tile_dpbsud(k, a, b);                                       \
     }
 #define TMILL_AMX_STORE(k) \
     if (count > k) _tile_stored(k, sums[k], 64);
@@ -304,7 +310,7 @@ void dot_packed8_int8_amx_type(const uint8_t* group_a, const uint8_t* group_b, c
         return buffer;
     };
     __m512 acc[16];
-    int8_amx_blocks<false>(lay_out, x, x_stride, d, nullptr, nt, n / 32, acc);
+    int8_amx_blocks(lay_out, x, x_stride, d, nullptr, nt, n / 32, acc);
     store_rows_with_offsets<T>(acc, group_a, group_b, sum, nt, n / 32, out);
 }
 
@@ -332,7 +338,7 @@ void dot_q8_0_strip_int8_amx(const uint8_t* strip, const int8_t* x, int64_t x_st
     const int64_t nb = n / 32;
     auto lay_out = [&](int64_t i, float* dw, uint8_t*) { return strip_column(strip, nb, i, dw); };
     __m512 acc[16];
-    int8_amx_blocks<false>(lay_out, x, x_stride, d, s, nt, nb, acc);
+    int8_amx_blocks(lay_out, x, x_stride, d, s, nt, nb, acc);
     for (int t = 0; t < nt; ++t) _mm512_storeu_ps(out + 16 * t, acc[t]);
 }
 
@@ -355,24 +361,7 @@ void dot_q8_0_strip_amx(const uint8_t* strip, const int8_t* q, int64_t q_stride,
     for (int64_t i = 0; i <= nb; ++i) {
         if (i < nb) {
             const int k = static_cast<int>(i & 1);
-            const int8_t* x = q + 128 * i;   // part p of token t at x + t q_stride + 32 p
-            _tile_loadd(4, strip_column(strip, nb, i, dw[k]), 64);
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            _tile_loadd(5, x, q_stride);
-            _tile_loadd(6, x + 32, q_stride);
-            _tile_loadd(7, x + 64, q_stride);
-            _tile_dpbsud(0, 5, 4);
-            _tile_dpbsud(1, 6, 4);
-            _tile_dpbsud(2, 7, 4);
-            _tile_loadd(5, x + 96, q_stride);
-            _tile_dpbsud(3, 5, 4);
-            _tile_stored(0, sums[k][0], 64);
-            _tile_stored(1, sums[k][1], 64);
-            _tile_stored(2, sums[k][2], 64);
-            _tile_stored(3, sums[k][3], 64);
+            four_part_sums(strip_column(strip, nb, i, dw[k]), q + 128 * i, q_stride, sums[k]);
         }
         if (i == 0) continue;
         const int64_t b = i - 1;
