@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <shared_mutex>
 #include <string>
 #include <vector>
@@ -176,6 +177,18 @@ constexpr int64_t kAmxLaidColumnBytes = 8 * 64 + 16 * sizeof(float);
 
 constexpr int kPackedTokens = 4;
 
+// fn(std::integral_constant<int, c>{}) with c = count clamped to 1..4: a kernel's token or row count
+// (at most kPackedTokens or four rows) as the template argument its registers are unrolled for.
+template <typename Fn>
+inline void with_count_to_4(int count, Fn&& fn) {
+    switch (count <= 1 ? 1 : count >= 4 ? 4 : count) {
+        case 1: return fn(std::integral_constant<int, 1>{});
+        case 2: return fn(std::integral_constant<int, 2>{});
+        case 3: return fn(std::integral_constant<int, 3>{});
+        default: return fn(std::integral_constant<int, 4>{});
+    }
+}
+
 // From prepare_x8's output (q [4n], d [n / 32]), what the int8 kernels read: the first parts alone,
 // a[n] (x rounded to int8), and their block sums d[b] * sum(a of block b) -> sums[n / 32] -- and,
 // where block_sums is not null, the integer sums themselves (the Q8_0 strips' offsets).
@@ -250,20 +263,32 @@ constexpr size_t kDecodePrefetchBytes = 4096;
 // projection group: low-rank products 5.0 -> 3.9-4.0 us.
 constexpr int64_t kRowsAxpyPrefetchColumns = 128;
 
-// Whether dot_row_prepared handles weights of type t at this level (the block-quantized types), and
-// which preparation of x it reads for them (prepare_x_k for the K-quants, prepare_x otherwise; both
-// take d and sum arrays of n / 32 floats).
-inline bool uses_prepared_x(const Kernels& k, DType t) {
+// fn(std::integral_constant<DType, t>{}) for the block-quantized types dot_row_prepared reads (at
+// the levels that have it); false, without calling fn, for any other type.
+template <typename Fn>
+inline bool with_prepared_type(DType t, Fn&& fn) {
     switch (t) {
-        case DType::q8_0: case DType::q4_0: case DType::q4_1: case DType::q5_0: case DType::q5_1: case DType::iq4_nl:
-        case DType::q2_k:
-        case DType::q3_k: case DType::q4_k: case DType::q5_k: case DType::q6_k:
-            return k.prepare_x != nullptr;
-        default:
-            return false;
+        case DType::q8_0: fn(std::integral_constant<DType, DType::q8_0>{}); return true;
+        case DType::q4_0: fn(std::integral_constant<DType, DType::q4_0>{}); return true;
+        case DType::q4_1: fn(std::integral_constant<DType, DType::q4_1>{}); return true;
+        case DType::q5_0: fn(std::integral_constant<DType, DType::q5_0>{}); return true;
+        case DType::q5_1: fn(std::integral_constant<DType, DType::q5_1>{}); return true;
+        case DType::iq4_nl: fn(std::integral_constant<DType, DType::iq4_nl>{}); return true;
+        case DType::q2_k: fn(std::integral_constant<DType, DType::q2_k>{}); return true;
+        case DType::q3_k: fn(std::integral_constant<DType, DType::q3_k>{}); return true;
+        case DType::q4_k: fn(std::integral_constant<DType, DType::q4_k>{}); return true;
+        case DType::q5_k: fn(std::integral_constant<DType, DType::q5_k>{}); return true;
+        case DType::q6_k: fn(std::integral_constant<DType, DType::q6_k>{}); return true;
+        default: return false;
     }
 }
-inline bool superblock_x(DType t) {
+// Whether dot_row_prepared handles weights of type t at this level, and which preparation of x it
+// reads for them (prepare_x_k for the K-quants, prepare_x otherwise; both take d and sum arrays of
+// n / 32 floats).
+inline bool uses_prepared_x(const Kernels& k, DType t) {
+    return k.prepare_x != nullptr && with_prepared_type(t, [](auto) {});
+}
+constexpr bool superblock_x(DType t) {
     return t == DType::q2_k || t == DType::q3_k || t == DType::q4_k || t == DType::q5_k || t == DType::q6_k;
 }
 // the types repack16_rows takes (not q2_k: its mins per half sub-block have no place in the tile)

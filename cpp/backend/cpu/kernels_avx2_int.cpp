@@ -219,20 +219,13 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
 template <int NT>
 void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
                        float* out) {
-    switch (t) {
-        case DType::q8_0: return dot_rows_prepared<DType::q8_0, NT>(row, q, d, sum, n, out);
-        case DType::q4_0: return dot_rows_prepared<DType::q4_0, NT>(row, q, d, sum, n, out);
-        case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
-        case DType::q5_0: return dot_rows_prepared<DType::q5_0, NT>(row, q, d, sum, n, out);
-        case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
-        case DType::iq4_nl: return dot_rows_prepared<DType::iq4_nl, NT>(row, q, d, sum, n, out);
-        case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
-        case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
-        case DType::q2_k: return dot_rows_k<DType::q2_k, NT>(row, q, d, sum, n, out);
-        case DType::q3_k: return dot_rows_k<DType::q3_k, NT>(row, q, d, sum, n, out);
-        case DType::q6_k: return dot_rows_k<DType::q6_k, NT>(row, q, d, sum, n, out);
-        default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
-    }
+    const bool known = with_prepared_type(t, [&](auto type) {
+        constexpr DType T = decltype(type)::value;
+        if constexpr (superblock_x(T)) dot_rows_k<T, NT>(row, q, d, sum, n, out);
+        else dot_rows_prepared<T, NT>(row, q, d, sum, n, out);
+    });
+    if (!known)
+        for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
 }
 
 float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
@@ -337,17 +330,6 @@ void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const
     }
 }
 
-template <DType T>
-void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const float* const* d, const float* const* sum,
-                          int nt, int64_t n, float* out) {
-    switch (nt) {
-        case 4: return dot_packed8_tokens_type<T, 4>(group, q, d, sum, n, out);
-        case 3: return dot_packed8_tokens_type<T, 3>(group, q, d, sum, n, out);
-        case 2: return dot_packed8_tokens_type<T, 2>(group, q, d, sum, n, out);
-        default: return dot_packed8_tokens_type<T, 1>(group, q, d, sum, n, out);
-    }
-}
-
 void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d, const float* sum, int64_t n,
                  float* out) {
     with_packed_type(t, [&](auto type) { dot_packed8_tokens_type<decltype(type)::value, 1>(group, &q, &d, &sum, n, out); });
@@ -355,7 +337,11 @@ void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d,
 
 void dot_packed8_tokens(DType t, const uint8_t* group, const int8_t* const* q, const float* const* d,
                         const float* const* sum, int nt, int64_t n, float* out) {
-    with_packed_type(t, [&](auto type) { dot_packed8_tokens_n<decltype(type)::value>(group, q, d, sum, nt, n, out); });
+    with_packed_type(t, [&](auto type) {
+        with_count_to_4(nt, [&](auto count) {
+            dot_packed8_tokens_type<decltype(type)::value, decltype(count)::value>(group, q, d, sum, n, out);
+        });
+    });
 }
 
 // One group's rows as floats, each row's blocks as dequantize_row gives them.

@@ -210,20 +210,13 @@ void dot_rows_k(const void* row, const int16_t* q, const float* d, const float* 
 template <int NT>
 void dispatch_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n,
                        float* out) {
-    switch (t) {
-        case DType::q8_0: return dot_rows_prepared<DType::q8_0, NT>(row, q, d, sum, n, out);
-        case DType::q4_0: return dot_rows_prepared<DType::q4_0, NT>(row, q, d, sum, n, out);
-        case DType::q4_1: return dot_rows_prepared<DType::q4_1, NT>(row, q, d, sum, n, out);
-        case DType::q5_0: return dot_rows_prepared<DType::q5_0, NT>(row, q, d, sum, n, out);
-        case DType::q5_1: return dot_rows_prepared<DType::q5_1, NT>(row, q, d, sum, n, out);
-        case DType::iq4_nl: return dot_rows_prepared<DType::iq4_nl, NT>(row, q, d, sum, n, out);
-        case DType::q4_k: return dot_rows_k<DType::q4_k, NT>(row, q, d, sum, n, out);
-        case DType::q5_k: return dot_rows_k<DType::q5_k, NT>(row, q, d, sum, n, out);
-        case DType::q2_k: return dot_rows_k<DType::q2_k, NT>(row, q, d, sum, n, out);
-        case DType::q3_k: return dot_rows_k<DType::q3_k, NT>(row, q, d, sum, n, out);
-        case DType::q6_k: return dot_rows_k<DType::q6_k, NT>(row, q, d, sum, n, out);
-        default: for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
-    }
+    const bool known = with_prepared_type(t, [&](auto type) {
+        constexpr DType T = decltype(type)::value;
+        if constexpr (superblock_x(T)) dot_rows_k<T, NT>(row, q, d, sum, n, out);
+        else dot_rows_prepared<T, NT>(row, q, d, sum, n, out);
+    });
+    if (!known)
+        for (int k = 0; k < NT; ++k) out[k] = 0.0f;   // callers check uses_prepared_x first
 }
 
 float dot_row_prepared(DType t, const void* row, const int16_t* q, const float* d, const float* sum, int64_t n) {
@@ -281,6 +274,18 @@ inline __m512 unpack_column(GroupColumns<T>& columns, int64_t i, __m512i* lo, __
     return _mm512_permutexvar_ps(row_of_lane, _mm512_castps256_ps512(dw));
 }
 
+// out[8 t + r] = the eight-row kernels' result for token t and row r: acc[t]'s lane 4 (r % 4) + 2 (r / 4)
+// (where their sums end up) plus extra[t]'s lane r (the offsets' terms)
+void store_group_rows(const __m512* acc, const __m256* extra, int nt, float* out) {
+    for (int t = 0; t < nt; ++t) {
+        alignas(64) float lanes[16];
+        alignas(32) float e[8];
+        _mm512_store_ps(lanes, acc[t]);
+        _mm256_store_ps(e, extra[t]);
+        for (int r = 0; r < 8; ++r) out[8 * t + r] = lanes[4 * (r % 4) + 2 * (r / 4)] + e[r];
+    }
+}
+
 // One group (eight rows) against NT prepared x's (q[t], d[t], sum[t] token t's). Per block column,
 // each half of the group is one 64-byte register: four rows of 16 quant bytes, so int32 lane l
 // belongs to row l / 4 and x's 16 bytes are broadcast to every 128-bit lane. Parts pair up in int32
@@ -334,24 +339,7 @@ void dot_packed8_tokens_type(const uint8_t* group, const int8_t* const* q, const
             block_sums[t] = _mm256_fmadd_ps(per_row, _mm256_set1_ps(sum[t][i]), block_sums[t]);
         }
     }
-    for (int t = 0; t < NT; ++t) {
-        alignas(64) float lanes[16];
-        alignas(32) float extra[8];
-        _mm512_store_ps(lanes, acc[t]);
-        _mm256_store_ps(extra, block_sums[t]);
-        for (int r = 0; r < 8; ++r) out[8 * t + r] = lanes[4 * (r % 4) + 2 * (r / 4)] + extra[r];
-    }
-}
-
-template <DType T>
-void dot_packed8_tokens_n(const uint8_t* group, const int8_t* const* q, const float* const* d, const float* const* sum,
-                          int nt, int64_t n, float* out) {
-    switch (nt) {
-        case 4: return dot_packed8_tokens_type<T, 4>(group, q, d, sum, n, out);
-        case 3: return dot_packed8_tokens_type<T, 3>(group, q, d, sum, n, out);
-        case 2: return dot_packed8_tokens_type<T, 2>(group, q, d, sum, n, out);
-        default: return dot_packed8_tokens_type<T, 1>(group, q, d, sum, n, out);
-    }
+    store_group_rows(acc, block_sums, NT, out);
 }
 
 // The eight-row group against NT vectors rounded to int8 per 32-block (the first part of prepare_x8
@@ -394,13 +382,7 @@ void dot_packed8_int8_tokens_type(const uint8_t* group, const int8_t* const* a, 
             extra[t] = _mm256_fmadd_ps(offset, _mm256_set1_ps(sum[t][i]), extra[t]);
         }
     }
-    for (int t = 0; t < NT; ++t) {
-        alignas(64) float lanes[16];
-        alignas(32) float e[8];
-        _mm512_store_ps(lanes, acc[t]);
-        _mm256_store_ps(e, extra[t]);
-        for (int r = 0; r < 8; ++r) out[8 * t + r] = lanes[4 * (r % 4) + 2 * (r / 4)] + e[r];
-    }
+    store_group_rows(acc, extra, NT, out);
 }
 
 template <DType T>
@@ -409,20 +391,13 @@ void dot_packed8_int8_type(const uint8_t* group, const int8_t* a, const float* d
     dot_packed8_int8_tokens_type<T, 1>(group, &a, &d, &sum, n, out);
 }
 
-template <DType T>
-void dot_packed8_int8_tokens_n(const uint8_t* group, const int8_t* const* a, const float* const* d,
-                               const float* const* sum, int nt, int64_t n, float* out) {
-    switch (nt) {
-        case 4: return dot_packed8_int8_tokens_type<T, 4>(group, a, d, sum, n, out);
-        case 3: return dot_packed8_int8_tokens_type<T, 3>(group, a, d, sum, n, out);
-        case 2: return dot_packed8_int8_tokens_type<T, 2>(group, a, d, sum, n, out);
-        default: return dot_packed8_int8_tokens_type<T, 1>(group, a, d, sum, n, out);
-    }
-}
-
 void dot_packed8_int8_tokens(DType t, const uint8_t* group, const int8_t* const* a, const float* const* d,
                              const float* const* sum, int nt, int64_t n, float* out) {
-    with_packed_type(t, [&](auto type) { dot_packed8_int8_tokens_n<decltype(type)::value>(group, a, d, sum, nt, n, out); });
+    with_packed_type(t, [&](auto type) {
+        with_count_to_4(nt, [&](auto count) {
+            dot_packed8_int8_tokens_type<decltype(type)::value, decltype(count)::value>(group, a, d, sum, n, out);
+        });
+    });
 }
 
 void dot_packed8_int8(DType t, const uint8_t* group, const int8_t* a, const float* d, const float* sum, int64_t n,
@@ -437,7 +412,11 @@ void dot_packed8(DType t, const uint8_t* group, const int8_t* q, const float* d,
 
 void dot_packed8_tokens(DType t, const uint8_t* group, const int8_t* const* q, const float* const* d,
                         const float* const* sum, int nt, int64_t n, float* out) {
-    with_packed_type(t, [&](auto type) { dot_packed8_tokens_n<decltype(type)::value>(group, q, d, sum, nt, n, out); });
+    with_packed_type(t, [&](auto type) {
+        with_count_to_4(nt, [&](auto count) {
+            dot_packed8_tokens_type<decltype(type)::value, decltype(count)::value>(group, q, d, sum, n, out);
+        });
+    });
 }
 
 // One group's rows as floats: per block column, the eight scales (and minimums) convert in one

@@ -268,26 +268,14 @@ void dot_q8_0_int8_tile(const uint8_t* const* rows, const int8_t* const* a, cons
         for (int t = 0; t < NT; ++t) out[r * NT + t] = lanes[r * NT + t];
 }
 
-template <int NR>
-void dot_q8_0_int8_rows(const uint8_t* const* rows, const int8_t* const* a, const float* const* d, int nt, int64_t n,
-                        float* out) {
-    switch (nt) {
-        case 4: return dot_q8_0_int8_tile<NR, 4>(rows, a, d, n, out);
-        case 3: return dot_q8_0_int8_tile<NR, 3>(rows, a, d, n, out);
-        case 2: return dot_q8_0_int8_tile<NR, 2>(rows, a, d, n, out);
-        default: return dot_q8_0_int8_tile<NR, 1>(rows, a, d, n, out);
-    }
-}
-
 void dot_q8_0_int8(const void* const* rows, int n_rows, const int8_t* const* a, const float* const* d, int nt, int64_t n,
                    float* out) {
     const auto* r = reinterpret_cast<const uint8_t* const*>(rows);
-    switch (n_rows) {
-        case 4: return dot_q8_0_int8_rows<4>(r, a, d, nt, n, out);
-        case 3: return dot_q8_0_int8_rows<3>(r, a, d, nt, n, out);
-        case 2: return dot_q8_0_int8_rows<2>(r, a, d, nt, n, out);
-        default: return dot_q8_0_int8_rows<1>(r, a, d, nt, n, out);
-    }
+    with_count_to_4(n_rows, [&](auto rows_count) {
+        with_count_to_4(nt, [&](auto count) {
+            dot_q8_0_int8_tile<decltype(rows_count)::value, decltype(count)::value>(r, a, d, n, out);
+        });
+    });
 }
 
 }  // namespace

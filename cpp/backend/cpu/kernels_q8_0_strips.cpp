@@ -107,22 +107,12 @@ void strip_tokens_int8(const uint8_t* strip, const int8_t* const* a, const float
 
 void dot_q8_0_strip_int8(const uint8_t* strip, const int8_t* const* a, const float* const* d, const int32_t* const* s,
                          int nt, int64_t n, float* out) {
-    switch (nt) {
-        case 1: return strip_tokens_int8<1>(strip, a, d, s, n, out);
-        case 2: return strip_tokens_int8<2>(strip, a, d, s, n, out);
-        case 3: return strip_tokens_int8<3>(strip, a, d, s, n, out);
-        default: return strip_tokens_int8<4>(strip, a, d, s, n, out);
-    }
+    with_count_to_4(nt, [&](auto count) { strip_tokens_int8<decltype(count)::value>(strip, a, d, s, n, out); });
 }
 
 void dot_q8_0_strip(const uint8_t* strip, const int8_t* const* q, const float* const* d, const int32_t* const* s,
                     int nt, int64_t n, float* out) {
-    switch (nt) {
-        case 1: return strip_tokens<1>(strip, q, d, s, n, out);
-        case 2: return strip_tokens<2>(strip, q, d, s, n, out);
-        case 3: return strip_tokens<3>(strip, q, d, s, n, out);
-        default: return strip_tokens<4>(strip, q, d, s, n, out);
-    }
+    with_count_to_4(nt, [&](auto count) { strip_tokens<decltype(count)::value>(strip, q, d, s, n, out); });
 }
 
 }  // namespace
