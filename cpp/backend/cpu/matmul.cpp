@@ -1,5 +1,6 @@
-// The matmul dispatch of the CPU backend: units of rows across a group's weights, the kernel each
-// weight's product takes, and the activations each kernel family needs prepared once per call.
+// The matmul dispatch of the CPU backend: units of rows across a group's weights, each run on the
+// kernel its product takes (chosen in matmul_choice.cpp), and the activations each kernel family
+// needs prepared once per call.
 #include "backend/cpu/matmul.h"
 
 #include <algorithm>
@@ -17,10 +18,6 @@ namespace tmill::cpu {
 
 namespace {
 
-// Below this many tokens, block-quantized weights use the integer kernels; from it on, the float
-// tile on dequantized rows is faster (each row's widening is amortised over more tokens) -- or, with
-// int8 prefill, the sixteen-row int8 kernel on 4-bit weights.
-constexpr int64_t kPreparedMaxTokens = 8;
 // Prefill reads weights in column chunks of at most this many values: a tile's dequantized rows
 // (8 x 960 floats, 30 KiB) stay in L1 and the chunk of x (128 tokens: 480 KiB of floats, 120 KiB as
 // int8) in L2. Chunks are the outer loop, so every row tile of a chunk finds that part of x already
@@ -37,30 +34,11 @@ constexpr int64_t kTokenBlock = 256;
 // the balance that finer chunks buy costs more than it saves (SmolLM2 Q4_1 decode, 2 threads: 1
 // chunk 1.04-1.10x the speed of 8; 16 sequences int8 1.02-1.13x).
 constexpr int kOnePassChunksPerThread = 1;
-// Decode rows take the AMX kernels from this many tokens on: those cost nearly the same for 1 to 16
-// tokens, the VNNI kernels' work grows with the tokens. Per 16-row block, one core (q4_1 x 576), VNNI
-// against AMX (tokens as the tile rows): int8 decode's packed kernel 22 against 24 ns at 4 tokens, 30
-// against 25 at 5, 86 against 41 at 16; the exact four-part one 57 against 61 at 4, 69-72 against
-// 63-67 at 5, 223 against 95-102 at 16. int8 decode's Q8_0 rows (signed, no unpacking): 47 against
-// 38 ns per row at 3 tokens, 254 against 51 at 16.
-constexpr int64_t kAmxInt8MinTokens = 5;
-constexpr int64_t kAmxExactMinTokens = 5;
-// The Q8_0 strips' VNNI kernels need no unpacking and no horizontal sums, so AMX pays only later:
-// per strip (16 x 576, one core) exact 1009 against 1041 ns at 6 tokens, 1331 against 1183 at 8,
-// 2731 against 1740 at 16; int8 461 against 501 at 8, 569 against 537 at 9, 925 against 713 at 16.
-constexpr int64_t kAmxStripExactMinTokens = 7;
-constexpr int64_t kAmxStripInt8MinTokens = 9;
-// int8 prefill of the packed types from this many tokens on takes the sixteen-row int8 tile, not AMX
-// (prefill_on_amx)
-constexpr int64_t kInt8TileMinTokens = 64;
 // Rows-as-decode passes run float weight rows against this many tokens per call
 constexpr int kMaxExactTokens = 32;
 
 // the bias of row r (0 without one)
 float bias_at(const Weight& w, int64_t r) { return w.bias ? w.bias[r] : 0.0f; }
-// what Weight::packed holds: eight-row groups (4- and 5-bit types) or Q8_0 strips of sixteen rows
-bool packed8(const Weight& w) { return w.packed && w.type != DType::q8_0; }
-bool q8_0_strips(const Weight& w) { return w.packed && w.type == DType::q8_0; }
 const uint8_t* q8_0_strip(const Weight& w, int64_t r0) { return w.packed + static_cast<size_t>(r0 / 16) * q8_0_strip_bytes(w.cols); }
 // the eight-row group of a packed weight that holds row r, from block column k0 / 32 on
 const uint8_t* packed_group(const Weight& w, int64_t r, int64_t k0 = 0) {
@@ -172,7 +150,7 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
         return;
     }
     const Kernels& kern = kernels();
-    const bool small_batch = (T < kPreparedMaxTokens && !invariant()) || rows_as_decode();
+    const bool small_batch = decode_sized(T);
     bool any_prepared = false, any_prepared_k = false, any_packed = false, any_tile16 = false, any_tile = false,
          any_int8 = false, any_packed_exact = false, any_strips = false;
     std::vector<int64_t> first_unit(static_cast<size_t>(n_items) + 1, 0);
@@ -519,77 +497,6 @@ void Matmul::tile16_unit(const Weight& w, float* out, int64_t T, int64_t u, int 
         kern.dot_tile16(w.type, rows, kn, q, d, sum, o);
         for (int64_t k = 0; k < NT && t + k < T; ++k) store_chunk(out + (t + k) * w.rows + r0, o + 16 * k, nr, w, r0, k0);
     }
-}
-
-// Which kernels a weight's product with T tokens runs on: the eight-row integer kernel (few
-// tokens, packed 4-bit), the float tile on dequantized rows (prefill), else the per-row kernels.
-// (Rows as decode: always the kernels of T = 1, each token on its own.) Few tokens outside a
-// batch-invariant pass are decode-sized: they take the decode kernels (int8 ones with int8 decode).
-bool Matmul::uses_packed(const Kernels& kern, const Weight& w, int64_t T) const {
-    return (decode_sized(T) || prefill_on_amx(kern, w, T)) && packed8(w) && kern.dot_packed8;
-}
-bool Matmul::uses_q8_0_strips(const Kernels& kern, const Weight& w, int64_t T) const {
-    return (decode_sized(T) || prefill_on_amx(kern, w, T)) && q8_0_strips(w) &&
-           (int8_rows_ ? kern.dot_q8_0_strip_int8 : kern.dot_q8_0_strip);
-}
-bool Matmul::uses_tile(const Kernels& kern, const Weight& w, int64_t T) const {
-    if (prefill_on_amx(kern, w, T)) return false;
-    if (invariant()) return true;
-    return T > 1 && !rows_as_decode() && !(T < kPreparedMaxTokens && uses_prepared_x(kern, w.type));
-}
-bool Matmul::decode_sized(int64_t T) const { return (T < kPreparedMaxTokens && !invariant()) || rows_as_decode(); }
-
-// ... and prefill (a long product, or a batch-invariant pass's prompt rows) of a weight whose decode
-// kernel of the same arithmetic runs on AMX takes that kernel, so prompt rows get decode's bits.
-// Exact, it beats the float tile at every length (2 threads, tokens/s, pp64 / pp512: SmolLM2 Q4_1
-// 590 / 592 -> 924 / 785, its Q8_0 copy 580 / 523 -> 844 / 742, a Qwen2.5-0.5B-shape Q4_K 176 / 173
-// -> 301 / 259). With int8_prefill it beats the sixteen-row int8 tile, which repacks every weight
-// per call, on short products (pp16: SmolLM2 Q4_1 916-957 -> 1177-1235, the Qwen shape's Q4_K
-// 363-384 -> 473-475) and on Q8_0 strips at any length (1084 / 1189 -> 1515 / 1403), but not on
-// the 4-bit types' long ones (Gemma 3 Q4_K_M pp512 1120-1160 against 1020-1038), which keep the tile
-// from kInt8TileMinTokens -- except in a batch-invariant pass, whose every chunk must take one
-// kernel, and whose chunks are mostly short (the 10-token rest of a cached prompt took 18 ms on the
-// tile, which repacks the whole model, and takes 13 on AMX). Without AMX the integer decode kernels
-// are not faster than the tiles, which keep prefill there.
-bool Matmul::prefill_on_amx(const Kernels& kern, const Weight& w, int64_t T) const {
-    if (decode_sized(T)) return false;
-    if (q8_0_strips(w)) return (int8_prefill_ ? kern.dot_q8_0_strip_int8_amx : kern.dot_q8_0_strip_amx) != nullptr;
-    if (int8_prefill_ && !invariant() && T >= kInt8TileMinTokens) return false;
-    return packed8(w) && (int8_prefill_ ? kern.dot_packed8_int8_amx : kern.dot_packed8_amx) != nullptr;
-}
-
-// Rows per unit of the float tile path: a whole eight-row group of a packed weight (dequantized in
-// one call, then run as tiles of the level's height), else one tile.
-int64_t Matmul::tile_unit_rows(const Kernels& kern, const Weight& w) const {
-    return packed8(w) && kern.dequantize_packed8 ? 8 : kern.tile_rows;
-}
-
-// ... the packed kernel on x rounded to int8: int8 decode's rows (rows as decode too: they must be
-// what this model's one-token steps compute), or int8 prefill's on AMX
-bool Matmul::uses_int8_x(const Kernels& kern) const { return int8_rows_ && kern.dot_packed8_int8; }
-// ... on AMX from amx_min_tokens on (each row's bits those of the VNNI kernel)
-// (int8 decode's Q8_0 rows too, where they run as decode)
-bool Matmul::uses_amx(const Kernels& kern, const Weight& w, int64_t T) const {
-    if (T < amx_min_tokens(kern, w)) return false;
-    if (q8_0_strips(w))
-        return uses_q8_0_strips(kern, w, T) && (int8_rows_ ? kern.dot_q8_0_strip_int8_amx : kern.dot_q8_0_strip_amx);
-    const bool has_kernel = uses_int8_x(kern) ? kern.dot_packed8_int8_amx != nullptr : kern.dot_packed8_amx != nullptr;
-    return uses_packed(kern, w, T) && has_kernel;
-}
-int64_t Matmul::amx_min_tokens(const Kernels& kern, const Weight& w) const {
-    if (q8_0_strips(w)) return int8_rows_ ? kAmxStripInt8MinTokens : kAmxStripExactMinTokens;
-    return uses_int8_x(kern) ? kAmxInt8MinTokens : kAmxExactMinTokens;
-}
-// ... and Q8_0 weights in decode (not on the tile paths) meet the same rounded x (q8_0 x q8_0) in
-// their file layout, where the level does not read the strips
-bool Matmul::uses_int8_q8_0(const Kernels& kern, const Weight& w) const {
-    return int8_rows_ && w.type == DType::q8_0 && !(q8_0_strips(w) && kern.dot_q8_0_strip_int8) && kern.dot_q8_0_int8;
-}
-
-// ... and, with int8 prefill, the sixteen-row kernel on a packed weight's prefill
-bool Matmul::uses_tile16(const Kernels& kern, const Weight& w, int64_t T) const {
-    const bool repackable = packed8(w) || (repackable16(w.type) && kern.repack16_rows);
-    return int8_prefill_ && !decode_sized(T) && !prefill_on_amx(kern, w, T) && repackable && kern.dot_tile16;
 }
 
 float* Matmul::scratch(int thread, int64_t n) {

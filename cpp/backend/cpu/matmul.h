@@ -15,6 +15,10 @@ namespace tmill::cpu {
 
 struct Kernels;
 
+// what Weight::packed holds: eight-row groups (4- and 5-bit types) or Q8_0 strips of sixteen rows
+inline bool packed8(const Weight& w) { return w.packed && w.type != DType::q8_0; }
+inline bool q8_0_strips(const Weight& w) { return w.packed && w.type == DType::q8_0; }
+
 class Matmul {
 public:
     // int8_prefill / int8_decode: 4-bit weights meet x rounded to int8 in prefill / in decode
