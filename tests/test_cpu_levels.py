@@ -136,6 +136,34 @@ def test_q8_0_strips_on_amx_give_the_vnni_bits(int8):
         _core.set_cpu_level(before)
 
 
+@pytest.mark.parametrize("wtype,int8", [(t, i) for t in ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k") for i in (False, True)])
+def test_packed_rows_as_decode_are_one_token_steps_per_type(wtype, int8):
+    """T rows as decode (a verification pass, a scheduler's step) have the bits of T one-token steps on
+    every level, however their packed units run: the AVX-512 level takes two eight-row groups at once
+    (the sixteen-row kernels) from a few tokens on and one group at a time below, and a weight of 40
+    rows ends in a lone group. The products stay within float error of float64."""
+    rng = np.random.default_rng(11)
+    n_rows, n = 40, 512
+    w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.05, 2, (n_rows, 1))).astype(np.float32)
+    data = b"".join(_core.quantize(wtype, r) for r in w)
+    x = (rng.standard_normal((9, n)) * rng.uniform(1e-3, 20, (9, 1))).astype(np.float32)
+    wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
+    exact = x.astype(np.float64) @ wd.T
+    scale = np.abs(x).astype(np.float64) @ np.abs(wd).T
+    before = _core.cpu_level()
+    try:
+        for level in LEVELS:
+            _core.set_cpu_level(level)
+            def product(rows):
+                return _testing.backend_matmul("cpu", wtype, data, n_rows, rows, "as_decode", int8=int8)
+            steps = np.concatenate([product(x[t:t + 1]) for t in range(len(x))])
+            for T in (2, 3, 4, 5, 9):
+                np.testing.assert_array_equal(product(x[:T]), steps[:T], err_msg=f"{level}, {T} rows")
+            assert np.all(np.abs(steps - exact) <= (2e-2 if int8 and level == "avx512" else 1e-5) * scale + 1e-30), level
+    finally:
+        _core.set_cpu_level(before)
+
+
 @pytest.mark.parametrize("wtype,int8", [(t, i) for t in ("q4_0", "q4_1", "q5_0", "q4_k", "q8_0") for i in (False, True)])
 def test_prefill_on_amx_is_decode_arithmetic(wtype, int8):
     """Where a weight's decode kernel of the same arithmetic runs on AMX -- exact, or int8 prefill and
@@ -379,7 +407,7 @@ def test_int8_prefill_model(wtype, tmp_path):
 
 def test_batched_decode_rows_are_one_token_steps_at_every_level(default_gguf):
     """A scheduler's decode rows and a verification pass (several tokens in one pass: four per kernel
-    call sharing each weight group's unpacking on AVX-512, sixteen per call on AMX where the CPU has
+    call sharing the unpacking of each unit of two weight groups on AVX-512, sixteen per call on AMX where the CPU has
     it, then the one left over) are the one-token steps bit for bit."""
     before = _core.cpu_level()
     try:

@@ -220,7 +220,7 @@ inline void put_floats(__m256i q, const float* d_half, const float* m_half, floa
 // n values of a row as floats, rounded exactly as the reference dequantization: d * q + m for q5_*,
 // (d * sc) * q - dmin * m for the K-quants.
 template <DType T>
-void dequantize_extra(const uint8_t* row, float* out, int64_t n) {
+inline void dequantize_extra(const uint8_t* row, float* out, int64_t n) {
     if constexpr (is_block32(T)) {
         for (int64_t i = 0; i < n / 32; ++i, out += 32) {
             const Quants32 u = quants32<T>(row, i);
@@ -310,7 +310,7 @@ void repack16_rows_type(const uint8_t* rows, size_t row_stride, int n_rows, int6
     }
 }
 
-void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
+inline void repack16_rows(DType t, const uint8_t* rows, size_t row_stride, int n_rows, int64_t k0, int64_t kn, uint8_t* out) {
     switch (t) {
         case DType::q8_0: return repack16_rows_type<DType::q8_0>(rows, row_stride, n_rows, k0, kn, out);
         case DType::q5_0: return repack16_rows_type<DType::q5_0>(rows, row_stride, n_rows, k0, kn, out);

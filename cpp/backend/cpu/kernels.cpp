@@ -122,7 +122,7 @@ const Kernels kScalar{Level::scalar, "scalar", dot_f32_scalar, rows_dot_f32_scal
                       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, gelu_erf_scalar,
                       gelu_tanh_scalar, nullptr, nullptr, nullptr, nullptr,
                       rows_dot_f16_scalar, rows_axpy_f16_scalar, nullptr, nullptr, nullptr, scores_block_scalar, nullptr, nullptr, nullptr,
-                      nullptr, nullptr, nullptr, nullptr};
+                      nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 #if defined(__x86_64__) || defined(__i386__)
 // F16C from cpuid itself: __builtin_cpu_supports does not know it in every compiler (clang 14)

@@ -170,6 +170,14 @@ struct Kernels {
     // q + k * q_stride), out[16 k + r] with its bits. Null without AMX.
     void (*dot_q8_0_strip_amx)(const uint8_t* strip, const int8_t* q, int64_t q_stride, const float* const* d,
                                const int32_t* const* s, int nt, int64_t n, float* out);
+    // dot_packed8_tokens on two groups at once (a's rows then b's, sixteen) -> out[16 k + r], every
+    // value with dot_packed8's bits; the groups' quants transposed in registers so that no row needs
+    // a horizontal sum (kernels_packed16.cpp). Null where a level has none.
+    void (*dot_packed16_tokens)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* const* q,
+                                const float* const* d, const float* const* sum, int nt, int64_t n, float* out);
+    // ... and dot_packed8_int8_tokens on two groups, with dot_packed8_int8's bits
+    void (*dot_packed16_int8_tokens)(DType t, const uint8_t* a, const uint8_t* b, const int8_t* const* a_x,
+                                     const float* const* d, const float* const* sum, int nt, int64_t n, float* out);
 };
 
 constexpr int kAmxTokens = 16;
@@ -305,6 +313,8 @@ const Kernels& kernels_avx512();   // only valid when it also has AVX-512 F, BW,
 void add_amx_kernels(Kernels& k);
 // Sets the Q8_0 strip kernel of an AVX-512 table (kernels_q8_0_strips.cpp)
 void add_q8_0_strip_kernels(Kernels& k);
+// Sets the sixteen-row decode kernels of an AVX-512 table (kernels_packed16.cpp)
+void add_packed16_kernels(Kernels& k);
 
 // The active table (chosen on first use; set_level overrides it).
 const Kernels& kernels();

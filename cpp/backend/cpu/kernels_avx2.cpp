@@ -525,7 +525,7 @@ const Kernels kAvx2{Level::avx2, "avx2", dot_f32, rows_dot_f32, rows_axpy_f32, e
                     nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,   // integer kernels:
                     nullptr, nullptr, gelu_erf, gelu_tanh, nullptr, nullptr, nullptr, nullptr,         // set below
                     rows_dot_f16, rows_axpy_f16, nullptr, nullptr, nullptr, scores_block, nullptr, nullptr, nullptr,
-                    nullptr, nullptr, nullptr, nullptr};
+                    nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

@@ -555,7 +555,7 @@ const Kernels kAvx512{Level::avx512, "avx512", dot_f32, rows_dot_f32, rows_axpy_
                       nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,   // integer kernels:
                       nullptr, nullptr, gelu_erf, gelu_tanh, group_dot_f32, group_dot_f16, group_axpy_f32,   // set below
                       group_axpy_f16, rows_dot_f16, rows_axpy_f16, nullptr, nullptr,
-                      nullptr, scores_block, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+                      nullptr, scores_block, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 
@@ -565,6 +565,7 @@ const Kernels& kernels_avx512() {
         avx512::add_integer_kernels(k);
         avx512::add_int8_kernels(k);
         add_q8_0_strip_kernels(k);
+        add_packed16_kernels(k);
         add_amx_kernels(k);
         return k;
     }();

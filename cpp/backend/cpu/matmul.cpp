@@ -168,7 +168,7 @@ void Matmul::run(const MatmulItem* items, int n_items, const float* x, int64_t T
         const bool prepared = !packed && !strips && small_batch && uses_prepared_x(kern, w.type) && !uses_int8_q8_0(kern, w);
         (superblock_x(w.type) ? any_prepared_k : any_prepared) |= prepared;
         const int64_t unit_rows =
-            tile16 || strips || uses_amx(kern, w, T) ? 16 : packed ? 8 : tile ? tile_unit_rows(kern, w) : 4;
+            tile16 || strips || uses_amx(kern, w, T) ? 16 : packed ? packed_unit_rows(kern) : tile ? tile_unit_rows(kern, w) : 4;
         first_unit[i + 1] = first_unit[i] + (w.rows + unit_rows - 1) / unit_rows;
     }
     const int64_t nb = cols / 32;
@@ -243,24 +243,8 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
             q8_0_strip_unit(w, out, 16 * (u - first_unit[i]), 0, T);
             continue;
         }
-        if (uses_packed(kern, w, T)) {
-            // one group of eight rows against each token
-            const int64_t r0 = 8 * (u - first_unit[i]);
-            const uint8_t* group = packed_group(w, r0);
-            if (T > 1 && (uses_int8_x(kern) ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens)) {
-                packed_tokens(w, out, r0, 0, T);   // tokens share the unpacking
-                continue;
-            }
-            for (int64_t t = 0; t < T; ++t) {
-                float o[8];
-                if (uses_int8_x(kern))
-                    kern.dot_packed8_int8(w.type, group, xa_.data() + t * cols, xd8_.data() + t * nb,
-                                          xsum_rounded_.data() + t * nb, cols, o);
-                else
-                    kern.dot_packed8(w.type, group, xq8_.data() + 4 * t * cols, xd8_.data() + t * nb,
-                                     xsum8_.data() + t * nb, cols, o);
-                for (int k = 0; k < 8; ++k) out[t * w.rows + r0 + k] = o[k] + bias_at(w, r0 + k);
-            }
+        if (uses_packed(kern, w, T)) {   // the unit's groups against every token, sharing the unpacking
+            packed_tokens(w, out, packed_unit_rows(kern) * (u - first_unit[i]), 0, T);
             continue;
         }
         const int64_t rows = w.rows;
@@ -350,17 +334,19 @@ void Matmul::matmul_units(const MatmulItem* items, const std::vector<int64_t>& f
     }
 }
 
-// The eight rows of the group at r0 against tokens [t0, t1), kPackedTokens per call of the
-// tokens kernel (exact, or int8 decode's)
+// The packed unit at r0 (one or two groups: packed_unit_rows) against tokens [t0, t1),
+// kPackedTokens per call of the tokens kernel (exact, or int8 decode's): both groups at once where
+// the sixteen-row kernel pays for this many tokens (packed_as_sixteen), else group by group (the
+// same bits either way)
 void Matmul::packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, int64_t t1) {
     const Kernels& kern = kernels();
-    const int64_t cols = w.cols, nb = cols / 32;
-    const bool int8 = uses_int8_x(kern);
-    const auto tokens_kernel = int8 ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens;
+    const int64_t cols = w.cols, nb = cols / 32, unit_rows = std::min(packed_unit_rows(kern), w.rows - r0);
+    const bool int8 = uses_int8_x(kern), sixteen = unit_rows == 16 && packed_as_sixteen(kern, t1 - t0);
+    const int rows = sixteen ? 16 : 8;
     constexpr int NT = kPackedTokens;
     const int8_t* a[NT];
     const float *d[NT], *sum[NT];
-    float o[8 * NT];
+    float o[16 * NT];
     for (int64_t t = t0; t < t1; t += NT) {
         const int nt = static_cast<int>(std::min<int64_t>(NT, t1 - t));
         for (int k = 0; k < nt; ++k) {
@@ -368,9 +354,16 @@ void Matmul::packed_tokens(const Weight& w, float* out, int64_t r0, int64_t t0, 
             d[k] = xd8_.data() + (t + k) * nb;
             sum[k] = (int8 ? xsum_rounded_.data() : xsum8_.data()) + (t + k) * nb;
         }
-        tokens_kernel(w.type, packed_group(w, r0), a, d, sum, nt, cols, o);
-        for (int k = 0; k < nt; ++k)
-            for (int j = 0; j < 8; ++j) out[(t + k) * w.rows + r0 + j] = o[8 * k + j] + bias_at(w, r0 + j);
+        for (int64_t g0 = r0; g0 < r0 + unit_rows; g0 += rows) {
+            if (sixteen)
+                (int8 ? kern.dot_packed16_int8_tokens : kern.dot_packed16_tokens)(
+                    w.type, packed_group(w, g0), packed_group(w, g0 + 8), a, d, sum, nt, cols, o);
+            else
+                (int8 ? kern.dot_packed8_int8_tokens : kern.dot_packed8_tokens)(w.type, packed_group(w, g0), a, d, sum,
+                                                                                nt, cols, o);
+            for (int k = 0; k < nt; ++k)
+                for (int j = 0; j < rows; ++j) out[(t + k) * w.rows + g0 + j] = o[rows * k + j] + bias_at(w, g0 + j);
+        }
     }
 }
 
@@ -444,8 +437,8 @@ void Matmul::amx_unit(const Weight& w, float* out, int64_t T, int64_t r0, int th
         if (nt < amx_min_tokens(kern, w)) {
             if (strips)
                 q8_0_strip_unit(w, out, r0, t0, T);
-            else
-                for (int g = 0; g < rows / 8; ++g) packed_tokens(w, out, r0 + 8 * g, t0, T);
+            else   // (AMX implies the AVX-512 level, whose packed units are sixteen rows)
+                packed_tokens(w, out, r0, t0, T);
             break;
         }
         const float *d[kAmxTokens], *sum[kAmxTokens];

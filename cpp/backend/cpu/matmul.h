@@ -56,6 +56,8 @@ private:
     bool decode_sized(int64_t T) const;
     bool prefill_on_amx(const Kernels& kern, const Weight& w, int64_t T) const;
     int64_t tile_unit_rows(const Kernels& kern, const Weight& w) const;
+    int64_t packed_unit_rows(const Kernels& kern) const;
+    bool packed_as_sixteen(const Kernels& kern, int64_t T) const;
     bool uses_int8_x(const Kernels& kern) const;
     bool uses_amx(const Kernels& kern, const Weight& w, int64_t T) const;
     int64_t amx_min_tokens(const Kernels& kern, const Weight& w) const;

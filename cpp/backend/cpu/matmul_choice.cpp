@@ -25,6 +25,13 @@ constexpr int64_t kAmxExactMinTokens = 5;
 // 2731 against 1740 at 16; int8 461 against 501 at 8, 569 against 537 at 9, 925 against 713 at 16.
 constexpr int64_t kAmxStripExactMinTokens = 7;
 constexpr int64_t kAmxStripInt8MinTokens = 9;
+// The sixteen-row decode kernels (no horizontal sums, but an in-register transpose per block column
+// and longer dependency chains) pay from this many tokens on. Whole passes of SmolLM2 Q4_1 with T
+// rows as decode, Zen 4, 2 threads, eight-row -> sixteen-row kernels, ms: exact T = 1 4.3 -> 5.0-5.3,
+// 2 6.2 -> 5.6-5.8, 4 10.1 -> 8.9-9.2, 8 20.0 -> 15.3; int8 decode T = 2 4.0-4.2 -> 4.8-4.9, 3
+// 4.6-4.8 -> 4.9-5.3, 4 5.4-5.6 -> 5.1-5.3, 8 8.7-8.9 -> 6.9-7.1.
+constexpr int64_t kPacked16ExactMinTokens = 2;
+constexpr int64_t kPacked16Int8MinTokens = 4;
 // int8 prefill of the packed types from this many tokens on takes the sixteen-row int8 tile, not AMX
 // (prefill_on_amx)
 constexpr int64_t kInt8TileMinTokens = 64;
@@ -72,6 +79,16 @@ bool Matmul::prefill_on_amx(const Kernels& kern, const Weight& w, int64_t T) con
 // one call, then run as tiles of the level's height), else one tile.
 int64_t Matmul::tile_unit_rows(const Kernels& kern, const Weight& w) const {
     return packed8(w) && kern.dequantize_packed8 ? 8 : kern.tile_rows;
+}
+
+// Rows per unit of the packed kernels: two groups where the level has the sixteen-row kernel of
+// the unit's arithmetic, else one ...
+int64_t Matmul::packed_unit_rows(const Kernels& kern) const {
+    return (uses_int8_x(kern) ? kern.dot_packed16_int8_tokens : kern.dot_packed16_tokens) ? 16 : 8;
+}
+// ... which runs both groups at once from kPacked16*MinTokens tokens on
+bool Matmul::packed_as_sixteen(const Kernels& kern, int64_t T) const {
+    return T >= (uses_int8_x(kern) ? kPacked16Int8MinTokens : kPacked16ExactMinTokens);
 }
 
 // ... the packed kernel on x rounded to int8: int8 decode's rows (rows as decode too: they must be
