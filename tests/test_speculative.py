@@ -283,9 +283,10 @@ def test_k_policy_costs_follow_the_measured_rows():
 
 def test_a_draft_models_prompt_prefill_is_not_taken_for_its_cost_per_token(smollm, default_gguf):
     """The draft model's first step prefills the prompt: timed apart, so the cost per drafted token the
-    k policy sees is a decode step's. The file's own Q4_1 weights drafting for its f16 copy (the same
-    values, a third of the bytes) then keep drafting; before, the prefill counted as two draft tokens'
-    cost, and the generator went to plain decoding for good after its three warm-up steps."""
+    k policy sees is a decode step's. Before, the prefill counted as two draft tokens' cost, and the
+    file's own Q4_1 weights drafting for its f16 copy went to plain decoding for good after three
+    warm-up steps. (Whether drafting then pays is the machine's: an f16 pass of three rows costs 1.7x
+    a one-row step on one CPU, 2.4x on another, so the test checks the cost the policy measured.)"""
     from tokenmill.generation.speculative import ModelDrafter
 
     draft = smollm
@@ -295,11 +296,15 @@ def test_a_draft_models_prompt_prefill_is_not_taken_for_its_cost_per_token(smoll
     assert first.catch_up_seconds > 0 and first.timed == 2 and len(first.tokens) == 3
     after = drafter.propose(np.concatenate([prompt, np.array(first.tokens[:1], dtype=np.int32)]), 3)
     assert after.catch_up_seconds == 0 and after.timed == 3   # one new token: an ordinary draft step
-    gen = SpeculativeGenerator(tokenmill.load(default_gguf, weights="f16"), draft, temperature=0, max_new_tokens=64, ignore_eos=True,
+    plain = tokenmill.Generator(draft, temperature=0, max_new_tokens=17, ignore_eos=True)
+    plain.generate(prompt.tolist())
+    step = plain.last.decode_seconds / 16   # a decode step of the draft model
+    # a plain step (the baseline), then warm-up steps at k = 2, the first one's drafting prefilling the prompt
+    gen = SpeculativeGenerator(tokenmill.load(default_gguf, weights="f16"), draft, temperature=0, max_new_tokens=8, ignore_eos=True,
                                spec_k=4, spec_k_adaptive=True, spec_k_max=8)
     gen.generate(prompt.tolist())
-    stats = gen.last.speculative
-    assert stats.accepted == stats.proposed and stats.proposed > 32, stats   # the same model drafts all along
+    assert gen.last.speculative.steps >= 1 and gen.policy.timed_steps >= 1
+    assert 0 < gen.policy.draft_cost < 2 * step, (gen.policy.draft_cost, step)   # with the prefill: 4 or more
 
 
 def test_lookup_drafts_carry_their_match_length_and_k_follows_it():
