@@ -55,10 +55,9 @@ public:
         __m256 dwa, offa, dwb, offb;
         qa_ = a_.at(i, &dwa, &offa);
         qb_ = b_.at(i, &dwb, &offb);
-        // the same column of the next unit's groups (a weight's groups lie in row order): two streams
-        // prefetched a fixed distance ahead each ran into the other's data and left the next unit's
-        // second group to the hardware, which made one-token decode 10-20 % slower than the
-        // eight-row kernel's one stream
+        // the same column of the next unit's groups (a weight's groups lie in row order): prefetched a
+        // fixed distance ahead, each of the two streams ran into the other's data and left the next
+        // unit's second group to the hardware
         for (const uint8_t* q : {qa_, qb_})
             for (int line = -1; line < 2; ++line)
                 _mm_prefetch(reinterpret_cast<const char*>(q) + next_unit_ + 64 * line, _MM_HINT_T0);
