@@ -1,12 +1,14 @@
 // What the AVX-512 kernel files share (kernels_avx512.cpp: the table and the float kernels;
 // kernels_avx512_int.cpp: the integer paths of exact decode and the eight-row groups;
-// kernels_avx512_int8.cpp: int8 prefill and int8 decode's Q8_0 rows). Only files compiled with the
-// AVX-512 level's flags include it.
+// kernels_avx512_int8.cpp: int8 prefill and int8 decode's Q8_0 rows; kernels_q8_0_strips.cpp and
+// kernels_packed16.cpp: decode in sixteen-row lanes). Only files compiled with the AVX-512 level's
+// flags include it.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "backend/cpu/kernels.h"
 #include "core/dtype.h"
@@ -14,6 +16,14 @@
 namespace tmill::cpu::avx512 {
 
 inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+// The four bytes at p in every 32-bit lane: x's bytes against four quants of each lane's row
+// (VPDPBUSD in the sixteen-row layouts)
+inline __m512i broadcast4(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
 
 inline __m512 i8x16(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
 

@@ -12,20 +12,14 @@
 #include <immintrin.h>
 
 #include <cstddef>
-#include <cstring>
 
 #include "backend/cpu/extra_quants_simd.h"
 #include "backend/cpu/kernels.h"
+#include "backend/cpu/kernels_avx512_common.h"
 
 namespace tmill::cpu {
 
 namespace {
-
-inline __m512i broadcast4(const int8_t* p) {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
-}
 
 // Lane 4k + p of the transposed registers holds row k + 4p of the sixteen (groups a then b); the
 // same index vector puts the lanes back in row order.
@@ -94,15 +88,41 @@ inline void store_rows(__m512 acc, __m512 extra, float* out) {
     _mm512_storeu_ps(out, _mm512_permutexvar_ps(sixteen_row_lanes(), _mm512_add_ps(acc, extra)));
 }
 
-// NT tokens (x as prepare_x8's four parts, x / d = a + b / 2^7 + c / 2^14 + e / 2^21 per block)
-// against groups a and b. Per block and token, with P_ab = 2^7 sum_j q_j a_j + sum_j q_j b_j and P_ce
-// likewise (exact in int32), the eight-row kernel's float operations:
-//   acc_r = fma(fma(float(P_ce), 2^-14, float(P_ab)), dw_r * (d * 2^-7), acc_r)
-//   extra_r = fma(c_r, sum_j x_j, extra_r), out_r = acc_r + extra_r
-template <DType T, int NT>
-void packed16_tokens(const uint8_t* a, const uint8_t* b, const int8_t* const* q, const float* const* d,
+// Token t's block sum term of the exact product, x as prepare_x8's four parts of the block at x
+// (x / d = a + b / 2^7 + c / 2^14 + e / 2^21): with P_ab = 2^7 sum_j q_j a_j + sum_j q_j b_j and P_ce
+// likewise (exact in int32), fma(float(P_ce), 2^-14, float(P_ab)), as the eight-row kernel forms it
+inline __m512 exact_block(const __m512i (&w)[2][4], const int8_t* x) {
+    __m512i parts[4] = {};
+    for (int nib = 0; nib < 2; ++nib)
+        for (int g = 0; g < 4; ++g)
+            for (int p = 0; p < 4; ++p)
+                parts[p] = _mm512_dpbusd_epi32(parts[p], w[nib][g], avx512::broadcast4(x + 32 * p + 16 * nib + 4 * g));
+    const __m512i ab = _mm512_add_epi32(_mm512_slli_epi32(parts[0], 7), parts[1]);
+    const __m512i ce = _mm512_add_epi32(_mm512_slli_epi32(parts[2], 7), parts[3]);
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(ce), _mm512_set1_ps(1.0f / 16384.0f), _mm512_cvtepi32_ps(ab));
+}
+
+// ... and of int8 decode's, x rounded to int8 (the block's 32 bytes at a): float(sum_j q_j a_j), the
+// nibbles' halves in two chains added before they meet floats
+inline __m512 int8_block(const __m512i (&w)[2][4], const int8_t* a) {
+    __m512i half_sums[2] = {};
+    for (int nib = 0; nib < 2; ++nib)
+        for (int g = 0; g < 4; ++g)
+            half_sums[nib] = _mm512_dpbusd_epi32(half_sums[nib], w[nib][g], avx512::broadcast4(a + 16 * nib + 4 * g));
+    return _mm512_cvtepi32_ps(_mm512_add_epi32(half_sums[0], half_sums[1]));
+}
+
+// NT tokens against groups a and b, exact (x[t] as prepare_x8's output) or int8 decode's (x[t] the
+// rounded x, sum[t] its block sums). Per block and token, the eight-row kernels' float operations:
+//   acc_r = fma(block sum term, dw_r * d * s, acc_r)   (s: 2^-7 exact, 1 int8)
+//   extra_r = fma(c_r, sum, extra_r), out_r = acc_r + extra_r
+// Each block column's quants unpack once for all the tokens, which then go one at a time (four
+// integer sums live, not 4 NT: those spilled at NT = 4).
+template <DType T, int NT, bool Int8>
+void packed16_tokens(const uint8_t* a, const uint8_t* b, const int8_t* const* x, const float* const* d,
                      const float* const* sum, int64_t n, float* out) {
-    const __m512 low_pair = _mm512_set1_ps(1.0f / 16384.0f);
+    constexpr int64_t x_block_bytes = Int8 ? 32 : 128;
+    constexpr float x_scale = Int8 ? 1.0f : 1.0f / 128.0f;
     __m512 acc[NT], extra[NT];
 #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) acc[t] = extra[t] = _mm512_setzero_ps();
@@ -110,24 +130,14 @@ void packed16_tokens(const uint8_t* a, const uint8_t* b, const int8_t* const* q,
     for (int64_t i = 0; i < n / 32; ++i) {
         __m512 dw, offset;
         rows.column(i, &dw, &offset);
-        __m512i parts[NT][4] = {};
-        for (int nib = 0; nib < 2; ++nib) {
-            __m512i w[4] = {};
-            rows.nibbles(nib, w);
-#pragma GCC unroll 4
-            for (int g = 0; g < 4; ++g)
-#pragma GCC unroll 4
-                for (int t = 0; t < NT; ++t) {
-                    const int8_t* x = q[t] + 128 * i + 16 * nib + 4 * g;
-                    for (int p = 0; p < 4; ++p) parts[t][p] = _mm512_dpbusd_epi32(parts[t][p], w[g], broadcast4(x + 32 * p));
-                }
-        }
+        __m512i w[2][4] = {};
+        rows.nibbles(0, w[0]);
+        rows.nibbles(1, w[1]);
 #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
-            const __m512i ab = _mm512_add_epi32(_mm512_slli_epi32(parts[t][0], 7), parts[t][1]);
-            const __m512i ce = _mm512_add_epi32(_mm512_slli_epi32(parts[t][2], 7), parts[t][3]);
-            const __m512 pairs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ce), low_pair, _mm512_cvtepi32_ps(ab));
-            acc[t] = _mm512_fmadd_ps(pairs, _mm512_mul_ps(dw, _mm512_set1_ps(d[t][i] * (1.0f / 128.0f))), acc[t]);
+            const int8_t* xb = x[t] + x_block_bytes * i;
+            const __m512 block = Int8 ? int8_block(w, xb) : exact_block(w, xb);
+            acc[t] = _mm512_fmadd_ps(block, _mm512_mul_ps(dw, _mm512_set1_ps(d[t][i] * x_scale)), acc[t]);
             extra[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[t][i]), extra[t]);
         }
     }
@@ -135,55 +145,12 @@ void packed16_tokens(const uint8_t* a, const uint8_t* b, const int8_t* const* q,
     for (int t = 0; t < NT; ++t) store_rows(acc[t], extra[t], out + 16 * t);
 }
 
-// int8 decode's product: x rounded to int8 (a[t], the first part alone; sum[t] the rounded x's block
-// sums), per block and token the eight-row int8 kernel's operations:
-//   acc_r = fma(float(sum_j q_j a_j), dw_r * d, acc_r), extra_r = fma(c_r, sum, extra_r)
-template <DType T, int NT>
-void packed16_int8_tokens(const uint8_t* a, const uint8_t* b, const int8_t* const* x, const float* const* d,
-                          const float* const* sum, int64_t n, float* out) {
-    __m512 acc[NT], extra[NT];
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) acc[t] = extra[t] = _mm512_setzero_ps();
-    SixteenRows<T> rows(a, b);
-    for (int64_t i = 0; i < n / 32; ++i) {
-        __m512 dw, offset;
-        rows.column(i, &dw, &offset);
-        // two chains per token (the nibbles' halves), added before they meet floats
-        __m512i half_sums[NT][2] = {};
-        for (int nib = 0; nib < 2; ++nib) {
-            __m512i w[4] = {};
-            rows.nibbles(nib, w);
-#pragma GCC unroll 4
-            for (int g = 0; g < 4; ++g)
-#pragma GCC unroll 4
-                for (int t = 0; t < NT; ++t)
-                    half_sums[t][nib] = _mm512_dpbusd_epi32(half_sums[t][nib], w[g], broadcast4(x[t] + 32 * i + 16 * nib + 4 * g));
-        }
-#pragma GCC unroll 4
-        for (int t = 0; t < NT; ++t) {
-            const __m512 s = _mm512_cvtepi32_ps(_mm512_add_epi32(half_sums[t][0], half_sums[t][1]));
-            acc[t] = _mm512_fmadd_ps(s, _mm512_mul_ps(dw, _mm512_set1_ps(d[t][i])), acc[t]);
-            extra[t] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sum[t][i]), extra[t]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int t = 0; t < NT; ++t) store_rows(acc[t], extra[t], out + 16 * t);
-}
-
-void dot_packed16_tokens(DType type, const uint8_t* a, const uint8_t* b, const int8_t* const* q, const float* const* d,
+template <bool Int8>
+void dot_packed16_tokens(DType type, const uint8_t* a, const uint8_t* b, const int8_t* const* x, const float* const* d,
                          const float* const* sum, int nt, int64_t n, float* out) {
     with_packed_type(type, [&](auto t) {
         with_count_to_4(nt, [&](auto count) {
-            packed16_tokens<decltype(t)::value, decltype(count)::value>(a, b, q, d, sum, n, out);
-        });
-    });
-}
-
-void dot_packed16_int8_tokens(DType type, const uint8_t* a, const uint8_t* b, const int8_t* const* x,
-                              const float* const* d, const float* const* sum, int nt, int64_t n, float* out) {
-    with_packed_type(type, [&](auto t) {
-        with_count_to_4(nt, [&](auto count) {
-            packed16_int8_tokens<decltype(t)::value, decltype(count)::value>(a, b, x, d, sum, n, out);
+            packed16_tokens<decltype(t)::value, decltype(count)::value, Int8>(a, b, x, d, sum, n, out);
         });
     });
 }
@@ -191,8 +158,8 @@ void dot_packed16_int8_tokens(DType type, const uint8_t* a, const uint8_t* b, co
 }  // namespace
 
 void add_packed16_kernels(Kernels& k) {
-    k.dot_packed16_tokens = dot_packed16_tokens;
-    k.dot_packed16_int8_tokens = dot_packed16_int8_tokens;
+    k.dot_packed16_tokens = dot_packed16_tokens<false>;
+    k.dot_packed16_int8_tokens = dot_packed16_tokens<true>;
 }
 
 }  // namespace tmill::cpu

@@ -7,19 +7,13 @@
 // Lane r of every accumulator is row r, so rows need no horizontal sums.
 #include <immintrin.h>
 
-#include <cstring>
 
 #include "backend/cpu/kernels.h"
+#include "backend/cpu/kernels_avx512_common.h"
 
 namespace tmill::cpu {
 
 namespace {
-
-inline __m512i broadcast4(const int8_t* p) {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
-}
 
 // NT tokens against one strip. Per block column i and token, with u = w + 128 and x's parts
 // x / d = a + b / 2^7 + c / 2^14 + e / 2^21:
@@ -49,10 +43,10 @@ void strip_tokens(const uint8_t* strip, const int8_t* const* q, const float* con
 #pragma GCC unroll 4
             for (int k = 0; k < NT; ++k) {
                 const int8_t* x = q[k] + 128 * i + 4 * g;
-                pa[k] = _mm512_dpbusd_epi32(pa[k], w, broadcast4(x));
-                pb[k] = _mm512_dpbusd_epi32(pb[k], w, broadcast4(x + 32));
-                pc[k] = _mm512_dpbusd_epi32(pc[k], w, broadcast4(x + 64));
-                pe[k] = _mm512_dpbusd_epi32(pe[k], w, broadcast4(x + 96));
+                pa[k] = _mm512_dpbusd_epi32(pa[k], w, avx512::broadcast4(x));
+                pb[k] = _mm512_dpbusd_epi32(pb[k], w, avx512::broadcast4(x + 32));
+                pc[k] = _mm512_dpbusd_epi32(pc[k], w, avx512::broadcast4(x + 64));
+                pe[k] = _mm512_dpbusd_epi32(pe[k], w, avx512::broadcast4(x + 96));
             }
         }
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 16 * i)));
@@ -92,7 +86,7 @@ void strip_tokens_int8(const uint8_t* strip, const int8_t* const* a, const float
             _mm_prefetch(reinterpret_cast<const char*>(col) + 64 * g + kDecodePrefetchBytes, _MM_HINT_T0);
             const __m512i w = _mm512_loadu_si512(col + 64 * g);
 #pragma GCC unroll 4
-            for (int k = 0; k < NT; ++k) p[k] = _mm512_dpbusd_epi32(p[k], w, broadcast4(a[k] + 32 * i + 4 * g));
+            for (int k = 0; k < NT; ++k) p[k] = _mm512_dpbusd_epi32(p[k], w, avx512::broadcast4(a[k] + 32 * i + 4 * g));
         }
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 16 * i)));
 #pragma GCC unroll 4
