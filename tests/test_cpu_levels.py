@@ -136,20 +136,26 @@ def test_q8_0_strips_on_amx_give_the_vnni_bits(int8):
         _core.set_cpu_level(before)
 
 
+def _random_product(wtype, n_rows, n, n_tokens, seed):
+    """Weights of wtype (rows of scales from 0.05 to 2) and x (rows from 1e-3 to 20 in size): the stored
+    rows, x, and in float64 x times the dequantized rows and |x| times their magnitudes (the scale of
+    float error)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.05, 2, (n_rows, 1))).astype(np.float32)
+    data = b"".join(_core.quantize(wtype, r) for r in w)
+    x = (rng.standard_normal((n_tokens, n)) * rng.uniform(1e-3, 20, (n_tokens, 1))).astype(np.float32)
+    wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
+    return data, x, x.astype(np.float64) @ wd.T, np.abs(x).astype(np.float64) @ np.abs(wd).T
+
+
 @pytest.mark.parametrize("wtype,int8", [(t, i) for t in ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k") for i in (False, True)])
 def test_packed_rows_as_decode_are_one_token_steps_per_type(wtype, int8):
     """T rows as decode (a verification pass, a scheduler's step) have the bits of T one-token steps on
     every level, however their packed units run: the AVX-512 level takes two eight-row groups at once
     (the sixteen-row kernels) from a few tokens on and one group at a time below, and a weight of 40
     rows ends in a lone group. The products stay within float error of float64."""
-    rng = np.random.default_rng(11)
-    n_rows, n = 40, 512
-    w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.05, 2, (n_rows, 1))).astype(np.float32)
-    data = b"".join(_core.quantize(wtype, r) for r in w)
-    x = (rng.standard_normal((9, n)) * rng.uniform(1e-3, 20, (9, 1))).astype(np.float32)
-    wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-    exact = x.astype(np.float64) @ wd.T
-    scale = np.abs(x).astype(np.float64) @ np.abs(wd).T
+    n_rows = 40
+    data, x, exact, scale = _random_product(wtype, n_rows, 512, 9, seed=11)
     before = _core.cpu_level()
     try:
         for level in LEVELS:
@@ -171,11 +177,8 @@ def test_prefill_on_amx_is_decode_arithmetic(wtype, int8):
     one-token steps (the groups' B tiles laid out once for the three calls of sixteen tokens), and a chunk
     of them alone gives its rows' bits. Elsewhere prefill keeps the tiles. Exact products stay within float
     error of float64 everywhere."""
-    rng = np.random.default_rng(5)
-    n_rows, n = 48, 512
-    w = (rng.standard_normal((n_rows, n)) * rng.uniform(0.05, 2, (n_rows, 1))).astype(np.float32)
-    data = b"".join(_core.quantize(wtype, r) for r in w)
-    x = (rng.standard_normal((37, n)) * rng.uniform(1e-3, 20, (37, 1))).astype(np.float32)
+    n_rows = 48
+    data, x, exact, scale = _random_product(wtype, n_rows, 512, 37, seed=5)
     before = _core.cpu_level()
     _core.set_cpu_level(LEVELS[-1])
     try:
@@ -189,9 +192,6 @@ def test_prefill_on_amx_is_decode_arithmetic(wtype, int8):
             np.testing.assert_array_equal(invariant, steps)
             np.testing.assert_array_equal(product(x[9:12], "invariant"), steps[9:12])
             np.testing.assert_array_equal(product(x, "as_decode"), steps)
-        wd = np.stack([_core.dequantize(wtype, _core.quantize(wtype, r), n) for r in w]).astype(np.float64)
-        exact = x.astype(np.float64) @ wd.T
-        scale = np.abs(x).astype(np.float64) @ np.abs(wd).T
         for got in (steps, fast, invariant):   # int8: x rounded to 8 bits per 32 values
             assert np.all(np.abs(got - exact) <= (2e-2 if int8 else 1e-5) * scale + 1e-30)
     finally:
@@ -407,8 +407,8 @@ def test_int8_prefill_model(wtype, tmp_path):
 
 def test_batched_decode_rows_are_one_token_steps_at_every_level(default_gguf):
     """A scheduler's decode rows and a verification pass (several tokens in one pass: four per kernel
-    call sharing the unpacking of each unit of two weight groups on AVX-512, sixteen per call on AMX where the CPU has
-    it, then the one left over) are the one-token steps bit for bit."""
+    call sharing the unpacking of each unit of two weight groups on AVX-512, sixteen per call on AMX
+    where the CPU has it, then the one left over) are the one-token steps bit for bit."""
     before = _core.cpu_level()
     try:
         for level in LEVELS:
